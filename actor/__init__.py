@@ -1,0 +1,1 @@
+"""Actor side: inference engines, tree sampler, actor process."""

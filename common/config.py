@@ -1,0 +1,403 @@
+"""Strict configuration for every treerpo process (pydantic v2).
+
+One YAML file describes a whole job; each process reads the sections it needs. Every model
+forbids unknown keys, bounds every field with `Field(...)` and documents it. Loading order:
+preset or YAML file(s) (later files override earlier ones key by key), then dotted overrides
+(`--set tree.depth=3`), then validation. `dump_config` writes the resolved config back as YAML.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message says which key and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------
+class TreeConfig(Section):
+    """How actors sample a reasoning tree (DESIGN §3)."""
+
+    depth: int = Field(3, ge=1, le=16, description="Levels of segments below the prompt (1 = GRPO).")
+    branching: list[int] = Field(
+        default_factory=lambda: [2, 2, 2],
+        description="Children per node at each level; one entry per level, each >= 1.",
+    )
+    split: Literal["tokens", "step"] = Field(
+        "tokens",
+        description="Cut non-final levels after segment_tokens ('tokens') or at a step delimiter ('step').",
+    )
+    segment_tokens: int = Field(384, ge=1, le=65536, description="Token budget of one non-final segment.")
+    max_tokens: int = Field(2048, ge=1, le=262144, description="Total generated-token budget along one path.")
+    step_delimiter: str = Field("\n\n", min_length=1, description="Reasoning-step delimiter for split='step'.")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature (log-probs use it too).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = off.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TreeConfig":
+        if len(self.branching) != self.depth:
+            raise ValueError(
+                f"tree.branching has {len(self.branching)} entries but tree.depth is {self.depth}: "
+                f"give one branching factor per level, e.g. branching={[2] * self.depth}"
+            )
+        if any(b < 1 or b > 1024 for b in self.branching):
+            raise ValueError(f"tree.branching={self.branching}: every factor must lie in [1, 1024]")
+        if self.depth > 1 and self.segment_tokens * (self.depth - 1) >= self.max_tokens:
+            raise ValueError(
+                f"tree.max_tokens={self.max_tokens} leaves nothing for the last level after "
+                f"{self.depth - 1} segments of {self.segment_tokens} tokens: raise max_tokens or "
+                "lower segment_tokens"
+            )
+        return self
+
+    @property
+    def leaves_per_tree(self) -> int:
+        out = 1
+        for b in self.branching:
+            out *= b
+        return out
+
+
+class AdvantageConfig(Section):
+    """Step-level advantages (DESIGN §3)."""
+
+    norm: Literal["group", "none", "tree"] = Field(
+        "group", description="Divide by the group's std ('group'), nothing ('none'), or the tree's std ('tree')."
+    )
+    eps: float = Field(1e-6, gt=0.0, le=1.0, description="Added to the std before dividing.")
+    min_group_std: float = Field(
+        0.0, ge=0.0, description="Prune groups whose value std is below this (tau); 0 prunes only singletons."
+    )
+
+
+class LossConfig(Section):
+    """The staleness-aware clipped loss (DESIGN §4)."""
+
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="epsilon_low: ratio clipped below at 1 - clip_low.")
+    clip_high: float = Field(0.2, ge=0.0, le=10.0, description="epsilon_high: ratio clipped above at 1 + clip_high.")
+    is_cap: float = Field(2.0, ge=1.0, le=1000.0, description="Cap of the behaviour->proximal importance weight.")
+    kl_coef: float = Field(0.0, ge=0.0, le=10.0, description="beta of the k3 KL to a frozen reference (0 = no reference).")
+    staleness_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="gamma: each token's loss times gamma**staleness; 1.0 = off."
+    )
+    proximal: Literal["recompute", "behaviour"] = Field(
+        "recompute", description="Proximal log-probs: recomputed by the learner, or the behaviour ones."
+    )
+
+
+class TransportConfig(Section):
+    """ZeroMQ data and control planes (DESIGN §5, §8)."""
+
+    bind_host: str = Field("127.0.0.1", min_length=1, description="Address the learner binds.")
+    learner_host: str = Field("127.0.0.1", min_length=1, description="Address actors connect to.")
+    data_port: int = Field(5555, ge=0, le=65535, description="Learner PULL port for trees (0 = any free port).")
+    control_port: int = Field(5556, ge=0, le=65535, description="Learner ROUTER port for control (0 = any free port).")
+    send_hwm: int = Field(64, ge=1, le=1_000_000, description="Actor PUSH high-water mark (messages).")
+    recv_hwm: int = Field(256, ge=1, le=1_000_000, description="Learner PULL high-water mark (messages).")
+    max_message_bytes: int = Field(
+        256 * 2**20, ge=1024, description="Largest message accepted; bigger ones are refused by ZeroMQ."
+    )
+    heartbeat_interval_s: float = Field(2.0, gt=0.0, le=600.0, description="Actor heartbeat period.")
+    peer_timeout_s: float = Field(
+        15.0, gt=0.0, le=3600.0, description="A peer silent this long is considered gone."
+    )
+    curve: bool = Field(False, description="Authenticate and encrypt with ZeroMQ CURVE.")
+    curve_dir: str | None = Field(
+        None, description="Folder with learner.key(_secret) and actors/*.key (allow-list); needed when curve."
+    )
+    insecure: bool = Field(
+        False, description="Allow binding a non-loopback address without CURVE (explicit opt-in)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TransportConfig":
+        if self.curve and not self.curve_dir:
+            raise ValueError("transport.curve is true but transport.curve_dir is unset: point it at the key folder")
+        if self.data_port and self.data_port == self.control_port:
+            raise ValueError("transport.data_port and transport.control_port must differ")
+        return self
+
+
+class WeightsConfig(Section):
+    """Learner -> actor weight sync (DESIGN §6)."""
+
+    sync_every: int = Field(1, ge=1, le=100_000, description="Publish new weights every this many optimizer steps.")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="Collective backend; auto = nccl when both sides have CUDA, else gloo."
+    )
+    rendezvous_port: int = Field(29600, ge=0, le=65535, description="TCPStore port for the sync group (0 = any).")
+    bucket_mb: float = Field(256.0, gt=0.0, le=16384.0, description="Flattened bucket size in MiB.")
+    timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Deadline of each sync collective.")
+
+
+class ReplayConfig(Section):
+    """The learner's replay buffer and admission control (DESIGN §4, §5)."""
+
+    capacity: int = Field(1024, ge=1, le=10_000_000, description="Trees held at most; the oldest is evicted beyond.")
+    max_staleness: int = Field(4, ge=0, le=1_000_000, description="eta: trees staler than this are dropped.")
+    sampling: Literal["oldest", "newest", "uniform"] = Field(
+        "oldest", description="Which admissible trees a batch takes first."
+    )
+    batch_trees: int = Field(8, ge=1, le=100_000, description="Trees per optimizer step.")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="If set, a batch is cut when its tokens would exceed this (at least one tree)."
+    )
+    credits_per_actor: int = Field(8, ge=1, le=100_000, description="Trees an actor may have in flight.")
+
+
+class ModelConfig(Section):
+    """The policy model (HF format)."""
+
+    path: str = Field("", description="HF model folder (or hub id resolvable offline); '' = the demo's tiny model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] = Field("sdpa", description="Attention kernel.")
+    trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
+
+
+class DataConfig(Section):
+    """Where prompts come from and how leaves are scored."""
+
+    source: Literal["synthetic", "files"] = Field("synthetic", description="The synthetic task or JSONL/Parquet files.")
+    paths: list[str] = Field(default_factory=list, description="JSONL/Parquet files when source='files'.")
+    id_field: str = Field("id", min_length=1, description="Row field holding the prompt id.")
+    problem_field: str = Field("problem", min_length=1, description="Row field holding the problem text.")
+    answer_field: str = Field("answer", min_length=1, description="Row field holding the gold answer.")
+    prompt_template: str = Field("{problem}", min_length=1, description="Python format string around {problem}.")
+    chat_template: bool = Field(False, description="Wrap the prompt in the tokenizer's chat template.")
+    reward: Literal["math", "arithmetic"] = Field("arithmetic", description="Reward function by registry name.")
+    reward_timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="Time bound of one reward evaluation.")
+    shuffle: bool = Field(True, description="Shuffle prompts (seeded) each epoch.")
+    seed: int = Field(0, ge=0, description="Seed of prompt order and the synthetic generator.")
+    # synthetic task knobs
+    operand_min: int = Field(10, ge=0, le=10**6, description="Smallest operand of the synthetic task.")
+    operand_max: int = Field(39, ge=1, le=10**6, description="Largest operand of the synthetic task.")
+    num_problems: int = Field(100_000, ge=1, le=10**8, description="Size of the synthetic training pool.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.source='files' needs data.paths: a list of .jsonl or .parquet files")
+        if self.operand_min > self.operand_max:
+            raise ValueError(f"data.operand_min={self.operand_min} exceeds data.operand_max={self.operand_max}")
+        if "{problem}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain '{problem}'")
+        return self
+
+
+class MetricsConfig(Section):
+    """Prometheus endpoint of a process (/metrics, /health, /ready)."""
+
+    enabled: bool = Field(True, description="Serve metrics over HTTP.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address the metrics server binds.")
+    learner_port: int = Field(9400, ge=0, le=65535, description="Learner metrics port (0 = any free port).")
+    actor_port: int = Field(9401, ge=0, le=65535, description="Actor metrics port (0 = any free port).")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-process sections
+# --------------------------------------------------------------------------------------------
+class ActorConfig(Section):
+    """One actor process."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="Inference engine.")
+    num_actors: int = Field(2, ge=1, le=4096, description="Actors `treerpo up` starts.")
+    prompts_per_batch: int = Field(4, ge=1, le=100_000, description="Prompts whose trees are expanded together.")
+    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: fraction of GPU memory.")
+    seed: int = Field(0, ge=0, description="Base sampling seed; each actor offsets it by its index.")
+
+
+class LearnerConfig(Section):
+    """The learner process: optimizer, DeepSpeed, packing, checkpoints."""
+
+    lr: float = Field(1e-6, gt=0.0, le=1.0, description="Peak learning rate.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="LR after warm-up.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 = off.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    packing: Literal["tree", "flat"] = Field("tree", description="Pack each node once with a tree mask, or one row per path.")
+    micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch row set.")
+    max_steps: int = Field(1000, ge=0, description="Optimizer steps before the learner stops (0 = forever).")
+    seed: int = Field(0, ge=0, description="Learner RNG seed.")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only on stop).")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Checkpoints kept.")
+    resume: Literal["never", "auto"] = Field("auto", description="Resume from the latest checkpoint in run_dir.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LearnerConfig":
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"learner.betas={self.betas}: give two values in [0, 1), e.g. [0.9, 0.999]")
+        return self
+
+
+class JobConfig(Section):
+    """A whole treerpo job; each process reads its sections."""
+
+    run_dir: str = Field("runs/default", min_length=1, description="Where logs, endpoints.json, checkpoints go.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tree: TreeConfig = Field(default_factory=TreeConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections at the top level")
+    return data
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A YAML path, or the name of a packaged preset."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    candidate = PRESETS_DIR / f"{source}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"no config file {source!r} and no preset of that name; presets: {preset_names()}")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'tree.branching=[2,2]' -> (['tree', 'branching'], [2, 2]); values parse as YAML scalars."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. tree.depth=3)")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override key {key!r} has an empty part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(x) for x in loc) or "<config>"
+        if e["type"] == "extra_forbidden":
+            model = _model_for(loc)
+            known = sorted(model.model_fields) if model else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {where!r}{hint} (known keys here: {', '.join(known)})")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {e['msg']}{shown}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(data: dict[str, Any]) -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def load_config(sources: list[str | Path] | str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Presets/YAML files merged in order, then dotted overrides, then strict validation."""
+    if sources is None:
+        sources = []
+    elif isinstance(sources, (str, Path)):
+        sources = [sources]
+    data: dict[str, Any] = {}
+    for source in sources:
+        data = deep_merge(data, _read_yaml(resolve_source(source)))
+    data = apply_overrides(data, list(overrides or []))
+    return build_config(data)
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: BaseModel, path: str | Path | None = None) -> str:
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return text

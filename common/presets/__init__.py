@@ -1,0 +1,1 @@
+"""Packaged config presets (YAML)."""

@@ -1,0 +1,1 @@
+"""Learner side: replay buffer, packing, loss, DeepSpeed trainer, weight publisher, checkpoints."""
