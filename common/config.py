@@ -122,6 +122,14 @@ class TransportConfig(Section):
     insecure: bool = Field(
         False, description="Allow binding a non-loopback address without CURVE (explicit opt-in)."
     )
+    curve_key_name: str | None = Field(
+        None,
+        min_length=1,
+        description="Actor key pair name in curve_dir/private/ (default: the actor id); its public key must be in curve_dir/actors/.",
+    )
+    linger_s: float = Field(
+        1.0, ge=0.0, le=60.0, description="close() waits at most this long to flush queued messages, then drops them."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TransportConfig":
@@ -142,6 +150,9 @@ class WeightsConfig(Section):
     rendezvous_port: int = Field(29600, ge=0, le=65535, description="TCPStore port for the sync group (0 = any).")
     bucket_mb: float = Field(256.0, gt=0.0, le=16384.0, description="Flattened bucket size in MiB.")
     timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Deadline of each sync collective.")
+    checksum: bool = Field(
+        True, description="Hash the weights on both sides (sha256 of raw bytes) and compare them on ack."
+    )
 
 
 class ReplayConfig(Section):
@@ -157,6 +168,9 @@ class ReplayConfig(Section):
         None, ge=1, description="If set, a batch is cut when its tokens would exceed this (at least one tree)."
     )
     credits_per_actor: int = Field(8, ge=1, le=100_000, description="Trees an actor may have in flight.")
+    remember_ids: int = Field(
+        200_000, ge=1, le=100_000_000, description="Tree ids remembered (LRU) to refuse duplicates; saved in checkpoints."
+    )
 
 
 class ModelConfig(Section):
@@ -179,7 +193,9 @@ class DataConfig(Section):
     id_field: str = Field("id", min_length=1, description="Row field holding the prompt id.")
     problem_field: str = Field("problem", min_length=1, description="Row field holding the problem text.")
     answer_field: str = Field("answer", min_length=1, description="Row field holding the gold answer.")
-    prompt_template: str = Field("{problem}", min_length=1, description="Python format string around {problem}.")
+    prompt_template: str = Field(
+        "{problem}", min_length=1, description="Text around '{problem}'; only '{problem}' is replaced, other braces stay."
+    )
     chat_template: bool = Field(False, description="Wrap the prompt in the tokenizer's chat template.")
     reward: Literal["math", "arithmetic"] = Field("arithmetic", description="Reward function by registry name.")
     reward_timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="Time bound of one reward evaluation.")
@@ -189,6 +205,18 @@ class DataConfig(Section):
     operand_min: int = Field(10, ge=0, le=10**6, description="Smallest operand of the synthetic task.")
     operand_max: int = Field(39, ge=1, le=10**6, description="Largest operand of the synthetic task.")
     num_problems: int = Field(100_000, ge=1, le=10**8, description="Size of the synthetic training pool.")
+    task: Literal["add_mul", "chain"] = Field(
+        "add_mul", description="Synthetic task shape: '(a+b)*c', or a chain of task_steps + - * steps (common/tasks.py)."
+    )
+    task_steps: int = Field(2, ge=1, le=32, description="Steps of a 'chain' problem (ignored by 'add_mul').")
+    eval_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Share of synthetic problems held out for eval (never trained on)."
+    )
+    split: Literal["train", "eval"] = Field("train", description="Synthetic split a prompt source serves.")
+    num_eval_problems: int = Field(500, ge=1, le=10**6, description="Distinct held-out synthetic problems for eval.")
+    warmup_right_fraction: float = Field(
+        0.3, ge=0.0, le=1.0, description="Share of warm-up examples worked with the right plan (common/tasks.py)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -221,6 +249,13 @@ class ActorConfig(Section):
     prompts_per_batch: int = Field(4, ge=1, le=100_000, description="Prompts whose trees are expanded together.")
     gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: fraction of GPU memory.")
     seed: int = Field(0, ge=0, description="Base sampling seed; each actor offsets it by its index.")
+    max_batch_rows: int = Field(
+        256, ge=1, le=1_000_000, description="HF engine: most sequences decoded together; bigger calls are chunked."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="vLLM: context window (prompt + generation); None = the model's."
+    )
+    enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs (faster start, slower decode).")
 
 
 class LearnerConfig(Section):
@@ -235,6 +270,16 @@ class LearnerConfig(Section):
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     packing: Literal["tree", "flat"] = Field("tree", description="Pack each node once with a tree mask, or one row per path.")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch row set.")
+    micro_batch_rows: int = Field(1, ge=1, le=4096, description="Rows of micro_batch_tokens tokens per micro-batch.")
+    proximal_forward: bool = Field(
+        False,
+        description="loss.proximal='recompute': get p from a separate no-grad forward instead of stop-grad(theta) "
+        "of the training forward (the same weights with one optimizer step per batch; costs a forward).",
+    )
+    checkpoint_hf: bool = Field(True, description="Write an HF-format export (save_pretrained) inside each checkpoint.")
+    follower_timeout_s: float = Field(
+        86400.0, gt=0.0, description="Multi-rank: how long ranks > 0 wait for rank 0's next command."
+    )
     max_steps: int = Field(1000, ge=0, description="Optimizer steps before the learner stops (0 = forever).")
     seed: int = Field(0, ge=0, description="Learner RNG seed.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only on stop).")
@@ -245,6 +290,11 @@ class LearnerConfig(Section):
     def _check(self) -> "LearnerConfig":
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"learner.betas={self.betas}: give two values in [0, 1), e.g. [0.9, 0.999]")
+        if self.schedule != "constant" and self.max_steps == 0:
+            raise ValueError(
+                f"learner.schedule={self.schedule!r} decays over learner.max_steps, which is 0 (forever): "
+                "set max_steps or use schedule='constant'"
+            )
         return self
 
 

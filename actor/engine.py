@@ -1,0 +1,174 @@
+"""The inference-engine contract shared by the HF and vLLM engines, and the factory.
+
+An engine turns `GenerationRequest`s (a token-id context, a number of siblings `n`, a budget
+and stop rules) into `Sample`s. Guarantees every engine gives:
+
+* `Sample.token_ids` are the sampled tokens (a stop token that ended the sample is included;
+  a stop string is kept: the token completing it is the last one), `len >= 1`;
+* `Sample.logprobs[t]` is the log-probability of `token_ids[t]` under the distribution the
+  token was actually drawn from:
+
+      z = logits / temperature
+      z' = z with every token outside top-k, then outside the top-p nucleus, set to -inf
+      logprob = log_softmax(z')[token]
+
+  (top-k keeps tokens whose logit is >= the k-th largest; top-p keeps the highest-probability
+  tokens until their mass reaches p, at least one; the same semantics as vLLM's sampler);
+* `Sample.finish` is "stop" (EOS or a stop token id), "delimiter" (a stop string) or
+  "length" (`max_tokens` reached);
+* `engine.version` is the weight version the engine holds; `load_weights` bumps it.
+
+`make_engine` builds the engine named by `ActorConfig.engine`; vLLM is imported only then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from common.config import ActorConfig, JobConfig, ModelConfig
+
+SampleFinish = Literal["stop", "length", "delimiter"]
+
+
+class EngineError(RuntimeError):
+    """An engine that cannot be built or a request it cannot serve; the message says the fix."""
+
+
+@dataclass
+class GenerationRequest:
+    """`n` independent continuations of one context (siblings share the prefilled context)."""
+
+    context: np.ndarray  # int32[P] token ids
+    n: int
+    max_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.context = np.asarray(self.context, dtype=np.int32)
+
+    def check(self, vocab_size: int) -> None:
+        """Raise EngineError naming the bad field."""
+        if self.context.ndim != 1 or self.context.shape[0] < 1:
+            raise EngineError("GenerationRequest.context must be a 1-D array of at least one token id")
+        if self.context.min() < 0 or self.context.max() >= vocab_size:
+            raise EngineError(f"GenerationRequest.context holds ids outside [0, {vocab_size})")
+        if self.n < 1:
+            raise EngineError(f"GenerationRequest.n = {self.n}: must be >= 1")
+        if self.max_tokens < 1:
+            raise EngineError(f"GenerationRequest.max_tokens = {self.max_tokens}: must be >= 1")
+        if not self.temperature > 0.0:
+            raise EngineError(f"GenerationRequest.temperature = {self.temperature}: must be > 0 (no greedy mode)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineError(f"GenerationRequest.top_p = {self.top_p}: must lie in (0, 1]")
+        if self.top_k < 0:
+            raise EngineError(f"GenerationRequest.top_k = {self.top_k}: must be >= 0 (0 = off)")
+        if any(not s for s in self.stop_strings):
+            raise EngineError("GenerationRequest.stop_strings must not hold an empty string")
+
+
+@dataclass
+class Sample:
+    token_ids: np.ndarray  # int32[L]
+    logprobs: np.ndarray  # float32[L]
+    finish: SampleFinish
+
+    def __post_init__(self) -> None:
+        self.token_ids = np.asarray(self.token_ids, dtype=np.int32)
+        self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    version: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    tokenizer: Any
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Sample]]:
+        """One list of `request.n` samples per request, in request order."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int) -> None:
+        """Copy the tensors into the live weights, then set `self.version = version`."""
+        ...
+
+    def named_parameters_for_sync(self) -> list[tuple[str, "torch.Tensor"]]:
+        """The live parameters, for an in-place receive (HF only)."""
+        ...
+
+
+def processed_logprobs(logits: "torch.Tensor", temperature: "torch.Tensor", top_k: "torch.Tensor",
+                       top_p: "torch.Tensor") -> "torch.Tensor":
+    """Log-probs of the distribution sampled from (see the module docstring), float32.
+
+    logits (B, V); temperature (B,) float > 0; top_k (B,) int, 0 = off; top_p (B,) float, 1 = off.
+    Returns (B, V) with -inf outside the kept set. Used by the HF engine and by tests; a learner
+    that samples with truncation recomputes the same function.
+    """
+    import torch
+
+    z = logits.float() / temperature.float().unsqueeze(1)  # (B, V)
+    vocab = z.shape[1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    need_k = bool((k < vocab).any())
+    need_p = bool((top_p < 1.0).any())
+    if need_k or need_p:
+        z_sorted, order = z.sort(dim=-1, descending=False)  # (B, V) ascending
+        if need_k:
+            kth = z_sorted.gather(1, (vocab - k).long().unsqueeze(1))  # (B, 1) k-th largest
+            z_sorted = z_sorted.masked_fill(z_sorted < kth, float("-inf"))
+        if need_p:
+            cum = z_sorted.softmax(dim=-1).cumsum(dim=-1)  # (B, V) mass from the tail up
+            drop = cum <= (1.0 - top_p.float()).unsqueeze(1)
+            drop[:, -1] = False  # the most likely token always stays
+            z_sorted = z_sorted.masked_fill(drop, float("-inf"))
+        z = torch.empty_like(z).scatter_(1, order, z_sorted)
+    return torch.log_softmax(z, dim=-1)
+
+
+def make_engine(cfg: "JobConfig | ModelConfig", actor: "ActorConfig | None" = None, *,
+                seed: int | None = None) -> Engine:
+    """Build the engine named by `actor.engine` ('hf' or 'vllm') for the model in `cfg`.
+
+    `cfg` is a JobConfig (its `model` and `actor` sections are used) or a ModelConfig together
+    with `actor`. `seed` defaults to `actor.seed`.
+    """
+    from common.config import JobConfig, ModelConfig
+
+    if isinstance(cfg, tuple):
+        cfg, actor = cfg
+    if isinstance(cfg, JobConfig):
+        model_cfg, actor = cfg.model, actor or cfg.actor
+    elif isinstance(cfg, ModelConfig):
+        model_cfg = cfg
+        if actor is None:
+            raise EngineError("make_engine(ModelConfig, ActorConfig): the ActorConfig is missing")
+    else:
+        raise EngineError(f"make_engine takes a JobConfig or a ModelConfig, got {type(cfg).__name__}")
+    if not model_cfg.path:
+        raise EngineError(
+            "model.path is empty: build the demo model with common.tinymodel.build_tiny_model(DIR) "
+            "and set model.path=DIR (or point it at an HF model folder)"
+        )
+    seed = actor.seed if seed is None else seed
+    if actor.engine == "hf":
+        from actor.hf_engine import HFEngine
+
+        return HFEngine(model_cfg, actor, seed=seed)
+    if actor.engine == "vllm":
+        from actor.vllm_engine import VLLMEngine, require_vllm
+
+        require_vllm()
+        return VLLMEngine(model_cfg, actor, seed=seed)
+    raise EngineError(f"actor.engine = {actor.engine!r}: must be 'hf' or 'vllm'")

@@ -1,0 +1,217 @@
+"""HF engine: log-prob fidelity, truncation semantics, stops, seeding, weight loading.
+
+A real tiny Qwen2 (common/tinymodel.py) is saved to a temp dir and loaded with from_pretrained.
+Fidelity reference: one unpadded teacher-forced forward over context + sample, without cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from actor.engine import EngineError, GenerationRequest, make_engine, processed_logprobs
+from common.config import ActorConfig, JobConfig, ModelConfig
+from common.tinymodel import EOS_ID, build_tiny_model
+
+torch.set_num_threads(1)
+
+
+def bias_tokens(src, dst, deltas: dict[int, float], dim: int = 0, big: float = 8.0):
+    """Copy of the model whose logit of each token t is raised by about sqrt(H) * deltas[t].
+
+    Embeddings are tied: column `dim` of every embedding is set to `big`, so the residual stream
+    (and after RMSNorm the final hidden state h) is dominated by +e_dim; logit_v = h . E_v then
+    gets the same constant for every v except the biased tokens, which get `big + delta`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, dim] = big
+        for tok, delta in deltas.items():
+            emb[tok, dim] = big + delta
+    model.save_pretrained(str(dst))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{src}/{name}", f"{dst}/{name}")
+    return dst
+
+
+def load(path, **actor_kw):
+    return make_engine(ModelConfig(path=str(path), device="cpu"), ActorConfig(**actor_kw))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir):
+    return load(tiny_dir)
+
+
+def ctx(engine, text):
+    return np.array(engine.tokenizer.encode(text), dtype=np.int32)
+
+
+def teacher_forced(model, context, sample, temperature=1.0, top_k=0, top_p=1.0):
+    """Log-probs of sample.token_ids from one plain forward over context + sample."""
+    ids = torch.from_numpy(np.concatenate([context, sample.token_ids]).astype(np.int64))[None]  # (1, T)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()  # (T, V)
+    P, L = len(context), len(sample.token_ids)
+    rows = logits[P - 1:P - 1 + L]  # (L, V): position t predicts token t + 1
+    lp = processed_logprobs(rows, torch.full((L,), temperature), torch.full((L,), top_k), torch.full((L,), top_p))
+    return lp.gather(1, torch.from_numpy(sample.token_ids.astype(np.int64))[:, None]).squeeze(1).numpy()
+
+
+def test_processed_logprobs_hand_derived():
+    # probs at T=1 proportional to [1, 2, 3, 4] (sum 10): logits = log([1, 2, 3, 4])
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 5))
+    temp = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5])
+    top_k = torch.tensor([0, 2, 0, 0, 0])
+    top_p = torch.tensor([1.0, 1.0, 0.5, 0.75, 1.0])
+    p = processed_logprobs(logits, temp, top_k, top_p).exp()
+    expect = torch.tensor([
+        [0.1, 0.2, 0.3, 0.4],  # untouched
+        [0, 0, 3 / 7, 4 / 7],  # top-k 2 keeps {3, 4}
+        [0, 0, 3 / 7, 4 / 7],  # top-p 0.5: ascending mass [.1,.3,.6,1]; drop <= .5 -> {3, 4}
+        [0, 2 / 9, 3 / 9, 4 / 9],  # top-p 0.75: drop mass <= .25 -> only token 0
+        [1 / 30, 4 / 30, 9 / 30, 16 / 30],  # T = 0.5 squares the probabilities
+    ])
+    torch.testing.assert_close(p, expect, atol=1e-6, rtol=0)
+
+
+def test_processed_logprobs_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 3
+    temp = torch.tensor([0.7, 1.0, 1.3, 0.5, 1.0, 2.0])
+    top_k = torch.tensor([0, 5, 10, 0, 1, 49])
+    top_p = torch.tensor([0.9, 1.0, 0.8, 0.3, 0.5, 0.99])
+    fast = processed_logprobs(logits, temp, top_k, top_p)
+    for b in range(6):
+        z = (logits[b] / temp[b]).tolist()
+        keep = set(range(50))
+        if top_k[b] > 0:
+            kth = sorted(z, reverse=True)[int(top_k[b]) - 1]
+            keep = {i for i in keep if z[i] >= kth}
+        probs = torch.softmax(torch.tensor([z[i] if i in keep else -1e30 for i in range(50)]), 0).tolist()
+        order = sorted(keep, key=lambda i: -probs[i])  # most likely first
+        nucleus, mass = [], 0.0
+        for i in order:  # the smallest most-likely-first prefix whose mass reaches top_p
+            nucleus.append(i)
+            mass += probs[i]
+            if mass >= float(top_p[b]) - 1e-7:
+                break
+        z_kept = torch.tensor([z[i] if i in nucleus else float("-inf") for i in range(50)])
+        torch.testing.assert_close(fast[b], torch.log_softmax(z_kept, 0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 0, 1.0), (0.9, 8, 0.8)])
+def test_behaviour_logprobs_match_teacher_forcing(engine, temperature, top_k, top_p):
+    # Contexts of different lengths (left padding), n > 1 (cache expansion), and a chunked call.
+    contexts = [ctx(engine, "12+34="), ctx(engine, "7*8=?;"), ctx(engine, "(1+2)*3-4/5=")]
+    reqs = [GenerationRequest(c, n, 24, temperature=temperature, top_k=top_k, top_p=top_p, seed=i)
+            for i, (c, n) in enumerate(zip(contexts, [3, 1, 2]))]
+    old_rows = engine.max_batch_rows
+    try:
+        for rows in (256, 2):
+            engine.max_batch_rows = rows
+            out = engine.generate(reqs)
+            assert [len(o) for o in out] == [3, 1, 2]
+            for req, samples in zip(reqs, out):
+                for s in samples:
+                    ref = teacher_forced(engine.model, req.context, s, temperature, top_k, top_p)
+                    assert np.all(np.isfinite(s.logprobs))
+                    np.testing.assert_allclose(s.logprobs, ref, atol=1e-4, rtol=0)
+    finally:
+        engine.max_batch_rows = old_rows
+
+
+def test_seeded_calls_reproduce(engine):
+    reqs = [GenerationRequest(ctx(engine, "3+4="), 4, 16, seed=11), GenerationRequest(ctx(engine, "9="), 2, 8, seed=12)]
+    a, b = engine.generate(reqs), engine.generate(reqs)
+    flat = lambda out: [s.token_ids.tolist() for o in out for s in o]
+    assert flat(a) == flat(b)
+    np.testing.assert_array_equal(a[0][0].logprobs, b[0][0].logprobs)
+    reqs[0].seed = 13
+    assert flat(engine.generate(reqs)) != flat(a)
+    # siblings of one request are independent draws, not copies
+    assert len({tuple(s.token_ids.tolist()) for s in a[0]}) == 4
+
+
+def test_finish_reasons_eos_and_length(tmp_path, tiny_dir):
+    # EOS logit raised: most samples stop early and end with EOS; the rest hit max_tokens
+    eng = load(bias_tokens(tiny_dir, tmp_path / "eos", {EOS_ID: 0.3}))
+    out = eng.generate([GenerationRequest(np.array([5, 6, 7], dtype=np.int32), 40, 12, seed=0)])[0]
+    finishes = {s.finish for s in out}
+    assert finishes == {"stop", "length"}
+    for s in out:
+        if s.finish == "stop":
+            assert s.token_ids[-1] == EOS_ID and EOS_ID not in s.token_ids[:-1]
+        else:
+            assert len(s.token_ids) == 12 and EOS_ID not in s.token_ids
+    # a request's own stop token id ends a sample just like EOS
+    stop_id = int(eng.tokenizer.convert_tokens_to_ids("a"))
+    eng2 = load(bias_tokens(tiny_dir, tmp_path / "a", {stop_id: 0.3, EOS_ID: -5.0}))
+    out = eng2.generate([GenerationRequest(np.array([5, 6], dtype=np.int32), 20, 30, stop_token_ids=(stop_id,), seed=1)])[0]
+    assert any(s.finish == "stop" for s in out)
+    assert all(s.token_ids[-1] == stop_id for s in out if s.finish == "stop")
+
+
+def test_stop_strings_keep_delimiter(tmp_path, tiny_dir):
+    eng = load(tiny_dir)
+    semi = int(eng.tokenizer.convert_tokens_to_ids(";"))
+    colon = int(eng.tokenizer.convert_tokens_to_ids(":"))
+    eng = load(bias_tokens(tiny_dir, tmp_path / "semi", {semi: 0.5, colon: 0.5, EOS_ID: -5.0}))
+    stops = (";:", ";;", "::")  # two-character delimiters: the tail decode must span tokens
+    out = eng.generate([GenerationRequest(np.array([5, 6], dtype=np.int32), 24, 40, stop_strings=stops, seed=3)])[0]
+    delimited = [s for s in out if s.finish == "delimiter"]
+    assert len(delimited) >= 5
+    for s in out:
+        text = eng.tokenizer.decode(s.token_ids)
+        first = min((text.find(d) + len(d) for d in stops if d in text), default=None)
+        if s.finish == "delimiter":
+            assert text.endswith(stops) and first == len(text)  # ends at the first delimiter, kept
+        else:
+            assert s.finish == "length" and first is None and len(s.token_ids) == 40
+
+
+def test_load_weights_in_place_and_version(tmp_path, tiny_dir):
+    eng = load(tiny_dir)
+    other = load(build_tiny_model(tmp_path / "other", seed=1))
+    live = {n: p.data_ptr() for n, p in eng.named_parameters_for_sync()}
+    assert eng.load_weights(other.named_parameters_for_sync(), version=5, strict=True) == len(live)
+    assert eng.version == 5
+    assert {n: p.data_ptr() for n, p in eng.named_parameters_for_sync()} == live  # copied in place
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(eng.model(input_ids=ids).logits, other.model(input_ids=ids).logits, rtol=0, atol=0)
+    name, param = eng.named_parameters_for_sync()[0]
+    with pytest.raises(EngineError, match="no parameter"):
+        eng.load_weights([("nope.weight", param)], version=6)
+    with pytest.raises(EngineError, match="shape"):
+        eng.load_weights([(name, param[:1])], version=6)
+    with pytest.raises(EngineError, match="not sent"):
+        eng.load_weights([(name, param)], version=6, strict=True)
+    assert eng.version == 5
+
+
+def test_engine_facts_and_bad_requests(engine, tiny_dir):
+    assert engine.vocab_size == engine.model.get_input_embeddings().weight.shape[0] == len(engine.tokenizer)
+    assert engine.eos_token_ids == (EOS_ID,)
+    assert engine.dtype == torch.float32 and engine.device.type == "cpu"
+    with pytest.raises(EngineError, match="temperature"):
+        engine.generate([GenerationRequest(np.array([5]), 1, 4, temperature=0.0)])
+    with pytest.raises(EngineError, match="outside"):
+        engine.generate([GenerationRequest(np.array([10**6]), 1, 4)])
+    with pytest.raises(EngineError, match="positions"):
+        engine.generate([GenerationRequest(np.array([5]), 1, 10**5)])
+    with pytest.raises(EngineError, match="model.path is empty"):
+        make_engine(JobConfig())
+    job = JobConfig(model=ModelConfig(path=str(tiny_dir), device="cpu"))
+    assert make_engine(job).vocab_size == engine.vocab_size
