@@ -13,6 +13,9 @@ import sys
 # name -> (module:function, one-line help, function that adds its arguments)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("common.cli:run_config", "print the resolved config (preset/YAML + --set overrides) as YAML"),
+    "learner": ("learner.main:run", "run the learner: ingest trees, train with TreeRPO, publish weights"),
+    "actor": ("actor.main:run", "run one actor: sample reasoning trees and stream them to the learner"),
+    "up": ("common.launch:run_up", "start a learner and N actors as processes and supervise them"),
 }
 
 
@@ -27,8 +30,37 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default: the config's run_dir)")
+
+
+def add_learner_args(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+    p.add_argument("--resume", choices=["auto", "never"], default=None,
+                   help="resume from the latest checkpoint in the run directory (default: learner.resume)")
+
+
+def add_actor_args(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+    p.add_argument("--actor-id", default=None, help="unique actor name (default: host-pid)")
+    p.add_argument("--actor-index", type=int, default=None,
+                   help="this actor's prompt shard (default: the ordinal suffix of --actor-id, else 0)")
+    p.add_argument("--num-actors", type=int, default=None, help="number of prompt shards (default: actor.num_actors)")
+    p.add_argument("--endpoints", default=None,
+                   help="the learner's endpoints.json (default: RUN_DIR/endpoints.json if present, else the config)")
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+    p.add_argument("--num-actors", type=int, default=None, help="actors to start (default: actor.num_actors)")
+
+
 ARGUMENTS = {
     "config": add_config_args,
+    "learner": add_learner_args,
+    "actor": add_actor_args,
+    "up": add_up_args,
 }
 
 

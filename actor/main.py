@@ -1,0 +1,304 @@
+"""`treerpo actor`: register, receive weights, sample trees, stream them to the learner.
+
+Two threads. The *control* thread owns the DEALER socket: it registers (and re-registers when
+the learner restarts or goes silent), heartbeats, takes credits, and receives weight syncs into
+the engine between engine calls (the engine lock). The *main* thread loops prompts -> trees ->
+PUSH, never holding more trees in flight than its credits allow.
+
+Guarantees:
+* no tree is generated before the learner's current weights are loaded (after every
+  registration the actor waits for a sync);
+* every generated tree is either handed to ZeroMQ for a live learner or counted in
+  `treerpo_actor_trees_lost_total{reason}` (send_timeout, incarnation, shutdown);
+* the actor stays up while the learner is away: it keeps re-registering with backoff;
+* SIGTERM/SIGINT: finish the current engine call, say Shutdown, exit 0; a Shutdown from the
+  learner (training finished) also exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from common.config import JobConfig, load_config
+from common.rundir import ENDPOINTS, actor_info_path, read_json, write_json_atomic
+
+log = logging.getLogger("treerpo.actor")
+
+
+class LockedEngine:
+    """The engine with every generate call under a lock that weight loads also take."""
+
+    def __init__(self, engine, lock: threading.Lock) -> None:
+        self._engine, self._lock = engine, lock
+
+    def generate(self, requests):
+        with self._lock:
+            return self._engine.generate(requests)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+class Actor:
+    def __init__(self, cfg: JobConfig, run_dir: Path, actor_id: str, index: int, num_actors: int,
+                 endpoints: dict[str, str]) -> None:
+        from actor.engine import make_engine
+        from actor.sampler import TreeSampler
+        from actor.weights import WeightReceiver
+        from common.data import PromptSource
+        from common.metrics import ActorMetrics, MetricsServer, new_registry
+        from common.rewards import make_reward
+        from common.transport import ActorEndpoints
+
+        self.cfg, self.run_dir, self.actor_id = cfg, run_dir, actor_id
+        self.stop = threading.Event()
+        self.lock = threading.Lock()  # engine lock: generate vs weight load
+        self.state_lock = threading.Lock()
+        self.engine = make_engine(cfg, seed=cfg.actor.seed + 1_000_003 * index)
+        self.prompts = PromptSource(cfg.data, self.engine.tokenizer, index, num_actors)
+        self.reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
+        self.sampler = TreeSampler(LockedEngine(self.engine, self.lock), cfg.tree, self.reward, actor_id,
+                                   seed=cfg.actor.seed + 7919 * index)
+        self.receiver = WeightReceiver()
+        self.registry = new_registry()
+        self.metrics = ActorMetrics(self.registry, actor_id, cfg.actor.engine)
+        self.server = None
+        if cfg.metrics.enabled:
+            self.server = MetricsServer(cfg.metrics.host, cfg.metrics.actor_port, self.registry).start()
+            write_json_atomic(actor_info_path(run_dir, actor_id), {"metrics": self.server.url, "pid": os.getpid()})
+        self.net = ActorEndpoints(cfg.transport, actor_id, data_endpoint=endpoints.get("data"),
+                                  control_endpoint=endpoints.get("control"))
+        self.incarnation = -1  # learner incarnation of the last Welcome
+        self.credits = 0
+        self.weights_ready = threading.Event()  # current learner's weights loaded
+        self.last_contact = 0.0
+        self.learner_finished = False
+        self._outbox: "queue.Queue" = queue.Queue()  # messages other threads send via the control thread
+        self._announces: "queue.Queue" = queue.Queue()
+        self._control = threading.Thread(target=self._control_loop, name="control", daemon=True)
+        self._weights = threading.Thread(target=self._weights_loop, name="weights", daemon=True)
+
+    # -- control thread --------------------------------------------------------------------
+    def _control_loop(self) -> None:
+        from common.wire import Heartbeat, Register, WireError
+
+        tc = self.cfg.transport
+        next_register = 0.0
+        next_heartbeat = 0.0
+        backoff = 0.5
+        while not self.stop.is_set():
+            now = time.monotonic()
+            registered = self.incarnation >= 0 and now - self.last_contact < tc.peer_timeout_s
+            if not registered and now >= next_register:
+                if self.incarnation >= 0:
+                    log.warning("learner silent for %.0f s: reconnecting", now - self.last_contact)
+                    self._learner_lost()
+                    self.net.reconnect()
+                self.net.send_control(Register(
+                    actor_id=self.actor_id, incarnation_seen=self.incarnation, version=self.engine.version,
+                    pid=os.getpid(), hostname=socket.gethostname(), engine=self.cfg.actor.engine,
+                    vocab_size=self.engine.vocab_size, has_cuda=self.engine.device.type == "cuda",
+                ), timeout_s=0.5)
+                next_register = now + backoff
+                backoff = min(backoff * 2, 10.0)
+            elif registered and now >= next_heartbeat:
+                self.net.send_control(Heartbeat(actor_id=self.actor_id, incarnation_seen=self.incarnation,
+                                                version=self.engine.version, trees_sent=self.net.trees_sent),
+                                      timeout_s=0.5)
+                next_heartbeat = now + tc.heartbeat_interval_s
+            while not self._outbox.empty():
+                self.net.send_control(self._outbox.get_nowait(), timeout_s=1.0)
+            try:
+                msg = self.net.recv_control(0.05)
+            except WireError as e:
+                log.warning("bad control message from the learner: %s", e)
+                continue
+            if msg is not None:
+                self.last_contact = time.monotonic()
+                if self._handle(msg):
+                    backoff = 0.5
+                    next_heartbeat = 0.0
+
+    def _handle(self, msg) -> bool:
+        """Returns True when the message (re)established a registration."""
+        from common.wire import Credit, Shutdown, WeightAnnounce, Welcome
+
+        if isinstance(msg, Welcome):
+            if msg.incarnation != self.incarnation and self.incarnation >= 0:
+                self._learner_lost()
+            with self.state_lock:
+                self.incarnation, self.credits = msg.incarnation, msg.credits
+            self.weights_ready.clear()
+            self.metrics.connected.set(1)
+            self.metrics.credits.set(msg.credits)
+            log.info("registered with learner incarnation %d (version %d, %d credits)", msg.incarnation,
+                     msg.version, msg.credits)
+            return True
+        if isinstance(msg, Credit):
+            if msg.incarnation != self.incarnation:
+                log.warning("learner incarnation %d != %d: re-registering", msg.incarnation, self.incarnation)
+                self.last_contact = 0.0  # forces a Register on the next pass
+                return False
+            with self.state_lock:
+                self.credits += msg.credits
+                self.metrics.credits.set(self.credits)
+        elif isinstance(msg, WeightAnnounce):
+            self._announces.put(msg)
+        elif isinstance(msg, Shutdown):
+            log.info("learner says shutdown: %s", msg.reason)
+            self.learner_finished = True
+            self.stop.set()
+        return False
+
+    def _weights_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                announce = self._announces.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._outbox.put(self._receive_weights(announce))
+
+    def _load(self, named, version: int) -> None:
+        with self.lock:  # between engine calls: a tree may switch versions between levels
+            self.engine.load_weights(named, version)
+
+    def _receive_weights(self, announce):
+        """Receive into fresh buffers (no lock held: generation goes on), load under the engine lock."""
+        from common.weightsync import WeightSyncError
+        from common.wire import WeightAck
+
+        try:
+            checksum, seconds = self.receiver.receive(
+                announce, lambda named: self._load(named, announce.version),
+                read_back=self.engine.named_parameters_for_sync,
+            )
+        except WeightSyncError as e:
+            log.warning("weight sync %d failed: %s", announce.sync_id, e)
+            return WeightAck(actor_id=self.actor_id, sync_id=announce.sync_id, version=announce.version, ok=False,
+                             checksum="", load_seconds=0.0, error=str(e)[:4000])
+        self.metrics.weights_loaded(announce.version, seconds)
+        self.weights_ready.set()
+        log.info("loaded weights v%d in %.2f s", announce.version, seconds)
+        return WeightAck(actor_id=self.actor_id, sync_id=announce.sync_id, version=announce.version, ok=True,
+                         checksum=checksum, load_seconds=seconds, error="")
+
+    def _learner_lost(self) -> None:
+        with self.state_lock:
+            self.credits = 0
+            self.incarnation = -1
+        self.weights_ready.clear()
+        self.metrics.connected.set(0)
+        self.metrics.credits.set(0)
+
+    # -- main thread -----------------------------------------------------------------------
+    def run(self) -> int:
+        from common.wire import encode_tree
+
+        self._control.start()
+        self._weights.start()
+        if self.server is not None:
+            self.server.set_ready(True)
+        batch = self.cfg.actor.prompts_per_batch
+        while not self.stop.is_set():
+            if not self.weights_ready.wait(0.2):
+                continue
+            with self.state_lock:
+                n = min(batch, self.credits)
+                incarnation = self.incarnation
+            if n <= 0:
+                time.sleep(0.05)
+                continue
+            prompts = self.prompts.next_batch(n)
+            t0 = time.monotonic()
+            trees = self.sampler.sample(prompts)
+            self.metrics.generation_seconds.observe(time.monotonic() - t0)
+            self._count(trees)
+            for tree in trees:
+                tree.meta["incarnation"] = incarnation
+                self._send(encode_tree(tree), incarnation)
+        self.reward.close()
+        return 0
+
+    def _count(self, trees) -> None:
+        self.metrics.segments.inc(sum(len(t.nodes) for t in trees))
+        self.metrics.tokens_generated.inc(sum(t.num_tokens() for t in trees))
+        self.metrics.leaves_scored(r for t in trees for r in t.leaf_rewards())
+        self.metrics.reward_results(self.sampler.last_reward_reasons.elements())
+
+    def _send(self, buf: bytes, incarnation: int) -> None:
+        """Hand one tree to ZeroMQ; give up (and count it) only if the learner it was made for is gone."""
+        blocked0 = self.net.blocked_seconds
+        while True:
+            if self.stop.is_set():
+                self.metrics.trees_lost("shutdown")
+                break
+            if self.incarnation != incarnation:
+                self.metrics.trees_lost("incarnation")
+                break
+            if self.net.send_tree(buf, timeout_s=0.5):
+                with self.state_lock:
+                    self.credits -= 1
+                    self.metrics.credits.set(self.credits)
+                self.metrics.trees.inc()
+                break
+        self.metrics.send_blocked_seconds.inc(self.net.blocked_seconds - blocked0)
+
+    def close(self) -> None:
+        from common.wire import Shutdown
+
+        self.stop.set()
+        self._control.join(2.0)
+        self._weights.join(2.0)
+        if not self.learner_finished:
+            try:
+                self.net.send_control(Shutdown(reason="actor stopping"), timeout_s=0.5)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self.net.close()
+        if self.server is not None:
+            self.server.stop()
+
+
+def resolve_endpoints(args, cfg: JobConfig, run_dir: Path) -> dict[str, str]:
+    path = Path(args.endpoints) if args.endpoints else run_dir / ENDPOINTS
+    if path.exists():
+        info = read_json(path)
+        return {"data": info["data"], "control": info["control"]}
+    if args.endpoints:
+        raise SystemExit(f"--endpoints {path} does not exist")
+    return {}  # the config's learner_host + ports
+
+
+def actor_index(actor_id: str, given: int | None) -> int:
+    if given is not None:
+        return given
+    tail = actor_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def run(args) -> int:
+    from common.rundir import require_model_path, setup_logging
+
+    cfg = load_config(args.config, args.overrides)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    run_dir = Path(cfg.run_dir)
+    actor_id = args.actor_id or f"{socket.gethostname()}-{os.getpid()}"
+    setup_logging(actor_id)
+    require_model_path(cfg)
+    num_actors = args.num_actors or cfg.actor.num_actors
+    actor = Actor(cfg, run_dir, actor_id, actor_index(actor_id, args.actor_index) % num_actors, num_actors,
+                  resolve_endpoints(args, cfg, run_dir))
+    signal.signal(signal.SIGTERM, lambda *_: actor.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: actor.stop.set())
+    try:
+        return actor.run()
+    finally:
+        actor.close()

@@ -1,0 +1,75 @@
+"""Run-directory conventions shared by every process.
+
+`RUN_DIR/config.yaml` holds the resolved job config, `RUN_DIR/endpoints.json` the endpoints the
+learner actually bound (written atomically once it listens), `RUN_DIR/actors/<id>.json` each
+actor's metrics endpoint, `RUN_DIR/logs/` one log per process. Readers never see a half-written
+JSON file: every write goes to a temporary file that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ENDPOINTS = "endpoints.json"
+
+
+def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def wait_for_json(path: str | Path, timeout_s: float, *, alive=lambda: True, poll_s: float = 0.1) -> dict[str, Any]:
+    """Wait until `path` exists (or `alive()` turns false / the timeout passes: TimeoutError)."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return read_json(path)
+        if not alive():
+            raise RuntimeError(f"process exited before writing {path}")
+        time.sleep(poll_s)
+    raise TimeoutError(f"{path} did not appear within {timeout_s:.0f} s")
+
+
+def actor_info_path(run_dir: str | Path, actor_id: str) -> Path:
+    return Path(run_dir) / "actors" / f"{actor_id}.json"
+
+
+def logs_dir(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def setup_logging(name: str) -> None:
+    """One line per record, tagged with the process name (logs of `up` are per process anyway)."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True
+    )
+
+
+def require_model_path(cfg) -> str:
+    if not cfg.model.path:
+        raise SystemExit("model.path is empty: set it to an HF model folder (`treerpo demo` builds its own)")
+    return cfg.model.path

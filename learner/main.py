@@ -1,0 +1,265 @@
+"""`treerpo learner`: ingest trees, train, publish weights, checkpoint (DESIGN §4–§8).
+
+Rank 0 binds the data (PULL) and control (ROUTER) endpoints, hosts the weight-sync rendezvous,
+serves metrics and writes RUN_DIR/endpoints.json once all of them listen. Ranks > 0 (under
+torchrun/deepspeed) only follow rank 0's training commands.
+
+Guarantees:
+* every tree that arrives is trained at most once, or counted as dropped with its reason;
+* an actor's trees count only after it confirmed the current weights (a sync runs for new
+  actors between steps); a failed sync drops the actors that failed it, never blocks past the
+  `weights.timeout_s` deadline, and training goes on;
+* SIGTERM/SIGINT finish the current step, write a checkpoint and exit 0; reaching
+  `learner.max_steps` does the same and tells the actors to shut down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from common.config import JobConfig, dump_config, load_config
+from common.rundir import ENDPOINTS, require_model_path, setup_logging, write_json_atomic
+
+log = logging.getLogger("treerpo.learner")
+
+
+def advertised_host(bind_host: str) -> str:
+    """The address actors should dial for a service bound on bind_host."""
+    if bind_host in ("0.0.0.0", "*", "::"):
+        return os.environ.get("TREERPO_ADVERTISE_HOST") or socket.getfqdn()
+    return bind_host
+
+
+class Learner:
+    def __init__(self, cfg: JobConfig, run_dir: Path, resume: str) -> None:
+        from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new_registry
+        from common.transport import LearnerEndpoints
+        from learner.buffer import ReplayBuffer
+        from learner.checkpoint import LearnerState, find_latest, load_checkpoint
+        from learner.control import ControlPlane, ControlState
+        from learner.trainer import Trainer
+        from learner.weights import WeightPublisher
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.stop_requested = threading.Event()
+        self.trainer = Trainer(cfg, require_model_path(cfg))
+        self.rank = self.trainer.rank
+        if self.rank != 0:
+            return
+        state = LearnerState()
+        latest = find_latest(run_dir) if resume == "auto" else None
+        if latest is not None:
+            state = load_checkpoint(self.trainer, latest)
+            state.incarnation += 1
+            log.info("resumed %s: step %d, version %d, incarnation %d", latest.name, state.step, state.version,
+                     state.incarnation)
+        self.state = state
+        self.registry = new_registry()
+        self.metrics = LearnerMetrics(self.registry)
+        self.sync_metrics = WeightSyncMetrics(self.registry)
+        self.metrics.incarnation.set(state.incarnation)
+        self.metrics.version.set(state.version)
+        self.metrics.max_staleness.set(cfg.replay.max_staleness)
+        self.buffer = ReplayBuffer(
+            cfg.replay, state.incarnation, resume_version=state.version if latest is not None else None,
+            seed=cfg.learner.seed, on_drop=lambda ev: self.metrics.dropped(ev.reason, ev.count),
+        )
+        if state.buffer:
+            self.buffer.load_state_dict(state.buffer)
+        self.endpoints = LearnerEndpoints(cfg.transport)
+        host = advertised_host(cfg.transport.bind_host)
+        self.publisher = WeightPublisher(cfg.weights, cfg.transport.bind_host)
+        self.control = ControlPlane(
+            self.endpoints, self.buffer,
+            ControlState(state.incarnation, state.version, cfg.replay.max_staleness, host, self.publisher.port),
+            peer_timeout_s=cfg.transport.peer_timeout_s, metrics=self.metrics,
+        )
+        self.server = None
+        if cfg.metrics.enabled:
+            self.server = MetricsServer(cfg.metrics.host, cfg.metrics.learner_port, self.registry).start()
+        self._ingest = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+        self.longest_allowed = cfg.learner.micro_batch_tokens
+
+    # -- threads ---------------------------------------------------------------------------
+    def _ingest_loop(self) -> None:
+        from common.wire import WireError, decode_tree
+
+        vocab = self.trainer.vocab_size
+        while not self.stop_requested.is_set():
+            try:
+                buf = self.endpoints.recv_tree(0.2, copy=False)
+                if buf is None:
+                    continue
+                tree = decode_tree(buf, vocab_size=vocab)
+            except WireError as e:
+                self.metrics.wire_error(e.reason)
+                self.buffer.record_drop("invalid")
+                continue
+            self.metrics.trees_received.inc()
+            if not self.control.is_member(tree.actor_id):
+                # generated before this actor confirmed our weights (or by a stranger)
+                self.buffer.record_drop("incarnation", tree.actor_id)
+                continue
+            longest = int(tree.prompt_token_ids.shape[0] + tree.path_lengths().max())
+            if longest > self.longest_allowed:
+                log.warning("tree %s: %d tokens on its longest path > learner.micro_batch_tokens=%d: dropped",
+                            tree.tree_id, longest, self.longest_allowed)
+                self.buffer.record_drop("invalid", tree.actor_id)
+                continue
+            self.buffer.add(tree, self.state.version)
+            self.metrics.buffer_trees.set(len(self.buffer))
+
+    # -- weight sync -----------------------------------------------------------------------
+    def sync(self, members: list[str]) -> None:
+        """Publish the current weights to `members`; confirm those that ack, drop those that fail."""
+        if not members:
+            return
+        version = self.state.version
+        plan = self.publisher.plan(self.trainer.module.named_parameters(), version)
+        prepared = self.publisher.prepare(plan, members, self.control.all_have_cuda(members))
+        for actor_id, announce in zip(prepared.members, prepared.announcements):
+            self.control.send(actor_id, announce)
+        result = self.publisher.broadcast(prepared, self.trainer.named_parameters_for_sync())
+        acked: dict[str, str | None] = {}
+        deadline = time.monotonic() + self.cfg.weights.timeout_s
+        waiting = set(result.ok_members) | set(result.aborted_members)
+        while waiting - set(acked) and time.monotonic() < deadline:
+            try:
+                ack = self.control.acks.get(timeout=0.1)
+            except Exception:  # queue.Empty
+                continue
+            if ack.actor_id in waiting and ack.sync_id == prepared.sync_id:
+                acked[ack.actor_id] = self.publisher.check_ack(prepared, result, ack)
+        ok = [a for a in result.ok_members if a in acked and acked[a] is None]
+        for actor_id in ok:
+            self.control.confirm(actor_id, version)
+        for actor_id in members:
+            if actor_id in ok:
+                continue
+            if actor_id in result.aborted_members:
+                self.sync_metrics.failed("error")
+                continue  # alive: it stays pending and gets the next sync
+            reason = acked.get(actor_id) or (result.reason if actor_id in result.failed_members else "timeout")
+            self.sync_metrics.failed(reason if reason != "ok" else "timeout")
+            self.control.drop(actor_id, f"weight sync {prepared.sync_id} failed ({reason})")
+        if ok:
+            self.sync_metrics.succeeded(version=version, seconds=result.seconds, nbytes=result.bytes, actors=len(ok))
+        log.info("sync %d of version %d: %d/%d actors confirmed in %.2f s", prepared.sync_id, version, len(ok),
+                 len(members), result.seconds)
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        if self.rank != 0:
+            self.trainer.follow()
+            return 0
+        from learner.checkpoint import LearnerState, checkpoint_due, save_checkpoint
+
+        cfg, lc = self.cfg, self.cfg.learner
+        self.control.start()
+        self._ingest.start()
+        self.write_endpoints()
+        if self.server is not None:
+            self.server.set_ready(True)
+        finished = False
+        while not self.stop_requested.is_set():
+            if lc.max_steps and self.state.step >= lc.max_steps:
+                finished = True
+                break
+            self.sync(self.control.pending())
+            t_wait = time.monotonic()
+            trees = self.buffer.take(self.state.version, min_trees=cfg.replay.batch_trees, timeout_s=0.5)
+            self.metrics.buffer_trees.set(len(self.buffer))
+            self.metrics.buffer_oldest_age.set(self.buffer.oldest_age_s())
+            if not trees:
+                self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
+                continue
+            self.train_one(trees)
+            if self.state.step % cfg.weights.sync_every == 0:
+                self.state.version += 1
+                self.control.set_version(self.state.version)
+                self.metrics.version.set(self.state.version)
+                self.sync(self.control.member_ids())
+            if checkpoint_due(self.state.step, lc.checkpoint_every):
+                self.checkpoint()
+        self.checkpoint()
+        if finished:
+            self.control.broadcast_shutdown("learner reached learner.max_steps")
+            self.control.flush()
+        return 0
+
+    def train_one(self, trees) -> None:
+        version = self.state.version
+        t0 = time.monotonic()
+        m = self.trainer.train_step(trees, version)
+        self.state.step += 1
+        self.metrics.consumed(version - t.min_version() for t in trees)
+        leaves = [r for t in trees for r in t.leaf_rewards()]
+        self.metrics.step(
+            version=version, tokens=int(m.get("train/trainable_tokens", 0)), duration_s=time.monotonic() - t0,
+            clip_fraction_low=m.get("loss/clipfrac_low"), clip_fraction_high=m.get("loss/clipfrac_high"),
+            loss=m.get("loss/total"), pg_loss=m.get("loss/pg"), kl=m.get("loss/kl_ref"),
+            approx_kl=m.get("loss/approx_kl_behaviour"), is_weight_mean=m.get("loss/is_weight_mean"),
+            is_weight_max=m.get("loss/is_weight_max"), is_weight_capped_fraction=m.get("loss/is_capped_frac"),
+            entropy=m.get("loss/entropy"), advantage_mean=m.get("loss/advantage_mean"),
+            advantage_std=m.get("loss/advantage_std"), trainable_token_fraction=m.get("train/trainable_frac"),
+            grad_norm=m.get("train/grad_norm"), learning_rate=m.get("train/lr"),
+            leaf_reward_mean=m.get("reward/leaf_mean"),
+            accuracy=sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves)),
+            response_tokens_mean=m.get("response/length_mean"),
+        )
+        log.info("step %d v%d trees %d reward %.3f loss %.4f grad %.3f", self.state.step, version, len(trees),
+                 m.get("reward/leaf_mean", 0.0), m.get("loss/total", 0.0), m.get("train/grad_norm", 0.0))
+
+    def checkpoint(self) -> None:
+        from learner.checkpoint import save_checkpoint
+
+        self.state.buffer = self.buffer.state_dict()
+        path = save_checkpoint(self.trainer, self.run_dir, self.state)
+        log.info("checkpoint %s", path)
+
+    def write_endpoints(self) -> None:
+        host = advertised_host(self.cfg.transport.bind_host)
+        info = {
+            "data": self.endpoints.data_endpoint.replace("0.0.0.0", host),
+            "control": self.endpoints.control_endpoint.replace("0.0.0.0", host),
+            "rendezvous": f"{host}:{self.publisher.port}",
+            "metrics": self.server.url if self.server is not None else None,
+            "incarnation": self.state.incarnation,
+            "pid": os.getpid(),
+        }
+        write_json_atomic(self.run_dir / ENDPOINTS, info)
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        self.stop_requested.set()
+        self.trainer.stop_followers()
+        self.buffer.drain_for_shutdown()
+        self.control.stop()
+        self._ingest.join(2.0)
+        self.endpoints.close()
+        if self.server is not None:
+            self.server.stop()
+
+
+def run(args) -> int:
+    setup_logging("learner")
+    cfg = load_config(args.config, args.overrides)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.learner.yaml")
+    learner = Learner(cfg, run_dir, args.resume or cfg.learner.resume)
+    signal.signal(signal.SIGTERM, lambda *_: learner.stop_requested.set())
+    signal.signal(signal.SIGINT, lambda *_: learner.stop_requested.set())
+    try:
+        return learner.run()
+    finally:
+        learner.close()
