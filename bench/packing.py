@@ -1,0 +1,175 @@
+"""Learner step time, flat vs tree packing, on depth-3 [2, 2, 2] trees (DESIGN §10 bench format).
+
+One step = pack the trees + TreeRPO forward + backward over every micro-batch (no optimizer step:
+AdamW costs the same in both layouts and would only dilute the difference). Both layouts put
+one tree per micro-batch: flat = its 8 paths as 8 causal rows (SDPA's is_causal fast path, no
+mask), tree = one row with the tree mask (dense additive mask under sdpa/eager).
+
+    ceiling  = flat tokens / tree tokens         (from the layouts: the work tree packing skips)
+    speed-up = flat step time / tree step time   (median of --reps steps after a warm-up)
+    ratio    = speed-up / ceiling                target 0.7
+
+Also prints a small profile of the tree step (mask construction, forward+backward with the tree
+mask vs the same row under a plain causal mask) to show where the gap to the ceiling goes.
+`--json` prints one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+
+def make_tree(rng, prompt_tokens: int, segment_tokens: int, branching: list[int], vocab: int):
+    import numpy as np
+
+    from common.tree import Node, ReasoningTree, new_tree_id
+
+    parents, level = [], [-1]
+    for d, b in enumerate(branching):
+        nxt = []
+        for p in level:
+            for _ in range(b):
+                parents.append(p)
+                nxt.append(len(parents) - 1)
+        level = nxt
+    has_child = {p for p in parents if p >= 0}
+    nodes = [
+        Node(parent=p, token_ids=rng.integers(3, vocab, segment_tokens).astype(np.int32),
+             logprobs=(-rng.random(segment_tokens) * 2 - 0.01).astype(np.float32), version=0,
+             finish="segment" if i in has_child else "stop",
+             reward=None if i in has_child else float(rng.integers(0, 2)))
+        for i, p in enumerate(parents)
+    ]
+    return ReasoningTree(tree_id=new_tree_id(), prompt_id="bench", actor_id="bench",
+                         prompt_token_ids=rng.integers(3, vocab, prompt_tokens).astype(np.int32), nodes=nodes)
+
+
+def step(model, trees, mode: str, row_tokens: int, rows: int, loss_cfg, adv_cfg):
+    """Pack + forward + backward of the whole step; returns (seconds, tokens processed)."""
+    from learner.loss import LossInputs, treerpo_loss
+    from learner.packing import pack_trees, token_logprobs
+
+    t0 = time.perf_counter()
+    batches = pack_trees(trees, adv_cfg, mode, row_tokens, learner_version=0, max_batch_rows=rows)
+    total = sum(b.num_trainable_tokens for b in batches)
+    for b in batches:
+        lp = token_logprobs(model, b, 1.0)
+        prox = lp.detach() + 0.01
+        loss, _ = treerpo_loss(LossInputs(lp, prox, b.behaviour_logprobs, b.advantages, b.loss_mask,
+                                          normalizer=total), loss_cfg)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, sum(b.num_tokens for b in batches)
+
+
+def profile_tree(model, trees, row_tokens: int, adv_cfg, reps: int) -> dict[str, float]:
+    """Where a tree step's time goes: mask build, fwd+bwd with the tree mask vs a causal mask."""
+    import torch
+
+    from learner.logprobs import attention_mask_for
+    from learner.packing import pack_trees
+
+    t0 = time.perf_counter()
+    batches = pack_trees(trees, adv_cfg, "tree", row_tokens, learner_version=0)
+    pack_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    masks = [attention_mask_for(model, b) for b in batches]
+    mask_s = time.perf_counter() - t0
+
+    density = sum(float(b.allowed().float().mean()) for b in batches) / len(batches)
+
+    def fwd_bwd(with_mask: bool) -> float:
+        # the causal probe also gets contiguous positions, else HF infers packed sequences from them
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for b, m in zip(batches, masks):
+                pos = b.position_ids if with_mask else torch.arange(b.input_ids.shape[1])[None]
+                out = model(input_ids=b.input_ids, position_ids=pos,
+                            attention_mask=m if with_mask else None, use_cache=False)
+                out.logits.float().logsumexp(-1).sum().backward()
+            model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return {"pack_s": pack_s, "mask_build_s": mask_s, "tree_mask_density": density, "fwd_bwd_tree_mask_s": fwd_bwd(True),
+            "fwd_bwd_causal_mask_s": fwd_bwd(False)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trees", type=int, default=2, help="trees per step")
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--segment-tokens", type=int, default=128)
+    ap.add_argument("--branching", type=str, default="2,2,2")
+    ap.add_argument("--hidden-size", type=int, default=64, help="tiny model width (64 = the tests' tiny model)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--profile", action="store_true", help="also profile the tree step")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from common.config import AdvantageConfig, LossConfig
+    from common.tinymodel import build_tiny_model
+
+    torch.set_num_threads(args.threads)
+    branching = [int(x) for x in args.branching.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tiny_model(tmp, hidden_size=args.hidden_size, num_layers=args.layers,
+                         max_position_embeddings=8192)
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation=args.attn)
+    model.train()
+    rng = np.random.default_rng(0)
+    trees = [make_tree(rng, args.prompt_tokens, args.segment_tokens, branching, 90) for _ in range(args.trees)]
+    path_len = args.prompt_tokens + args.segment_tokens * len(branching)
+    tree_len = args.prompt_tokens + trees[0].num_tokens()
+    leaves = len(trees[0].leaves())
+    layouts = {"flat": (path_len, leaves), "tree": (tree_len, 1)}  # (row tokens, rows per micro-batch)
+    adv_cfg, loss_cfg = AdvantageConfig(), LossConfig()
+
+    results = {}
+    for mode, (row_tokens, rows) in layouts.items():
+        step(model, trees, mode, row_tokens, rows, loss_cfg, adv_cfg)  # warm-up
+        times, tokens = [], 0
+        for _ in range(args.reps):
+            s, tokens = step(model, trees, mode, row_tokens, rows, loss_cfg, adv_cfg)
+            times.append(s)
+        results[mode] = {"step_s": statistics.median(times), "tokens": tokens}
+    speedup = results["flat"]["step_s"] / results["tree"]["step_s"]
+    ceiling = results["flat"]["tokens"] / results["tree"]["tokens"]
+    out = {
+        "bench": "packing", "model": f"tiny qwen2 h={args.hidden_size} L={args.layers} {args.attn} fp32 cpu",
+        "trees": args.trees, "branching": branching, "prompt_tokens": args.prompt_tokens,
+        "segment_tokens": args.segment_tokens, "threads": args.threads, "timed": "pack+fwd+bwd, no optimizer",
+        "flat_step_s": results["flat"]["step_s"], "tree_step_s": results["tree"]["step_s"],
+        "flat_tokens": results["flat"]["tokens"], "tree_tokens": results["tree"]["tokens"],
+        "speedup": speedup, "ceiling": ceiling, "ratio": speedup / ceiling, "target": 0.7,
+    }
+    if args.profile:
+        out["profile"] = profile_tree(model, trees, tree_len, adv_cfg, args.reps)
+
+    print(f"packing bench: {out['model']}, {args.trees} trees {branching}, prompt {args.prompt_tokens}, "
+          f"segments {args.segment_tokens}, {args.threads} thread(s), timed: {out['timed']}")
+    print(f"{'layout':<8}{'tokens':>10}{'step s':>10}")
+    for mode in ("flat", "tree"):
+        print(f"{mode:<8}{results[mode]['tokens']:>10}{results[mode]['step_s']:>10.3f}")
+    print(f"speed-up {speedup:.2f}x   ceiling {ceiling:.2f}x   ratio {out['ratio']:.2f} (target 0.7)")
+    for k, v in out.get("profile", {}).items():
+        print(f"  profile {k:<24}{v:>8.3f}")
+    if args.json:
+        print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Run a whole treerpo job on this machine: one learner and NUM_ACTORS actors, all on loopback,
+# optionally with a Prometheus scraping them (WITH_PROMETHEUS=1, deploy/prometheus/prometheus.yml).
+# Ctrl-C (or SIGTERM) stops every process this script started, by pid, learner last so it can
+# write its final checkpoint.
+#
+# Environment:
+#   TREERPO_CONFIG   config files or preset names (default: the demo preset "demo")
+#   TREERPO_SET      extra dotted overrides for every process
+#   RUN_DIR          run directory (default runs/local)
+#   NUM_ACTORS       actors to start (default 2)
+#   METRICS_BASE     learner metrics port; actor i uses METRICS_BASE + 1 + i (default 9400)
+#   WITH_PROMETHEUS  1 to also start Prometheus on 127.0.0.1:${PROMETHEUS_PORT:-9090}
+#   READY_TIMEOUT_S  seconds to wait for the learner's endpoints.json (default 600)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+TREERPO_CONFIG="${TREERPO_CONFIG:-demo}"
+RUN_DIR="${RUN_DIR:-runs/local}"
+NUM_ACTORS="${NUM_ACTORS:-2}"
+METRICS_BASE="${METRICS_BASE:-9400}"
+READY_TIMEOUT_S="${READY_TIMEOUT_S:-600}"
+
+common_sets="run_dir=$RUN_DIR transport.bind_host=127.0.0.1 transport.learner_host=127.0.0.1 metrics.host=127.0.0.1"
+mkdir -p "$RUN_DIR/logs"
+pids=()      # learner first, then actors, in start order
+prom_pid=""
+
+cleanup() {
+  trap - EXIT INT TERM
+  # actors first (newest first), then the learner (it checkpoints on SIGTERM), then Prometheus
+  for (( i=${#pids[@]}-1; i>=0; i-- )); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+  if [[ -n "$prom_pid" ]]; then
+    kill -TERM "$prom_pid" 2>/dev/null || true
+    wait "$prom_pid" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT INT TERM
+
+rm -f "$RUN_DIR/endpoints.json"
+TREERPO_CONFIG="$TREERPO_CONFIG" \
+TREERPO_SET="$common_sets metrics.learner_port=$METRICS_BASE ${TREERPO_SET:-}" \
+  "$HERE/launch_learner.sh" >"$RUN_DIR/logs/learner.log" 2>&1 &
+learner_pid=$!
+pids+=("$learner_pid")
+echo "learner pid $learner_pid, log $RUN_DIR/logs/learner.log"
+
+waited=0
+until [[ -s "$RUN_DIR/endpoints.json" ]]; do
+  if ! kill -0 "$learner_pid" 2>/dev/null; then
+    echo "launch_local.sh: the learner exited before writing $RUN_DIR/endpoints.json; see $RUN_DIR/logs/learner.log" >&2
+    exit 1
+  fi
+  if (( waited >= READY_TIMEOUT_S )); then
+    echo "launch_local.sh: no $RUN_DIR/endpoints.json after ${READY_TIMEOUT_S}s" >&2
+    exit 1
+  fi
+  sleep 1
+  waited=$((waited + 1))
+done
+echo "learner endpoints: $(cat "$RUN_DIR/endpoints.json")"
+
+for (( i=0; i<NUM_ACTORS; i++ )); do
+  ACTOR_ID="actor-$i" TREERPO_CONFIG="$TREERPO_CONFIG" \
+  TREERPO_SET="$common_sets metrics.actor_port=$((METRICS_BASE + 1 + i)) actor.seed=$i ${TREERPO_SET:-}" \
+    "$HERE/launch_actor.sh" >"$RUN_DIR/logs/actor-$i.log" 2>&1 &
+  pids+=("$!")
+  echo "actor-$i pid $!, log $RUN_DIR/logs/actor-$i.log"
+done
+
+if [[ "${WITH_PROMETHEUS:-0}" == 1 ]]; then
+  prom_dir="$RUN_DIR/prometheus"
+  mkdir -p "$prom_dir"
+  targets=""
+  for (( i=0; i<NUM_ACTORS; i++ )); do targets+="\"127.0.0.1:$((METRICS_BASE + 1 + i))\","; done
+  sed -e "s/\"127.0.0.1:9400\"/\"127.0.0.1:$METRICS_BASE\"/" \
+      -e "s/\[\"127.0.0.1:9401\", \"127.0.0.1:9402\"\]/[${targets%,}]/" \
+      "$HERE/../prometheus/prometheus.yml" >"$prom_dir/prometheus.yml"
+  cp "$HERE/../prometheus/treerpo-rules.yml" "$prom_dir/"
+  prometheus --config.file="$prom_dir/prometheus.yml" --storage.tsdb.path="$prom_dir/data" \
+    --web.listen-address="127.0.0.1:${PROMETHEUS_PORT:-9090}" >"$RUN_DIR/logs/prometheus.log" 2>&1 &
+  prom_pid=$!
+  echo "prometheus on http://127.0.0.1:${PROMETHEUS_PORT:-9090}"
+fi
+wait "$learner_pid"

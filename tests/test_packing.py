@@ -1,0 +1,279 @@
+"""learner/packing.py + learner/logprobs.py: tree vs flat vs naive one-path-at-a-time equivalence.
+
+The tiny Qwen2 is built, saved to tmp_path and reloaded with from_pretrained (float32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import AdvantageConfig, LossConfig
+from common.tinymodel import build_tiny_model
+from common.treerpo import node_token_offsets, step_advantages, token_advantages
+from learner.loss import LossInputs, treerpo_loss
+from learner.packing import pack_trees, token_logprobs
+from tests.treegen import random_tree, tree_from_parents
+
+VOCAB = 90  # < the tiny tokenizer's vocabulary
+TEMP = 0.7
+ADV = AdvantageConfig()
+LOSS = LossConfig(clip_low=0.2, clip_high=0.28, is_cap=2.0, staleness_decay=0.9)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32, num_layers=2)
+
+
+def _load(model_dir, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=attn)
+    return model.eval()  # no dropout anyway; eval keeps it explicit
+
+
+def _trees(seed: int, n: int = 5, **kw):
+    rng = np.random.default_rng(seed)
+    return [random_tree(rng, max_depth=3, max_branch=3, vocab_size=VOCAB, max_version=2, **kw) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# naive reference: one root-to-leaf path at a time, plain causal forward, no packing code
+# ---------------------------------------------------------------------------------------------
+def _naive_path_logprobs(model, tree, leaf):
+    """{node: (L,) log-probs} for the nodes on the path to `leaf`, from one unpadded forward."""
+    path = tree.path(leaf)
+    ids = np.concatenate([tree.prompt_token_ids] + [tree.nodes[i].token_ids for i in path])
+    x = torch.from_numpy(ids.astype(np.int64))[None]  # (1, L)
+    logits = model(input_ids=x).logits[0].float() / TEMP  # (L, V)
+    logp = torch.log_softmax(logits[:-1], -1).gather(1, x[0, 1:, None])[:, 0]  # (L-1,) predicts ids[1:]
+    out, start = {}, len(tree.prompt_token_ids)
+    for i in path:
+        n = len(tree.nodes[i])
+        out[i] = logp[start - 1:start - 1 + n]
+        start += n
+    return out
+
+
+def _naive_layout(model, trees):
+    """Per tree: (N,) log-probs in token_advantages layout, each node from its first path."""
+    layouts = []
+    for tree in trees:
+        off = node_token_offsets(tree)
+        lp = [None] * len(tree.nodes)
+        for leaf in tree.leaves():
+            for node, v in _naive_path_logprobs(model, tree, leaf).items():
+                if lp[node] is None:
+                    lp[node] = v
+        layouts.append(torch.cat(lp))
+        assert layouts[-1].shape[0] == off[-1]
+    return layouts
+
+
+def _scatter_to_layout(batches, lps, trees):
+    """Every (tree, token) occurrence in the batches -> list of values, in layout order."""
+    seen = [[[] for _ in range(node_token_offsets(t)[-1])] for t in trees]
+    for b, lp in zip(batches, lps):
+        where = b.token_index >= 0
+        for ti, tok, v in zip(b.tree_index[where].tolist(), b.token_index[where].tolist(), lp[where].tolist()):
+            seen[ti][tok].append(v)
+    return seen
+
+
+def _proximal_layout(naive, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [(v.detach() + 0.15 * torch.randn(v.shape, generator=g)).float() for v in naive]
+
+
+def _batch_loss_inputs(batch, lp, prox_layout, normalizer):
+    where = batch.token_index >= 0
+    prox = torch.zeros_like(lp)
+    for ti in batch.trees:
+        sel = where & (batch.tree_index == ti)
+        prox[sel] = prox_layout[ti][batch.token_index[sel]]
+    return LossInputs(lp, prox, batch.behaviour_logprobs, batch.advantages, batch.loss_mask,
+                      staleness=batch.staleness, normalizer=normalizer)
+
+
+def _packed_grads(model, trees, mode, budget, prox_layout, **kw):
+    model.zero_grad(set_to_none=True)
+    batches = pack_trees(trees, ADV, mode, budget, learner_version=2, **kw)
+    total = sum(b.num_trainable_tokens for b in batches)
+    lps = []
+    for b in batches:
+        lp = token_logprobs(model, b, TEMP)
+        lps.append(lp.detach())
+        loss, _ = treerpo_loss(_batch_loss_inputs(b, lp, prox_layout, total), LOSS)
+        loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return batches, lps, grads
+
+
+def _naive_grads(model, trees, prox_layout):
+    """The same loss, one path per forward, each node trained on its first path only."""
+    model.zero_grad(set_to_none=True)
+    total = sum(int(token_advantages(t, ADV)[1].sum()) for t in trees)
+    for ti, tree in enumerate(trees):
+        adv, trainable = token_advantages(tree, ADV)
+        off = node_token_offsets(tree)
+        done: set[int] = set()
+        for leaf in tree.leaves():
+            lp_nodes = _naive_path_logprobs(model, tree, leaf)
+            new = [i for i in lp_nodes if i not in done]
+            done.update(new)
+            if not new:
+                continue
+            idx = torch.cat([torch.arange(off[i], off[i + 1]) for i in new])
+            lp = torch.cat([lp_nodes[i] for i in new])
+            beh = torch.from_numpy(np.concatenate([tree.nodes[i].logprobs for i in new]))
+            stale = torch.cat([torch.full((len(tree.nodes[i]),), 2 - tree.nodes[i].version) for i in new])
+            inp = LossInputs(lp, prox_layout[ti][idx], beh, torch.from_numpy(adv)[idx],
+                             torch.from_numpy(trainable)[idx], staleness=stale, normalizer=total)
+            treerpo_loss(inp, LOSS)[0].backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _assert_grads_close(a, b):
+    rel = (a - b).norm() / b.norm()
+    assert b.norm() > 0 and rel < 1e-4, f"relative gradient difference {rel:.2e}"
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tree_flat_naive_equivalence(model_dir, attn):
+    model = _load(model_dir, attn)
+    trees = _trees(seed=3)
+    sizes = [len(t.prompt_token_ids) + t.num_tokens() for t in trees]
+    budget = 24  # >= the longest path (6 + 3 * 5 tokens), < the largest trees
+    assert max(sizes) > budget, "the test wants a tree split across rows"
+    with torch.no_grad():
+        naive = _naive_layout(model, trees)
+    prox = _proximal_layout(naive, seed=0)
+
+    grads = {}
+    for mode, kw in (("tree", {}), ("flat", {}), ("tree", {"max_batch_rows": 3, "pad_multiple": 8})):
+        batches, lps, grads[(mode, len(kw))] = _packed_grads(model, trees, mode, budget, prox, **kw)
+        seen = _scatter_to_layout(batches, lps, trees)
+        for ti, tree in enumerate(trees):
+            for tok, values in enumerate(seen[ti]):
+                assert values, f"{mode}: tree {ti} token {tok} missing"
+                for v in values:
+                    assert v == pytest.approx(naive[ti][tok].item(), abs=1e-5), (mode, ti, tok)
+    g_naive = _naive_grads(model, trees, prox)
+    _assert_grads_close(grads[("tree", 0)], g_naive)
+    _assert_grads_close(grads[("flat", 0)], g_naive)
+    _assert_grads_close(grads[("tree", 2)], grads[("tree", 0)])
+
+
+@pytest.mark.parametrize("mode", ["tree", "flat"])
+@pytest.mark.parametrize("budget", [24, 1000])  # 24: longest path fits, big trees split
+def test_each_node_counted_once(mode, budget):
+    trees = _trees(seed=11, n=8) + _trees(seed=12, n=4, reward_values=None)
+    batches = pack_trees(trees, AdvantageConfig(min_group_std=0.3), mode, budget, learner_version=2)
+    want = 0
+    for tree in trees:
+        _, trainable = step_advantages(tree, AdvantageConfig(min_group_std=0.3))
+        want += sum(len(n) for n, tr in zip(tree.nodes, trainable) if tr)
+    assert sum(b.num_trainable_tokens for b in batches) == want
+    counted = [np.zeros(node_token_offsets(t)[-1], dtype=int) for t in trees]
+    for b in batches:
+        assert b.input_ids.shape[1] <= budget
+        assert b.num_trainable_tokens == int(b.loss_mask.sum())
+        for ti, tok in zip(b.tree_index[b.loss_mask].tolist(), b.token_index[b.loss_mask].tolist()):
+            counted[ti][tok] += 1
+    for tree, c in zip(trees, counted):
+        assert np.array_equal(c, token_advantages(tree, AdvantageConfig(min_group_std=0.3))[1].astype(int))
+
+
+def test_tree_split_below_the_root(model_dir):
+    # 0,1 under the root; 2,3 under 0; 4,5 under 2; 4 tokens each, prompt 3: every path <= 15 tokens.
+    # Budget 15: subtree(0) needs 3 + 20 > 15 → split at 0; chain [0] + subtree(2) = 3 + 4 + 12 > 15
+    # → split at 2: units [p,0,2,4] (owns 0, 2, 4), [p,0,2,5] (owns 5), [p,0,3] (owns 3), [p,1].
+    tree = tree_from_parents([-1, -1, 0, 0, 2, 2], {1: 1.0, 3: 0.0, 4: 1.0, 5: 0.0}, seg_len=4, prompt_len=3)
+    batches = pack_trees([tree], ADV, "tree", 15, learner_version=0)
+    assert [b.num_tokens for b in batches] == [15, 15, 11, 7]
+    assert sum(b.num_trainable_tokens for b in batches) == 24  # 6 nodes x 4, each once
+    model = _load(model_dir, "sdpa")
+    with torch.no_grad():
+        naive = _naive_layout(model, [tree])[0]
+        lps = [token_logprobs(model, b, TEMP) for b in batches]
+    owned = np.zeros(24, dtype=int)
+    for b, lp in zip(batches, lps):
+        where = b.token_index >= 0
+        torch.testing.assert_close(lp[where], naive[b.token_index[where]], rtol=0, atol=1e-5)
+        np.add.at(owned, b.token_index[b.loss_mask].numpy(), 1)
+    assert owned.tolist() == [1] * 24
+
+
+def test_trees_in_one_row_do_not_leak(model_dir):
+    model = _load(model_dir, "sdpa")
+    a, b = _trees(seed=5, n=2)
+    b2 = _trees(seed=5, n=2)[1]
+    for node in b2.nodes:  # same shape, other tokens
+        node.token_ids = (node.token_ids + 7) % VOCAB
+    b2.prompt_token_ids = (b2.prompt_token_ids + 3) % VOCAB
+
+    def logprobs_of(trees):
+        (batch,) = pack_trees(trees, ADV, "tree", 1000, learner_version=2)
+        assert batch.input_ids.shape[0] == 1 and batch.span_ancestors is not None  # one row, both trees
+        with torch.no_grad():
+            lp = token_logprobs(model, batch, TEMP)
+        return [lp[batch.tree_index == i][batch.token_index[batch.tree_index == i] >= 0] for i in range(2)]
+
+    a_with_b, b_lp = logprobs_of([a, b])
+    a_with_b2, b2_lp = logprobs_of([a, b2])
+    torch.testing.assert_close(a_with_b, a_with_b2, rtol=0, atol=1e-6)
+    assert not torch.allclose(b_lp, b2_lp, atol=1e-3)
+
+
+def test_small_tree_layout_by_hand():
+    # prompt p0 p1 p2; node 0 and 1 under the root (1 a leaf), nodes 2 and 3 under node 0; 2 tokens each.
+    tree = tree_from_parents([-1, -1, 0, 0], {1: 1.0, 2: 0.0, 3: 1.0}, seg_len=2, prompt_len=3)
+    tree.nodes[3].version = 1
+    (b,) = pack_trees([tree], ADV, "tree", 64, learner_version=3)
+    # rows: prompt 0-2 | node0 3-4 | node1 5-6 | node2 7-8 | node3 9-10
+    assert b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6, 5, 6]
+    assert b.pred_index[0].tolist() == [-1, -1, -1, 2, 3, 2, 5, 4, 7, 4, 9]
+    assert b.staleness[0].tolist() == [0, 0, 0, 3, 3, 3, 3, 3, 3, 2, 2]
+    ids = np.concatenate([tree.prompt_token_ids] + [n.token_ids for n in tree.nodes])
+    assert b.input_ids[0].tolist() == ids.tolist()
+    # V(2)=0, V(3)=1 → V(0)=0.5, V(1)=1. Root group {0.5, 1}: mean .75, std .3536 → A = ∓1/√2;
+    # group {0, 1}: A = ∓1/√2. All trainable: 8 tokens.
+    s = 2 ** -0.5
+    assert b.advantages[0].tolist() == pytest.approx([0, 0, 0, -s, -s, s, s, -s, -s, s, s], abs=1e-5)
+    assert b.num_trainable_tokens == 8
+    allowed = b.allowed()[0, 0]
+    assert allowed[9].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 9]  # node3: prompt, node0, itself
+    assert allowed[6].nonzero().flatten().tolist() == [0, 1, 2, 5, 6]  # node1's 2nd token
+    assert (b.attention_mask[0, 0][allowed] == 0).all()
+    assert (b.attention_mask[0, 0][~allowed] == torch.finfo(torch.float32).min).all()
+
+    (f,) = pack_trees([tree], ADV, "flat", 7, learner_version=3, max_batch_rows=8)
+    # paths (longest first, stable): [leaf 2: p,n0,n2], [leaf 3: p,n0,n3], [leaf 1: p,n1 + pad]
+    assert f.span_ancestors is None  # one path per row → plain causal, no mask
+    assert f.position_ids.tolist() == [list(range(7))] * 3
+    assert f.loss_mask.sum(1).tolist() == [4, 2, 2]  # node0 trained once, on the first path
+    assert f.pred_index[2].tolist() == [-1, -1, -1, 2, 3, -1, -1]
+
+
+def test_padding_rows_have_no_nan(model_dir):
+    model = _load(model_dir, "eager")
+    trees = _trees(seed=9, n=4)
+    for batch in pack_trees(trees, ADV, "tree", 80, learner_version=2, max_batch_rows=4, pad_multiple=16):
+        assert (batch.input_ids == 0).any()  # padded
+        lp = token_logprobs(model, batch, TEMP)
+        assert torch.isfinite(lp).all()
+        assert (lp[~batch.generated] == 0).all()
+
+
+def test_errors_name_the_fix():
+    tree = tree_from_parents([-1, -1], {0: 1.0, 1: 0.0}, seg_len=10, prompt_len=5)
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        pack_trees([tree], ADV, "tree", 8, learner_version=0)
+    with pytest.raises(ValueError, match="rejected before packing"):
+        pack_trees([tree_from_parents([-1, -1], {0: 1.0, 1: 0.0}, version=3)], ADV, "tree", 64, learner_version=2)
+    with pytest.raises(ValueError, match="packing mode"):
+        pack_trees([tree], ADV, "paths", 64, learner_version=0)
