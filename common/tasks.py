@@ -1,0 +1,210 @@
+"""The synthetic multi-step arithmetic task of the CPU demo (pure python, no torch).
+
+Format (every character is in the tiny char tokenizer's alphabet, common/tinymodel.py):
+
+    prompt:    "(12+34)*25="
+    solution:  "12+34=46;46*25=1150;#1150"
+
+One step is ``<left><op><right>=<result>;`` -- ``;`` is the step delimiter (``tree.step_delimiter``
+for ``split: step``) -- and ``#`` introduces the final answer, an integer with an optional minus
+sign; the model then ends with EOS. ``common.rewards.ArithmeticReward`` scores exactly this.
+
+Shapes (``DataConfig.task``):
+
+* ``add_mul``: ``(a+b)*c`` (the demo's task; two steps).
+* ``chain``: ``task_steps`` left-to-right steps over ``task_steps + 1`` operands with operators
+  drawn from ``+ - *``, parenthesised so the written order is the evaluation order, e.g.
+  ``((12+34)*25)-17=``.
+
+Held-out split: a problem belongs to the eval split iff a keyed hash of its text falls below
+``eval_fraction`` (``is_eval_problem``); the training generator rejects eval problems and the
+eval generator keeps only them, so the two sets are disjoint for every seed and size.
+
+Warm-up data (``warmup_examples``): supervised (prompt, completion) pairs for ``add_mul`` that mix
+the right plan with two plausible wrong plans whose arithmetic is carried out correctly:
+
+    right        (a+b)*c  : "a+b=s;s*c=r;#r"
+    mul_first    a+(b*c)  : "b*c=p;a+p=r;#r"     (precedence slip: multiplies first)
+    distribute   (a*c)+b  : "a*c=p;p+b=r;#r"     (distributes c over a only)
+
+so a warmed-up model holds several strategies and RL has one to select.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+
+STEP_DELIMITER = ";"
+ANSWER_MARK = "#"
+TASK_SHAPES: tuple[str, ...] = ("add_mul", "chain")
+WARMUP_PLANS: tuple[str, ...] = ("right", "mul_first", "distribute")
+_OPS = ("+", "-", "*")
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str  # "(12+34)*25="
+    solution: str  # "12+34=46;46*25=1150;#1150"
+    answer: str  # "1150"
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    @property
+    def problem_id(self) -> str:
+        return "arith:" + self.prompt.rstrip("=")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Difficulty knobs of the generator (mirrors the task fields of DataConfig)."""
+
+    shape: str = "add_mul"
+    operand_min: int = 10
+    operand_max: int = 39
+    steps: int = 2  # chain only
+    eval_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.shape not in TASK_SHAPES:
+            raise ValueError(f"unknown task shape {self.shape!r}; choose one of {TASK_SHAPES}")
+        if not 0 <= self.operand_min <= self.operand_max:
+            raise ValueError(f"operand range [{self.operand_min}, {self.operand_max}] is empty or negative")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: a problem needs at least one step")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction} must lie strictly between 0 and 1")
+
+    @classmethod
+    def from_config(cls, cfg) -> "TaskSpec":
+        """From a common.config.DataConfig."""
+        return cls(
+            shape=cfg.task,
+            operand_min=cfg.operand_min,
+            operand_max=cfg.operand_max,
+            steps=cfg.task_steps,
+            eval_fraction=cfg.eval_fraction,
+            seed=cfg.seed,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# building problems
+# --------------------------------------------------------------------------------------------
+def _apply(op: str, x: int, y: int) -> int:
+    return x + y if op == "+" else x - y if op == "-" else x * y
+
+
+def _step(x: int, op: str, y: int) -> tuple[str, int]:
+    r = _apply(op, x, y)
+    return f"{x}{op}{y}={r}{STEP_DELIMITER}", r
+
+
+def make_problem(operands: tuple[int, ...], ops: tuple[str, ...]) -> Problem:
+    """A left-to-right chain: ((o0 op0 o1) op1 o2) ...; outermost parentheses dropped."""
+    if len(operands) != len(ops) + 1 or not ops:
+        raise ValueError(f"need len(ops)+1 operands and at least one op, got {operands}, {ops}")
+    expr = str(operands[0])
+    acc = operands[0]
+    steps = []
+    for k, (op, y) in enumerate(zip(ops, operands[1:])):
+        expr = f"{expr}{op}{y}" if k == 0 else f"({expr}){op}{y}"
+        text, acc = _step(acc, op, y)
+        steps.append(text)
+    solution = "".join(steps) + f"{ANSWER_MARK}{acc}"
+    return Problem(prompt=expr + "=", solution=solution, answer=str(acc), operands=tuple(operands), ops=tuple(ops))
+
+
+def _draw(spec: TaskSpec, rng: random.Random) -> Problem:
+    lo, hi = spec.operand_min, spec.operand_max
+    if spec.shape == "add_mul":
+        return make_problem((rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(lo, hi)), ("+", "*"))
+    operands = tuple(rng.randint(lo, hi) for _ in range(spec.steps + 1))
+    return make_problem(operands, tuple(rng.choice(_OPS) for _ in range(spec.steps)))
+
+
+def is_eval_problem(problem: Problem, spec: TaskSpec) -> bool:
+    """Held-out membership: a keyed hash of the prompt, uniform in [0, 1), below eval_fraction."""
+    digest = hashlib.blake2b(f"{spec.seed}|{problem.prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < spec.eval_fraction
+
+
+_MAX_DRAWS = 10_000
+
+
+def _problem_at(spec: TaskSpec, split: str, index: int, stream: str = "") -> Problem:
+    # one rng per (seed, stream, index): problem i never depends on how many came before it
+    rng = random.Random(f"treerpo-arith|{spec.seed}|{stream or split}|{index}")
+    want_eval = split == "eval"
+    for _ in range(_MAX_DRAWS):
+        problem = _draw(spec, rng)
+        if is_eval_problem(problem, spec) == want_eval:
+            return problem
+    raise ValueError(f"no {split} problem found in {_MAX_DRAWS} draws: widen the operand range")
+
+
+def train_problem(spec: TaskSpec, index: int) -> Problem:
+    """Training problem number `index` (deterministic; never an eval problem)."""
+    return _problem_at(spec, "train", index)
+
+
+def eval_problems(spec: TaskSpec, n: int) -> list[Problem]:
+    """`n` distinct held-out problems (deterministic); fewer if the held-out set is smaller."""
+    out: dict[str, Problem] = {}
+    index = 0
+    while len(out) < n and index < 50 * n + 1000:
+        problem = _problem_at(spec, "eval", index)
+        out.setdefault(problem.prompt, problem)
+        index += 1
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------------------------
+# warm-up (supervised) data
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WarmupExample:
+    prompt: str
+    completion: str  # the plan's steps and final answer; append EOS when tokenising
+    plan: str  # one of WARMUP_PLANS
+    answer: str  # the plan's own final answer (the right one only for plan 'right')
+
+
+def plan_solution(a: int, b: int, c: int, plan: str) -> tuple[str, int]:
+    """Steps and final answer of (a+b)*c worked by `plan`, each step's arithmetic correct."""
+    if plan == "right":
+        s1, x = _step(a, "+", b)
+        s2, r = _step(x, "*", c)
+    elif plan == "mul_first":
+        s1, x = _step(b, "*", c)
+        s2, r = _step(a, "+", x)
+    elif plan == "distribute":
+        s1, x = _step(a, "*", c)
+        s2, r = _step(x, "+", b)
+    else:
+        raise ValueError(f"unknown plan {plan!r}; choose one of {WARMUP_PLANS}")
+    return s1 + s2 + f"{ANSWER_MARK}{r}", r
+
+
+def warmup_examples(spec: TaskSpec, n: int, right_fraction: float = 0.3, seed: int = 0) -> list[WarmupExample]:
+    """`n` training-split examples: round(n * right_fraction) right, the rest split evenly
+    between the two wrong plans (exact counts), in a seeded random order."""
+    if spec.shape != "add_mul":
+        raise ValueError(f"warm-up plans are defined for the 'add_mul' shape, not {spec.shape!r}")
+    if not 0.0 <= right_fraction <= 1.0:
+        raise ValueError(f"right_fraction={right_fraction} must lie in [0, 1]")
+    n_right = round(n * right_fraction)
+    n_wrong = n - n_right
+    plans = ["right"] * n_right + ["mul_first"] * ((n_wrong + 1) // 2) + ["distribute"] * (n_wrong // 2)
+    rng = random.Random(f"treerpo-warmup|{spec.seed}|{seed}")
+    rng.shuffle(plans)
+    out = []
+    for i, plan in enumerate(plans):
+        # training split (never an eval problem), its own random stream per warm-up seed
+        problem = _problem_at(spec, "train", i, stream=f"warmup-{seed}")
+        a, b, c = problem.operands
+        completion, result = plan_solution(a, b, c, plan)
+        out.append(WarmupExample(prompt=problem.prompt, completion=completion, plan=plan, answer=str(result)))
+    return out
