@@ -285,6 +285,9 @@ class LearnerConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only on stop).")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Checkpoints kept.")
     resume: Literal["never", "auto"] = Field("auto", description="Resume from the latest checkpoint in run_dir.")
+    log_trees: bool = Field(
+        False, description="Append one line per received tree (id, actor, versions, verdict) to RUN_DIR/trees.jsonl."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "LearnerConfig":

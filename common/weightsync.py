@@ -1,0 +1,380 @@
+"""Weight-sync mechanism shared by the learner's publisher and the actors' receivers (DESIGN §6).
+
+Guarantees:
+* **Layout is a pure function of the metadata.** `plan_layout` orders parameters by dtype (dtype
+  groups in order of first appearance, names stable inside a group) and cuts each group greedily
+  into buckets of at most `bucket_bytes`; a parameter larger than a bucket gets a bucket of its
+  own. A bucket is the triple ``[first, end, numel]`` over the announced (layout-ordered) name
+  list, as `common.wire.WeightAnnounce.buckets` carries it. `check_layout` lets a receiver
+  validate any announced layout without knowing the bucket size.
+* **Bit-exact checksum.** `tensor_checksum` is order independent and sensitive to every bit:
+  ``h_i = sha256(raw bytes of tensor i)``; ``checksum = sha256(concat over names sorted of
+  name | dtype | shape | h_i)``. bf16/fp16 are hashed through their raw bytes, never converted.
+* **A sync group never outlives its sync.** `make_group` builds a fresh gloo (or NCCL) process
+  group on a `PrefixStore` named after the sync, separate from any DeepSpeed world; callers drop
+  it afterwards (dropping a gloo group closes its sockets, so peers blocked on it fail at once).
+* **Every wait has a deadline.** `Deadline` hands each collective the time left of the whole sync.
+
+Nothing here imports actor/ or learner/; torch is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+SYNC_ERROR_REASONS: tuple[str, ...] = ("timeout", "peer_lost", "rendezvous", "invalid_announce", "load", "error")
+"""Why one side's part of a sync failed (`WeightSyncError.reason`, usable as a metric label)."""
+
+DTYPE_NAMES: tuple[str, ...] = (
+    "float32", "bfloat16", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
+)
+"""Parameter dtypes a sync may carry (wire names are torch's names without the `torch.` prefix)."""
+
+
+class WeightSyncError(RuntimeError):
+    """One side of a weight sync failed; `.reason` is one of SYNC_ERROR_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        if reason not in SYNC_ERROR_REASONS:
+            raise ValueError(f"unknown weight-sync error reason {reason!r}; known: {SYNC_ERROR_REASONS}")
+        super().__init__(f"[{reason}] {message}")
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------
+# Deadline
+# --------------------------------------------------------------------------------------------
+class Deadline:
+    """A fixed point in (monotonic) time; every wait of a sync takes `remaining()` of it."""
+
+    def __init__(self, seconds: float):
+        if seconds <= 0:
+            raise ValueError(f"a deadline needs a positive number of seconds, got {seconds}")
+        self.seconds = float(seconds)
+        self.start = time.monotonic()
+        self.end = self.start + self.seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
+
+    def check(self, what: str) -> float:
+        """Seconds left, or WeightSyncError('timeout') naming what ran out of time."""
+        left = self.remaining()
+        if left <= 0.0:
+            raise WeightSyncError("timeout", f"{what}: the sync deadline of {self.seconds:.1f}s has passed")
+        return left
+
+    def timedelta(self, what: str, floor_s: float = 0.05) -> timedelta:
+        return timedelta(seconds=max(floor_s, self.check(what)))
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------
+def dtype_name(dtype: Any) -> str:
+    """'float32' for torch.float32 (the wire spelling)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype} cannot be synced; supported: {DTYPE_NAMES}")
+    return name
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {name!r} cannot be synced; supported: {DTYPE_NAMES}")
+    return getattr(torch, name)
+
+
+def itemsize(dtype: str) -> int:
+    return torch_dtype(dtype).itemsize
+
+
+def numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """What a sync moves, in layout order; converts 1:1 to WeightAnnounce's tensor fields."""
+
+    version: int
+    names: list[str]
+    shapes: list[list[int]]
+    dtypes: list[str]
+    buckets: list[list[int]]  # [first, end, numel] over names
+    index: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b[2] * itemsize(self.dtypes[b[0]]) for b in self.buckets)
+
+    def bucket_of(self) -> list[int]:
+        """For each parameter index, the index of its bucket."""
+        out = [0] * len(self.names)
+        for b, (first, end, _) in enumerate(self.buckets):
+            for i in range(first, end):
+                out[i] = b
+        return out
+
+    def offsets(self) -> list[int]:
+        """For each parameter index, its element offset inside its bucket."""
+        out = [0] * len(self.names)
+        for first, end, _ in self.buckets:
+            off = 0
+            for i in range(first, end):
+                out[i] = off
+                off += numel(self.shapes[i])
+        return out
+
+
+def plan_layout(meta: Iterable[tuple[str, Sequence[int], Any]], bucket_bytes: int, version: int) -> SyncPlan:
+    """Group (name, shape, dtype) by dtype and cut each group into buckets of <= bucket_bytes.
+
+    Order: dtype groups in order of first appearance; inside a group, the given order.
+    A bucket closes when the next parameter would push it past bucket_bytes or the dtype changes;
+    a parameter larger than bucket_bytes gets a bucket of its own.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    groups: dict[str, list[tuple[str, list[int]]]] = {}
+    seen: set[str] = set()
+    for name, shape, dtype in meta:
+        if name in seen:
+            raise ValueError(f"parameter {name!r} appears twice; names must be unique")
+        seen.add(name)
+        groups.setdefault(dtype_name(dtype), []).append((name, [int(s) for s in shape]))
+    names: list[str] = []
+    shapes: list[list[int]] = []
+    dtypes: list[str] = []
+    buckets: list[list[int]] = []
+    for dtype, params in groups.items():
+        size = itemsize(dtype)
+        first, count = len(names), 0  # open bucket: [first, len(names)), `count` elements
+        for name, shape in params:
+            n = numel(shape)
+            if len(names) > first and (count + n) * size > bucket_bytes:
+                buckets.append([first, len(names), count])
+                first, count = len(names), 0
+            names.append(name)
+            shapes.append(shape)
+            dtypes.append(dtype)
+            count += n
+        if len(names) > first:
+            buckets.append([first, len(names), count])
+    return SyncPlan(version, names, shapes, dtypes, buckets, {n: i for i, n in enumerate(names)})
+
+
+def check_layout(names: Sequence[str], shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
+                 buckets: Sequence[Sequence[int]], version: int = 0) -> SyncPlan:
+    """Validate an announced layout (buckets tile [0, len(names)) in order, one dtype each,
+    numel adds up, names unique, dtypes known) and return it as a SyncPlan; else
+    WeightSyncError('invalid_announce')."""
+
+    def bad(msg: str) -> WeightSyncError:
+        return WeightSyncError("invalid_announce", f"announced layout is inconsistent: {msg}")
+
+    if not (len(names) == len(shapes) == len(dtypes)):
+        raise bad(f"{len(names)} names, {len(shapes)} shapes, {len(dtypes)} dtypes")
+    if len(set(names)) != len(names):
+        raise bad("duplicate parameter names")
+    for d in dtypes:
+        if d not in DTYPE_NAMES:
+            raise bad(f"dtype {d!r} not in {DTYPE_NAMES}")
+    if any(int(s) < 0 for shape in shapes for s in shape):
+        raise bad("negative dimension")
+    expect_first = 0
+    for b, bucket in enumerate(buckets):
+        if len(bucket) != 3:
+            raise bad(f"bucket {b} = {list(bucket)} is not [first, end, numel]")
+        first, end, count = (int(x) for x in bucket)
+        if first != expect_first or end <= first or end > len(names):
+            raise bad(f"bucket {b} = {list(bucket)} does not continue at {expect_first} within {len(names)} names")
+        if len(set(dtypes[first:end])) != 1:
+            raise bad(f"bucket {b} mixes dtypes {sorted(set(dtypes[first:end]))}")
+        if sum(numel(s) for s in shapes[first:end]) != count:
+            raise bad(f"bucket {b} claims {count} elements, its shapes hold {sum(numel(s) for s in shapes[first:end])}")
+        expect_first = end
+    if expect_first != len(names):
+        raise bad(f"buckets cover {expect_first} of {len(names)} parameters")
+    return SyncPlan(int(version), list(names), [list(map(int, s)) for s in shapes], list(dtypes),
+                    [list(map(int, b)) for b in buckets], {n: i for i, n in enumerate(names)})
+
+
+# --------------------------------------------------------------------------------------------
+# Flatten / unflatten
+# --------------------------------------------------------------------------------------------
+def flatten_into(buf: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> "torch.Tensor":
+    """Copy tensors one after another into the 1-D buffer buf (same dtype); returns buf."""
+    total = sum(t.numel() for t in tensors)
+    if total != buf.numel():
+        raise ValueError(f"flatten_into: tensors hold {total} elements, the buffer {buf.numel()}")
+    off = 0
+    for t in tensors:
+        n = t.numel()
+        buf[off:off + n].copy_(t.reshape(-1))
+        off += n
+    return buf
+
+
+def unflatten(buf: "torch.Tensor", shapes: Sequence[Sequence[int]]) -> list["torch.Tensor"]:
+    """Views of the 1-D buffer buf, one per shape, in order (no copy)."""
+    out, off = [], 0
+    for shape in shapes:
+        n = numel(shape)
+        out.append(buf[off:off + n].view(tuple(shape)))
+        off += n
+    if off != buf.numel():
+        raise ValueError(f"unflatten: shapes hold {off} elements, the buffer {buf.numel()}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Checksum
+# --------------------------------------------------------------------------------------------
+def tensor_digest(t: "torch.Tensor") -> bytes:
+    """sha256 of the tensor's raw bytes (moved to CPU, made contiguous; dtype untouched)."""
+    import torch
+
+    flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    raw = flat.view(torch.uint8).numpy() if flat.numel() else b""
+    return hashlib.sha256(memoryview(raw) if flat.numel() else raw).digest()
+
+
+def combine_digests(entries: Iterable[tuple[str, str, Sequence[int], bytes]]) -> str:
+    """Hex checksum over (name, dtype, shape, digest) entries, taken in sorted name order."""
+    h = hashlib.sha256()
+    for name, dtype, shape, digest in sorted(entries, key=lambda e: e[0]):
+        h.update(f"{name}\0{dtype}\0{','.join(str(int(s)) for s in shape)}\0".encode())
+        h.update(digest)
+    return h.hexdigest()
+
+
+def tensor_checksum(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
+    """Bit-exact, order-independent checksum of named tensors (see the module docstring)."""
+    return combine_digests(
+        (name, dtype_name(t.dtype), list(t.shape), tensor_digest(t)) for name, t in named_tensors
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Groups
+# --------------------------------------------------------------------------------------------
+def resolve_backend(backend: str, all_have_cuda: bool) -> str:
+    """'nccl' when asked (or auto) and every member has CUDA, else 'gloo'."""
+    import torch
+
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"weights.backend must be auto, gloo or nccl, got {backend!r}")
+    cuda = torch.cuda.is_available() and all_have_cuda
+    if backend == "nccl" and not cuda:
+        raise ValueError("weights.backend=nccl but not every sync member has CUDA; use backend=auto or gloo")
+    return "nccl" if backend == "nccl" or (backend == "auto" and cuda) else "gloo"
+
+
+def bucket_device(backend: str) -> "torch.device":
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def connect_store(host: str, port: int, timeout_s: float, *, is_master: bool = False) -> Any:
+    """A TCPStore master (is_master: binds host:port, port 0 = ephemeral, see `.port`) or client."""
+    import torch.distributed as dist
+
+    try:
+        return dist.TCPStore(host, int(port), None, is_master, timedelta(seconds=timeout_s),
+                             wait_for_workers=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the address and a hint
+        role = "bind" if is_master else "reach"
+        raise WeightSyncError("rendezvous", f"cannot {role} the weight-sync rendezvous store at {host}:{port} "
+                              f"({e}); check weights.rendezvous_port / the learner's endpoints.json") from e
+
+
+def make_group(host: str, port: int, group_name: str, rank: int, world_size: int, timeout_s: float,
+               backend: str = "gloo", *, store: Any = None) -> Any:
+    """A process group of `world_size` ranks on a fresh PrefixStore `group_name` of the TCPStore at
+    host:port (or `store`, e.g. the learner's master). Blocks until every rank joined (gloo) or
+    timeout_s passed (WeightSyncError('rendezvous'/'timeout')). Drop the group to end it."""
+    import torch.distributed as dist
+
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside a group of {world_size}")
+    if store is None:
+        store = connect_store(host, port, timeout_s)
+    prefixed = dist.PrefixStore(group_name, store)
+    td = timedelta(seconds=max(0.05, timeout_s))
+    try:
+        if backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = td
+            return dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+        if backend != "gloo":
+            raise ValueError(f"make_group: backend must be gloo or nccl, got {backend!r}")
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = td
+        ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+        opts._devices = [dist.ProcessGroupGloo.create_device(interface=ifname) if ifname
+                         else dist.ProcessGroupGloo.create_default_device()]
+        return dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
+    except (RuntimeError, dist.DistError) as e:
+        reason = "timeout" if "timeout" in str(e).lower() or "timed out" in str(e).lower() else "rendezvous"
+        raise WeightSyncError(reason, f"group {group_name!r} (rank {rank} of {world_size}, {backend}) did not "
+                              f"form within {timeout_s:.1f}s: {str(e)[:300]}") from e
+
+
+def broadcast_bucket(pg: Any, buf: "torch.Tensor", deadline: Deadline, what: str) -> Any:
+    """Start broadcasting buf from rank 0 (async); wait on the result with `wait_work`."""
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    opts.timeout = deadline.timedelta(what)
+    return pg.broadcast([buf], opts)
+
+
+def wait_work(work: Any, deadline: Deadline, backend: str, what: str, pg: Any = None) -> None:
+    """Wait for an async collective; WeightSyncError('timeout'/'peer_lost') past the deadline or on a
+    broken peer. NCCL never raises on a dead peer, so it is polled and its group aborted at the deadline."""
+    try:
+        if backend == "nccl":
+            import torch
+
+            while not work.is_completed():
+                if deadline.expired():
+                    if pg is not None:
+                        pg.abort()
+                    raise WeightSyncError("timeout", f"{what}: NCCL collective missed the deadline")
+                time.sleep(0.001)
+            work.wait()
+            torch.cuda.current_stream().synchronize()
+        else:
+            work.wait(deadline.timedelta(what))
+    except WeightSyncError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gloo raises RuntimeError/DistError with the cause in text
+        text = str(e)
+        reason = "timeout" if ("Timed out" in text or "timeout" in text.lower()) else "peer_lost"
+        raise WeightSyncError(reason, f"{what}: {text[:300]}") from e

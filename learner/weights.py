@@ -1,0 +1,272 @@
+"""Learner side of the weight sync: plan, announce, broadcast (DESIGN §6).
+
+Guarantees:
+* One rendezvous TCPStore lives as long as the publisher (bound on `weights.rendezvous_port`,
+  0 = ephemeral; `.port` is the bound port). Each sync builds a fresh group on the prefix
+  ``ws<nonce>-<sync_id>``: learner rank 0, members rank 1..k in the order given, so a rebuilt
+  group never meets an old one. Members registered after `prepare` join at the next sync.
+* `broadcast` returns by the deadline (`weights.timeout_s` for rendezvous + every bucket), whatever
+  the members do: a dead member makes gloo raise, a stalled one trips the deadline. It never
+  raises for a member's fault; it reports `SyncResult(ok=False, ...)`. It raises only for the
+  caller's own mistakes (a tensor missing from / not in the plan, wrong shape or dtype).
+* Tensors are consumed from an iterator once, in any order (ZeRO-3: gathered one by one on rank 0);
+  each is copied into its bucket at once, so the caller may free it after the next `next()`.
+  Buckets go out in layout order; bucket i+1 is filled while bucket i is on the wire.
+* With `weights.checksum`, `SyncResult.checksum` is `tensor_checksum` of exactly what was sent;
+  an actor's WeightAck must carry the same string (`check_ack`).
+
+Driving it (learner process)::
+
+    pub = WeightPublisher(cfg.weights, host)                   # once; advertise pub.port
+    plan = pub.plan(meta_or_named, version)                    # names/shapes/dtypes, no data
+    sync = pub.prepare(plan, members, all_have_cuda)           # sync.announcements[i] -> members[i]
+    ... send each WeightAnnounce over the control channel ...
+    result = pub.broadcast(sync, trainer.named_parameters_for_sync())
+    ... collect WeightAcks until the deadline; pub.check_ack(sync, result, ack) -> None | reason;
+    drop result.failed_members and members whose ack is missing or wrong; retry next sync.
+"""
+
+from __future__ import annotations
+
+import gc
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from common.config import WeightsConfig
+from common.weightsync import (
+    Deadline,
+    SyncPlan,
+    WeightSyncError,
+    bucket_device,
+    broadcast_bucket,
+    combine_digests,
+    connect_store,
+    dtype_name,
+    make_group,
+    plan_layout,
+    resolve_backend,
+    tensor_digest,
+    torch_dtype,
+    wait_work,
+)
+
+REPORT_GRACE_S = 2.0  # after a failure: how long members get to say "alive, but failed" via the store
+
+
+@dataclass(frozen=True)
+class PreparedSync:
+    """One sync about to happen; `announcements[i]` goes to `members[i]` (rank i + 1)."""
+
+    sync_id: int
+    group: str
+    backend: str
+    plan: SyncPlan
+    members: list[str]
+    announcements: list[Any]  # common.wire.WeightAnnounce
+
+
+@dataclass
+class SyncResult:
+    """What one broadcast achieved (learner side; acks come separately over the control plane)."""
+
+    sync_id: int
+    version: int
+    ok: bool
+    ok_members: list[str]  # received every bucket as far as the transport can tell
+    failed_members: list[str]  # dead or unresponsive: drop them
+    aborted_members: list[str] = field(default_factory=list)  # alive, reported the failure: keep them
+    reason: str = "ok"  # "ok" or a SYNC_FAILURE_REASONS label: timeout, actor_lost, error
+    error: str = ""
+    seconds: float = 0.0
+    bytes: int = 0
+    checksum: str = ""
+
+
+def _meta_of(item: Any) -> tuple[str, Sequence[int], Any]:
+    """(name, shape, dtype) from a (name, tensor) pair or a (name, shape, dtype) triple."""
+    if len(item) == 3:
+        return item[0], item[1], item[2]
+    name, t = item
+    return name, tuple(getattr(t, "ds_shape", t.shape)), t.dtype
+
+
+class WeightPublisher:
+    """Learner rank 0's end of the weight sync; see the module docstring for the protocol."""
+
+    def __init__(self, cfg: WeightsConfig, host: str):
+        self.cfg = cfg
+        self.host = host
+        self.store = connect_store(host, cfg.rendezvous_port, cfg.timeout_s, is_master=True)
+        self.port: int = int(self.store.port)
+        self._nonce = secrets.token_hex(3)
+        self._next_sync_id = 0
+        self._pool: dict[tuple[str, str], list[Any]] = {}  # (dtype, device) -> free bucket buffers
+
+    def _take_buffer(self, count: int, dtype: str, device: Any) -> Any:
+        """A 1-D buffer of `count` elements, a view of a pooled one when one is large enough
+        (fresh memory costs page faults that are several times the copy itself)."""
+        import torch
+
+        free = self._pool.setdefault((dtype, str(device)), [])
+        for k, buf in enumerate(free):
+            if buf.numel() >= count:
+                return free.pop(k)[:count]
+        return torch.empty(count, dtype=torch_dtype(dtype), device=device)
+
+    def _give_back(self, buf: Any, dtype: str, device: Any) -> None:
+        base = buf._base if buf._base is not None else buf
+        free = self._pool.setdefault((dtype, str(device)), [])
+        if len(free) < 2:  # steady state: one bucket on the wire, one filling
+            free.append(base)
+
+    # ---------------------------------------------------------------- planning and announcing
+    def plan(self, named: Iterable[Any], version: int) -> SyncPlan:
+        """Layout for (name, tensor) pairs or (name, shape, dtype) triples (ZeRO-3: use ds_shape)."""
+        bucket_bytes = max(1, int(self.cfg.bucket_mb * (1 << 20)))
+        return plan_layout((_meta_of(x) for x in named), bucket_bytes, version)
+
+    def prepare(self, plan: SyncPlan, members: Sequence[str], all_have_cuda: bool = False) -> PreparedSync:
+        """Allocate a sync id and group, and build one WeightAnnounce per member (rank = index + 1)."""
+        from common.wire import WeightAnnounce
+
+        if len(set(members)) != len(members):
+            raise ValueError(f"duplicate sync members: {list(members)}")
+        sync_id = self._next_sync_id
+        self._next_sync_id += 1
+        backend = resolve_backend(self.cfg.backend, all_have_cuda)
+        group = f"ws{self._nonce}-{sync_id}"
+        world = len(members) + 1
+        announcements = [
+            WeightAnnounce(sync_id=sync_id, version=plan.version, group=group, rank=i + 1, world_size=world,
+                           backend=backend, rendezvous_host=self.host, rendezvous_port=self.port,
+                           timeout_s=float(self.cfg.timeout_s), names=list(plan.names),
+                           shapes=[list(s) for s in plan.shapes], dtypes=list(plan.dtypes),
+                           buckets=[list(b) for b in plan.buckets])
+            for i in range(len(members))
+        ]
+        return PreparedSync(sync_id, group, backend, plan, list(members), announcements)
+
+    # ---------------------------------------------------------------- the broadcast
+    def broadcast(self, sync: PreparedSync, named_tensors: Iterable[tuple[str, Any]]) -> SyncResult:
+        """Form the group, broadcast every bucket from rank 0, release the group (see module doc)."""
+        deadline = Deadline(self.cfg.timeout_s)
+        result = SyncResult(sync.sync_id, sync.plan.version, ok=False, ok_members=[], failed_members=[])
+        if not sync.members:
+            result.ok, result.checksum = True, self._checksum_only(sync.plan, named_tensors)
+            return result
+        pg = None
+        try:
+            self.store.set_timeout(deadline.timedelta("rendezvous"))
+            pg = make_group(self.host, self.port, sync.group, 0, len(sync.members) + 1, deadline.remaining(),
+                            sync.backend, store=self.store)
+            result.checksum, result.bytes = self._send_all(pg, sync, named_tensors, deadline)
+            result.ok, result.ok_members = True, list(sync.members)
+        except WeightSyncError as e:
+            result.reason = "timeout" if e.reason == "timeout" else "actor_lost"
+            result.error = str(e)
+        finally:
+            del pg  # closes the group's sockets: members still blocked on it fail at once
+            if not result.ok:
+                gc.collect()  # in case a traceback cycle still holds the group
+            result.seconds = deadline.elapsed()
+        if not result.ok:
+            result.aborted_members = self._collect_reports(sync, deadline)
+            result.failed_members = [m for m in sync.members if m not in result.aborted_members]
+            result.seconds = deadline.elapsed()
+        return result
+
+    def _send_all(self, pg: Any, sync: PreparedSync, named_tensors: Iterable[tuple[str, Any]],
+                  deadline: Deadline) -> tuple[str, int]:
+        import torch
+
+        plan, device = sync.plan, bucket_device(sync.backend)
+        bucket_of, offsets = plan.bucket_of(), plan.offsets()
+        missing = [b[1] - b[0] for b in plan.buckets]  # tensors each bucket still waits for
+        buffers: dict[int, torch.Tensor] = {}
+        digests: dict[str, bytes] = {}
+        in_flight: tuple[int, Any] | None = None
+        next_send, sent_bytes = 0, 0
+
+        def send_ready() -> None:
+            nonlocal in_flight, next_send, sent_bytes
+            while next_send < len(plan.buckets) and missing[next_send] == 0:
+                if in_flight is not None:  # at most one bucket on the wire while the next fills
+                    wait_work(in_flight[1], deadline, sync.backend, f"bucket {in_flight[0]}", pg)
+                    self._give_back(buffers.pop(in_flight[0]), plan.dtypes[plan.buckets[in_flight[0]][0]], device)
+                    in_flight = None
+                buf = buffers[next_send]
+                if buf.numel():
+                    work = broadcast_bucket(pg, buf, deadline, f"bucket {next_send}")
+                    in_flight = (next_send, work)
+                    sent_bytes += buf.numel() * buf.element_size()
+                else:
+                    buffers.pop(next_send)
+                next_send += 1
+
+        for name, t in named_tensors:
+            i = plan.index.get(name)
+            if i is None or name in digests:
+                raise ValueError(f"broadcast: tensor {name!r} is {'sent twice' if i is not None else 'not in the plan'}"
+                                 f" of sync {sync.sync_id}; pass exactly the tensors the plan was made from")
+            if list(t.shape) != plan.shapes[i] or dtype_name(t.dtype) != plan.dtypes[i]:
+                raise ValueError(f"broadcast: {name!r} is {list(t.shape)} {t.dtype}, the plan says "
+                                 f"{plan.shapes[i]} {plan.dtypes[i]}")
+            b = bucket_of[i]
+            buf = buffers.get(b)
+            if buf is None:
+                buf = buffers[b] = self._take_buffer(plan.buckets[b][2], plan.dtypes[i], device)
+            view = buf[offsets[i]:offsets[i] + t.numel()]
+            view.copy_(t.detach().reshape(-1))
+            digests[name] = tensor_digest(view) if self.cfg.checksum else b""
+            missing[b] -= 1
+            send_ready()
+        if len(digests) != len(plan.names):
+            absent = [n for n in plan.names if n not in digests]
+            raise ValueError(f"broadcast: {len(absent)} planned tensors never came, e.g. {absent[:3]}")
+        if in_flight is not None:
+            wait_work(in_flight[1], deadline, sync.backend, f"bucket {in_flight[0]}", pg)
+            self._give_back(buffers.pop(in_flight[0]), plan.dtypes[plan.buckets[in_flight[0]][0]], device)
+        checksum = combine_digests((n, plan.dtypes[i], plan.shapes[i], digests[n]) for i, n in enumerate(plan.names)) \
+            if self.cfg.checksum else ""
+        return checksum, sent_bytes
+
+    def _checksum_only(self, plan: SyncPlan, named_tensors: Iterable[tuple[str, Any]]) -> str:
+        if not self.cfg.checksum:
+            return ""
+        entries = []
+        for name, t in named_tensors:
+            i = plan.index[name]
+            entries.append((name, plan.dtypes[i], plan.shapes[i], tensor_digest(t)))
+        return combine_digests(entries)
+
+    def _collect_reports(self, sync: PreparedSync, deadline: Deadline) -> list[str]:
+        """Members that wrote `<group>/failed/<rank>` (alive, they saw the sync fail) within a short grace."""
+        keys = {m: f"{sync.group}/failed/{r + 1}" for r, m in enumerate(sync.members)}
+        until = time.monotonic() + min(REPORT_GRACE_S, deadline.remaining())
+        alive: list[str] = []
+        while True:
+            for m, k in keys.items():
+                if m not in alive and self.store.check([k]):
+                    alive.append(m)
+            if len(alive) == len(keys) or time.monotonic() >= until:
+                break
+            time.sleep(0.02)
+        return [m for m in sync.members if m in alive]
+
+    # ---------------------------------------------------------------- acks
+    @staticmethod
+    def check_ack(sync: PreparedSync, result: SyncResult, ack: Any) -> str | None:
+        """None when `ack` (a WeightAck) confirms this sync, else the failure reason label."""
+        if ack.sync_id != sync.sync_id or ack.version != sync.plan.version:
+            return "version"
+        if not ack.ok:
+            return "error"
+        if result.checksum and ack.checksum != result.checksum:
+            return "checksum"
+        return None
+
+    def close(self) -> None:
+        """Stop hosting the rendezvous store."""
+        self.store = None
