@@ -18,13 +18,21 @@ and stop rules) into `Sample`s. Guarantees every engine gives:
   "length" (`max_tokens` reached);
 * `engine.version` is the weight version the engine holds; `load_weights` bumps it.
 
+Streaming (continuous batching). `open_stream(engine, seed)` returns an `EngineStream`: requests
+are `add`ed at any time and `step()` advances generation, returning each sample as soon as it
+finishes, with the engine version read when its request was admitted. A request may name a
+`parent` sample (reported by the latest step) whose context + tokens are its context: an engine
+may continue that sample's state instead of prefilling (the HF engine forks the row's KV cache).
+Engines without a native stream (vLLM today) get `GenerateStream`: each `step()` is one
+`generate` call over every request queued so far.
+
 `make_engine` builds the engine named by `ActorConfig.engine`; vLLM is imported only then.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Hashable, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -106,6 +114,71 @@ class Engine(Protocol):
     def named_parameters_for_sync(self) -> list[tuple[str, "torch.Tensor"]]:
         """The live parameters, for an in-place receive (HF only)."""
         ...
+
+
+@dataclass
+class Finished:
+    """One finished sample of a streamed request: sample `index` of the request added with `tag`."""
+
+    tag: Hashable
+    index: int
+    sample: Sample
+    version: int  # engine.version read when the request was admitted (its generation started)
+
+
+class EngineStream(Protocol):
+    def add(self, request: GenerationRequest, tag: Hashable, parent: tuple[Hashable, int] | None = None) -> None:
+        """Queue a request. `parent = (tag, index)` of a sample reported by the latest `step()`
+        says `request.context == parent's context + parent sample's tokens`."""
+        ...
+
+    def step(self) -> list[Finished]:
+        """Advance generation; return the samples that finished, in a deterministic order."""
+        ...
+
+    def busy(self) -> bool:
+        """True while any request is queued or running."""
+        ...
+
+
+class GenerateStream:
+    """`EngineStream` over any engine's `generate`: a step is one call over all queued requests.
+
+    Requests queued while a call runs join the next call, so the levels of different trees share
+    calls; a call still waits for its slowest request. `parent` is ignored (vLLM's prefix cache
+    reuses the context anyway).
+    """
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self._queue: list[tuple[GenerationRequest, Hashable]] = []
+
+    def add(self, request: GenerationRequest, tag: Hashable, parent: tuple[Hashable, int] | None = None) -> None:
+        self._queue.append((request, tag))
+
+    def busy(self) -> bool:
+        return bool(self._queue)
+
+    def step(self) -> list[Finished]:
+        queued, self._queue = self._queue, []
+        if not queued:
+            return []
+        version = int(self.engine.version)
+        results = self.engine.generate([req for req, _ in queued])
+        return [Finished(tag, j, sample, version) for (_, tag), samples in zip(queued, results)
+                for j, sample in enumerate(samples)]
+
+
+def open_stream(engine: "Engine", seed: int | None = None) -> EngineStream:
+    """The engine's native stream (`engine.open_stream(seed)`) if it has one, else `GenerateStream`.
+
+    `seed` seeds a native stream's random draws (None: the engine's own generator); the generate
+    fallback uses the requests' own seeds.
+    """
+    native = getattr(engine, "open_stream", None)
+    if callable(native):
+        return native(seed)
+    return GenerateStream(engine)
 
 
 def processed_logprobs(logits: "torch.Tensor", temperature: "torch.Tensor", top_k: "torch.Tensor",

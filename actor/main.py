@@ -66,7 +66,7 @@ class Actor:
         self.reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
         self.sampler = TreeSampler(LockedEngine(self.engine, self.lock), cfg.tree, self.reward, actor_id,
                                    seed=cfg.actor.seed + 7919 * index)
-        self.receiver = WeightReceiver()
+        self.receiver = WeightReceiver(on_bucket=self._fault_hook())
         self.registry = new_registry()
         self.metrics = ActorMetrics(self.registry, actor_id, cfg.actor.engine)
         self.server = None
@@ -77,6 +77,8 @@ class Actor:
                                   control_endpoint=endpoints.get("control"))
         self.incarnation = -1  # learner incarnation of the last Welcome
         self.credits = 0
+        self._syncing_version = -1
+        self.credit_quota = cfg.replay.credits_per_actor  # the learner keeps sent + unused credits at this
         self.weights_ready = threading.Event()  # current learner's weights loaded
         self.last_contact = 0.0
         self.learner_finished = False
@@ -136,6 +138,7 @@ class Actor:
             with self.state_lock:
                 self.incarnation, self.credits = msg.incarnation, msg.credits
             self.weights_ready.clear()
+            self.receiver.reset()  # a (re)registration may mean a new learner with a new store
             self.metrics.connected.set(1)
             self.metrics.credits.set(msg.credits)
             log.info("registered with learner incarnation %d (version %d, %d credits)", msg.incarnation,
@@ -157,12 +160,33 @@ class Actor:
             self.stop.set()
         return False
 
+    def _fault_hook(self):
+        """Test-only fault injection: TREERPO_FAULT_SYNC_STALL="<actor_id>:<seconds>:<marker file>" makes
+        that actor stall after the first bucket of a sync of version >= 1, once (the marker records it),
+        so a test can kill it in the middle of a sync. Unset in normal runs: no hook at all."""
+        spec = os.environ.get("TREERPO_FAULT_SYNC_STALL", "")
+        if not spec:
+            return None
+        actor_id, seconds, marker = spec.split(":", 2)
+        if actor_id != self.actor_id:
+            return None
+
+        def on_bucket(index: int, count: int) -> None:
+            if index == 0 and self._syncing_version >= 1 and not os.path.exists(marker):
+                Path(marker).write_text(str(os.getpid()))
+                log.warning("fault injection: stalling %s s inside sync of version %d", seconds,
+                            self._syncing_version)
+                time.sleep(float(seconds))
+
+        return on_bucket
+
     def _weights_loop(self) -> None:
         while not self.stop.is_set():
             try:
                 announce = self._announces.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self._syncing_version = announce.version
             self._outbox.put(self._receive_weights(announce))
 
     def _load(self, named, version: int) -> None:
@@ -191,8 +215,13 @@ class Actor:
 
     def _learner_lost(self) -> None:
         with self.state_lock:
+            # trees sent whose credit never came back died with that learner (in its buffer or in transit)
+            unreturned = max(0, self.credit_quota - self.credits)
             self.credits = 0
             self.incarnation = -1
+        if unreturned:
+            self.metrics.trees_lost("learner_lost", unreturned)
+            log.warning("learner lost: %d trees sent to it were never trained", unreturned)
         self.weights_ready.clear()
         self.metrics.connected.set(0)
         self.metrics.credits.set(0)
@@ -205,32 +234,44 @@ class Actor:
         self._weights.start()
         if self.server is not None:
             self.server.set_ready(True)
-        batch = self.cfg.actor.prompts_per_batch
+        taken: dict[int, int] = {}  # id(prompt) -> learner incarnation when its tree was started
+
+        def source(k: int):
+            """Prompts for up to k new trees; credits are spent on send, so count the trees in flight."""
+            if self.stop.is_set():
+                return None  # the stream finishes the trees in flight, then ends
+            with self.state_lock:
+                n = min(k, self.credits - len(taken))
+                incarnation = self.incarnation
+            if n <= 0 or not self.weights_ready.is_set():
+                return []
+            prompts = self.prompts.next_batch(n)
+            for p in prompts:
+                taken[id(p)] = incarnation
+            return prompts
+
         while not self.stop.is_set():
             if not self.weights_ready.wait(0.2):
                 continue
-            with self.state_lock:
-                n = min(batch, self.credits)
-                incarnation = self.incarnation
-            if n <= 0:
-                time.sleep(0.05)
-                continue
-            prompts = self.prompts.next_batch(n)
-            t0 = time.monotonic()
-            trees = self.sampler.sample(prompts)
-            self.metrics.generation_seconds.observe(time.monotonic() - t0)
-            self._count(trees)
-            for tree in trees:
+            got_any = False
+            for prompt, tree in self.sampler.stream(source, max_trees_in_flight=self.cfg.actor.prompts_per_batch):
+                got_any = True
+                incarnation = taken.pop(id(prompt))
+                self.metrics.generation_seconds.observe(tree.meta["sample_seconds"])
+                self._count(tree)
                 tree.meta["incarnation"] = incarnation
                 self._send(encode_tree(tree), incarnation)
+            if not got_any:
+                time.sleep(0.05)
         self.reward.close()
         return 0
 
-    def _count(self, trees) -> None:
-        self.metrics.segments.inc(sum(len(t.nodes) for t in trees))
-        self.metrics.tokens_generated.inc(sum(t.num_tokens() for t in trees))
-        self.metrics.leaves_scored(r for t in trees for r in t.leaf_rewards())
-        self.metrics.reward_results(self.sampler.last_reward_reasons.elements())
+    def _count(self, tree) -> None:
+        self.metrics.segments.inc(len(tree.nodes))
+        self.metrics.tokens_generated.inc(tree.num_tokens())
+        self.metrics.leaves_scored(tree.leaf_rewards().tolist())
+        reasons = tree.meta.get("reward_reasons", {})
+        self.metrics.reward_results(r for r, n in reasons.items() for _ in range(int(n)))
 
     def _send(self, buf: bytes, incarnation: int) -> None:
         """Hand one tree to ZeroMQ; give up (and count it) only if the learner it was made for is gone."""

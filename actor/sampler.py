@@ -2,9 +2,12 @@
 
 Guarantees:
 
-* all prompts of one `sample` call are expanded together, level by level: one
-  `engine.generate` call per level covers every open node of every prompt, and the siblings of
-  one node are ONE request with `n = branching[level]` (the engine prefills their context once);
+* no level barrier: the trees are grown on one engine stream (`actor.engine.open_stream`) and
+  a node's children are requested the moment the node finishes, while other nodes, levels and
+  trees are still running; new prompts join as trees complete (`stream`), so the engine batch
+  stays full across levels and prompt batches. On the HF engine the children fork the parent's
+  KV-cache row (no prefill); on other engines each step is one `generate` call over all ready
+  requests. The siblings of one node are ONE request with `n = branching[level]`;
 * a node's context is `prompt_token_ids + its ancestors' token_ids`, as ids (never decoded
   and re-encoded); text is decoded only to score leaves;
 * a non-final level is cut at `segment_tokens` (`split='tokens'`) or at the step delimiter or
@@ -12,10 +15,16 @@ Guarantees:
   the last level runs to EOS or the rest of the total budget `max_tokens` along the path;
 * a segment ending in EOS before the last level is a leaf ("stop"); a non-final segment that
   uses up the total budget is a leaf ("length");
-* every node records `engine.version` read just before its level's generation;
-* leaves are scored with `reward.score_many(path texts, answers)`; each tree's meta holds the
-  task name, answer, timings and its leaves' reward-reason counts, and `last_reward_reasons`
-  holds the counts of the latest call (for the actor's metrics);
+* every node records `engine.version` read when its generation started (the engine reports it);
+* nodes are stored breadth-first: by level, then parent, then sibling index (the order does not
+  depend on which node finished first);
+* a whole call is reproducible: `sample` / `stream` with the same seed, prompts and source
+  answers return the same trees (one random stream per call, seeded by (seed, call number));
+* leaves are scored with `reward.score_many(path texts, answers)` as soon as their tree is
+  complete; each tree's meta holds the task name, answer, timings, `engine_calls` (levels
+  generated: rounds of requests along the tree), `engine_steps` (stream steps while it was in
+  flight) and its leaves' reward-reason counts; `last_reward_reasons` holds the counts of the
+  latest call (for the actor's metrics);
 * the trees pass `ReasoningTree.validate()`; depth 1 with branching [G] is GRPO: one group of G.
 """
 
@@ -23,30 +32,45 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from actor.engine import Engine, GenerationRequest, Sample
+from actor.engine import Engine, Finished, GenerationRequest, Sample, open_stream
 from common.tree import Node, ReasoningTree, new_tree_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.config import TreeConfig
 
+PromptSource = Callable[[int], "Sequence[Any] | None"]
 
-@dataclass
-class _Open:
-    """A node whose children are still to be sampled (the root: node = -1)."""
 
-    prompt: int  # index into the prompts of this call
-    node: int  # index into that tree's nodes, -1 = root
-    context: np.ndarray  # int32, prompt + ancestors + this node
+@dataclass(eq=False)  # tags are hashed by identity
+class _Group:
+    """The sibling request below one node (the root: parent = -1)."""
+
+    tree: "_Tree"
+    parent: int  # index into tree.raw, -1 = root
+    level: int
+    context: np.ndarray  # int32, prompt + ancestors + the parent node
     used: int  # generated tokens along the path so far
 
 
+@dataclass(eq=False)
+class _Tree:
+    serial: int
+    prompt: Any
+    started: float
+    in_flight: int  # trees in flight when it was admitted (itself included)
+    raw: list[tuple[int, int, int, Node]] = field(default_factory=list)  # (parent, level, sibling, node)
+    pending: int = 0  # samples requested and not yet finished
+    steps: int = 0
+    generate_seconds: float = 0.0
+
+
 class TreeSampler:
-    """Expands the trees of many prompts together on one engine."""
+    """Grows the trees of many prompts together on one engine, without a level barrier."""
 
     def __init__(self, engine: Engine, tree_cfg: "TreeConfig", reward: Any, actor_id: str, seed: int = 0) -> None:
         self.engine = engine
@@ -57,18 +81,88 @@ class TreeSampler:
         self._calls = 0
         self.last_reward_reasons: Counter[str] = Counter()
 
-    # -- requests ------------------------------------------------------------------------------
-    def _request(self, item: _Open, level: int, seed: int) -> GenerationRequest:
+    # -- public --------------------------------------------------------------------------------
+    def sample(self, prompts: Sequence[Any]) -> list[ReasoningTree]:
+        """One validated, scored tree per prompt (objects with prompt_id, answer, token_ids, meta), in order."""
+        queue = list(prompts)[::-1]
+        source = lambda k: [queue.pop() for _ in range(min(k, len(queue)))] if queue else None  # noqa: E731
+        out: list[ReasoningTree | None] = [None] * len(prompts)
+        for serial, _, tree in self._run(source, max(1, len(prompts))):
+            out[serial] = tree  # serials follow the source's order
+        return out  # type: ignore[return-value]
+
+    def stream(self, source: PromptSource, max_trees_in_flight: int) -> Iterator[tuple[Any, ReasoningTree]]:
+        """Yield (prompt, finished tree) as trees complete, asking `source(k)` for up to k new prompts.
+
+        `source(k)` is called before every engine step while fewer than `max_trees_in_flight` trees
+        are in flight and the engine batch has room (an engine stream with `free_rows()`: k is at
+        most enough trees to fill it, so the batch stays full without queueing prompts); it
+        returns up to k prompts, [] for none now, or None when it is exhausted. The stream ends
+        when no tree is in flight and the source gives no prompt.
+        """
+        for _, prompt, tree in self._run(source, max_trees_in_flight):
+            yield prompt, tree
+
+    def _run(self, source: PromptSource, max_trees_in_flight: int) -> Iterator[tuple[int, Any, ReasoningTree]]:
+        if max_trees_in_flight < 1:
+            raise ValueError(f"max_trees_in_flight = {max_trees_in_flight}: must be >= 1")
+        call = self._calls
+        self._calls += 1
+        engine_stream = open_stream(self.engine, self._seed(call))
+        trees: dict[int, _Tree] = {}
+        serial = 0
+        exhausted = False
+        self.last_reward_reasons = Counter()
+        while True:
+            if not exhausted:
+                free = max_trees_in_flight - len(trees)
+                room = getattr(engine_stream, "free_rows", None)
+                if room is not None:  # fill the batch, do not queue prompts behind it
+                    free = min(free, -(-room() // self.cfg.branching[0]))
+                got = source(free) if free > 0 else []
+                if got is None:
+                    exhausted = True
+                if got and len(got) > free:
+                    raise ValueError(f"the prompt source returned {len(got)} prompts when asked for at most {free}")
+                admitted = [_Tree(serial + i, prompt, time.perf_counter(), len(trees) + len(got))
+                            for i, prompt in enumerate(got or [])]
+                for tree in admitted:
+                    trees[tree.serial] = tree
+                    root = _Group(tree, -1, 0, np.asarray(tree.prompt.token_ids, dtype=np.int32), 0)
+                    self._request(engine_stream, root, call, None)
+                serial += len(admitted)
+            if not trees:
+                return
+            t0 = time.perf_counter()
+            finished = engine_stream.step()
+            dt = time.perf_counter() - t0
+            for tree in trees.values():
+                tree.steps += 1
+                tree.generate_seconds += dt
+            done = self._attach(engine_stream, finished, call)
+            if done:
+                for tree in done:
+                    del trees[tree.serial]
+                yield from self._finish_trees(done)
+
+    # -- growing -------------------------------------------------------------------------------
+    def _request(self, engine_stream, group: _Group, call: int, parent: tuple[Any, int] | None) -> None:
         cfg = self.cfg
+        level = group.level
         final = level == cfg.depth - 1
-        left = cfg.max_tokens - item.used
+        left = cfg.max_tokens - group.used
         budget = left if final else min(cfg.segment_tokens, left)
         stops = (cfg.step_delimiter,) if (cfg.split == "step" and not final) else ()
-        return GenerationRequest(
-            context=item.context, n=cfg.branching[level], max_tokens=budget,
+        n = cfg.branching[level]
+        seed = np.random.SeedSequence([self.seed, call, group.tree.serial, group.parent + 1, level])
+        req = GenerationRequest(
+            context=group.context, n=n, max_tokens=budget,
             stop_token_ids=tuple(self.engine.eos_token_ids), stop_strings=stops,
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=seed,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            seed=int(seed.generate_state(1, dtype=np.uint32)[0]) >> 1,  # < 2**31 (vLLM: sibling i gets seed + i)
         )
+        group.tree.pending += n
+        engine_stream.add(req, group, parent)
 
     def _node_finish(self, sample: Sample, level: int, used: int) -> str:
         """Tree finish of a segment: 'segment' (open), 'stop' or 'length' (leaves)."""
@@ -78,67 +172,52 @@ class TreeSampler:
             return "length"
         return "segment"
 
-    def _seeds(self, count: int, level: int) -> list[int]:
-        """Per-request seeds below 2**31 (vLLM gives sibling i the seed + i)."""
-        state = np.random.SeedSequence([self.seed, self._calls, level]).generate_state(count, dtype=np.uint32)
-        return [int(s) >> 1 for s in state]
+    def _attach(self, engine_stream, finished: list[Finished], call: int) -> list[_Tree]:
+        """Record finished segments, request children of open ones; return the trees now complete."""
+        done = []
+        for f in finished:
+            group: _Group = f.tag
+            tree, level = group.tree, group.level
+            finish = self._node_finish(f.sample, level, group.used)
+            node = Node(parent=-1, token_ids=f.sample.token_ids, logprobs=f.sample.logprobs,
+                        version=int(f.version), finish=finish)
+            tree.raw.append((group.parent, level, f.index, node))
+            tree.pending -= 1
+            if finish == "segment":
+                child = _Group(tree, len(tree.raw) - 1, level + 1, np.concatenate([group.context, f.sample.token_ids]),
+                               group.used + len(f.sample.token_ids))
+                self._request(engine_stream, child, call, (group, f.index))
+            elif tree.pending == 0:
+                done.append(tree)
+        return done
 
-    # -- sampling ------------------------------------------------------------------------------
-    def sample(self, prompts: Sequence[Any]) -> list[ReasoningTree]:
-        """One validated, scored tree per prompt (objects with prompt_id, answer, token_ids, meta)."""
-        started = time.perf_counter()
-        nodes: list[list[Node]] = [[] for _ in prompts]
-        frontier = [_Open(p, -1, np.asarray(pr.token_ids, dtype=np.int32), 0) for p, pr in enumerate(prompts)]
-        gen_seconds = 0.0
-        engine_calls = 0
-        for level in range(self.cfg.depth):
-            if not frontier:
-                break
-            requests = [self._request(item, level, s) for item, s in zip(frontier, self._seeds(len(frontier), level))]
-            version = int(self.engine.version)
-            t0 = time.perf_counter()
-            results = self.engine.generate(requests)
-            gen_seconds += time.perf_counter() - t0
-            engine_calls += 1
-            frontier = self._attach(frontier, results, level, version, nodes)
-        self._calls += 1
+    # -- finishing -----------------------------------------------------------------------------
+    def _finish_trees(self, done: list[_Tree]) -> Iterator[tuple[int, Any, ReasoningTree]]:
         gen_done = time.perf_counter()
-        reasons = self._score(prompts, nodes)
+        nodes = [_bfs(tree.raw) for tree in done]
+        reasons = self._score([t.prompt for t in done], nodes)
         score_seconds = time.perf_counter() - gen_done
-        trees = []
-        for p, prompt in enumerate(prompts):
+        for tree, tree_nodes, why in zip(done, nodes, reasons):
+            prompt = tree.prompt
             meta = {
                 "task": str(dict(prompt.meta).get("task", getattr(self.reward, "name", ""))),
                 "answer": str(prompt.answer),
-                "sample_seconds": gen_done - started,
-                "generate_seconds": gen_seconds,
+                "sample_seconds": gen_done - tree.started,
+                "generate_seconds": tree.generate_seconds,
                 "reward_seconds": score_seconds,
-                "engine_calls": engine_calls,
-                "batch_prompts": len(prompts),
-                "reward_reasons": dict(reasons[p]),
+                "engine_calls": 1 + max(level for _, level, _, _ in tree.raw),
+                "engine_steps": tree.steps,
+                "batch_prompts": tree.in_flight,
+                "reward_reasons": dict(why),
             }
-            tree = ReasoningTree(tree_id=new_tree_id(), prompt_id=str(prompt.prompt_id), actor_id=self.actor_id,
-                                 prompt_token_ids=np.asarray(prompt.token_ids, dtype=np.int32),
-                                 nodes=nodes[p], meta=meta)
-            trees.append(tree.validate(self.engine.vocab_size))
-        self.last_reward_reasons = sum(reasons, Counter())
-        return trees
+            out = ReasoningTree(tree_id=new_tree_id(), prompt_id=str(prompt.prompt_id), actor_id=self.actor_id,
+                                prompt_token_ids=np.asarray(prompt.token_ids, dtype=np.int32),
+                                nodes=tree_nodes, meta=meta)
+            self.last_reward_reasons += why
+            yield tree.serial, prompt, out.validate(self.engine.vocab_size)
 
-    def _attach(self, frontier: list[_Open], results: list[list[Sample]], level: int, version: int,
-                nodes: list[list[Node]]) -> list[_Open]:
-        """Append this level's segments (BFS order: frontier order) and return the next frontier."""
-        nxt: list[_Open] = []
-        for item, samples in zip(frontier, results):
-            for sample in samples:
-                finish = self._node_finish(sample, level, item.used)
-                tree_nodes = nodes[item.prompt]
-                tree_nodes.append(Node(parent=item.node, token_ids=sample.token_ids, logprobs=sample.logprobs,
-                                       version=version, finish=finish))
-                if finish == "segment":
-                    nxt.append(_Open(item.prompt, len(tree_nodes) - 1,
-                                     np.concatenate([item.context, sample.token_ids]),
-                                     item.used + len(sample.token_ids)))
-        return nxt
+    def _seed(self, call: int) -> int:
+        return int(np.random.SeedSequence([self.seed, call]).generate_state(1, dtype=np.uint32)[0])
 
     def _score(self, prompts: Sequence[Any], nodes: list[list[Node]]) -> list[Counter[str]]:
         """Set every leaf's reward from its decoded path text; reason counts per prompt."""
@@ -164,3 +243,24 @@ class TreeSampler:
             nodes[p][i].reward = float(res.reward)
             reasons[p][res.reason] += 1
         return reasons
+
+
+def _bfs(raw: list[tuple[int, int, int, Node]]) -> list[Node]:
+    """Nodes in breadth-first order (level, then parent's new index, then sibling); parents remapped."""
+    new_index: dict[int, int] = {-1: -1}
+    order = sorted(range(len(raw)), key=lambda i: raw[i][1])  # stable: by level
+    out: list[Node] = []
+    level_start = 0
+    while level_start < len(order):
+        level = raw[order[level_start]][1]
+        level_end = level_start
+        while level_end < len(order) and raw[order[level_end]][1] == level:
+            level_end += 1
+        members = sorted(order[level_start:level_end], key=lambda i: (new_index[raw[i][0]], raw[i][2]))
+        for i in members:
+            new_index[i] = len(out)
+            node = raw[i][3]
+            node.parent = new_index[raw[i][0]]
+            out.append(node)
+        level_start = level_end
+    return out

@@ -59,6 +59,10 @@ class WeightReceiver:
         self._store: Any = None
         self._store_addr: tuple[str, int] | None = None
 
+    def reset(self) -> None:
+        """Forget the store connection (the learner restarted: its store is a new one)."""
+        self._store, self._store_addr = None, None
+
     def _client(self, host: str, port: int, timeout_s: float) -> Any:
         if self._store is None or self._store_addr != (host, port):
             self._store = connect_store(host, port, timeout_s)
@@ -79,6 +83,8 @@ class WeightReceiver:
             buffers = self._receive_buckets(store, announce, plan, deadline)
         except WeightSyncError as e:
             self._report_failure(store, announce, e)
+            if e.reason != "invalid_announce":
+                self.reset()  # the store may be gone with its learner: reconnect next time
             raise
         named: list[tuple[str, Any]] = []
         for (first, end, _), buf in zip(plan.buckets, buffers):

@@ -2,13 +2,20 @@
 
 Both run through `TreeSampler` on the same HF engine and tiny model in the same process:
 tree = depth D with branching b; flat = depth 1 with branching [prod(b)] and the same total
-budget. Figures: generated tokens per second (each node's tokens counted once, wall time of
-`sample()` including scoring), generated tokens per leaf, and
+budget. Two measurements, each alternating tree and flat windows so load from other processes
+hits both alike:
 
-    ratio = median over call pairs of tree tok/s / flat tok/s        (target 0.8)
+* stream (the actor's path, headline): `TreeSampler.stream` over an endless prompt source, the
+  engine batch capped at `--rows` rows (default prompts * leaves, the flat call's batch) for
+  both modes; after a warm-up, a window is the time for `--window-trees` trees to complete and
+  its tokens are the engine's generated tokens in that time:
 
-The tree generates fewer tokens per leaf (shared prefixes), but early levels decode fewer rows
-at a time, so its tokens/s is lower; the ratio measures that cost.
+      ratio = median over window pairs of tree tok/s / flat tok/s        (target 0.8)
+
+* call: one `sample(prompts)` call per mode (a whole batch of --prompts; the tree's first levels
+  run fewer rows because its critical path is D segments long): `call_ratio`, same definition.
+
+Tokens: each node's tokens counted once; tokens per leaf are reported (the tree shares prefixes).
 
     python bench/sampler.py [--prompts 8] [--branching 2,2,2] [--segment-tokens 32] [--max-tokens 128] [--json]
 """
@@ -16,6 +23,7 @@ at a time, so its tokens/s is lower; the ratio measures that cost.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -28,46 +36,72 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", type=int, default=8, help="prompts expanded together per sample() call")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per sample() call (call mode)")
     ap.add_argument("--branching", default="2,2,2", help="tree branching per level, comma separated")
     ap.add_argument("--segment-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5, help="timed (tree, flat) call pairs; medians reported")
+    ap.add_argument("--rows", type=int, default=0, help="stream mode: engine batch rows (0 = prompts * leaves)")
+    ap.add_argument("--window-trees", type=int, default=16, help="stream mode: trees completed per timed window")
+    ap.add_argument("--repeats", type=int, default=5, help="timed (tree, flat) window pairs / call pairs")
     ap.add_argument("--hidden", type=int, default=64, help="tiny model hidden size")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     return ap.parse_args(argv)
 
 
-def one_call(sampler, prompts) -> tuple[float, float]:
-    """(generated tokens per second, generated tokens per leaf) of one sample() call."""
-    t0 = time.perf_counter()
-    trees = sampler.sample(prompts)
-    dt = time.perf_counter() - t0
-    tokens = sum(t.num_tokens() for t in trees)
-    return tokens / dt, tokens / sum(len(t.leaves()) for t in trees)
-
-
-def run_interleaved(engine, cfgs: dict, prompts, reward, repeats: int) -> dict[str, dict[str, float]]:
-    """Alternate the modes call by call, so load from other processes hits both alike."""
+def run_calls(engine, cfgs: dict, prompts, reward, repeats: int) -> dict:
+    """Alternate one sample() call per mode; median tok/s, mean tokens per leaf, median ratio."""
     from actor.sampler import TreeSampler
 
     samplers = {name: TreeSampler(engine, cfg, reward, "bench", seed=0) for name, cfg in cfgs.items()}
     for sampler in samplers.values():
         sampler.sample(prompts[:2])  # warm-up
-    rates = {name: [] for name in cfgs}
-    per_leaf = {name: [] for name in cfgs}
-    ratios = []
+    rates, per_leaf, ratios = {n: [] for n in cfgs}, {n: [] for n in cfgs}, []
     for _ in range(repeats):
         for name, sampler in samplers.items():
-            rate, leaf = one_call(sampler, prompts)
-            rates[name].append(rate)
-            per_leaf[name].append(leaf)
+            t0 = time.perf_counter()
+            trees = sampler.sample(prompts)
+            tokens = sum(t.num_tokens() for t in trees)
+            rates[name].append(tokens / (time.perf_counter() - t0))
+            per_leaf[name].append(tokens / sum(len(t.leaves()) for t in trees))
         ratios.append(rates["tree"][-1] / rates["flat"][-1])
-    out = {name: {"tok_s": statistics.median(rates[name]), "tokens_per_leaf": statistics.mean(per_leaf[name]),
-                  "engine_calls": len(cfgs[name].branching)} for name in cfgs}
-    out["ratio"] = {"median": statistics.median(ratios)}
-    return out
+    return {"tok_s": {n: statistics.median(r) for n, r in rates.items()},
+            "tokens_per_leaf": {n: statistics.mean(v) for n, v in per_leaf.items()},
+            "ratio": statistics.median(ratios)}
+
+
+def run_streams(engine, cfgs: dict, prompts, reward, rows: int, window: int, repeats: int) -> dict:
+    """Keep one stream per mode open; alternate timed windows of `window` completed trees."""
+    from actor.sampler import TreeSampler
+
+    engine.max_batch_rows = rows
+    streams, per_leaf = {}, {n: [] for n in cfgs}
+    for name, cfg in cfgs.items():
+        endless = itertools.cycle(prompts)
+        source = lambda k, it=endless: [next(it) for _ in range(k)]  # noqa: E731
+        streams[name] = TreeSampler(engine, cfg, reward, "bench", seed=0).stream(source, max_trees_in_flight=4 * rows)
+
+    def take(name: str, count: int) -> tuple[float, int]:
+        tokens0, t0 = engine.stats["generated_tokens"], time.perf_counter()
+        for _ in range(count):
+            _, tree = next(streams[name])
+            per_leaf[name].append(tree.num_tokens() / len(tree.leaves()))
+        return time.perf_counter() - t0, engine.stats["generated_tokens"] - tokens0
+
+    for name in cfgs:
+        take(name, 2 * window)  # warm-up: fill the batch, desynchronise the trees
+    rates, ratios = {n: [] for n in cfgs}, []
+    for _ in range(repeats):
+        for name in cfgs:
+            seconds, tokens = take(name, window)
+            rates[name].append(tokens / seconds)
+        ratios.append(rates["tree"][-1] / rates["flat"][-1])
+    for gen in streams.values():
+        gen.close()
+    return {"tok_s": {n: statistics.median(r) for n, r in rates.items()},
+            "tok_s_range": {n: (min(r), max(r)) for n, r in rates.items()},
+            "tokens_per_leaf": {n: statistics.mean(v) for n, v in per_leaf.items()},
+            "ratio": statistics.median(ratios), "ratios": ratios}
 
 
 def main(argv=None) -> dict:
@@ -83,34 +117,40 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     branching = [int(b) for b in args.branching.split(",")]
     leaves = int(np.prod(branching))
-    tree_cfg = TreeConfig(depth=len(branching), branching=branching, segment_tokens=args.segment_tokens,
-                          max_tokens=args.max_tokens)
-    flat_cfg = TreeConfig(depth=1, branching=[leaves], segment_tokens=args.segment_tokens, max_tokens=args.max_tokens)
+    rows = args.rows or args.prompts * leaves
+    cfgs = {"tree": TreeConfig(depth=len(branching), branching=branching, segment_tokens=args.segment_tokens,
+                               max_tokens=args.max_tokens),
+            "flat": TreeConfig(depth=1, branching=[leaves], segment_tokens=args.segment_tokens,
+                               max_tokens=args.max_tokens)}
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(Path(tmp) / "tiny", hidden_size=args.hidden)
         engine = make_engine(ModelConfig(path=str(path), device="cpu"), ActorConfig())
-        tok = engine.tokenizer
-        prompts = [_prompt(i, f"{10 + i}+{20 + 2 * i}=", tok) for i in range(args.prompts)]
+        prompts = [_prompt(i, f"{10 + i}+{20 + 2 * i}=", engine.tokenizer) for i in range(max(args.prompts, 8))]
         reward = make_reward("arithmetic")
         try:
-            res = run_interleaved(engine, {"tree": tree_cfg, "flat": flat_cfg}, prompts, reward, args.repeats)
+            call = run_calls(engine, cfgs, prompts[:args.prompts], reward, args.repeats)
+            stream = run_streams(engine, cfgs, prompts, reward, rows, args.window_trees, args.repeats)
         finally:
             reward.close()
-    tree, flat, ratio = res["tree"], res["flat"], res["ratio"]["median"]  # median of per-pair ratios
     result = {
         "bench": "sampler", "prompts": args.prompts, "branching": branching, "leaves_per_tree": leaves,
-        "segment_tokens": args.segment_tokens, "max_tokens": args.max_tokens,
-        "tree_tok_s": round(tree["tok_s"], 1), "flat_tok_s": round(flat["tok_s"], 1),
-        "tree_tokens_per_leaf": round(tree["tokens_per_leaf"], 2),
-        "flat_tokens_per_leaf": round(flat["tokens_per_leaf"], 2),
-        "tree_engine_calls": tree["engine_calls"], "flat_engine_calls": flat["engine_calls"],
-        "ratio": round(ratio, 3), "target": 0.8,
+        "segment_tokens": args.segment_tokens, "max_tokens": args.max_tokens, "rows": rows,
+        "tree_tok_s": round(stream["tok_s"]["tree"], 1), "flat_tok_s": round(stream["tok_s"]["flat"], 1),
+        "tree_tokens_per_leaf": round(stream["tokens_per_leaf"]["tree"], 2),
+        "flat_tokens_per_leaf": round(stream["tokens_per_leaf"]["flat"], 2),
+        "window_ratios": [round(r, 3) for r in stream["ratios"]],
+        "call_tree_tok_s": round(call["tok_s"]["tree"], 1), "call_flat_tok_s": round(call["tok_s"]["flat"], 1),
+        "call_ratio": round(call["ratio"], 3),
+        "ratio": round(stream["ratio"], 3), "target": 0.8,
     }
-    print(f"{'mode':<6} {'tok/s':>10} {'tok/leaf':>10} {'calls':>6}")
-    print(f"{'tree':<6} {tree['tok_s']:>10.1f} {tree['tokens_per_leaf']:>10.2f} {tree['engine_calls']:>6.0f}")
-    print(f"{'flat':<6} {flat['tok_s']:>10.1f} {flat['tokens_per_leaf']:>10.2f} {flat['engine_calls']:>6.0f}")
-    print(f"ratio tree/flat tok/s = {ratio:.3f} (target 0.8); branching {branching}, "
-          f"segment {args.segment_tokens}, max {args.max_tokens}, {args.prompts} prompts")
+    print(f"{'mode':<14} {'tok/s':>10} {'tok/leaf':>10}")
+    for name in ("tree", "flat"):
+        print(f"{'stream ' + name:<14} {stream['tok_s'][name]:>10.1f} {stream['tokens_per_leaf'][name]:>10.2f}")
+    for name in ("tree", "flat"):
+        print(f"{'call ' + name:<14} {call['tok_s'][name]:>10.1f} {call['tokens_per_leaf'][name]:>10.2f}")
+    print(f"ratio tree/flat tok/s: stream {stream['ratio']:.3f} (target 0.8, {rows} rows), "
+          f"one call {call['ratio']:.3f}; branching {branching}, segment {args.segment_tokens}, "
+          f"max {args.max_tokens}, {args.prompts} prompts per call")
     if args.json:
         print(json.dumps(result))
     return result

@@ -5,10 +5,15 @@ generated tokens, ~45 KB on the wire). Figures:
   wire    = frame bytes / (encode + decode_tree(vocab_size=...) seconds)   [GB/s, trees/s]
   memcpy  = the same bytes / seconds of np.copyto into a preallocated buffer [GB/s]
   ratio   = wire GB/s / memcpy GB/s  (same run, same bytes); target 0.2
-  validate_us = ReasoningTree.validate alone (decode runs it; shown as its share of decode)
+  validate_us = ReasoningTree.validate alone (what the actor runs before sending; decode runs
+                the same rules, common.tree.validate_flat, on the decoded arrays)
+  batch_*     = the same over --batch distinct trees (different buffers, as a stream of trees
+                arrives): wire seconds per tree, and memcpy of all buffers into distinct
+                destinations, which no longer stays in the L1/L2 cache; batch_ratio is the
+                wire/memcpy ratio of that mode. An extra figure: "ratio" stays the one above.
 Each figure is the median over --repeats timed batches of --iters operations.
 
-    python bench/wire.py [--json] [--iters 2000] [--repeats 7] [--profile]
+    python bench/wire.py [--json] [--iters 2000] [--repeats 7] [--batch 256] [--profile]
 """
 
 from __future__ import annotations
@@ -73,6 +78,35 @@ def _median_seconds(fn, iters: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def run_batch(batch: int, repeats: int) -> dict:
+    """Encode + decode of `batch` distinct trees vs. memcpy of their buffers to distinct places."""
+    trees = [realistic_tree(seed) for seed in range(batch)]
+    bufs = [encode_tree(t) for t in trees]
+    srcs = [np.frombuffer(b, dtype=np.uint8) for b in bufs]
+    dsts = [np.empty_like(s) for s in srcs]
+
+    def wire() -> None:
+        for t in trees:
+            encode_tree(t)
+        for b in bufs:
+            decode_tree(b, vocab_size=VOCAB)
+
+    def copy() -> None:
+        for s, d in zip(srcs, dsts):
+            np.copyto(d, s)
+
+    wire_s = _median_seconds(wire, 1, repeats) / batch
+    copy_s = _median_seconds(copy, 1, repeats) / batch
+    nbytes = sum(len(b) for b in bufs) / batch
+    return {
+        "batch_trees": batch,
+        "batch_wire_us_per_tree": wire_s * 1e6,
+        "batch_wire_gb_per_s": nbytes / wire_s / 1e9,
+        "batch_memcpy_gb_per_s": nbytes / copy_s / 1e9,
+        "batch_ratio": copy_s / wire_s,
+    }
+
+
 def run(iters: int, repeats: int) -> dict:
     tree = realistic_tree()
     buf = encode_tree(tree)
@@ -122,12 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=256, help="distinct trees in the batch mode (0: skip it)")
     ap.add_argument("--profile", action="store_true", help="cProfile encode+decode instead of timing")
     args = ap.parse_args(argv)
     if args.profile:
         profile(args.iters)
         return
     r = run(args.iters, args.repeats)
+    if args.batch > 0:
+        r.update(run_batch(args.batch, args.repeats))
     print(f"tree: {r['nodes']} nodes, {r['tokens']} tokens, {r['bytes_per_tree']} bytes on the wire")
     print(f"{'figure':<22}{'value':>14}")
     for key, fmt in [
@@ -139,7 +176,13 @@ def main(argv: list[str] | None = None) -> None:
         ("memcpy_gb_per_s", "{:.3f}"),
         ("ratio", "{:.4f}"),
         ("target", "{:.2f}"),
+        ("batch_trees", "{:d}"),
+        ("batch_wire_us_per_tree", "{:.1f}"),
+        ("batch_memcpy_gb_per_s", "{:.3f}"),
+        ("batch_ratio", "{:.4f}"),
     ]:
+        if key not in r:
+            continue
         print(f"{key:<22}{fmt.format(r[key]):>14}")
     if args.json:
         print(json.dumps(r))

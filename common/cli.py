@@ -16,6 +16,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "learner": ("learner.main:run", "run the learner: ingest trees, train with TreeRPO, publish weights"),
     "actor": ("actor.main:run", "run one actor: sample reasoning trees and stream them to the learner"),
     "up": ("common.launch:run_up", "start a learner and N actors as processes and supervise them"),
+    "demo": ("common.demo:run", "the CPU demo: warm up a tiny model, train it with TreeRPO, evaluate before/after"),
+    "eval": ("actor.eval:run", "pass@1 / pass@k of a model on benchmark JSONL files or the synthetic task"),
+    "warmup": ("learner.warmup:run", "build and warm up the demo's tiny model (cached)"),
 }
 
 
@@ -61,7 +64,15 @@ ARGUMENTS = {
     "learner": add_learner_args,
     "actor": add_actor_args,
     "up": add_up_args,
+    "demo": lambda p: _demo_args().add_demo_args(p),
+    "eval": lambda p: _demo_args().add_eval_args(p),
+    "warmup": lambda p: _demo_args().add_warmup_args(p),
 }
+
+
+def _demo_args():
+    """common/demo.py holds the demo, eval and warmup arguments (stdlib only at import)."""
+    return importlib.import_module("common.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -271,6 +271,12 @@ class LearnerConfig(Section):
     packing: Literal["tree", "flat"] = Field("tree", description="Pack each node once with a tree mask, or one row per path.")
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch row set.")
     micro_batch_rows: int = Field(1, ge=1, le=4096, description="Rows of micro_batch_tokens tokens per micro-batch.")
+    tree_attention: Literal["auto", "span", "mask"] = Field(
+        "auto",
+        description="Tree-packed rows: 'span' = exact block-sparse span attention (learner/attention.py), 'mask' = "
+        "the model kernel with the tree mask (dense for sdpa/eager, BlockMask for flex_attention); 'auto' = span "
+        "on CPU with sdpa, else mask.",
+    )
     proximal_forward: bool = Field(
         False,
         description="loss.proximal='recompute': get p from a separate no-grad forward instead of stop-grad(theta) "

@@ -106,17 +106,24 @@ class Supervisor:
         self.learner.start(self.env)
         self.on_event(f"learner pid {self.learner.proc.pid}, log {self.learner.log_path}")
         self.endpoints = wait_for_json(self.run_dir / ENDPOINTS, startup_timeout_s, alive=self.learner.alive)
-        for i in range(self.num_actors):
-            argv = treerpo_command(
-                "actor", "--config", str(self.config_path), "--run-dir", str(self.run_dir),
-                "--actor-id", f"actor-{i}", "--actor-index", str(i), "--num-actors", str(self.num_actors),
-            )
-            child = Child(f"actor-{i}", argv, logs / f"actor-{i}.log", restartable=True)
-            child.start(self.env)
-            self.actors.append(child)
-            self.on_event(f"{child.name} pid {child.proc.pid}, log {child.log_path}")
+        for _ in range(self.num_actors):
+            self.add_actor()
         self.on_event(f"learner metrics: {self.endpoints.get('metrics')}/metrics")
         return self.endpoints
+
+    def add_actor(self, env: dict[str, str] | None = None) -> Child:
+        """Start actor-<next index> (also later: a late joiner gets the current weights first)."""
+        i = len(self.actors)
+        shards = max(self.num_actors, i + 1)
+        argv = treerpo_command(
+            "actor", "--config", str(self.config_path), "--run-dir", str(self.run_dir),
+            "--actor-id", f"actor-{i}", "--actor-index", str(i), "--num-actors", str(shards),
+        )
+        child = Child(f"actor-{i}", argv, logs_dir(self.run_dir) / f"actor-{i}.log", restartable=True)
+        child.start({**self.env, **(env or {})})
+        self.actors.append(child)
+        self.on_event(f"{child.name} pid {child.proc.pid}, log {child.log_path}")
+        return child
 
     def poll(self) -> int | None:
         """One supervision pass; returns the learner's exit code once it has exited."""

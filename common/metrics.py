@@ -63,8 +63,10 @@ except ImportError:  # pragma: no cover
 REWARD_ERROR_REASONS: tuple[str, ...] = tuple(r for r in _REWARD_REASONS if r not in ("ok", "wrong"))
 """Reward outcomes that are failures of scoring (an `ok` or `wrong` verdict is not an error)."""
 
-ACTOR_LOST_REASONS: tuple[str, ...] = ("send_timeout", "incarnation", "shutdown", "error")
-"""Why an actor generated a tree but did not hand it to the learner."""
+ACTOR_LOST_REASONS: tuple[str, ...] = ("send_timeout", "incarnation", "shutdown", "error", "learner_lost")
+"""Why an actor's tree never reached training: not handed to the learner (send_timeout,
+incarnation, shutdown, error), or handed over but lost with the learner that died holding it
+(learner_lost: trees sent whose credit never came back)."""
 
 SYNC_FAILURE_REASONS: tuple[str, ...] = ("timeout", "actor_lost", "checksum", "version", "error")
 """Why one weight sync (or one actor's part of it) failed."""
@@ -291,7 +293,7 @@ class ActorMetrics:
             "treerpo_actor_tokens_generated", "Tokens generated (all segments).", a, registry=r
         ).labels(actor_id)
         self.generation_seconds = Histogram(
-            "treerpo_actor_generation_seconds", "Wall time of one tree batch's generation.", a,
+            "treerpo_actor_generation_seconds", "Wall time of one tree's generation, from its first segment to its last.", a,
             buckets=GENERATION_SECONDS_BUCKETS, registry=r,
         ).labels(actor_id)
         self.leaf_reward = Histogram(

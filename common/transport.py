@@ -7,7 +7,9 @@ Delivery guarantee
 * At most once, in order per actor. `ActorEndpoints.send_tree` returns True once the frame is
   queued in ZeroMQ, and False -- the frame was NOT queued, the caller still owns it -- when the
   queue stayed full for `timeout_s` (backpressure from the high-water marks: a slow learner
-  slows its actors). A full queue never drops a frame, and frames over
+  slows its actors) or no learner connection was up (ZMQ_IMMEDIATE: frames are never parked
+  in a pipe to a learner that is gone, or to one whose CURVE handshake failed). A full queue
+  never drops a frame, and frames over
   `transport.max_message_bytes` are refused at send (ValueError) instead of being dropped by
   the receiver's ZMQ_MAXMSGSIZE. The seconds spent blocked are counted (`blocked_seconds`).
 * A queued frame can still be lost when its connection dies with it in flight (learner crash,
@@ -322,8 +324,15 @@ class ActorEndpoints(_Endpoints):
     def _connect(self) -> None:
         self._data = self._socket(zmq.PUSH, self._curve)
         self._data.setsockopt(zmq.SNDHWM, self.cfg.send_hwm)
+        # queue only on a live connection: with the learner away, send_tree blocks and times
+        # out (the actor knows the tree was not handed over) instead of piling frames into a
+        # pipe that reconnect() would discard unseen
+        self._data.setsockopt(zmq.IMMEDIATE, 1)
         self._control = self._socket(zmq.DEALER, self._curve)
         self._control.setsockopt(zmq.ROUTING_ID, self.actor_id.encode())
+        # no parking either: a Register queued while the learner is away would arrive, with
+        # every retry, at the next learner (one registration each)
+        self._control.setsockopt(zmq.IMMEDIATE, 1)
         self._data.connect(self.data_endpoint)
         self._control.connect(self.control_endpoint)
 
@@ -336,7 +345,8 @@ class ActorEndpoints(_Endpoints):
         self._connect()
 
     def send_tree(self, buf: bytes, timeout_s: float) -> bool:
-        """Queue one encoded tree; False (not queued) if the queue stayed full for timeout_s."""
+        """Queue one encoded tree; False (not queued) if the queue stayed full, or no learner
+        connection was up, for timeout_s."""
         if len(buf) > self.cfg.max_message_bytes:
             raise ValueError(
                 f"tree frame of {len(buf)} bytes exceeds transport.max_message_bytes="

@@ -39,7 +39,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from common.tree import FINISH_REASONS, Node, ReasoningTree, TreeError
+from common.tree import FINISH_REASONS, Node, ReasoningTree, TreeError, validate_flat
 
 MAGIC = b"TRPO"
 PROTOCOL_VERSION = 1
@@ -232,6 +232,10 @@ TREE_ARRAYS: dict[str, np.dtype] = {
 }
 _TREE_BODY_KEYS = ("tree_id", "prompt_id", "actor_id", "meta", "arrays")
 _FINISH_CODE = {name: i for i, name in enumerate(FINISH_REASONS)}
+_ARRAY_DTYPE_STRS = tuple((name, dtype.str) for name, dtype in TREE_ARRAYS.items())
+_DT_PROMPT, _DT_TOKENS, _DT_LOGPROBS, _DT_LENGTHS, _DT_PARENTS, _DT_VERSIONS, _DT_FINISH, _DT_REWARDS = TREE_ARRAYS.values()
+_NO_IDS, _NO_LOGPROBS = np.zeros(0, dtype=_DT_TOKENS), np.zeros(0, dtype=_DT_LOGPROBS)
+_PADDING = tuple(bytes(k) for k in range(_ALIGN))
 
 
 def _pad(n: int) -> int:
@@ -239,34 +243,47 @@ def _pad(n: int) -> int:
 
 
 def encode_tree(tree: ReasoningTree, *, limits: WireLimits = DEFAULT_LIMITS) -> bytes:
-    """One frame holding the whole tree. Checks meta (JSON-like); the caller validates the tree."""
+    """One frame holding the whole tree. Checks meta (JSON-like); the caller validates the tree.
+
+    One pass over the nodes gathers the per-node fields; token ids and log-probs are
+    concatenated once, and the frame is joined from the header and the arrays' own buffers.
+    """
     check_meta(tree.meta, limits)
     nodes = tree.nodes
     n = len(nodes)
-    arrays = {
-        "prompt": np.asarray(tree.prompt_token_ids),
-        "tokens": np.concatenate([nd.token_ids for nd in nodes]) if n else np.zeros(0),
-        "logprobs": np.concatenate([nd.logprobs for nd in nodes]) if n else np.zeros(0),
-        "lengths": np.array([len(nd.token_ids) for nd in nodes]),
-        "parents": np.array([nd.parent for nd in nodes]),
-        "versions": np.array([nd.version for nd in nodes]),
-        "finish": np.array([_FINISH_CODE.get(nd.finish, 255) for nd in nodes]),
-        "rewards": np.array([math.nan if nd.reward is None else nd.reward for nd in nodes]),
-    }
-    for name, dtype in TREE_ARRAYS.items():
-        arrays[name] = np.ascontiguousarray(arrays[name], dtype=dtype).reshape(-1)
+    tokens, logprobs = [_NO_IDS] * n, [_NO_LOGPROBS] * n
+    lengths, parents, versions, finish, rewards = [0] * n, [0] * n, [0] * n, [0] * n, [math.nan] * n
+    code_of = _FINISH_CODE.get
+    for i, nd in enumerate(nodes):
+        tokens[i], logprobs[i], lengths[i] = nd.token_ids, nd.logprobs, len(nd.token_ids)
+        parents[i], versions[i], finish[i] = nd.parent, nd.version, code_of(nd.finish, 255)
+        if nd.reward is not None:
+            rewards[i] = nd.reward
+    try:
+        arrays = (
+            np.ascontiguousarray(tree.prompt_token_ids, dtype=_DT_PROMPT).reshape(-1),
+            np.concatenate(tokens, dtype=_DT_TOKENS).reshape(-1) if n else _NO_IDS,
+            np.concatenate(logprobs, dtype=_DT_LOGPROBS).reshape(-1) if n else _NO_LOGPROBS,
+            np.array(lengths, dtype=_DT_LENGTHS),
+            np.array(parents, dtype=_DT_PARENTS),
+            np.array(versions, dtype=_DT_VERSIONS),
+            np.array(finish, dtype=_DT_FINISH),
+            np.array(rewards, dtype=_DT_REWARDS),
+        )
+    except OverflowError as e:  # e.g. a version beyond int64: valid in Python, not on the wire
+        raise WireError("out_of_range", f"a tree field does not fit its wire dtype: {e}") from None
     body = {
         "tree_id": tree.tree_id,
         "prompt_id": tree.prompt_id,
         "actor_id": tree.actor_id,
         "meta": msgpack.packb(tree.meta, use_bin_type=True),
-        "arrays": {name: [a.dtype.str, list(a.shape)] for name, a in arrays.items()},
+        "arrays": {name: [dstr, [a.shape[0]]] for (name, dstr), a in zip(_ARRAY_DTYPE_STRS, arrays)},
     }
     header = _pack_header(TREE_KIND, body)
-    parts: list[Any] = [header, bytes(_pad(len(header)))]
-    for a in arrays.values():
-        parts.append(memoryview(a).cast("B"))
-        parts.append(bytes(_pad(a.nbytes)))
+    parts: list[Any] = [header, _PADDING[-len(header) % _ALIGN]]
+    for a in arrays:
+        parts.append(a)  # C-contiguous 1-D: joined through the buffer protocol, no extra copy
+        parts.append(_PADDING[-a.nbytes % _ALIGN])
     parts.pop()  # no padding after the last array
     return b"".join(parts)
 
@@ -303,6 +320,7 @@ def _array_specs(arrays: Any, limits: WireLimits) -> dict[str, int]:
 def _map_arrays(view: memoryview, start: int, counts: dict[str, int]) -> dict[str, np.ndarray]:
     """Zero-copy views of the payload; its size must match the header exactly."""
     offset = start + _pad(start)
+    readonly = view.readonly
     out = {}
     for i, (name, dtype) in enumerate(TREE_ARRAYS.items()):
         if i:
@@ -311,7 +329,8 @@ def _map_arrays(view: memoryview, start: int, counts: dict[str, int]) -> dict[st
         if offset + nbytes > len(view):
             raise WireError("malformed", f"payload ends before arrays.{name} ({len(view)} bytes)")
         arr = np.frombuffer(view, dtype=dtype, count=counts[name], offset=offset)
-        arr.flags.writeable = False  # even over a mutable buffer: decoded trees are read-only
+        if not readonly:
+            arr.flags.writeable = False  # even over a mutable buffer: decoded trees are read-only
         out[name] = arr
         offset += nbytes
     if offset != len(view):
@@ -321,60 +340,60 @@ def _map_arrays(view: memoryview, start: int, counts: dict[str, int]) -> dict[st
     return out
 
 
-def _check_values(a: dict[str, np.ndarray], vocab_size: int | None) -> None:
-    """Checks on the big arrays, one reduction each, with precise reasons (validate re-checks)."""
-    lengths = a["lengths"]
-    if lengths.shape[0] and lengths.min() < 1:
-        raise WireError("out_of_range", "a node has fewer than one token")
-    if int(lengths.sum(dtype=np.int64)) != a["tokens"].shape[0]:
-        raise WireError("schema", "node lengths do not sum to the token count")
-    for name in ("prompt", "tokens"):
-        ids = a[name]
-        if not ids.shape[0]:
-            continue
-        if vocab_size is not None and 0 < vocab_size <= 2**31:
-            # negative ids wrap to >= 2**31 as uint32: one pass checks 0 <= id < vocab_size
-            if ids.view(np.uint32).max() >= vocab_size:
-                raise WireError("out_of_range", f"{name} holds a token id outside [0, {vocab_size})")
-        elif ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
-            raise WireError("out_of_range", f"{name} holds a token id outside [0, {vocab_size})")
-    # NaN and +-inf propagate through a float64 sum, and float32 values cannot overflow it
-    if not math.isfinite(a["logprobs"].sum(dtype=np.float64)):
-        raise WireError("non_finite", "a log-prob is NaN or infinite")
+# TreeError.rule -> WireError.reason (rules not listed: "invalid_tree")
+_REASON_OF_RULE = {
+    "layout": "schema",
+    "parent": "out_of_range",
+    "token_range": "out_of_range",
+    "empty_segment": "out_of_range",
+    "finish": "out_of_range",
+    "non_finite": "non_finite",
+}
+
+
+def _validate(tree_id: str, a: dict[str, np.ndarray], vocab_size: int | None) -> None:
+    """Every tree invariant, checked on the decoded flat arrays (common.tree.validate_flat)."""
+    try:
+        validate_flat(
+            tree_id=tree_id,
+            prompt=a["prompt"],
+            tokens=a["tokens"],
+            logprobs=a["logprobs"],
+            lengths=a["lengths"],
+            parents=a["parents"],
+            versions=a["versions"],
+            finish=a["finish"],
+            rewards=a["rewards"],  # NaN: no reward
+            vocab_size=vocab_size,
+        )
+    except TreeError as e:
+        raise WireError(_REASON_OF_RULE.get(e.rule, "invalid_tree"), str(e)) from None
 
 
 def _build_nodes(a: dict[str, np.ndarray]) -> list[Node]:
-    """Nodes whose arrays are slices of the concatenated views; parents/finish range-checked."""
-    n = a["lengths"].shape[0]
-    bounds = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(a["lengths"], out=bounds[1:])
-    bounds_l = bounds.tolist()
+    """Nodes (of a validated tree) whose arrays are slices of the concatenated views."""
     tokens, logprobs = a["tokens"], a["logprobs"]
+    ends = np.cumsum(a["lengths"], dtype=np.int64).tolist()
+    trusted, reasons = Node.trusted, FINISH_REASONS
     nodes = []
-    rows = zip(a["parents"].tolist(), a["versions"].tolist(), a["finish"].tolist(), a["rewards"].tolist())
-    for i, (parent, version, code, reward) in enumerate(rows):
-        if not -1 <= parent < i:
-            raise WireError("out_of_range", f"nodes[{i}].parent = {parent}: must satisfy -1 <= parent < {i}")
-        if code >= len(FINISH_REASONS):
-            raise WireError("out_of_range", f"nodes[{i}] has unknown finish code {code}")
-        lo, hi = bounds_l[i], bounds_l[i + 1]
-        nodes.append(
-            Node(
-                parent=parent,
-                token_ids=tokens[lo:hi],
-                logprobs=logprobs[lo:hi],
-                version=version,
-                finish=FINISH_REASONS[code],
-                reward=None if reward != reward else reward,  # NaN encodes "no reward"
-            )
-        )
+    lo = 0
+    for hi, parent, version, code, reward in zip(
+        ends, a["parents"].tolist(), a["versions"].tolist(), a["finish"].tolist(), a["rewards"].tolist()
+    ):
+        # NaN encodes "no reward"
+        nodes.append(trusted(parent, tokens[lo:hi], logprobs[lo:hi], version, reasons[code], None if reward != reward else reward))
+        lo = hi
     return nodes
 
 
 def decode_tree(
     buf: bytes | memoryview, *, vocab_size: int | None = None, limits: WireLimits | None = None
 ) -> ReasoningTree:
-    """Validated tree from one frame, or WireError. Node arrays are read-only views into buf."""
+    """Validated tree from one frame, or WireError. Node arrays are read-only views into buf.
+
+    The checks run on the decoded flat arrays (`common.tree.validate_flat`, the same rules as
+    `ReasoningTree.validate`), before any Node is made.
+    """
     limits = limits or DEFAULT_LIMITS
     view = _as_view(buf, limits)
     kind, body, end = _read_header(view, limits, max_bin=limits.max_header_bytes)  # meta: sized below
@@ -387,20 +406,15 @@ def decode_tree(
     counts = _array_specs(body["arrays"], limits)
     meta = _decode_meta(body["meta"], limits)
     a = _map_arrays(view, end, counts)
-    _check_values(a, vocab_size)
-    nodes = _build_nodes(a)
-    tree = ReasoningTree(
+    _validate(body["tree_id"], a, vocab_size)
+    return ReasoningTree(
         tree_id=body["tree_id"],
         prompt_id=body["prompt_id"],
         actor_id=body["actor_id"],
         prompt_token_ids=a["prompt"],
-        nodes=nodes,
+        nodes=_build_nodes(a),
         meta=meta,
     )
-    try:
-        return tree.validate(vocab_size)
-    except TreeError as e:
-        raise WireError("invalid_tree", str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

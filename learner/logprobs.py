@@ -4,14 +4,20 @@
 
 for every generated token (pred_index >= 0), 0 elsewhere. Only the positions some token is
 predicted from go through the LM head (`logits_to_keep`), so prompts and padding cost no vocab
-projection. The attention mask is the batch's tree mask, built on the model's device:
+projection. Tree-packed rows are attended in one of two ways (`tree_attention`):
 
-* `sdpa` / `eager`: a dense additive (B, 1, T, T) mask in the model's dtype (0 allowed,
-  finfo.min disallowed); transformers passes a ready 4-D mask through untouched;
-* `flex_attention` (CUDA): a FlexAttention BlockMask from the span ids and the span-ancestor
-  table, so no T x T tensor is materialised and fully masked blocks are skipped;
-* rows that are plain causal sequences (flat packing, one path per row): no mask at all, so
-  SDPA takes its `is_causal` fast path.
+* `span` (learner/attention.py): each span against its visible keys only, exact and
+  block-sparse; the model is switched to attn_implementation "treerpo_span" (transformers' sdpa
+  for everything but tree-packed batches) and the forward gets the span plan, no mask;
+* `mask`: the batch's tree mask for the model's own kernel, built on the model's device:
+  `sdpa` / `eager`: a dense additive (B, 1, T, T) mask in the model's dtype (0 allowed, finfo.min
+  disallowed; transformers passes a ready 4-D mask through untouched); `flex_attention` (CUDA): a
+  FlexAttention BlockMask from the span ids and the span-ancestor table (no T x T tensor);
+* `auto` (default): `span` if the model runs "treerpo_span", or "sdpa" on CPU (where SDPA computes
+  every entry of a dense mask), else `mask`.
+
+Rows that are plain causal sequences (flat packing, one path per row) get no mask at all, so
+SDPA takes its `is_causal` fast path.
 
 Call it with the bare HF model (for DeepSpeed, `engine.module` works: ZeRO hooks live on the
 submodules) or anything whose forward takes the HF keywords.
@@ -19,7 +25,7 @@ submodules) or anything whose forward takes the HF keywords.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -66,20 +72,57 @@ def attention_mask_for(model, batch: "PackedBatch"):
     return batch.additive_mask(dtype, device)
 
 
+TreeAttention = Literal["auto", "span", "mask"]
+
+
+def resolve_tree_attention(model, tree_attention: TreeAttention = "auto") -> str:
+    """'span' or 'mask': how tree-packed batches are attended under `model` (see the module doc)."""
+    if tree_attention not in ("auto", "span", "mask"):
+        raise ValueError(f"tree_attention={tree_attention!r}: use 'auto', 'span' or 'mask'")
+    if tree_attention != "auto":
+        return tree_attention
+    from learner.attention import SPAN_ATTENTION
+
+    impl = _attn_implementation(model)
+    device, _ = _model_device_dtype(model)
+    return "span" if impl == SPAN_ATTENTION or (impl == "sdpa" and device.type == "cpu") else "mask"
+
+
+def attention_inputs(model, batch: "PackedBatch", tree_attention: TreeAttention = "auto") -> dict:
+    """The attention keywords of the forward: `attention_mask` (and `treerpo_spans` for span attention).
+
+    Span attention switches `model` to attn_implementation "treerpo_span" for good (idempotent;
+    identical to sdpa for every forward without a span plan).
+    """
+    how = resolve_tree_attention(model, tree_attention)  # validates tree_attention for every batch
+    if batch.span_ancestors is None:
+        return {"attention_mask": None}
+    device, _ = _model_device_dtype(model)
+    if how == "mask":
+        return {"attention_mask": attention_mask_for(model, batch.to(device))}  # built on the device
+    from learner.attention import no_masks, span_plan, use_span_attention
+
+    use_span_attention(model)
+    return {"attention_mask": no_masks(), "treerpo_spans": span_plan(batch, device)}  # planned on the host
+
+
 def token_logprobs(
     model,
     batch: "PackedBatch",
     temperature: float = 1.0,
     *,
     return_entropy: bool = False,
+    tree_attention: TreeAttention = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probs of the generated tokens (0 elsewhere); with grad if grad is enabled.
 
     With `return_entropy`, also the (B, T) entropy of the predicting distribution (detached).
+    `tree_attention` chooses how tree-packed rows are attended (module doc; learner.tree_attention).
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (use the sampling temperature)")
     device, _ = _model_device_dtype(model)
+    attention = attention_inputs(model, batch, tree_attention)  # before the move: plans read host tensors
     batch = batch.to(device)
     B, T = batch.input_ids.shape
     pred = batch.pred_index  # (B, T)
@@ -88,7 +131,7 @@ def token_logprobs(
     out = model(
         input_ids=batch.input_ids,
         position_ids=batch.position_ids,
-        attention_mask=attention_mask_for(model, batch),
+        **attention,
         logits_to_keep=keep,
         use_cache=False,
     )

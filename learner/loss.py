@@ -105,6 +105,7 @@ def treerpo_loss(inputs: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dic
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)  # (B, T)
     pg_loss = torch.max(pg_loss1, pg_loss2)  # (B, T)
     token_loss = is_weight * pg_loss  # (B, T)
+    pg_term = token_loss.detach()  # (B, T), the clipped policy-gradient term alone (metric)
 
     kl_ref = None
     if inputs.ref_logprobs is not None:
@@ -129,12 +130,12 @@ def treerpo_loss(inputs: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dic
     loss = torch.where(mask, token_loss, 0.0).sum() / normalizer
 
     metrics = _metrics(inputs, cfg, mask, count, ratio, is_weight, is_weight_raw, logratio,
-                       logprobs, behaviour, advantages, kl_ref)
+                       logprobs, behaviour, advantages, kl_ref, pg_term)
     return loss, metrics
 
 
 def _metrics(inputs, cfg, mask, count, ratio, is_weight, is_weight_raw, logratio,
-             logprobs, behaviour, advantages, kl_ref) -> dict[str, float]:
+             logprobs, behaviour, advantages, kl_ref, pg_term) -> dict[str, float]:
     """All metrics gathered into one tensor so the host syncs once."""
     denom = count.clamp(min=1).float()
     mf = mask.float()
@@ -156,6 +157,8 @@ def _metrics(inputs, cfg, mask, count, ratio, is_weight, is_weight_raw, logratio
         ((torch.exp(x_p) - x_p - 1.0) * mf).sum() / denom,
         (ratio * mf).sum() / denom,
     ]
+    names.append("loss/pg")  # token mean of w·max(-A·r, -A·clip(r)) over this call's trainable tokens
+    values.append((torch.where(mask, pg_term, 0.0).float()).sum() / denom)
     names += ["loss/advantage_mean", "loss/advantage_std", "loss/advantage_min", "loss/advantage_max"]
     values += _masked_stats(advantages, mask, count)
     valid = inputs.valid.bool() if inputs.valid is not None else torch.ones_like(mask)

@@ -15,8 +15,10 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -27,6 +29,7 @@ from common.config import JobConfig, dump_config, load_config
 from common.rundir import ENDPOINTS, require_model_path, setup_logging, write_json_atomic
 
 log = logging.getLogger("treerpo.learner")
+ACK_GRACE_S = 5.0  # after the last bucket: time for members to load, checksum and ack
 
 
 def advertised_host(bind_host: str) -> str:
@@ -105,6 +108,8 @@ class Learner:
             if not self.control.is_member(tree.actor_id):
                 # generated before this actor confirmed our weights (or by a stranger)
                 self.buffer.record_drop("incarnation", tree.actor_id)
+                if self.cfg.learner.log_trees:
+                    self._log_tree(tree, "incarnation")
                 continue
             longest = int(tree.prompt_token_ids.shape[0] + tree.path_lengths().max())
             if longest > self.longest_allowed:
@@ -112,8 +117,17 @@ class Learner:
                             tree.tree_id, longest, self.longest_allowed)
                 self.buffer.record_drop("invalid", tree.actor_id)
                 continue
-            self.buffer.add(tree, self.state.version)
+            verdict = self.buffer.add(tree, self.state.version)
             self.metrics.buffer_trees.set(len(self.buffer))
+            if self.cfg.learner.log_trees:
+                self._log_tree(tree, "accepted" if verdict else verdict.reason)
+
+    def _log_tree(self, tree, verdict: str) -> None:
+        record = {"tree_id": tree.tree_id, "actor_id": tree.actor_id, "time": time.time(), "verdict": verdict,
+                  "min_version": tree.min_version(), "max_version": max(n.version for n in tree.nodes),
+                  "incarnation": tree.meta.get("incarnation"), "learner_version": self.state.version}
+        with open(self.run_dir / "trees.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     # -- weight sync -----------------------------------------------------------------------
     def sync(self, members: list[str]) -> None:
@@ -121,21 +135,26 @@ class Learner:
         if not members:
             return
         version = self.state.version
-        plan = self.publisher.plan(self.trainer.module.named_parameters(), version)
+        plan = self.publisher.plan(self.trainer.parameter_specs(), version)
         prepared = self.publisher.prepare(plan, members, self.control.all_have_cuda(members))
         for actor_id, announce in zip(prepared.members, prepared.announcements):
             self.control.send(actor_id, announce)
-        result = self.publisher.broadcast(prepared, self.trainer.named_parameters_for_sync())
-        acked: dict[str, str | None] = {}
+        # one deadline for the whole sync (rendezvous, buckets, acks), with a short grace for the
+        # acks of actors that received everything at the last moment
         deadline = time.monotonic() + self.cfg.weights.timeout_s
+        result = self.publisher.broadcast(prepared, self.trainer.named_parameters_for_sync())
+        deadline = max(deadline, time.monotonic() + ACK_GRACE_S)
+        acked: dict[str, str | None] = {}  # actor -> None (confirmed) or the failure reason
+        ack_checksums: dict[str, str] = {}
         waiting = set(result.ok_members) | set(result.aborted_members)
         while waiting - set(acked) and time.monotonic() < deadline:
             try:
                 ack = self.control.acks.get(timeout=0.1)
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 continue
             if ack.actor_id in waiting and ack.sync_id == prepared.sync_id:
                 acked[ack.actor_id] = self.publisher.check_ack(prepared, result, ack)
+                ack_checksums[ack.actor_id] = ack.checksum
         ok = [a for a in result.ok_members if a in acked and acked[a] is None]
         for actor_id in ok:
             self.control.confirm(actor_id, version)
@@ -148,6 +167,11 @@ class Learner:
             reason = acked.get(actor_id) or (result.reason if actor_id in result.failed_members else "timeout")
             self.sync_metrics.failed(reason if reason != "ok" else "timeout")
             self.control.drop(actor_id, f"weight sync {prepared.sync_id} failed ({reason})")
+        record = {"sync_id": prepared.sync_id, "version": version, "time": time.time(), "members": members,
+                  "confirmed": ok, "checksum": result.checksum, "seconds": result.seconds, "reason": result.reason,
+                  "acks": {a: {"problem": r, "checksum": ack_checksums[a]} for a, r in acked.items()}}
+        with open(self.run_dir / "syncs.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
         if ok:
             self.sync_metrics.succeeded(version=version, seconds=result.seconds, nbytes=result.bytes, actors=len(ok))
         log.info("sync %d of version %d: %d/%d actors confirmed in %.2f s", prepared.sync_id, version, len(ok),
@@ -158,7 +182,7 @@ class Learner:
         if self.rank != 0:
             self.trainer.follow()
             return 0
-        from learner.checkpoint import LearnerState, checkpoint_due, save_checkpoint
+        from learner.checkpoint import checkpoint_due
 
         cfg, lc = self.cfg, self.cfg.learner
         self.control.start()
@@ -176,6 +200,7 @@ class Learner:
             trees = self.buffer.take(self.state.version, min_trees=cfg.replay.batch_trees, timeout_s=0.5)
             self.metrics.buffer_trees.set(len(self.buffer))
             self.metrics.buffer_oldest_age.set(self.buffer.oldest_age_s())
+            self.metrics.trees_in_flight.set(sum(self.buffer.in_flight(a) for a in self.control.member_ids()))
             if not trees:
                 self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
                 continue
@@ -213,6 +238,13 @@ class Learner:
             accuracy=sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves)),
             response_tokens_mean=m.get("response/length_mean"),
         )
+        record = {"step": self.state.step, "version": version, "time": time.time(), "trees": len(trees),
+                  "accuracy": sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves)),
+                  "staleness_mean": sum(version - t.min_version() for t in trees) / len(trees),
+                  "buffer_trees": len(self.buffer), "tree_ids": [t.tree_id for t in trees],
+                  **{k: float(v) for k, v in m.items()}}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
         log.info("step %d v%d trees %d reward %.3f loss %.4f grad %.3f", self.state.step, version, len(trees),
                  m.get("reward/leaf_mean", 0.0), m.get("loss/total", 0.0), m.get("train/grad_norm", 0.0))
 

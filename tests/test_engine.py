@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from actor.engine import EngineError, GenerationRequest, make_engine, processed_logprobs
+from actor.engine import EngineError, GenerateStream, GenerationRequest, make_engine, open_stream, processed_logprobs
+from actor.hf_engine import HFStream
 from common.config import ActorConfig, JobConfig, ModelConfig
 from common.tinymodel import EOS_ID, build_tiny_model
 
@@ -215,3 +216,94 @@ def test_engine_facts_and_bad_requests(engine, tiny_dir):
         make_engine(JobConfig())
     job = JobConfig(model=ModelConfig(path=str(tiny_dir), device="cpu"))
     assert make_engine(job).vocab_size == engine.vocab_size
+
+
+# -- continuous batching (HFStream) ------------------------------------------------------------
+def run_stream(stream, roots, extend, late=(), late_step=2, bump_at=None, engine=None):
+    """Drive a stream: add `roots`; every non-EOS sample is extended by `extend(context, sample)`
+    (a (n, max_tokens) pair or None) as a fork of that sample; `late` requests join at step
+    `late_step`. Returns [(context, Finished)] in report order."""
+    contexts, out, step = {}, [], 0
+    for tag, (context, n, max_tokens) in enumerate(roots):
+        contexts[("root", tag)] = context
+        stream.add(GenerationRequest(context, n, max_tokens), ("root", tag))
+    while stream.busy():
+        step += 1
+        if step == late_step:
+            for tag, (context, n, max_tokens) in enumerate(late):
+                contexts[("late", tag)] = context
+                stream.add(GenerationRequest(context, n, max_tokens), ("late", tag))
+        if bump_at is not None and step == bump_at:
+            engine.version += 1
+        for f in stream.step():
+            context = contexts[f.tag]
+            out.append((context, f))
+            nxt = extend(context, f.sample) if f.sample.finish != "stop" else None
+            if nxt is not None:
+                tag = (f.tag, f.index)
+                contexts[tag] = np.concatenate([context, f.sample.token_ids])
+                stream.add(GenerationRequest(contexts[tag], *nxt), tag, parent=(f.tag, f.index))
+    return out
+
+
+@pytest.mark.parametrize("rows", [256, 5])
+def test_stream_forks_fidelity_and_no_reprefill(engine, rows):
+    # Forked children (KV rows copied, or parked while the batch is full at rows=5), fresh
+    # requests joining mid-stream with other context lengths: every sample's log-probs equal
+    # one teacher-forced forward over its whole context, and only the fresh contexts were prefilled.
+    roots = [(ctx(engine, "12+34="), 2, 5), (ctx(engine, "7*8=?;"), 1, 3)]
+    late = [(ctx(engine, "(1+2)*3-4/5=" * 3), 2, 6)]
+    extend = lambda context, s: (2, 4) if len(context) < 14 else None  # noqa: E731 - two more levels
+    old_rows, prefill0 = engine.max_batch_rows, engine.stats["prefill_tokens"]
+    engine.max_batch_rows = rows
+    try:
+        out = run_stream(engine.open_stream(seed=1), roots, extend, late)
+    finally:
+        engine.max_batch_rows = old_rows
+    assert engine.stats["prefill_tokens"] - prefill0 == sum(len(c) for c, _, _ in roots + late)
+    forks = [f for c, f in out if len(c) > 12 and f.tag[0] not in ("root", "late")]
+    assert len(forks) >= 8
+    for context, f in out:
+        np.testing.assert_allclose(f.sample.logprobs, teacher_forced(engine.model, context, f.sample),
+                                   atol=1e-4, rtol=0)
+        assert f.sample.finish in ("stop", "length") and (f.sample.finish == "stop") == (f.sample.token_ids[-1] == EOS_ID)
+
+
+def test_stream_seeded_and_versions(engine):
+    roots = [(ctx(engine, "3+4="), 3, 4), (ctx(engine, "9="), 2, 6)]
+    extend = lambda context, s: (2, 3) if len(context) < 8 else None  # noqa: E731
+    key = lambda out: [(repr(f.tag), f.index, f.sample.token_ids.tolist(), f.sample.logprobs.tolist()) for _, f in out]
+    a = run_stream(engine.open_stream(seed=7), roots, extend)
+    b = run_stream(engine.open_stream(seed=7), roots, extend)
+    c = run_stream(engine.open_stream(seed=8), roots, extend)
+    assert key(a) == key(b) and key(a) != key(c)
+    # a version bump before step 6 applies to requests admitted from step 6 on: root 0 (budget 4)
+    # finishes at step 4, its forks start at step 5 (version 0); root 1 (budget 6) at step 6,
+    # its forks start at step 7 (version 1)
+    try:
+        out = run_stream(engine.open_stream(seed=7), roots, extend, bump_at=6, engine=engine)
+    finally:
+        engine.version -= 1
+    by_tag = {(repr(f.tag), f.index): f.version for _, f in out}
+    assert all(f.version == 0 for _, f in out if f.tag[0] == "root")
+    child_versions = lambda root: {f.version for _, f in out if f.tag[0] != "root" and f.tag[0] == ("root", root)}  # noqa: E731
+    assert child_versions(0) == {0} and child_versions(1) == {1}
+    assert all(f.version >= by_tag[(repr(f.tag[0]), f.tag[1])] for _, f in out if f.tag[0] != "root")
+
+
+def test_generate_stream_adapter(engine):
+    # engines without a native stream: one generate call per step over all queued requests
+    stream = GenerateStream(engine)
+    calls0 = engine.stats["forward_calls"]
+    stream.add(GenerationRequest(ctx(engine, "1+1="), 2, 5, seed=1), "a")
+    stream.add(GenerationRequest(ctx(engine, "2+2="), 3, 4, seed=2), "b")
+    assert stream.busy()
+    first = stream.step()
+    assert not stream.busy() and stream.step() == []
+    assert sorted((f.tag, f.index) for f in first) == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2)]
+    assert all(f.version == engine.version for f in first)
+    assert engine.stats["forward_calls"] > calls0
+    ref = engine.generate([GenerationRequest(ctx(engine, "1+1="), 2, 5, seed=1),
+                           GenerationRequest(ctx(engine, "2+2="), 3, 4, seed=2)])
+    assert [f.sample.token_ids.tolist() for f in first] == [s.token_ids.tolist() for r in ref for s in r]
+    assert isinstance(open_stream(engine, 0), HFStream)

@@ -211,3 +211,16 @@ def test_proximal_behaviour_mode_and_shape_errors():
     bad.advantages = bad.advantages[:1]
     with pytest.raises(ValueError, match="advantages has shape"):
         treerpo_loss(bad, LossConfig())
+
+
+def test_pg_metric_is_the_clipped_policy_term_mean():
+    # two trainable tokens, p = b (w = 1): token 1 r = e^0.1 = 1.105 < 1.2, A = 1 -> -1.105;
+    # token 2 r = e^0.5 = 1.649 > 1.2 with A = -1 -> max(1.649, 1.2) = 1.649; third token masked.
+    theta = torch.tensor([0.1, 0.5, 3.0])
+    zero = torch.zeros(3)
+    inputs = LossInputs(logprobs=theta, proximal_logprobs=zero, behaviour_logprobs=zero,
+                        advantages=torch.tensor([1.0, -1.0, 5.0]), mask=torch.tensor([True, True, False]))
+    loss, m = treerpo_loss(inputs, LossConfig(kl_coef=0.0))
+    expected = (-math.exp(0.1) + math.exp(0.5)) / 2
+    assert m["loss/pg"] == pytest.approx(expected, rel=1e-6)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)  # no KL, no decay: the loss is the pg term

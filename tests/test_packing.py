@@ -1,6 +1,8 @@
-"""learner/packing.py + learner/logprobs.py: tree vs flat vs naive one-path-at-a-time equivalence.
+"""learner/packing.py + learner/logprobs.py + learner/attention.py: tree vs flat vs naive equivalence.
 
-The tiny Qwen2 is built, saved to tmp_path and reloaded with from_pretrained (float32).
+Tree-packed rows run under both tree attentions: `mask` (the model's kernel with the dense tree
+mask) and `span` (the block-sparse span kernel). The tiny Qwen2 is built, saved to tmp_path and
+reloaded with from_pretrained (float32).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from common.config import AdvantageConfig, LossConfig
 from common.tinymodel import build_tiny_model
 from common.treerpo import node_token_offsets, step_advantages, token_advantages
 from learner.loss import LossInputs, treerpo_loss
+from learner.attention import SPAN_ATTENTION, register_span_attention, span_attention, span_plan
 from learner.packing import pack_trees, token_logprobs
 from tests.treegen import random_tree, tree_from_parents
 
@@ -31,6 +34,8 @@ def model_dir(tmp_path_factory):
 def _load(model_dir, attn: str):
     from transformers import AutoModelForCausalLM
 
+    if attn == SPAN_ATTENTION:
+        register_span_attention()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation=attn)
     return model.eval()  # no dropout anyway; eval keeps it explicit
 
@@ -98,13 +103,13 @@ def _batch_loss_inputs(batch, lp, prox_layout, normalizer):
                       staleness=batch.staleness, normalizer=normalizer)
 
 
-def _packed_grads(model, trees, mode, budget, prox_layout, **kw):
+def _packed_grads(model, trees, mode, budget, prox_layout, tree_attention="auto", **kw):
     model.zero_grad(set_to_none=True)
     batches = pack_trees(trees, ADV, mode, budget, learner_version=2, **kw)
     total = sum(b.num_trainable_tokens for b in batches)
     lps = []
     for b in batches:
-        lp = token_logprobs(model, b, TEMP)
+        lp = token_logprobs(model, b, TEMP, tree_attention=tree_attention)
         lps.append(lp.detach())
         loss, _ = treerpo_loss(_batch_loss_inputs(b, lp, prox_layout, total), LOSS)
         loss.backward()
@@ -142,8 +147,9 @@ def _assert_grads_close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_tree_flat_naive_equivalence(model_dir, attn):
+@pytest.mark.parametrize(("attn", "tree_attention"),
+                         [("sdpa", "mask"), ("eager", "mask"), ("sdpa", "span"), (SPAN_ATTENTION, "auto")])
+def test_tree_flat_naive_equivalence(model_dir, attn, tree_attention):
     model = _load(model_dir, attn)
     trees = _trees(seed=3)
     sizes = [len(t.prompt_token_ids) + t.num_tokens() for t in trees]
@@ -155,7 +161,7 @@ def test_tree_flat_naive_equivalence(model_dir, attn):
 
     grads = {}
     for mode, kw in (("tree", {}), ("flat", {}), ("tree", {"max_batch_rows": 3, "pad_multiple": 8})):
-        batches, lps, grads[(mode, len(kw))] = _packed_grads(model, trees, mode, budget, prox, **kw)
+        batches, lps, grads[(mode, len(kw))] = _packed_grads(model, trees, mode, budget, prox, tree_attention, **kw)
         seen = _scatter_to_layout(batches, lps, trees)
         for ti, tree in enumerate(trees):
             for tok, values in enumerate(seen[ti]):
@@ -188,7 +194,8 @@ def test_each_node_counted_once(mode, budget):
         assert np.array_equal(c, token_advantages(tree, AdvantageConfig(min_group_std=0.3))[1].astype(int))
 
 
-def test_tree_split_below_the_root(model_dir):
+@pytest.mark.parametrize("tree_attention", ["mask", "span"])
+def test_tree_split_below_the_root(model_dir, tree_attention):
     # 0,1 under the root; 2,3 under 0; 4,5 under 2; 4 tokens each, prompt 3: every path <= 15 tokens.
     # Budget 15: subtree(0) needs 3 + 20 > 15 → split at 0; chain [0] + subtree(2) = 3 + 4 + 12 > 15
     # → split at 2: units [p,0,2,4] (owns 0, 2, 4), [p,0,2,5] (owns 5), [p,0,3] (owns 3), [p,1].
@@ -199,7 +206,7 @@ def test_tree_split_below_the_root(model_dir):
     model = _load(model_dir, "sdpa")
     with torch.no_grad():
         naive = _naive_layout(model, [tree])[0]
-        lps = [token_logprobs(model, b, TEMP) for b in batches]
+        lps = [token_logprobs(model, b, TEMP, tree_attention=tree_attention) for b in batches]
     owned = np.zeros(24, dtype=int)
     for b, lp in zip(batches, lps):
         where = b.token_index >= 0
@@ -208,7 +215,8 @@ def test_tree_split_below_the_root(model_dir):
     assert owned.tolist() == [1] * 24
 
 
-def test_trees_in_one_row_do_not_leak(model_dir):
+@pytest.mark.parametrize("tree_attention", ["mask", "span"])
+def test_trees_in_one_row_do_not_leak(model_dir, tree_attention):
     model = _load(model_dir, "sdpa")
     a, b = _trees(seed=5, n=2)
     b2 = _trees(seed=5, n=2)[1]
@@ -220,7 +228,7 @@ def test_trees_in_one_row_do_not_leak(model_dir):
         (batch,) = pack_trees(trees, ADV, "tree", 1000, learner_version=2)
         assert batch.input_ids.shape[0] == 1 and batch.span_ancestors is not None  # one row, both trees
         with torch.no_grad():
-            lp = token_logprobs(model, batch, TEMP)
+            lp = token_logprobs(model, batch, TEMP, tree_attention=tree_attention)
         return [lp[batch.tree_index == i][batch.token_index[batch.tree_index == i] >= 0] for i in range(2)]
 
     a_with_b, b_lp = logprobs_of([a, b])
@@ -259,12 +267,13 @@ def test_small_tree_layout_by_hand():
     assert f.pred_index[2].tolist() == [-1, -1, -1, 2, 3, -1, -1]
 
 
-def test_padding_rows_have_no_nan(model_dir):
+@pytest.mark.parametrize("tree_attention", ["mask", "span"])
+def test_padding_rows_have_no_nan(model_dir, tree_attention):
     model = _load(model_dir, "eager")
     trees = _trees(seed=9, n=4)
     for batch in pack_trees(trees, ADV, "tree", 80, learner_version=2, max_batch_rows=4, pad_multiple=16):
         assert (batch.input_ids == 0).any()  # padded
-        lp = token_logprobs(model, batch, TEMP)
+        lp = token_logprobs(model, batch, TEMP, tree_attention=tree_attention)
         assert torch.isfinite(lp).all()
         assert (lp[~batch.generated] == 0).all()
 
@@ -277,3 +286,102 @@ def test_errors_name_the_fix():
         pack_trees([tree_from_parents([-1, -1], {0: 1.0, 1: 0.0}, version=3)], ADV, "tree", 64, learner_version=2)
     with pytest.raises(ValueError, match="packing mode"):
         pack_trees([tree], ADV, "paths", 64, learner_version=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# span attention (learner/attention.py) against the dense tree mask
+# ---------------------------------------------------------------------------------------------
+def _span_batches():
+    """Tree-packed batches with split trees, several trees per row, several rows and padding."""
+    trees = _trees(seed=21, n=6)
+    batches = (pack_trees(trees, ADV, "tree", 24, learner_version=2)
+               + pack_trees(trees, ADV, "tree", 60, learner_version=2, max_batch_rows=3, pad_multiple=8))
+    return [b for b in batches if b.span_ancestors is not None]  # causal rows (one chain) need no plan
+
+
+def _plan_visibility(plan):
+    """(B*T, B*T) int: how often the plan lets each real query token score each key token."""
+    n = plan.batch * plan.length
+    counts = torch.zeros(n, n, dtype=torch.int64)
+    row = 0
+    for g in plan.groups:
+        q = g.q_index.view(g.size, g.q_len)
+        k = g.k_index.view(g.size, g.k_len)
+        mask = g.mask.expand(g.size, 1, g.q_len, g.k_len)[:, 0]  # (G, Lq, Lk)
+        rows = row + torch.arange(g.size * g.q_len).view(g.size, g.q_len)  # rows in the concatenated output
+        real = plan.inverse[q] == rows  # (G, Lq): padded query rows are not read back
+        for gi, i in real.nonzero().tolist():
+            counts[q[gi, i]].index_put_((k[gi][mask[gi, i]],), torch.tensor(1), accumulate=True)
+        row += g.size * g.q_len
+    return counts
+
+
+def test_span_plan_is_exactly_the_tree_mask():
+    batches = _span_batches()
+    assert any(b.input_ids.shape[0] > 1 for b in batches) and any(len(b.trees) > 1 for b in batches)
+    for batch in batches:
+        plan = span_plan(batch)
+        B, T = batch.span_ids.shape
+        dense = torch.block_diag(*batch.allowed()[:, 0].long())  # (B*T, B*T): rows never see each other
+        assert torch.equal(_plan_visibility(plan), dense)  # every allowed pair once, nothing else
+        assert plan.work >= int(dense.sum())
+
+
+def test_span_plan_of_a_small_tree_by_hand():
+    # the tree of test_small_tree_layout_by_hand: spans prompt (3 tokens, 3 keys), node0 (2, 3+2),
+    # node1 (2, 3+2), node2 (2, 3+2+2), node3 (2, 3+2+2). Buckets: queries -> 8, keys -> 16 (multiples),
+    # so one group of 5 spans, 5 * 8 * 16 = 640 scores (tiny spans pay for padding; the dense mask: 121).
+    tree = tree_from_parents([-1, -1, 0, 0], {1: 1.0, 2: 0.0, 3: 1.0}, seg_len=2, prompt_len=3)
+    (b,) = pack_trees([tree], ADV, "tree", 64, learner_version=0)
+    plan = span_plan(b)
+    assert [(g.size, g.q_len, g.k_len) for g in plan.groups] == [(5, 8, 16)]
+    assert plan.work == 640
+    keys = plan.groups[0].k_index.view(5, 16)
+    assert keys[4, :7].tolist() == [0, 1, 2, 3, 4, 9, 10]  # node3: prompt, node0, itself
+    assert keys[2, :5].tolist() == [0, 1, 2, 5, 6]  # node1: prompt, itself
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (2, 2)])
+def test_span_attention_matches_dense_sdpa(heads):
+    H, Hkv = heads
+    g = torch.Generator().manual_seed(0)
+    for batch in _span_batches()[-2:]:
+        B, T = batch.span_ids.shape
+        q = torch.randn(B, H, T, 8, generator=g, requires_grad=True)
+        k = torch.randn(B, Hkv, T, 8, generator=g, requires_grad=True)
+        v = torch.randn(B, Hkv, T, 8, generator=g, requires_grad=True)
+        up = torch.randn(B, T, H, 8, generator=g)  # upstream gradient
+        out = span_attention(q, k, v, span_plan(batch), scaling=0.3)  # (B, T, H, D)
+        grads = torch.autograd.grad((out * up).sum(), (q, k, v))
+        kr, vr = (x.repeat_interleave(H // Hkv, dim=1) for x in (k, v))
+        ref = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=batch.allowed(), scale=0.3)
+        ref = ref.transpose(1, 2)  # (B, T, H, D)
+        ref_grads = torch.autograd.grad((ref * up).sum(), (q, k, v))
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_span_kernel_without_plan_is_sdpa(model_dir):
+    # no plan (causal rows, padded generation): "treerpo_span" runs transformers' sdpa verbatim
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 11, 12, 13]])
+    pad = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # left padding -> a real 2-D mask
+    with torch.no_grad():
+        want = _load(model_dir, "sdpa")(input_ids=ids, attention_mask=pad).logits
+        got = _load(model_dir, SPAN_ATTENTION)(input_ids=ids, attention_mask=pad).logits
+    assert torch.equal(got, want)
+
+
+def test_span_errors_name_the_fix(model_dir):
+    tree = tree_from_parents([-1, -1], {0: 1.0, 1: 0.0}, seg_len=3, prompt_len=2)  # two siblings: a tree mask
+    (b,) = pack_trees([tree], ADV, "tree", 64, learner_version=0)
+    assert b.span_ancestors is not None
+    with pytest.raises(ValueError, match="tree_attention"):
+        token_logprobs(_load(model_dir, "sdpa"), b, TEMP, tree_attention="dense")
+    plan = span_plan(b)
+    x = torch.zeros(1, 2, b.input_ids.shape[1] + 1, 4)
+    with pytest.raises(ValueError, match="build the plan from the batch"):
+        span_attention(x, x, x, plan)
+    flat = pack_trees([tree], ADV, "flat", 5, learner_version=0)[0]  # one 5-token path per row: causal
+    with pytest.raises(ValueError, match="causal rows need no plan"):
+        span_plan(flat)

@@ -228,3 +228,122 @@ def test_tree_logprob_fidelity(engine, eos_engine, temperature, top_k, top_p):
         trees = TreeSampler(eng, cfg, PathTextReward(), "a", seed=9).sample(prompts(eng)[:2])
         for tree in trees:
             check_fidelity(eng, tree, cfg)
+
+
+# -- streaming (no level barrier) -------------------------------------------------------------
+class GenerateOnly:
+    """An engine without a native stream (as vLLM today): the sampler falls back to GenerateStream."""
+
+    def __init__(self, engine):
+        self._engine, self.calls = engine, 0
+
+    def generate(self, requests):
+        self.calls += 1
+        return self._engine.generate(requests)
+
+    def __getattr__(self, name):
+        if name == "open_stream":
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+def check_shapes(tree, branching, max_tokens, segment_tokens):
+    """No EOS: every level full, parents in BFS order, budgets as in test_tree_shapes_and_bfs_order."""
+    per_level = np.cumprod(branching)
+    depths = tree.depths()
+    assert [int((depths == d + 1).sum()) for d in range(len(branching))] == per_level.tolist()
+    expected_parents, start = [-1] * branching[0], 0
+    for d in range(1, len(branching)):
+        for p in range(start, start + per_level[d - 1]):
+            expected_parents += [p] * branching[d]
+        start += per_level[d - 1]
+    assert tree.parents.tolist() == expected_parents
+    assert all(len(n) == segment_tokens and n.finish == "segment" for n, d in zip(tree.nodes, depths) if d < len(branching))
+    assert tree.path_lengths().tolist() == [max_tokens] * int(per_level[-1])
+
+
+@pytest.mark.parametrize("rows", [256, 3])
+def test_stream_refills_and_keeps_shapes(no_eos_engine, rows):
+    # 7 prompts through at most 3 trees in flight; rows=3 makes forks wait (parked rows) and
+    # prompts queue: shapes, BFS order, fidelity and the in-flight bound hold either way.
+    cfg = tree_cfg(branching=[2, 1, 2])
+    ps = prompts(no_eos_engine, ("1+2=", "33*4=", "5-6=", "7=", "(8)=", "9+9=", "10/2="))
+    queue, asked, in_flight, peak = list(ps), [], [0], [0]
+
+    def source(k):
+        asked.append(k)
+        got = [queue.pop(0) for _ in range(min(k, len(queue)))]
+        in_flight[0] += len(got)
+        peak[0] = max(peak[0], in_flight[0])
+        return got if got or queue else None
+
+    old_rows = no_eos_engine.max_batch_rows
+    no_eos_engine.max_batch_rows = rows
+    try:
+        out = []
+        for prompt, tree in TreeSampler(no_eos_engine, cfg, PathTextReward(), "a", seed=1).stream(source, 3):
+            in_flight[0] -= 1
+            out.append((prompt, tree))
+    finally:
+        no_eos_engine.max_batch_rows = old_rows
+    assert sorted(p.prompt_id for p, _ in out) == sorted(p.prompt_id for p in ps)
+    assert peak[0] <= 3 and all(k >= 1 for k in asked)
+    for prompt, tree in out:
+        assert tree.prompt_id == prompt.prompt_id
+        assert tree.prompt_token_ids.tolist() == prompt.token_ids.tolist()
+        check_shapes(tree, cfg.branching, cfg.max_tokens, cfg.segment_tokens)
+        check_fidelity(no_eos_engine, tree, cfg)
+        assert tree.meta["engine_steps"] >= cfg.max_tokens and tree.meta["engine_calls"] == 3
+
+
+def test_generate_fallback_one_call_per_level(engine):
+    # without a native stream each step is one generate call over every ready request: a
+    # sample() call of 3 prompts needs exactly one call per level (the old per-level batching)
+    cfg = tree_cfg(branching=[2, 2, 2], temperature=0.8, top_k=10, top_p=0.9)
+    eng = GenerateOnly(engine)
+    trees = TreeSampler(eng, cfg, PathTextReward(), "a", seed=3).sample(prompts(engine))
+    assert eng.calls == 3
+    for tree in trees:
+        assert tree.meta["engine_steps"] == 3
+        check_fidelity(engine, tree, cfg)
+    again = TreeSampler(GenerateOnly(engine), cfg, PathTextReward(), "a", seed=3).sample(prompts(engine))
+    assert [n.token_ids.tolist() for t in trees for n in t.nodes] == [n.token_ids.tolist() for t in again for n in t.nodes]
+
+
+class BumpingEngine:
+    """The engine, whose stream bumps `engine.version` just before engine step `at` (a weight load)."""
+
+    def __init__(self, engine, at):
+        self._engine, self.at = engine, at
+
+    def open_stream(self, seed):
+        inner, engine, steps = self._engine.open_stream(seed), self._engine, [0]
+
+        class Stream:
+            add, busy = inner.add, inner.busy
+
+            def step(self):
+                steps[0] += 1
+                if steps[0] == outer.at:
+                    engine.version += 1
+                return inner.step()
+
+        outer = self
+        return Stream()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_stream_versions_read_at_node_start(no_eos_engine):
+    # first segments are 4 tokens (steps 1-4); a version bump before step 5 leaves level 1 at
+    # version 0 and gives every node started afterwards (levels 2 and 3) version 1
+    cfg = tree_cfg(branching=[2, 2, 1])
+    try:
+        trees = TreeSampler(BumpingEngine(no_eos_engine, 5), cfg, PathTextReward(), "a", seed=2).sample(
+            prompts(no_eos_engine))
+    finally:
+        no_eos_engine.version = 0
+    assert len(trees) == 3
+    for tree in trees:
+        assert [n.version for n in tree.nodes] == [0 if d == 1 else 1 for d in tree.depths()]

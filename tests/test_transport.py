@@ -122,8 +122,9 @@ def test_curve_admits_allow_listed_actors_only(tmp_path):
     with LearnerEndpoints(cfg) as learner:
         tree = _trees(1)[0]
         with _actor(learner, _cfg(curve=True, curve_dir=str(rogue_keys)), "actor-1") as intruder:
-            assert intruder.send_tree(encode_tree(tree), timeout_s=0.5)  # queued, never delivered
-            assert intruder.send_control(Credit(incarnation=0, version=0, credits=1))
+            # its handshake fails, so no connection comes up and nothing is queued (ZMQ_IMMEDIATE)
+            assert not intruder.send_tree(encode_tree(tree), timeout_s=0.5)
+            intruder.send_control(Credit(incarnation=0, version=0, credits=1))  # may queue; never arrives
             assert learner.recv_tree(1.5) is None
             assert learner.recv_control(0.2) is None
         with _actor(learner, _cfg(), "plain") as plaintext:  # no CURVE at all
@@ -188,9 +189,11 @@ def test_close_does_not_hang_with_undeliverable_frames():
     cfg = _cfg()
     with LearnerEndpoints(cfg) as learner:
         data, control = learner.data_endpoint, learner.control_endpoint
-    # the learner is gone; frames queue up in the actor and close() must still return
+    # the learner is gone: trees and control frames are refused (no live connection: nothing is
+    # parked for a learner that may never come back), and close() must still return
     actor = ActorEndpoints(cfg, "actor-0", data_endpoint=data, control_endpoint=control)
     for _ in range(3):
-        assert actor.send_tree(b"y" * 100, timeout_s=0.1)
-    assert actor.send_control(Credit(incarnation=0, version=0, credits=1))
+        assert not actor.send_tree(b"y" * 100, timeout_s=0.1)
+    assert actor.send_timeouts == 3 and actor.trees_sent == 0
+    assert not actor.send_control(Credit(incarnation=0, version=0, credits=1), timeout_s=0.1)
     actor.close()

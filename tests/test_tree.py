@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.tree import Node, ReasoningTree, TreeError
+from common.tree import Node, ReasoningTree, TreeError, validate_flat
 from tests.treegen import tree_from_parents
 
 
@@ -70,3 +70,187 @@ def test_vocab_bound():
     with pytest.raises(TreeError, match=r"nodes\[2\]\.token_ids holds token id 60 >= vocab size 50"):
         tree.validate(vocab_size=50)
     tree.validate(vocab_size=61)
+
+
+# ---------------------------------------------------------------------------------------------
+# the vectorised validate against the per-node reference it replaced
+# ---------------------------------------------------------------------------------------------
+def _reference_validate(tree: ReasoningTree, vocab_size=None) -> None:
+    """The former per-node loop (one numpy call per node and field), kept as the test oracle."""
+    def ids(where, a):
+        if a.dtype != np.int32 or a.ndim != 1:
+            raise TreeError(f"{where} must be a 1-D int32 array")
+        if a.size and a.min() < 0:
+            raise TreeError(f"{where} holds a negative token id")
+        if vocab_size is not None and a.size and a.max() >= vocab_size:
+            raise TreeError(f"{where} holds token id {int(a.max())} >= vocab size {vocab_size}")
+
+    if not isinstance(tree.tree_id, str) or not tree.tree_id:
+        raise TreeError("tree_id must be a non-empty string")
+    ids("prompt_token_ids", tree.prompt_token_ids)
+    if tree.prompt_token_ids.shape[0] < 1:
+        raise TreeError("prompt_token_ids must hold at least one token")
+    if not tree.nodes:
+        raise TreeError("a tree needs at least one node")
+    has_child, last = np.zeros(len(tree.nodes), dtype=bool), -1
+    for i, nd in enumerate(tree.nodes):
+        w = f"nodes[{i}]"
+        if not isinstance(nd.parent, (int, np.integer)) or not -1 <= nd.parent < i:
+            raise TreeError(f"{w}.parent = {nd.parent!r}: must satisfy -1 <= parent < {i}")
+        if nd.parent < last:
+            raise TreeError(f"{w}.parent = {nd.parent} after a node with parent {last}: nodes must be in breadth-first order")
+        last = nd.parent
+        if nd.parent >= 0:
+            has_child[nd.parent] = True
+        ids(f"{w}.token_ids", nd.token_ids)
+        if nd.token_ids.shape[0] < 1:
+            raise TreeError(f"{w}.token_ids is empty: a segment holds at least one token")
+        if nd.logprobs.dtype != np.float32 or nd.logprobs.ndim != 1:
+            raise TreeError(f"{w}.logprobs must be a 1-D float32 array")
+        if nd.logprobs.shape != nd.token_ids.shape:
+            raise TreeError(f"{w}.logprobs has {nd.logprobs.shape[0]} entries for {nd.token_ids.shape[0]} tokens")
+        if not np.all(np.isfinite(nd.logprobs)):
+            raise TreeError(f"{w}.logprobs holds a non-finite value")
+        if not isinstance(nd.version, (int, np.integer)) or nd.version < 0:
+            raise TreeError(f"{w}.version = {nd.version!r}: must be an int >= 0")
+        if nd.finish not in ("segment", "stop", "length"):
+            raise TreeError(f"{w}.finish = {nd.finish!r}: must be one of ('segment', 'stop', 'length')")
+    for i, nd in enumerate(tree.nodes):
+        w = f"nodes[{i}]"
+        if has_child[i]:
+            if nd.finish != "segment":
+                raise TreeError(f"{w} has children, so its finish must be 'segment', not {nd.finish!r}")
+            if nd.reward is not None:
+                raise TreeError(f"{w}.reward is set on an inner node; rewards go on leaves only")
+        else:
+            if nd.finish == "segment":
+                raise TreeError(f"{w} is a leaf, so its finish must be 'stop' or 'length', not 'segment'")
+            if nd.reward is None or not np.isfinite(float(nd.reward)):
+                raise TreeError(f"{w} is a leaf and needs a finite reward, got {nd.reward!r}")
+
+
+VOCAB = 50
+
+
+def _mutate(tree: ReasoningTree, rng: np.random.Generator) -> None:
+    """One random edit of one field (possibly harmless, e.g. a parent set to its own value)."""
+    n = len(tree.nodes)
+    nd = tree.nodes[int(rng.integers(n))]
+    k = int(rng.integers(len(nd.token_ids)))
+    choice = int(rng.integers(14))
+    if choice == 0:
+        nd.parent = int(rng.integers(-3, n + 2))
+    elif choice == 1:
+        nd.version = int(rng.choice([-1, 0, 5, 2**70]))
+    elif choice == 2:
+        nd.finish = str(rng.choice(["segment", "stop", "length", "eos"]))
+    elif choice == 3:
+        nd.reward = [None, float("nan"), float("inf"), 0.5, np.float32(1.0)][int(rng.integers(5))]
+    elif choice == 4:
+        nd.logprobs = nd.logprobs.copy()
+        nd.logprobs[k] = rng.choice([np.nan, np.inf, -np.inf, -1.0])
+    elif choice == 5:
+        nd.token_ids = nd.token_ids.copy()
+        nd.token_ids[k] = int(rng.choice([-1, VOCAB - 1, VOCAB, 2**31 - 1]))
+    elif choice == 6:
+        nd.token_ids, nd.logprobs = nd.token_ids[:0], nd.logprobs[:0]
+    elif choice == 7:
+        nd.logprobs = nd.logprobs[1:]
+    elif choice == 8:
+        nd.token_ids = nd.token_ids.astype(np.int64)
+    elif choice == 9:
+        nd.logprobs = nd.logprobs.astype(np.float64)
+    elif choice == 10:
+        tree.prompt_token_ids = tree.prompt_token_ids.copy()
+        tree.prompt_token_ids[0] = int(rng.choice([-5, VOCAB]))
+    elif choice == 11:
+        tree.prompt_token_ids = tree.prompt_token_ids[:0]
+    elif choice == 12:
+        tree.tree_id = ""
+    else:
+        nd.parent = np.int32(nd.parent)  # numpy ints are ints
+
+
+def _outcome(fn, tree):
+    try:
+        fn(tree)
+    except TreeError as e:
+        return str(e)
+    return None
+
+
+def test_validate_matches_the_per_node_reference_on_single_edits():
+    """2000 random trees, each with one random edit: same verdict and the same message."""
+    from tests.treegen import random_tree
+
+    rng = np.random.default_rng(7)
+    raised = 0
+    for _ in range(2000):
+        tree = random_tree(rng, max_depth=3, max_branch=3, max_seg_len=4, vocab_size=VOCAB)
+        _mutate(tree, rng)
+        want = _outcome(lambda t: _reference_validate(t, VOCAB), tree)
+        assert _outcome(lambda t: t.validate(VOCAB), tree) == want
+        raised += want is not None
+    assert 1000 < raised < 2000  # both kinds of outcome were exercised
+
+
+def test_errors_carry_their_rule():
+    cases = {
+        (2, "parent"): (3, "parent"),
+        (3, "parent"): (0, "order"),
+        (2, "version"): (-1, "version"),
+        (2, "finish"): ("eos", "finish"),
+        (1, "finish"): ("stop", "structure"),
+        (2, "logprobs"): (np.array([np.nan, -1.0], dtype=np.float32), "non_finite"),
+        (2, "token_ids"): (np.array([1, 2], dtype=np.int64), "types"),
+    }
+    for (i, field), (value, rule) in cases.items():
+        with pytest.raises(TreeError) as info:
+            _tree({(i, field): value}).validate()
+        assert info.value.rule == rule, (i, field)
+
+
+def test_lowest_node_is_reported_first():
+    # node 3 has a NaN log-prob, node 1 a negative version: the lower index wins, whatever the rule order
+    tree = _tree({(1, "version"): -1, (3, "logprobs"): np.array([np.nan, -1.0], dtype=np.float32)})
+    with pytest.raises(TreeError, match=r"nodes\[1\]\.version = -1"):
+        tree.validate()
+    # same node: parent range comes before everything else of that node
+    tree = _tree({(2, "parent"): 7, (2, "version"): -1})
+    with pytest.raises(TreeError, match=r"nodes\[2\]\.parent = 7"):
+        tree.validate()
+
+
+def test_non_numeric_reward_is_a_tree_error():
+    with pytest.raises(TreeError, match=r"nodes\[2\]\.reward = 'x': must be a real number"):
+        _tree({(2, "reward"): "x"}).validate()
+
+
+def test_validate_flat_checks_the_layout_and_names_nodes():
+    # two nodes: root child 0 (2 tokens, inner) -> node 1 (1 token, leaf)
+    flat = dict(
+        tree_id="t", prompt=np.array([1, 2], dtype=np.int32), tokens=np.array([3, 4, 5], dtype=np.int32),
+        logprobs=np.full(3, -1.0, dtype=np.float32), lengths=np.array([2, 1]), parents=np.array([-1, 0]),
+        versions=np.array([0, 1]), finish=np.array([0, 1], dtype=np.uint8), rewards=np.array([np.nan, 1.0]),
+    )
+    validate_flat(**flat, vocab_size=6)
+    with pytest.raises(TreeError, match=r"nodes\[1\]\.token_ids holds token id 5 >= vocab size 5") as info:
+        validate_flat(**flat, vocab_size=5)  # token 5 lies in node 1's slice [2, 3)
+    assert info.value.rule == "token_range"
+    with pytest.raises(TreeError) as info:
+        validate_flat(**{**flat, "lengths": np.array([1, 1])})
+    assert info.value.rule == "layout"
+    with pytest.raises(TreeError, match=r"nodes\[1\] is a leaf and needs a finite reward, got None"):
+        validate_flat(**{**flat, "rewards": np.array([np.nan, np.nan])})  # NaN: no reward
+    with pytest.raises(TreeError, match=r"nodes\[0\]\.reward is set on an inner node"):
+        validate_flat(**{**flat, "rewards": np.array([np.inf, 1.0])})
+
+
+def test_trusted_node_equals_constructed_node():
+    ids, lp = np.array([4, 5], dtype=np.int32), np.array([-1.0, -2.0], dtype=np.float32)
+    a = Node(parent=-1, token_ids=ids, logprobs=lp, version=3, finish="stop", reward=1.0)
+    b = Node.trusted(-1, ids, lp, 3, "stop", 1.0)
+    assert (a.parent, a.version, a.finish, a.reward) == (b.parent, b.version, b.finish, b.reward)
+    assert a.token_ids is ids and b.token_ids is ids and a.logprobs is lp and b.logprobs is lp
+    c = Node(parent=-1, token_ids=[4, 5], logprobs=[-1.0, -2.0], version=3, finish="stop", reward=1.0)
+    assert c.token_ids.dtype == np.int32 and c.logprobs.dtype == np.float32

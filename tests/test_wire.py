@@ -411,3 +411,40 @@ def test_message_bit_flips_give_a_valid_message_or_wire_error(msg, data):
         assert e.reason in WIRE_ERROR_REASONS
         return
     assert type(out).__name__ in wire.MESSAGE_TYPES
+
+
+def test_decoder_and_validate_agree_on_single_edits():
+    """The decoder checks the flat arrays with the same rules as ReasoningTree.validate."""
+    from tests.test_tree import _mutate
+
+    rng = np.random.default_rng(11)
+    checked = raised = 0
+    while checked < 1000:
+        tree = random_tree(rng, max_depth=3, max_branch=3, max_seg_len=4, vocab_size=VOCAB)
+        _mutate(tree, rng)
+        if any(nd.token_ids.dtype != np.int32 or nd.logprobs.dtype != np.float32 or nd.version >= 2**63
+               or (nd.reward is not None and math.isnan(nd.reward)) for nd in tree.nodes):
+            continue  # not representable on the wire (encode casts dtypes; a NaN reward means "none")
+        try:
+            tree.validate(VOCAB)
+            valid = True
+        except ValueError:
+            valid = False
+        try:
+            decode_tree(encode_tree(tree), vocab_size=VOCAB)
+            decoded = True
+        except WireError as e:
+            assert e.reason in WIRE_ERROR_REASONS
+            decoded = False
+        assert decoded == valid
+        checked += 1
+        raised += not valid
+    assert 300 < raised < 1000
+
+
+def test_unencodable_values_raise_wire_error():
+    tree = _good()
+    tree.nodes[0].version = 2**70  # a valid Python int that int64 cannot hold
+    with pytest.raises(WireError) as info:
+        encode_tree(tree)
+    assert info.value.reason == "out_of_range"

@@ -1,0 +1,542 @@
+"""`treerpo demo`: warm up a tiny model, train it with asynchronous TreeRPO on CPU, show it learned.
+
+Phases (each heavy one is a process; common/ imports nothing from actor/ or learner/):
+
+1. `treerpo warmup` (subprocess, cached): a tiny char-level Qwen2 that holds a right and two wrong
+   plans for `(a+b)*c` (learner/warmup.py);
+2. `treerpo eval` before (subprocess) on held-out problems, k samples each -- it runs while the
+   learner initialises;
+3. TreeRPO: the `treerpo up` Supervisor (common/launch.py) runs the learner and >= 2 actors
+   (ZeroMQ, weight sync over gloo, metrics), while a live table follows RUN_DIR/metrics.jsonl and
+   the processes' /metrics endpoints;
+4. `treerpo eval` after, on the final checkpoint's HF export;
+5. a before/after table, RUN_DIR/demo.png (reward and accuracy against step) and
+   RUN_DIR/summary.json.
+
+Guarantees: every child runs with OMP_NUM_THREADS=1 (unless set) so the processes share the cores
+instead of oversubscribing them; Ctrl-C / SIGTERM stop every child by pid (learner first, which
+writes a final checkpoint) and the demo exits 130; no child outlives the demo (each also gets
+PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEMO_ARTIFACTS = ("checkpoints", "logs", "actors", "metrics.jsonl", "endpoints.json", "summary.json",
+                  "demo.png", "eval_before.json", "eval_after.json", "config.yaml", "config.learner.yaml",
+                  "demo.config.yaml", "eval_before.json.tmp", "eval_after.json.tmp")
+
+
+# --------------------------------------------------------------------------------------------
+# arguments (also the eval and warmup subcommands': common/cli.py imports this module for them)
+# --------------------------------------------------------------------------------------------
+def add_warmup_args(p: argparse.ArgumentParser) -> None:
+    """`treerpo warmup`: defaults (None) come from learner/warmup.py's WarmupSettings."""
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $TREERPO_CACHE or ~/.cache/treerpo)")
+    p.add_argument("--steps", type=int, default=None, help="supervised steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 3e-3)")
+    p.add_argument("--examples", type=int, default=None, help="size of the warm-up example pool (default 20000)")
+    p.add_argument("--right-fraction", type=float, default=None,
+                   help="share of examples worked with the right plan (default 0.3)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 128)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 3)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 8/3 x hidden)")
+    p.add_argument("--operand-min", type=int, default=None, help="smallest operand (default 10; = data.operand_min)")
+    p.add_argument("--operand-max", type=int, default=None, help="largest operand (default 39; = data.operand_max)")
+    p.add_argument("--seed", type=int, default=None, help="init and data seed (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (path, info) on the last line")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model folder, or a checkpoint folder holding hf/")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--task", choices=["arithmetic"], default=None,
+                      help="the synthetic task's held-out problems (the default without --data)")
+    what.add_argument("--data", nargs="+", default=None, metavar="FILE.jsonl",
+                      help="benchmark JSONL/Parquet files (id, problem, answer)")
+    p.add_argument("--reward", choices=["math", "arithmetic"], default=None,
+                   help="reward (default: math for --data, arithmetic for the task)")
+    p.add_argument("-k", type=int, default=4, help="samples per problem (pass@1 = mean over them; pass@k too)")
+    p.add_argument("--num-problems", type=int, default=None,
+                   help="problems evaluated (default: all files' rows / 200 held-out task problems)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default=None, help="inference engine (default: actor.engine)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: tree.temperature)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass (default: tree.top_p)")
+    p.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: tree.max_tokens)")
+    p.add_argument("--batch-prompts", type=int, default=64, help="prompts per engine call")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no table")
+    p.add_argument("--config", "-c", action="append", default=[],
+                   help="preset name or YAML file (model/data/tree sections); default: demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override")
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default="runs/demo", help="run directory (its earlier demo artifacts are replaced)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's learner.max_steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, training and eval")
+    p.add_argument("--actors", type=int, default=None, help="actor processes (default: actor.num_actors, >= 2)")
+    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems in each eval")
+    p.add_argument("-k", type=int, default=4, help="samples per held-out problem")
+    p.add_argument("--cache-dir", default=None, help="warm-up cache (default: $TREERPO_CACHE or ~/.cache/treerpo)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 2000)")
+    p.add_argument("--model-hidden", type=int, default=None, help="hidden size of the tiny model (default 128)")
+    p.add_argument("--model-layers", type=int, default=None, help="layers of the tiny model (default 3)")
+    p.add_argument("--no-live", action="store_true", help="plain progress lines instead of the live table")
+    p.add_argument("--config", "-c", action="append", default=[], help="preset or YAML (default: demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, e.g. --set learner.lr=1e-4")
+
+
+# --------------------------------------------------------------------------------------------
+# children
+# --------------------------------------------------------------------------------------------
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")  # one core per process: the demo runs 3+ processes on 2 cores
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def start_child(argv: list[str], log_path: Path) -> subprocess.Popen:
+    from common.launch import _die_with_parent
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab", buffering=0) as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=child_env(), start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def stop_child(proc: subprocess.Popen | None, grace_s: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def last_json_line(path: Path) -> dict[str, Any]:
+    """The last line of a child's log that is a JSON object (its machine-readable result)."""
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"{path} holds no JSON result line")
+
+
+def wait_child(proc: subprocess.Popen, what: str, log_path: Path, stopping) -> None:
+    while proc.poll() is None:
+        if stopping():
+            raise KeyboardInterrupt
+        time.sleep(0.2)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+        raise RuntimeError(f"{what} failed with exit code {proc.returncode}; log {log_path}:\n{tail}")
+
+
+# --------------------------------------------------------------------------------------------
+# metrics: RUN_DIR/metrics.jsonl and the /metrics endpoints
+# --------------------------------------------------------------------------------------------
+def parse_prometheus(text: str) -> dict[str, float]:
+    """'name{labels} value' lines -> {name: sum over label sets} (comments skipped)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        name = head.split("{", 1)[0]
+        try:
+            out[name] = out.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def scrape(url: str | None, timeout_s: float = 1.0) -> dict[str, float] | None:
+    if not url:
+        return None
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout_s) as resp:
+            return parse_prometheus(resp.read().decode())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of the learner's metrics.jsonl (a half-written last line is skipped)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+@dataclass
+class Progress:
+    """What the live display shows, refreshed from the files and endpoints of the run."""
+
+    run_dir: Path
+    steps: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    learner: dict[str, float] = field(default_factory=dict)
+    actors: dict[str, dict[str, float]] = field(default_factory=dict)  # last scrape per actor
+    actor_scrapes: dict[str, int] = field(default_factory=dict)
+    learner_scrapes: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def refresh(self, learner_url: str | None) -> None:
+        self.rows = read_metrics(self.run_dir / "metrics.jsonl")
+        got = scrape(learner_url)
+        if got:
+            self.learner, self.learner_scrapes = got, self.learner_scrapes + 1
+        for info_path in sorted((self.run_dir / "actors").glob("*.json")):
+            try:
+                url = json.loads(info_path.read_text()).get("metrics")
+            except (OSError, json.JSONDecodeError):
+                continue
+            got = scrape(url, timeout_s=0.5)
+            if got:
+                self.actors[info_path.stem] = got
+                self.actor_scrapes[info_path.stem] = self.actor_scrapes.get(info_path.stem, 0) + 1
+
+    def trees_per_second(self, window: int = 8) -> float:
+        rows = self.rows[-window - 1:]
+        if len(rows) < 2:
+            return 0.0
+        dt = rows[-1]["time"] - rows[0]["time"]
+        return sum(r.get("trees", 0) for r in rows[1:]) / dt if dt > 0 else 0.0
+
+    def line(self) -> dict[str, str]:
+        last = self.rows[-1] if self.rows else {}
+        recent = self.rows[-5:]
+        mean = lambda key: sum(r.get(key, 0.0) for r in recent) / len(recent) if recent else 0.0  # noqa: E731
+        syncs = self.learner.get("treerpo_weight_sync_duration_seconds_count", 0.0)
+        actor_trees = " ".join(f"{a.split('-')[-1]}:{int(m.get('treerpo_actor_trees_total', 0))}"
+                               for a, m in sorted(self.actors.items()))
+        return {
+            "step": f"{last.get('step', 0)}/{self.steps}",
+            "version": str(last.get("version", 0)),
+            "trees/s": f"{self.trees_per_second():.2f}",
+            "reward": f"{mean('reward/leaf_mean'):.3f}",
+            "accuracy": f"{mean('accuracy'):.3f}",
+            "staleness": f"{mean('staleness_mean'):.2f}",
+            "buffer": str(int(self.learner.get("treerpo_learner_buffer_trees", last.get("buffer_trees", 0)))),
+            "syncs": str(int(syncs)),
+            "trees by actor": actor_trees or "-",
+            "elapsed": f"{time.monotonic() - self.started:.0f} s",
+        }
+
+
+def progress_table(progress: Progress):
+    from rich.table import Table
+
+    table = Table(title="treerpo demo: asynchronous TreeRPO (learner + actors, CPU)", title_justify="left")
+    cells = progress.line()
+    for key in cells:
+        table.add_column(key, justify="right")
+    table.add_row(*cells.values())
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+def latest_hf_export(run_dir: Path) -> Path:
+    root = run_dir / "checkpoints"
+    pointer = root / "latest"
+    name = pointer.read_text().strip() if pointer.exists() else ""
+    candidates = [root / name] if name else sorted(root.glob("step-*"))[-1:]
+    for c in candidates:
+        if (c / "hf" / "config.json").exists():
+            return c / "hf"
+    raise RuntimeError(f"no checkpoint with an HF export under {root}: is learner.checkpoint_hf on?")
+
+
+def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("reward/leaf_mean", "leaf reward (train batch)"), ("accuracy", "leaf accuracy (train batch)")):
+        ys = [r.get(key, float("nan")) for r in rows]
+        ax.plot(steps, ys, alpha=0.35, label=label)
+        ax.plot(steps, smooth(ys), lw=2, label=f"{label}, smoothed")
+    ax.axhline(before, ls="--", c="gray", label=f"held-out pass@1 before ({100 * before:.1f}%)")
+    ax.axhline(after, ls="--", c="k", label=f"held-out pass@1 after ({100 * after:.1f}%)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("treerpo demo: TreeRPO on (a+b)*c, tiny char-level Qwen2, CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def smooth(ys: list[float], alpha: float = 0.2) -> list[float]:
+    out, acc = [], None
+    for y in ys:
+        acc = y if acc is None or not math.isfinite(acc) else (1 - alpha) * acc + alpha * y
+        out.append(acc)
+    return out
+
+
+def result_table(before: dict[str, Any], after: dict[str, Any], k: int):
+    from rich.table import Table
+
+    table = Table(title=f"held-out problems: {before['num_problems']} x {k} samples", title_justify="left")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for j in before["pass_at"]:
+        b, a = before["pass_at"][j], after["pass_at"][j]
+        table.add_row(f"pass@{j}", f"{100 * b:.1f}%", f"{100 * a:.1f}%", f"{100 * (a - b):+.1f} pts")
+    b, a = before["mean_response_tokens"], after["mean_response_tokens"]
+    table.add_row("mean response tokens", f"{b:.1f}", f"{a:.1f}", f"{a - b:+.1f}")
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# the demo
+# --------------------------------------------------------------------------------------------
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create it, or clear the artifacts of an earlier demo in it (never anything else)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    others = [p.name for p in run_dir.iterdir() if p.name not in DEMO_ARTIFACTS and not p.name.startswith(".")]
+    if others:
+        raise SystemExit(f"--run-dir {run_dir} holds files the demo did not write ({others[:5]}): "
+                         "choose an empty or new folder")
+    for name in DEMO_ARTIFACTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def demo_config(args, model_path: str):
+    from common.config import load_config
+
+    cfg = load_config(args.config or ["demo"], args.overrides)
+    cfg.model.path = model_path
+    cfg.run_dir = str(args.run_dir)
+    if args.steps is not None:
+        cfg.learner.max_steps = args.steps
+    cfg.learner.seed = args.seed
+    cfg.learner.resume = "never"
+    cfg.actor.seed = args.seed
+    if args.actors is not None:
+        cfg.actor.num_actors = args.actors
+    if cfg.learner.max_steps < 1:
+        raise SystemExit("the demo needs learner.max_steps >= 1 (--steps)")
+    return cfg
+
+
+def warmup_argv(args, cfg) -> list[str]:
+    """The warm-up uses the task's operand range, so its examples match the RL prompts."""
+    from common.launch import treerpo_command
+
+    argv = treerpo_command("warmup", "--json", "--operand-min", str(cfg.data.operand_min),
+                           "--operand-max", str(cfg.data.operand_max))
+    for flag, value in (("--cache-dir", args.cache_dir), ("--steps", args.warmup_steps),
+                        ("--hidden", args.model_hidden), ("--layers", args.model_layers)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv + ["--threads", str(max(1, min(4, os.cpu_count() or 1)))]  # alone on the machine: all cores
+
+
+def eval_argv(args, model: str, out: Path, config_path: Path) -> list[str]:
+    from common.launch import treerpo_command
+
+    return treerpo_command("eval", "--model", model, "--task", "arithmetic", "-k", str(args.k),
+                           "--num-problems", str(args.eval_problems), "--seed", str(args.seed),
+                           "--out", str(out), "--quiet", "--config", str(config_path))
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from common.config import dump_config
+    from common.launch import Supervisor
+
+    console = Console()
+    started = time.monotonic()
+    run_dir = Path(args.run_dir)
+    args.run_dir = str(run_dir)
+    prepare_run_dir(run_dir)
+    logs = run_dir / "logs"
+    stopping: dict[str, int | None] = {"signal": None}
+
+    def on_signal(signum, _frame) -> None:
+        stopping["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    sup: Supervisor | None = None
+    evals: list[subprocess.Popen] = []
+    phases: dict[str, float] = {}
+    is_stopping = lambda: stopping["signal"] is not None  # noqa: E731
+    try:
+        # 1. warm-up (cached)
+        console.print(f"[bold]treerpo demo[/] run dir {run_dir}  seed {args.seed}")
+        t = time.monotonic()
+        with console.status("warm-up: building the tiny model (cached after the first run)..."):
+            proc = start_child(warmup_argv(args, demo_config(args, "")), logs / "warmup.log")
+            evals.append(proc)
+            wait_child(proc, "warm-up", logs / "warmup.log", is_stopping)
+        warm = last_json_line(logs / "warmup.log")
+        phases["warmup_seconds"] = time.monotonic() - t
+        how = "cached" if warm["cached"] else f"built in {phases['warmup_seconds']:.0f} s"
+        console.print(f"warm model {warm['path']} ({warm['parameters'] / 1e6:.2f}M parameters, {how})")
+        cfg = demo_config(args, warm["path"])
+        num_actors = cfg.actor.num_actors
+        config_path = run_dir / "demo.config.yaml"
+        dump_config(cfg, config_path)
+
+        # 2. eval before, overlapping the learner's start
+        before_proc = start_child(eval_argv(args, warm["path"], run_dir / "eval_before.json", config_path),
+                                  logs / "eval_before.log")
+        evals.append(before_proc)
+
+        # 3. TreeRPO
+        sup = Supervisor(cfg, run_dir, num_actors, env=child_env(), grace_s=60.0,
+                         on_event=lambda msg: console.print(f"[dim][up] {msg}[/]"))
+        t = time.monotonic()
+        endpoints = sup.start()
+        progress = Progress(run_dir, cfg.learner.max_steps)
+        code = follow(sup, progress, endpoints.get("metrics"), console, args.no_live, is_stopping)
+        phases["train_seconds"] = time.monotonic() - t
+        if code is None:
+            raise KeyboardInterrupt
+        if code != 0:
+            raise RuntimeError(f"the learner exited with {code}; see {logs / 'learner.log'}")
+        sup.stop()
+        wait_child(before_proc, "eval before", logs / "eval_before.log", is_stopping)
+        phases["eval_before_seconds"] = json.loads((run_dir / "eval_before.json").read_text())["seconds"]
+
+        # 4. eval after, on the final checkpoint
+        final = latest_hf_export(run_dir)
+        t = time.monotonic()
+        with console.status(f"eval after: {args.eval_problems} held-out problems x {args.k} samples..."):
+            after_proc = start_child(eval_argv(args, str(final), run_dir / "eval_after.json", config_path),
+                                     logs / "eval_after.log")
+            evals.append(after_proc)
+            wait_child(after_proc, "eval after", logs / "eval_after.log", is_stopping)
+        phases["eval_after_seconds"] = time.monotonic() - t
+
+        # 5. results
+        before = json.loads((run_dir / "eval_before.json").read_text())
+        after = json.loads((run_dir / "eval_after.json").read_text())
+        progress.refresh(None)
+        summary = make_summary(args, cfg, warm, before, after, progress, sup, time.monotonic() - started, phases)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot(progress.rows, before["pass_at_1"], after["pass_at_1"], run_dir / "demo.png")
+        console.print(result_table(before, after, args.k))
+        console.print(f"accuracy {100 * summary['accuracy_before']:.1f}% -> {100 * summary['accuracy_after']:.1f}% "
+                      f"({100 * (summary['accuracy_after'] - summary['accuracy_before']):+.1f} points) in "
+                      f"{summary['steps']} steps, {summary['wall_seconds']:.0f} s wall")
+        console.print(f"plot {run_dir / 'demo.png'}, summary {run_dir / 'summary.json'}, logs {logs}")
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        console.print(f"[red]treerpo demo failed:[/] {e}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping every process (the learner writes a checkpoint)[/]")
+        return 130
+    finally:
+        for proc in evals:
+            stop_child(proc)
+        if sup is not None:
+            sup.stop()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
+def follow(sup, progress: Progress, learner_url: str | None, console, plain: bool, stopping) -> int | None:
+    """Supervise and display until the learner exits (its code) or a signal arrives (None)."""
+    from rich.live import Live
+
+    live = None if plain or not console.is_terminal else Live(progress_table(progress), console=console,
+                                                                  refresh_per_second=2)
+    last_print = 0.0
+    if live is not None:
+        live.start()
+    try:
+        while True:
+            if stopping():
+                return None
+            code = sup.poll()
+            progress.refresh(learner_url)
+            if live is not None:
+                live.update(progress_table(progress))
+            elif time.monotonic() - last_print >= 10.0 or code is not None:
+                last_print = time.monotonic()
+                console.print("  ".join(f"{k} {v}" for k, v in progress.line().items()), highlight=False)
+            if code is not None:
+                return code
+            time.sleep(1.0)
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def make_summary(args, cfg, warm: dict, before: dict, after: dict, progress: Progress, sup, wall: float,
+                 phases: dict) -> dict[str, Any]:
+    rows = progress.rows
+    losses = [r.get("loss/total") for r in rows]
+    return {
+        "accuracy_before": before["pass_at_1"],
+        "accuracy_after": after["pass_at_1"],
+        "pass_at_k_before": before["pass_at"],
+        "pass_at_k_after": after["pass_at"],
+        "eval_problems": before["num_problems"],
+        "samples_per_problem": args.k,
+        "steps": rows[-1]["step"] if rows else 0,
+        "wall_seconds": wall,
+        "mean_response_tokens_before": before["mean_response_tokens"],
+        "mean_response_tokens_after": after["mean_response_tokens"],
+        "seed": args.seed,
+        "num_actors": len(sup.actors),
+        "trees_trained": int(sum(r.get("trees", 0) for r in rows)),
+        "losses_finite": bool(rows) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses),
+        "final_version": rows[-1]["version"] + 1 if rows else 0,
+        "weight_syncs": int(progress.learner.get("treerpo_weight_sync_duration_seconds_count", 0)),
+        "learner_scrapes": progress.learner_scrapes,
+        "actors": {a: {"trees_sent": int(m.get("treerpo_actor_trees_total", 0)),
+                       "weight_version": int(m.get("treerpo_actor_weight_version", 0)),
+                       "scrapes": progress.actor_scrapes.get(a, 0)} for a, m in sorted(progress.actors.items())},
+        "pids": {c.name: c.proc.pid for c in sup.children() if c.proc is not None},
+        "model": {"path": warm["path"], "parameters": warm["parameters"], "warmup_cached": warm["cached"]},
+        "config": {"tree": cfg.tree.model_dump(), "lr": cfg.learner.lr, "batch_trees": cfg.replay.batch_trees},
+        "phases": phases,
+    }

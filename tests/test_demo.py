@@ -1,0 +1,117 @@
+"""A shortened `treerpo demo` as real processes: warm-up, evals, learner + 2 actors, shutdown.
+
+Everything is real: the warm-up and eval subprocesses, the learner (DeepSpeed on gloo), two actor
+processes, ZeroMQ, weight sync, the metrics endpoints. Only the sizes shrink (a 1-layer model,
+a few warm-up and RL steps, a handful of eval problems).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from common.demo import parse_prometheus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    try:  # a zombie has exited; only its parent's wait() is missing
+        return "\nState:\tZ" not in status.read_text()
+    except OSError:
+        return False
+
+
+def _scrape(url: str) -> dict[str, float] | None:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=1.0) as resp:
+            return parse_prometheus(resp.read().decode())
+    except OSError:
+        return None
+
+
+@pytest.mark.integration
+def test_short_demo_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "common.cli", "demo", "--run-dir", str(run_dir), "--steps", "3", "--seed", "1",
+            "--actors", "2", "--eval-problems", "6", "-k", "2", "--cache-dir", str(tmp_path / "cache"),
+            "--warmup-steps", "5", "--model-hidden", "32", "--model-layers", "1", "--no-live",
+            "--set", "replay.batch_trees=2", "--set", "actor.prompts_per_batch=1", "--set", "learner.warmup_steps=0"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    log = open(tmp_path / "demo.out", "w")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    seen_pids: set[int] = set()
+    actor_scrapes: dict[str, dict[str, float]] = {}
+    learner_scrapes = 0
+    try:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            endpoints = run_dir / "endpoints.json"
+            if endpoints.exists():
+                info = json.loads(endpoints.read_text())
+                seen_pids.add(int(info["pid"]))
+                if _scrape(info["metrics"]) is not None:
+                    learner_scrapes += 1
+            for path in (run_dir / "actors").glob("*.json"):
+                try:
+                    info = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                seen_pids.add(int(info["pid"]))
+                got = _scrape(info["metrics"])
+                if got is not None:
+                    actor_scrapes[path.stem] = got
+            time.sleep(0.3)
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = (tmp_path / "demo.out").read_text()
+    assert code == 0, out[-4000:]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "eval_problems", "samples_per_problem", "steps",
+                "wall_seconds", "mean_response_tokens_before", "mean_response_tokens_after"):
+        assert key in summary, key
+    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
+    assert summary["eval_problems"] == 6 and summary["samples_per_problem"] == 2 and summary["steps"] == 3
+    assert summary["mean_response_tokens_before"] > 0 and summary["mean_response_tokens_after"] > 0
+
+    # trees came from both actors, and both loaded newer weights than the first sync's (version 0)
+    assert len(summary["actors"]) == 2
+    assert all(a["trees_sent"] > 0 for a in summary["actors"].values()), summary["actors"]
+    assert all(a["weight_version"] >= 1 for a in summary["actors"].values()), summary["actors"]
+    assert summary["weight_syncs"] >= 2
+    # our own scrapes answered while the demo ran
+    assert learner_scrapes >= 1
+    assert actor_scrapes and all("treerpo_actor_weight_version" in m for m in actor_scrapes.values())
+
+    # three finite losses, one line per optimizer step
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss/total"]) and math.isfinite(r["train/grad_norm"]) for r in rows)
+
+    # the final checkpoint's HF export was evaluated; the plot exists
+    after = json.loads((run_dir / "eval_after.json").read_text())
+    assert "checkpoints/step-000000003/hf" in after["model"]
+    assert (run_dir / "demo.png").stat().st_size > 1000
+
+    # clean shutdown: every child the demo started is gone
+    pids = set(summary["pids"].values()) | seen_pids
+    assert len(pids) >= 3
+    assert [p for p in pids if _alive(p)] == []
