@@ -455,18 +455,20 @@ class Trainer:
 
         batch = batch.to(self.device)
         temperature = self.cfg.tree.temperature
-        logprobs, entropy = token_logprobs(self.module, batch, temperature, return_entropy=True)  # (B, T)
+        attention = self.cfg.learner.tree_attention
+        logprobs, entropy = token_logprobs(self.module, batch, temperature, return_entropy=True,
+                                           tree_attention=attention)  # (B, T)
         proximal = None
         if self.cfg.loss.proximal == "recompute":
             if self.cfg.learner.proximal_forward:
                 with torch.no_grad():
-                    proximal = token_logprobs(self.module, batch, temperature)  # (B, T)
+                    proximal = token_logprobs(self.module, batch, temperature, tree_attention=attention)  # (B, T)
             else:
                 proximal = logprobs.detach()
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref = token_logprobs(self.ref_model, batch, temperature)  # (B, T)
+                ref = token_logprobs(self.ref_model, batch, temperature, tree_attention=attention)  # (B, T)
         inputs = LossInputs(
             logprobs=logprobs, proximal_logprobs=proximal, behaviour_logprobs=batch.behaviour_logprobs,
             advantages=batch.advantages, mask=batch.loss_mask, ref_logprobs=ref, staleness=batch.staleness,
