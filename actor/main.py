@@ -71,7 +71,9 @@ class Actor:
         self.metrics = ActorMetrics(self.registry, actor_id, cfg.actor.engine)
         self.server = None
         if cfg.metrics.enabled:
-            self.server = MetricsServer(cfg.metrics.host, cfg.metrics.actor_port, self.registry).start()
+            # vLLM registers its own `vllm:` metrics in prometheus_client's global registry
+            self.server = MetricsServer(cfg.metrics.host, cfg.metrics.actor_port, self.registry,
+                                        include_default_registry=cfg.actor.engine == "vllm").start()
             write_json_atomic(actor_info_path(run_dir, actor_id), {"metrics": self.server.url, "pid": os.getpid()})
         self.net = ActorEndpoints(cfg.transport, actor_id, data_endpoint=endpoints.get("data"),
                                   control_endpoint=endpoints.get("control"))
@@ -130,7 +132,7 @@ class Actor:
 
     def _handle(self, msg) -> bool:
         """Returns True when the message (re)established a registration."""
-        from common.wire import Credit, Shutdown, WeightAnnounce, Welcome
+        from common.wire import Credit, Rejoin, Shutdown, WeightAnnounce, Welcome
 
         if isinstance(msg, Welcome):
             if msg.incarnation != self.incarnation and self.incarnation >= 0:
@@ -152,6 +154,10 @@ class Actor:
             with self.state_lock:
                 self.credits += msg.credits
                 self.metrics.credits.set(self.credits)
+        elif isinstance(msg, Rejoin):
+            log.warning("learner says rejoin (%s): registering again", msg.reason)
+            self._learner_lost(count_lost=msg.incarnation != self.incarnation)
+            self.last_contact = 0.0  # forces a Register on the next pass
         elif isinstance(msg, WeightAnnounce):
             self._announces.put(msg)
         elif isinstance(msg, Shutdown):
@@ -199,10 +205,14 @@ class Actor:
         from common.wire import WeightAck
 
         try:
-            checksum, seconds = self.receiver.receive(
-                announce, lambda named: self._load(named, announce.version),
-                read_back=self.engine.named_parameters_for_sync,
-            )
+            if hasattr(self.engine, "receive_weights"):  # vLLM: its worker joins the group itself
+                with self.lock:  # vllm.LLM is not thread-safe: no generation during the receive
+                    checksum, seconds = self.engine.receive_weights(announce)
+            else:
+                checksum, seconds = self.receiver.receive(
+                    announce, lambda named: self._load(named, announce.version),
+                    read_back=self.engine.named_parameters_for_sync,
+                )
         except WeightSyncError as e:
             log.warning("weight sync %d failed: %s", announce.sync_id, e)
             return WeightAck(actor_id=self.actor_id, sync_id=announce.sync_id, version=announce.version, ok=False,
@@ -213,10 +223,11 @@ class Actor:
         return WeightAck(actor_id=self.actor_id, sync_id=announce.sync_id, version=announce.version, ok=True,
                          checksum=checksum, load_seconds=seconds, error="")
 
-    def _learner_lost(self) -> None:
+    def _learner_lost(self, count_lost: bool = True) -> None:
+        """Forget the registration. With count_lost, the learner itself is gone: trees sent whose
+        credit never came back died with it (in its buffer or in transit)."""
         with self.state_lock:
-            # trees sent whose credit never came back died with that learner (in its buffer or in transit)
-            unreturned = max(0, self.credit_quota - self.credits)
+            unreturned = max(0, self.credit_quota - self.credits) if count_lost else 0
             self.credits = 0
             self.incarnation = -1
         if unreturned:

@@ -13,8 +13,8 @@ what is missing). Guarantees (on top of actor/engine.py's contract):
   as "stop" (the token is included), the budget as "length";
 * weights are updated in place inside the workers by `WeightUpdateExtension` (named by qualified
   string, reached through `LLM.collective_rpc`), after which the prefix cache is reset so no
-  KV computed with the old weights is reused. The NCCL receive of the weight-sync group is added
-  next to `load_named_tensors`, which is the hook it calls with the received tensors.
+  KV computed with the old weights is reused. `receive_weights` runs the weight-sync receive
+  inside the worker (NCCL straight onto its GPU) and loads with the model's `load_weights`.
 """
 
 from __future__ import annotations
@@ -65,6 +65,27 @@ class WeightUpdateExtension:
         tensors = [(name, t.to(device, non_blocking=True)) for name, t in named_tensors]
         self.model_runner.model.load_weights(weights=tensors)
         return len(tensors)
+
+    def receive_weights(self, announce_fields: dict[str, Any]) -> tuple[str, float]:
+        """Join the learner's weight-sync group from inside this worker and load what arrives.
+
+        The announcement travels as a plain dict (collective_rpc pickles its arguments); the
+        tensors come over the sync group itself (NCCL when both sides have CUDA) straight onto
+        this worker's GPU, are loaded with the model's own `load_weights` (fused layouts
+        handled), and the checksum proves what arrived (vLLM's fused parameters cannot be read
+        back under HF names). One worker per actor (tensor_parallel_size=1): the sync group
+        gives each actor one rank.
+        """
+        from actor.weights import WeightReceiver
+        from common.wire import WeightAnnounce
+
+        if not hasattr(self, "_treerpo_receiver"):
+            self._treerpo_receiver = WeightReceiver()
+        model = self.model_runner.model
+        return self._treerpo_receiver.receive(
+            WeightAnnounce(**announce_fields), lambda named: model.load_weights(weights=named),
+            checksum_received=True,
+        )
 
     def parameter_specs(self) -> list[tuple[str, list[int], str]]:
         """(name, shape, dtype) of the worker's parameters in vLLM's layout (diagnostics)."""
@@ -164,6 +185,23 @@ class VLLMEngine:
         self.llm.collective_rpc("load_named_tensors", args=(tensors,))
         self.llm.reset_prefix_cache()
         self.version = int(version)
+
+    def receive_weights(self, announce: Any) -> tuple[str, float]:
+        """The weight sync for this engine: the worker joins the group and receives (see the
+        extension); then the prefix cache is dropped and the version set. Returns (checksum, s)."""
+        import dataclasses
+
+        if self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size != 1:
+            raise EngineError("weight sync into vLLM needs tensor_parallel_size=1 (one sync rank per actor)")
+        from common.weightsync import WeightSyncError
+
+        try:
+            (checksum, seconds), = self.llm.collective_rpc("receive_weights", args=(dataclasses.asdict(announce),))
+        except Exception as e:  # noqa: BLE001 - a worker-side failure arrives wrapped by the RPC layer
+            raise WeightSyncError("error", f"vLLM worker weight receive failed: {e}") from e
+        self.llm.reset_prefix_cache()
+        self.version = int(announce.version)
+        return checksum, seconds
 
     def named_parameters_for_sync(self) -> list[tuple[str, "torch.Tensor"]]:
         raise EngineError(

@@ -119,6 +119,8 @@ class Supervisor:
             "actor", "--config", str(self.config_path), "--run-dir", str(self.run_dir),
             "--actor-id", f"actor-{i}", "--actor-index", str(i), "--num-actors", str(shards),
         )
+        if self.cfg.metrics.actor_port:  # actor i serves metrics on actor_port + i (deploy/prometheus)
+            argv += ["--set", f"metrics.actor_port={self.cfg.metrics.actor_port + i}"]
         child = Child(f"actor-{i}", argv, logs_dir(self.run_dir) / f"actor-{i}.log", restartable=True)
         child.start({**self.env, **(env or {})})
         self.actors.append(child)

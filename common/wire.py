@@ -602,6 +602,15 @@ class WeightAck:
 
 
 @message
+class Rejoin:
+    """learner -> actor: you are not (or no longer) a member -- dropped after a failed sync, or
+    unknown to this learner: register again (and receive the current weights) before sending."""
+
+    incarnation: int = bounded(0, _I64)
+    reason: str = text(1024)
+
+
+@message
 class Shutdown:
     """Either direction: the sender is stopping (reason is free text, bounded)."""
 
@@ -615,6 +624,7 @@ __all__ = [
     "Credit",
     "Heartbeat",
     "Register",
+    "Rejoin",
     "Shutdown",
     "WeightAck",
     "WeightAnnounce",

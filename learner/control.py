@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.transport import LearnerEndpoints
-from common.wire import Credit, Heartbeat, Register, Shutdown, WeightAck, Welcome, WireError
+from common.wire import Credit, Heartbeat, Register, Rejoin, Shutdown, WeightAck, Welcome, WireError
 
 log = logging.getLogger("treerpo.learner.control")
 
@@ -148,7 +148,16 @@ class ControlPlane:
                 actor_id, msg = self._out.get_nowait()
             except queue.Empty:
                 return
-            self.endpoints.send_control(actor_id, msg)
+            self._send_now(actor_id, msg)
+
+    def _send_now(self, actor_id: str, msg: Any) -> bool:
+        """Hand msg to ZeroMQ; an undeliverable one (peer not connected, queue full) is logged --
+        the protocol recovers: heartbeats re-grant credits, a missed WeightAnnounce fails that
+        actor's sync, and a dropped actor is told to Rejoin."""
+        ok = self.endpoints.send_control(actor_id, msg)
+        if not ok:
+            log.warning("could not deliver %s to actor %s", type(msg).__name__, actor_id)
+        return ok
 
     def _handle(self, identity: str, msg: Any) -> None:
         now = time.monotonic()
@@ -160,7 +169,7 @@ class ControlPlane:
                 self.state.members[identity] = Member(identity, now, now, msg.has_cuda)
                 st = self.state
             credits = self.buffer.register_actor(identity)
-            self.endpoints.send_control(identity, Welcome(
+            self._send_now(identity, Welcome(
                 incarnation=st.incarnation, version=st.version, credits=credits, max_staleness=st.max_staleness,
                 rendezvous_host=st.rendezvous_host, rendezvous_port=st.rendezvous_port,
             ))
@@ -172,9 +181,11 @@ class ControlPlane:
                 if member is not None:
                     member.last_seen, member.trees_sent = now, msg.trees_sent
                 st = self.state
-            grant = self.buffer.grant_credits(identity) if member is not None and not member.pending else 0
-            # an unknown actor gets our incarnation and re-registers on seeing it differ
-            self.endpoints.send_control(identity, Credit(incarnation=st.incarnation, version=st.version, credits=grant))
+            if member is None:  # dropped (e.g. a failed sync) or registered with another incarnation
+                self._send_now(identity, Rejoin(incarnation=st.incarnation, reason="not a member of this learner"))
+                return
+            grant = self.buffer.grant_credits(identity) if not member.pending else 0
+            self._send_now(identity, Credit(incarnation=st.incarnation, version=st.version, credits=grant))
         elif isinstance(msg, WeightAck):
             with self.lock:
                 member = self.state.members.get(identity)
@@ -197,7 +208,7 @@ class ControlPlane:
         for actor_id in ready:  # pending members get credit once their weights are confirmed
             n = self.buffer.grant_credits(actor_id)
             if n > 0:
-                self.endpoints.send_control(actor_id, Credit(incarnation=st.incarnation, version=st.version, credits=n))
+                self._send_now(actor_id, Credit(incarnation=st.incarnation, version=st.version, credits=n))
         self._update_gauges()
 
     def _update_gauges(self) -> None:

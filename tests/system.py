@@ -96,7 +96,10 @@ class System:
         self.pids: list[int] = []
 
     def start(self) -> "System":
-        self.sup.start(startup_timeout_s=300)
+        try:
+            self.sup.start(startup_timeout_s=300)
+        except (RuntimeError, TimeoutError) as e:
+            raise AssertionError(f"{e}\n--- learner log:\n{self.log_tail('learner')}") from None
         self.pids += [c.proc.pid for c in self.sup.children()]
         return self
 

@@ -18,6 +18,7 @@ from common.wire import (
     Credit,
     Heartbeat,
     Register,
+    Rejoin,
     Shutdown,
     WeightAck,
     WeightAnnounce,
@@ -352,6 +353,7 @@ EXAMPLES = [
                    dtypes=["float32", "float32"], buckets=[[0, 2, 816]]),
     WeightAck(actor_id="actor-0", sync_id=5, version=18, ok=True, checksum="ab" * 32, load_seconds=0.25, error=""),
     Shutdown(reason="max_steps reached"),
+    Rejoin(incarnation=2, reason="not a member of this learner"),
 ]
 
 

@@ -1,0 +1,108 @@
+"""The learner's control plane over real ZeroMQ sockets: registration, credits, drop and rejoin."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from common.config import ReplayConfig, TransportConfig
+from common.transport import ActorEndpoints, LearnerEndpoints
+from common.wire import Credit, Heartbeat, Register, Rejoin, Shutdown, Welcome
+from learner.buffer import ReplayBuffer
+from learner.control import ControlPlane, ControlState
+
+WAIT = 5.0
+
+
+def _register(actor: ActorEndpoints, actor_id: str) -> None:
+    assert actor.send_control(Register(actor_id=actor_id, incarnation_seen=-1, version=-1, pid=1, hostname="h",
+                                       engine="hf", vocab_size=99, has_cuda=False), timeout_s=WAIT)
+
+
+def _heartbeat(actor: ActorEndpoints, actor_id: str) -> None:
+    assert actor.send_control(Heartbeat(actor_id=actor_id, incarnation_seen=3, version=0, trees_sent=0),
+                              timeout_s=WAIT)
+
+
+def _recv(actor: ActorEndpoints, kind: type):
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        msg = actor.recv_control(0.2)
+        if isinstance(msg, kind):
+            return msg
+    raise AssertionError(f"no {kind.__name__} within {WAIT} s")
+
+
+@pytest.fixture
+def plane():
+    cfg = TransportConfig(data_port=0, control_port=0, linger_s=0.2)
+    endpoints = LearnerEndpoints(cfg)
+    buffer = ReplayBuffer(ReplayConfig(credits_per_actor=5), incarnation=3)
+    control = ControlPlane(endpoints, buffer, ControlState(3, 7, 4, "127.0.0.1", 1234), peer_timeout_s=60).start()
+    actors: list[ActorEndpoints] = []
+
+    def connect(actor_id: str) -> ActorEndpoints:
+        actor = ActorEndpoints(cfg, actor_id, data_endpoint=endpoints.data_endpoint,
+                               control_endpoint=endpoints.control_endpoint)
+        actors.append(actor)
+        return actor
+
+    yield control, connect
+    control.stop()
+    for a in actors:
+        a.close()
+    endpoints.close()
+
+
+def test_register_gets_welcome_with_incarnation_version_and_credits(plane):
+    control, connect = plane
+    actor = connect("a0")
+    _register(actor, "a0")
+    welcome = _recv(actor, Welcome)
+    assert (welcome.incarnation, welcome.version, welcome.credits, welcome.max_staleness) == (3, 7, 5, 4)
+    assert (welcome.rendezvous_host, welcome.rendezvous_port) == ("127.0.0.1", 1234)
+    assert control.pending() == ["a0"]  # no credit beyond the Welcome until its weights are confirmed
+    _heartbeat(actor, "a0")
+    assert _recv(actor, Credit).credits == 0
+    control.confirm("a0", 7)
+    assert control.pending() == [] and control.is_member("a0")
+
+
+def test_unknown_or_dropped_actor_is_told_to_rejoin(plane):
+    control, connect = plane
+    stranger = connect("stranger")
+    _heartbeat(stranger, "stranger")  # never registered (e.g. it knew the previous learner)
+    msg = _recv(stranger, Rejoin)
+    assert msg.incarnation == 3
+    actor = connect("a1")
+    _register(actor, "a1")
+    _recv(actor, Welcome)
+    control.confirm("a1", 7)
+    control.drop("a1", "failed a weight sync")  # alive, but out of the group
+    assert control.member_ids() == []
+    _heartbeat(actor, "a1")
+    assert isinstance(_recv(actor, Rejoin), Rejoin)
+    _register(actor, "a1")  # and it can come back
+    assert _recv(actor, Welcome).credits == 5
+    assert control.member_ids() == ["a1"]
+
+
+def test_register_under_another_identity_is_refused(plane):
+    control, connect = plane
+    actor = connect("real")
+    _register(actor, "impostor")
+    assert actor.recv_control(0.5) is None
+    assert control.member_ids() == []
+
+
+def test_actor_shutdown_leaves_the_group(plane):
+    control, connect = plane
+    actor = connect("a2")
+    _register(actor, "a2")
+    _recv(actor, Welcome)
+    assert actor.send_control(Shutdown(reason="bye"), timeout_s=WAIT)
+    deadline = time.monotonic() + WAIT
+    while control.member_ids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert control.member_ids() == []
