@@ -281,23 +281,26 @@ def latest_hf_export(run_dir: Path) -> Path:
 
 
 def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path) -> None:
+    """Two panels against step: mean leaf reward; leaf accuracy with held-out pass@1 before/after."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("reward/leaf_mean", "leaf reward (train batch)"), ("accuracy", "leaf accuracy (train batch)")):
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for ax, key, label in ((top, "reward/leaf_mean", "mean leaf reward"), (bottom, "accuracy", "leaf accuracy")):
         ys = [r.get(key, float("nan")) for r in rows]
-        ax.plot(steps, ys, alpha=0.35, label=label)
+        ax.plot(steps, ys, alpha=0.35, label=f"{label} (train batch)")
         ax.plot(steps, smooth(ys), lw=2, label=f"{label}, smoothed")
-    ax.axhline(before, ls="--", c="gray", label=f"held-out pass@1 before ({100 * before:.1f}%)")
-    ax.axhline(after, ls="--", c="k", label=f"held-out pass@1 after ({100 * after:.1f}%)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_title("treerpo demo: TreeRPO on (a+b)*c, tiny char-level Qwen2, CPU")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(0.3, min(1.0, 1.25 * max([after, *[y for y in ys if math.isfinite(y)]], default=0.3))))
+    bottom.axhline(before, ls="--", c="gray", label=f"held-out pass@1 before ({100 * before:.1f}%)")
+    bottom.axhline(after, ls="--", c="k", label=f"held-out pass@1 after ({100 * after:.1f}%)")
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
+        ax.legend(fontsize=7, loc="upper left")
+    top.set_title("treerpo demo: TreeRPO on (a+b)*c, tiny char-level Qwen2, CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -390,7 +393,7 @@ def run(args) -> int:
     from common.config import dump_config
     from common.launch import Supervisor
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)  # a log: one line per update
     started = time.monotonic()
     run_dir = Path(args.run_dir)
     args.run_dir = str(run_dir)

@@ -197,7 +197,10 @@ class Learner:
                 break
             self.sync(self.control.pending())
             t_wait = time.monotonic()
-            trees = self.buffer.take(self.state.version, min_trees=cfg.replay.batch_trees, timeout_s=0.5)
+            # the live actors can hold at most members x credits trees: never wait for more
+            reachable = len(self.control.member_ids()) * cfg.replay.credits_per_actor
+            min_trees = max(1, min(cfg.replay.batch_trees, reachable))
+            trees = self.buffer.take(self.state.version, min_trees=min_trees, timeout_s=0.5)
             self.metrics.buffer_trees.set(len(self.buffer))
             self.metrics.buffer_oldest_age.set(self.buffer.oldest_age_s())
             self.metrics.trees_in_flight.set(sum(self.buffer.in_flight(a) for a in self.control.member_ids()))

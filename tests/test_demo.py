@@ -115,3 +115,28 @@ def test_short_demo_end_to_end(tmp_path):
     pids = set(summary["pids"].values()) | seen_pids
     assert len(pids) >= 3
     assert [p for p in pids if _alive(p)] == []
+
+
+def test_warmup_is_cached_by_settings(tmp_path):
+    import torch
+
+    from learner.warmup import MARKER, WarmupSettings, ensure_warm_model, encode_examples
+
+    torch.set_num_threads(1)
+    small = WarmupSettings(hidden_size=16, num_layers=1, intermediate_size=32, examples=50, steps=2, batch_size=4)
+    path, info = ensure_warm_model(small, tmp_path)
+    assert not info["cached"] and (path / MARKER).exists() and (path / "config.json").exists()
+    again, info2 = ensure_warm_model(small, tmp_path)
+    assert again == path and info2["cached"] and info2["final_loss"] == info["final_loss"]
+    other, _ = ensure_warm_model(WarmupSettings(**{**small.__dict__, "steps": 3}), tmp_path)
+    assert other != path  # another setting, another cache entry
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, other.name])  # no temp folders left
+
+    # supervised rows: prompt ids as the actors make them, completion + EOS after them
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ids, prompt_len = encode_examples(small, tok)[0]
+    text = tok.decode(ids[:prompt_len])
+    assert text.startswith("(") and text.endswith("=") and ids[-1] == tok.eos_token_id
+    assert "#" in tok.decode(ids[prompt_len:-1])
