@@ -13,8 +13,8 @@ Guarantees (on top of actor/engine.py's contract):
   generator (seeded at construction) advances. The whole call is one random stream, so a
   request's samples depend on its batch mates too;
 * stop strings are found by decoding only the last `len(stop) + 1` generated tokens;
-* `generate`, `load_weights` and every stream step hold the engine's own lock, so weights never
-  change inside a forward.
+* `generate`, `load_weights`, `swap_in` and every stream step hold the engine's own lock, so
+  weights never change inside a forward.
 
 Continuous batching (`open_stream(seed)` -> `HFStream`, the `EngineStream` of actor/engine.py).
 One running batch (a DynamicCache, left-padded, explicit positions) that rows join and leave
@@ -147,6 +147,45 @@ class HFEngine:
                 raise EngineError(f"load_weights(strict=True): {len(missing)} parameters not sent, e.g. {missing[:3]}")
         self.version = int(version)
         return count
+
+    def swap_in(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int, *,
+                strict: bool = False) -> bool:
+        """Adopt the tensors AS the parameters (`param.data = tensor`, no copy), then set version.
+
+        All or nothing: every name, shape and duplicate is checked first (EngineError, nothing
+        changed); if any tensor's dtype or device differs from its parameter's, or it needs grad,
+        nothing changes and it returns False (copy with `load_weights` instead). Otherwise every
+        parameter is rebound under the engine lock, between forwards, and it returns True. Tied
+        parameters stay tied (a tie is one Parameter object; send it under one of its names).
+        The caller must never write the adopted tensors again while the engine holds them.
+        """
+        import torch
+
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        pairs: list[tuple["torch.nn.Parameter", "torch.Tensor"]] = []
+        covered: dict[int, str] = {}
+        for name, tensor in named_tensors:
+            param = params.get(name)
+            if param is None:
+                raise EngineError(f"swap_in: the model has no parameter {name!r} (first names: {list(params)[:4]})")
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise EngineError(f"swap_in: {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(param.shape)}")
+            if id(param) in covered:
+                raise EngineError(f"swap_in: {name!r} and {covered[id(param)]!r} are one tied parameter; send it once")
+            covered[id(param)] = name
+            pairs.append((param, tensor))
+        if strict:
+            missing = [n for n, p in self.model.named_parameters() if id(p) not in covered]
+            if missing:
+                raise EngineError(f"swap_in(strict=True): {len(missing)} parameters not sent, e.g. {missing[:3]}")
+        if any(t.dtype != p.dtype or t.device != p.device or t.requires_grad for p, t in pairs):
+            return False
+        with self._lock, torch.no_grad():
+            for param, tensor in pairs:
+                param.data = tensor
+            self.version = int(version)
+        return True
 
     # -- generation --------------------------------------------------------------------------
     def check(self, req: GenerationRequest) -> None:

@@ -66,7 +66,7 @@ class Actor:
         self.reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
         self.sampler = TreeSampler(LockedEngine(self.engine, self.lock), cfg.tree, self.reward, actor_id,
                                    seed=cfg.actor.seed + 7919 * index)
-        self.receiver = WeightReceiver(on_bucket=self._fault_hook())
+        self.receiver = WeightReceiver(checksum=cfg.weights.checksum, on_bucket=self._fault_hook())
         self.registry = new_registry()
         self.metrics = ActorMetrics(self.registry, actor_id, cfg.actor.engine)
         self.server = None
@@ -199,6 +199,11 @@ class Actor:
         with self.lock:  # between engine calls: a tree may switch versions between levels
             self.engine.load_weights(named, version)
 
+    def _swap(self, named, version: int) -> bool:
+        """Adopt the received buffers as the weights, no copy (HF engine); False: copy with _load."""
+        with self.lock:
+            return self.engine.swap_in(named, version)
+
     def _receive_weights(self, announce):
         """Receive into fresh buffers (no lock held: generation goes on), load under the engine lock."""
         from common.weightsync import WeightSyncError
@@ -209,9 +214,12 @@ class Actor:
                 with self.lock:  # vllm.LLM is not thread-safe: no generation during the receive
                     checksum, seconds = self.engine.receive_weights(announce)
             else:
+                swap = None
+                if hasattr(self.engine, "swap_in"):  # HF: adopt the received buffers, no copy
+                    swap = lambda named: self._swap(named, announce.version)  # noqa: E731
                 checksum, seconds = self.receiver.receive(
                     announce, lambda named: self._load(named, announce.version),
-                    read_back=self.engine.named_parameters_for_sync,
+                    read_back=self.engine.named_parameters_for_sync, swap_fn=swap,
                 )
         except WeightSyncError as e:
             log.warning("weight sync %d failed: %s", announce.sync_id, e)

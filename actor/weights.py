@@ -1,21 +1,33 @@
 """Actor side of the weight sync: join the announced group, receive, load, checksum (DESIGN §6).
 
 Guarantees:
-* Atomic load: every bucket is received into fresh buffers first; `load_fn` runs only once all
-  arrived, so a sync that fails midway leaves the engine's weights (and version) untouched.
-  Cost: one extra copy of the weights in memory (on the GPU for NCCL) during a sync.
+* Atomic load: every bucket is received into staging buffers first; the engine is touched only
+  once all arrived, so a sync that fails midway leaves the engine's weights (and version) untouched.
+* Zero-copy install (`swap_fn`): the engine may adopt the staged tensors as its parameters
+  (`HFEngine.swap_in`: ``param.data = staged view`` under its lock) instead of copying them.
+  The receiver then keeps two buffer sets and receives each sync into the one the engine does
+  not hold (ping-pong), so a live parameter is never written by a later sync. Memory: one
+  staging copy of the weights besides the engine's, as with copying. `swap_fn` returning False
+  (cannot adopt, e.g. dtype or device differ) means it changed nothing; `load_fn` then copies.
 * Bounded: the whole receive (rendezvous + buckets) ends by the announcement's `timeout_s`.
-  On a dead learner, a deadline or a bad announcement it raises `WeightSyncError` (with a
-  `.reason`), after telling the learner "alive, but failed" through the rendezvous store
-  (key ``<group>/failed/<rank>``), so the learner keeps this actor for the next sync.
-* The returned checksum is `tensor_checksum` of the parameters read back after loading (when a
-  `read_back` is given), so it proves what the engine holds, not just what arrived.
+  Up to `MAX_IN_FLIGHT` bucket broadcasts are posted at once, completed in order (`on_bucket`
+  runs after each, in order). On a dead learner, a deadline or a bad announcement it raises
+  `WeightSyncError` (with a `.reason`), after telling the learner "alive, but failed" through
+  the rendezvous store (key ``<group>/failed/<rank>``), so the learner keeps this actor for the
+  next sync.
+* The returned checksum (`tensor_checksum`) proves what the engine holds: after a copy it hashes
+  the parameters read back; after a swap, the buckets were hashed as they arrived (while later
+  ones were still on the wire) and every parameter read back is checked to BE the hashed tensor
+  (same memory, shape, stride, dtype), otherwise the read-back parameters are hashed. With
+  `checksum_received` it is of what arrived (engines that cannot read back, e.g. vLLM).
 
 Driving it (actor process), on a WeightAnnounce from the control channel::
 
     try:
-        checksum, seconds = receiver.receive(announce, lambda named: engine.load_weights(named, announce.version),
-                                             read_back=engine.named_parameters_for_sync)
+        checksum, seconds = receiver.receive(
+            announce, lambda named: engine.load_weights(named, announce.version),
+            read_back=engine.named_parameters_for_sync,
+            swap_fn=lambda named: engine.swap_in(named, announce.version))   # HF engine only
         send WeightAck(actor_id, announce.sync_id, announce.version, True, checksum, seconds, "")
     except WeightSyncError as e:
         send WeightAck(actor_id, announce.sync_id, announce.version, False, "", 0.0, str(e))
@@ -24,25 +36,29 @@ Driving it (actor process), on a WeightAnnounce from the control channel::
 
 from __future__ import annotations
 
-import time
+import traceback
 from typing import Any, Callable, Iterable
 
 from common.weightsync import (
     Deadline,
+    Digests,
+    InFlight,
     WeightSyncError,
     broadcast_bucket,
     bucket_device,
     check_layout,
+    combine_digests,
     connect_store,
+    drop_group_later,
     make_group,
     tensor_checksum,
     torch_dtype,
     unflatten,
-    wait_work,
 )
 
 LoadFn = Callable[[list[tuple[str, Any]]], Any]
 ReadBackFn = Callable[[], Iterable[tuple[str, Any]]]
+SwapFn = Callable[[list[tuple[str, Any]]], bool]
 
 
 class WeightReceiver:
@@ -51,13 +67,15 @@ class WeightReceiver:
     def __init__(self, *, checksum: bool = True, reuse_buffers: bool = True,
                  on_bucket: Callable[[int, int], None] | None = None):
         self.checksum = checksum
-        # Keep the receive buffers between syncs (one weight copy stays allocated; fresh memory
-        # costs page faults several times the copy). Set False where memory is scarcer than time.
+        # Keep the staging buffers between syncs (fresh memory costs page faults several times the
+        # copy). Set False where memory is scarcer than time.
         self.reuse_buffers = reuse_buffers
-        self._buffers: dict[tuple[str, int, str], Any] = {}  # (dtype, bucket index, device) -> buffer
+        self._sets: list[dict[tuple[str, int, str], Any]] = [{}, {}]  # (dtype, bucket, device) -> buffer
+        self._live: int | None = None  # the set the engine adopted with the last swap (never received into)
         self.on_bucket = on_bucket  # (bucket index, bucket count) after each bucket arrived; tests, progress
         self._store: Any = None
         self._store_addr: tuple[str, int] | None = None
+        self.last_swapped = False  # did the last successful receive install by swap (else by copy)?
 
     def reset(self) -> None:
         """Forget the store connection (the learner restarted: its store is a new one)."""
@@ -69,69 +87,133 @@ class WeightReceiver:
             self._store_addr = (host, port)
         return self._store
 
-    def receive(self, announce: Any, load_fn: LoadFn, read_back: ReadBackFn | None = None) -> tuple[str, float]:
-        """Join `announce.group` at `announce.rank`, receive all buckets, call load_fn(named tensors)
-        once, and return (checksum, seconds). Raises WeightSyncError on any failure."""
+    def receive(self, announce: Any, load_fn: LoadFn, read_back: ReadBackFn | None = None,
+                swap_fn: SwapFn | None = None, *, checksum_received: bool = False) -> tuple[str, float]:
+        """Join `announce.group` at `announce.rank`, receive all buckets, install them once (swap_fn,
+        else / if it declines load_fn), and return (checksum, seconds). Raises WeightSyncError.
+
+        checksum_received: the checksum is of what arrived (hashed as it arrives), for engines whose
+        parameters cannot be read back under the sent names (vLLM's fused layouts)."""
         deadline = Deadline(announce.timeout_s)
         plan = check_layout(announce.names, announce.shapes, announce.dtypes, announce.buckets, announce.version)
         if not 1 <= announce.rank < announce.world_size:
             raise WeightSyncError("invalid_announce", f"rank {announce.rank} is not a member rank of a group "
                                   f"of {announce.world_size} (rank 0 is the learner)")
+        target = 1 if self._live == 0 else 0
+        early = self.checksum and (checksum_received or (swap_fn is not None and read_back is not None))
         store = None
         try:
             store = self._client(announce.rendezvous_host, announce.rendezvous_port, deadline.check("connect"))
-            buffers = self._receive_buckets(store, announce, plan, deadline)
-        except WeightSyncError as e:
+            named, digests = self._receive_buckets(store, announce, plan, deadline, target, early)
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # the frames below hold the group: close it now
+            if not isinstance(e, WeightSyncError):
+                raise
             self._report_failure(store, announce, e)
             if e.reason != "invalid_announce":
                 self.reset()  # the store may be gone with its learner: reconnect next time
             raise
-        named: list[tuple[str, Any]] = []
-        for (first, end, _), buf in zip(plan.buckets, buffers):
-            named.extend(zip(plan.names[first:end], unflatten(buf, plan.shapes[first:end])))
+        swapped = False
         try:
-            load_fn(named)
+            if swap_fn is not None:
+                try:
+                    swapped = bool(swap_fn(named))
+                except BaseException:
+                    self._sets[target] = {}  # in case it kept some: never receive into them again
+                    raise
+            if not swapped:
+                load_fn(named)
         except Exception as e:  # noqa: BLE001 - any engine error becomes a failed ack, with its text
             raise WeightSyncError("load", f"loading version {announce.version} failed: {e}") from e
-        del named, buffers
+        if swapped:
+            self._live = target if self.reuse_buffers else None
+        self.last_swapped = swapped
         checksum = ""
-        if self.checksum:
-            if read_back is not None:
-                wanted = plan.index
-                checksum = tensor_checksum((n, t) for n, t in read_back() if n in wanted)
-            else:
-                checksum = ""  # nothing to prove the load with; the learner then skips the comparison
+        if self.checksum and checksum_received:
+            checksum = combine_digests((n, plan.dtypes[i], plan.shapes[i], digests[n])
+                                       for i, n in enumerate(plan.names))
+        elif self.checksum and read_back is not None:  # else nothing proves the load: the learner skips it
+            checksum = self._proof(plan, named, digests if swapped else None, read_back)
         return checksum, deadline.elapsed()
 
-    def _receive_buckets(self, store: Any, announce: Any, plan: Any, deadline: Deadline) -> list[Any]:
-        import torch
+    @staticmethod
+    def _proof(plan: Any, named: list[tuple[str, Any]], digests: dict[str, bytes] | None,
+               read_back: ReadBackFn) -> str:
+        """Checksum of the engine's parameters: the early digests when every one read back is the
+        very tensor hashed, else a fresh hash of what was read back."""
+        held = [(n, t) for n, t in read_back() if n in plan.index]
+        if digests is not None and len(digests) == len(plan.names):
+            staged = dict(named)
 
-        device = bucket_device(announce.backend)
+            def same(n: str, t: Any) -> bool:
+                s = staged.get(n)
+                return (s is not None and t.data_ptr() == s.data_ptr() and t.shape == s.shape
+                        and t.stride() == s.stride() and t.dtype == s.dtype and t.device == s.device)
+
+            if len(held) == len(plan.names) and all(same(n, t) for n, t in held):
+                return combine_digests((n, plan.dtypes[i], plan.shapes[i], digests[n])
+                                       for i, n in enumerate(plan.names))
+        return tensor_checksum(held)
+
+    def _receive_buckets(self, store: Any, announce: Any, plan: Any, deadline: Deadline, target: int,
+                         early: bool) -> tuple[list[tuple[str, Any]], dict[str, bytes]]:
+        """Receive every bucket into buffer set `target`; (named views in layout order, digests if early)."""
         pg = make_group(announce.rendezvous_host, announce.rendezvous_port, announce.group, announce.rank,
                         announce.world_size, deadline.check("rendezvous"), announce.backend, store=store)
         try:
-            buffers = []
-            for b, (first, _, count) in enumerate(plan.buckets):
-                buf = self._buffer(b, count, plan.dtypes[first], device)
-                if count:
-                    work = broadcast_bucket(pg, buf, deadline, f"bucket {b}")
-                    wait_work(work, deadline, announce.backend, f"bucket {b} of sync {announce.sync_id}", pg)
-                buffers.append(buf)
+            out = self._receive_into(pg, announce, plan, deadline, target, early)
+        except BaseException:
+            del pg  # at once (the caller clears the frames below that hold it): the learner fails now
+            raise
+        holder, pg = [pg], None
+        drop_group_later(holder)  # everything arrived: its teardown need not delay the install
+        return out
+
+    def _receive_into(self, pg: Any, announce: Any, plan: Any, deadline: Deadline, target: int,
+                      early: bool) -> tuple[list[tuple[str, Any]], dict[str, bytes]]:
+        wire = InFlight(deadline, announce.backend, pg, f"sync {announce.sync_id}")
+        named: list[tuple[str, Any]] = []
+        digests = Digests(early)  # sha256 in worker threads, while later buckets are on the wire
+        try:
+            return named, self._receive_all(wire, pg, announce, plan, deadline, target, named, digests)
+        finally:
+            digests.close()
+
+    def _receive_all(self, wire: InFlight, pg: Any, announce: Any, plan: Any, deadline: Deadline, target: int,
+                     named: list[tuple[str, Any]], digests: Digests) -> dict[str, bytes]:
+        device = bucket_device(announce.backend)
+
+        def arrive(done: list[tuple[int, Any]]) -> None:
+            for b, views in done:
                 if self.on_bucket is not None:
                     self.on_bucket(b, len(plan.buckets))
-            return buffers
-        finally:
-            del pg
+                if digests.enabled:
+                    for n, v in views:
+                        digests.add(n, v)
 
-    def _buffer(self, b: int, count: int, dtype: str, device: Any) -> Any:
+        for b, (first, end, count) in enumerate(plan.buckets):
+            buf = self._buffer(target, b, count, plan.dtypes[first], device)
+            views = list(zip(plan.names[first:end], unflatten(buf, plan.shapes[first:end])))
+            named.extend(views)
+            if count:
+                done = wire.room()
+                wire.post(b, broadcast_bucket(pg, buf, deadline, f"bucket {b}"), views)
+                arrive(done)
+            else:
+                arrive(wire.drain() + [(b, views)])  # keep on_bucket in bucket order
+        arrive(wire.drain())
+        return digests.result()
+
+    def _buffer(self, target: int, b: int, count: int, dtype: str, device: Any) -> Any:
         import torch
 
         if not self.reuse_buffers:
             return torch.empty(count, dtype=torch_dtype(dtype), device=device)
         key = (dtype, b, str(device))
-        buf = self._buffers.get(key)
+        buffers = self._sets[target]
+        buf = buffers.get(key)
         if buf is None or buf.numel() < count:
-            buf = self._buffers[key] = torch.empty(count, dtype=torch_dtype(dtype), device=device)
+            buf = buffers[key] = torch.empty(count, dtype=torch_dtype(dtype), device=device)
         return buf[:count]
 
     def _report_failure(self, store: Any, announce: Any, err: WeightSyncError) -> None:

@@ -3,17 +3,25 @@
 Guarantees:
 * **Layout is a pure function of the metadata.** `plan_layout` orders parameters by dtype (dtype
   groups in order of first appearance, names stable inside a group) and cuts each group greedily
-  into buckets of at most `bucket_bytes`; a parameter larger than a bucket gets a bucket of its
-  own. A bucket is the triple ``[first, end, numel]`` over the announced (layout-ordered) name
-  list, as `common.wire.WeightAnnounce.buckets` carries it. `check_layout` lets a receiver
+  into buckets of at most `bucket_bytes`; a parameter larger than a bucket, or of at least
+  `solo_bytes`, gets a bucket of its own (the learner then broadcasts it straight from its own
+  memory, no flatten copy; the receiver cannot tell). A bucket is the triple
+  ``[first, end, numel]`` over the announced (layout-ordered) name list, as
+  `common.wire.WeightAnnounce.buckets` carries it. `check_layout` lets a receiver
   validate any announced layout without knowing the bucket size.
 * **Bit-exact checksum.** `tensor_checksum` is order independent and sensitive to every bit:
   ``h_i = sha256(raw bytes of tensor i)``; ``checksum = sha256(concat over names sorted of
   name | dtype | shape | h_i)``. bf16/fp16 are hashed through their raw bytes, never converted.
+  `Digests` computes the h_i in worker threads while buckets are on the wire.
 * **A sync group never outlives its sync.** `make_group` builds a fresh gloo (or NCCL) process
   group on a `PrefixStore` named after the sync, separate from any DeepSpeed world; callers drop
   it afterwards (dropping a gloo group closes its sockets, so peers blocked on it fail at once).
+  After a failure they drop it at once; after a success `drop_group_later` drops it in a daemon
+  thread (the first side to close a gloo group waits ~20 ms for its peer; nobody waits on it).
 * **Every wait has a deadline.** `Deadline` hands each collective the time left of the whole sync.
+  `InFlight` keeps at most `MAX_IN_FLIGHT` collectives posted (= the gloo group's worker threads,
+  so a posted collective starts at once and its timeout, counted from its start, still ends by
+  the deadline) and completes them in posting order.
 
 Nothing here imports actor/ or learner/; torch is imported inside functions only.
 """
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -37,6 +46,14 @@ DTYPE_NAMES: tuple[str, ...] = (
     "float32", "bfloat16", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
 )
 """Parameter dtypes a sync may carry (wire names are torch's names without the `torch.` prefix)."""
+
+GLOO_THREADS = 4
+"""Worker threads of every gloo sync group (torch's default is 2; see MAX_IN_FLIGHT)."""
+
+MAX_IN_FLIGHT = GLOO_THREADS
+"""Collectives a side keeps posted at once: hides the per-collective latency between buckets and
+runs several transfers at once (on loopback gloo, 4 concurrent beat one flat broadcast), and no
+posted collective waits in a queue (its timeout would start late and overrun the deadline)."""
 
 
 class WeightSyncError(RuntimeError):
@@ -146,15 +163,19 @@ class SyncPlan:
         return out
 
 
-def plan_layout(meta: Iterable[tuple[str, Sequence[int], Any]], bucket_bytes: int, version: int) -> SyncPlan:
+def plan_layout(meta: Iterable[tuple[str, Sequence[int], Any]], bucket_bytes: int, version: int,
+                solo_bytes: int | None = None) -> SyncPlan:
     """Group (name, shape, dtype) by dtype and cut each group into buckets of <= bucket_bytes.
 
     Order: dtype groups in order of first appearance; inside a group, the given order.
     A bucket closes when the next parameter would push it past bucket_bytes or the dtype changes;
-    a parameter larger than bucket_bytes gets a bucket of its own.
+    a parameter larger than bucket_bytes, or of at least solo_bytes (None: no such rule), gets a
+    bucket of its own.
     """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    if solo_bytes is not None and solo_bytes < 1:
+        raise ValueError(f"solo_bytes must be >= 1 or None, got {solo_bytes}")
     groups: dict[str, list[tuple[str, list[int]]]] = {}
     seen: set[str] = set()
     for name, shape, dtype in meta:
@@ -171,13 +192,17 @@ def plan_layout(meta: Iterable[tuple[str, Sequence[int], Any]], bucket_bytes: in
         first, count = len(names), 0  # open bucket: [first, len(names)), `count` elements
         for name, shape in params:
             n = numel(shape)
-            if len(names) > first and (count + n) * size > bucket_bytes:
+            solo = solo_bytes is not None and n * size >= solo_bytes
+            if len(names) > first and (solo or (count + n) * size > bucket_bytes):
                 buckets.append([first, len(names), count])
                 first, count = len(names), 0
             names.append(name)
             shapes.append(shape)
             dtypes.append(dtype)
             count += n
+            if solo:
+                buckets.append([first, len(names), count])
+                first, count = len(names), 0
         if len(names) > first:
             buckets.append([first, len(names), count])
     return SyncPlan(version, names, shapes, dtypes, buckets, {n: i for i, n in enumerate(names)})
@@ -262,6 +287,35 @@ def tensor_digest(t: "torch.Tensor") -> bytes:
     return hashlib.sha256(memoryview(raw) if flat.numel() else raw).digest()
 
 
+class Digests:
+    """`tensor_digest` of named tensors in `workers` threads (hashlib releases the GIL, so hashing
+    overlaps the transfer and other hashing); `result()` waits for all. Disabled: no work, b"" each.
+    A tensor handed to `add` must not change until `result()` returns."""
+
+    def __init__(self, enabled: bool, workers: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.enabled = enabled
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="weightsync-digest") if enabled else None
+        self._futures: dict[str, Any] = {}
+
+    def add(self, name: str, tensor: "torch.Tensor") -> None:
+        self._futures[name] = self._pool.submit(tensor_digest, tensor) if self._pool is not None else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._futures
+
+    def __len__(self) -> int:
+        return len(self._futures)
+
+    def result(self) -> dict[str, bytes]:
+        return {n: (f.result() if f is not None else b"") for n, f in self._futures.items()}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def combine_digests(entries: Iterable[tuple[str, str, Sequence[int], bytes]]) -> str:
     """Hex checksum over (name, dtype, shape, digest) entries, taken in sorted name order."""
     h = hashlib.sha256()
@@ -334,6 +388,7 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
             raise ValueError(f"make_group: backend must be gloo or nccl, got {backend!r}")
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = td
+        opts._threads = GLOO_THREADS
         ifname = os.environ.get("GLOO_SOCKET_IFNAME")
         opts._devices = [dist.ProcessGroupGloo.create_device(interface=ifname) if ifname
                          else dist.ProcessGroupGloo.create_default_device()]
@@ -342,6 +397,12 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
         reason = "timeout" if "timeout" in str(e).lower() or "timed out" in str(e).lower() else "rendezvous"
         raise WeightSyncError(reason, f"group {group_name!r} (rank {rank} of {world_size}, {backend}) did not "
                               f"form within {timeout_s:.1f}s: {str(e)[:300]}") from e
+
+
+def drop_group_later(holder: list) -> None:
+    """Drop `holder`'s items (a finished sync's group, whose last reference it must hold) in a
+    daemon thread, so the group's teardown does not delay the end of the sync."""
+    threading.Thread(target=holder.clear, name="weightsync-drop-group", daemon=True).start()
 
 
 def broadcast_bucket(pg: Any, buf: "torch.Tensor", deadline: Deadline, what: str) -> Any:
@@ -378,3 +439,53 @@ def wait_work(work: Any, deadline: Deadline, backend: str, what: str, pg: Any = 
         text = str(e)
         reason = "timeout" if ("Timed out" in text or "timeout" in text.lower()) else "peer_lost"
         raise WeightSyncError(reason, f"{what}: {text[:300]}") from e
+
+
+class InFlight:
+    """Collectives posted in order and completed in that order, at most `limit` posted at a time.
+
+    `room()` completes the oldest ones until one more may be posted and returns their (key, hold)
+    pairs; `post(key, work, hold)` adds one (`hold` keeps what it reads or writes alive until it
+    completes); `drain()` completes the rest. Each wait takes the deadline's time left
+    (WeightSyncError('timeout'/'peer_lost') from `wait_work`).
+    """
+
+    def __init__(self, deadline: Deadline, backend: str, pg: Any, what: str, limit: int = MAX_IN_FLIGHT):
+        if limit < 1:
+            raise ValueError(f"InFlight needs a limit >= 1, got {limit}")
+        self.deadline, self.backend, self.pg, self.what, self.limit = deadline, backend, pg, what, limit
+        self._posted: list[tuple[int, Any, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self._posted)
+
+    def room(self) -> list[tuple[int, Any]]:
+        done = []
+        while len(self._posted) >= self.limit:
+            done.append(self._complete_oldest())
+        return done
+
+    def post(self, key: int, work: Any, hold: Any) -> None:
+        if len(self._posted) >= self.limit:
+            raise RuntimeError("InFlight.post without room(): a posted collective would wait in a queue")
+        self._posted.append((key, work, hold))
+
+    def holds(self) -> list[Any]:
+        """What the posted collectives hold, oldest first."""
+        return [hold for _, _, hold in self._posted]
+
+    def oldest(self) -> list[tuple[int, Any]]:
+        """Complete the oldest posted collective, if any; returns [(key, hold)] or []."""
+        return [self._complete_oldest()] if self._posted else []
+
+    def drain(self) -> list[tuple[int, Any]]:
+        done = []
+        while self._posted:
+            done.append(self._complete_oldest())
+        return done
+
+    def _complete_oldest(self) -> tuple[int, Any]:
+        key, work, hold = self._posted[0]
+        wait_work(work, self.deadline, self.backend, f"{self.what} bucket {key}", self.pg)
+        self._posted.pop(0)
+        return key, hold

@@ -226,8 +226,10 @@ class Learner:
         t0 = time.monotonic()
         m = self.trainer.train_step(trees, version)
         self.state.step += 1
-        self.metrics.consumed(version - t.min_version() for t in trees)
+        staleness = [version - t.min_version() for t in trees]
+        self.metrics.consumed(staleness)
         leaves = [r for t in trees for r in t.leaf_rewards()]
+        accuracy = sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves))  # leaves judged correct
         self.metrics.step(
             version=version, tokens=int(m.get("train/trainable_tokens", 0)), duration_s=time.monotonic() - t0,
             clip_fraction_low=m.get("loss/clipfrac_low"), clip_fraction_high=m.get("loss/clipfrac_high"),
@@ -237,13 +239,11 @@ class Learner:
             entropy=m.get("loss/entropy"), advantage_mean=m.get("loss/advantage_mean"),
             advantage_std=m.get("loss/advantage_std"), trainable_token_fraction=m.get("train/trainable_frac"),
             grad_norm=m.get("train/grad_norm"), learning_rate=m.get("train/lr"),
-            leaf_reward_mean=m.get("reward/leaf_mean"),
-            accuracy=sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves)),
+            leaf_reward_mean=m.get("reward/leaf_mean"), accuracy=accuracy,
             response_tokens_mean=m.get("response/length_mean"),
         )
         record = {"step": self.state.step, "version": version, "time": time.time(), "trees": len(trees),
-                  "accuracy": sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves)),
-                  "staleness_mean": sum(version - t.min_version() for t in trees) / len(trees),
+                  "accuracy": accuracy, "staleness_mean": sum(staleness) / len(trees),
                   "buffer_trees": len(self.buffer), "tree_ids": [t.tree_id for t in trees],
                   **{k: float(v) for k, v in m.items()}}
         with open(self.run_dir / "metrics.jsonl", "a") as f:

@@ -9,9 +9,14 @@ Guarantees:
   the members do: a dead member makes gloo raise, a stalled one trips the deadline. It never
   raises for a member's fault; it reports `SyncResult(ok=False, ...)`. It raises only for the
   caller's own mistakes (a tensor missing from / not in the plan, wrong shape or dtype).
-* Tensors are consumed from an iterator once, in any order (ZeRO-3: gathered one by one on rank 0);
-  each is copied into its bucket at once, so the caller may free it after the next `next()`.
-  Buckets go out in layout order; bucket i+1 is filled while bucket i is on the wire.
+* Tensors are consumed from an iterator once, in any order (ZeRO-3: gathered one by one on rank 0).
+  A tensor of at least `SOLO_BYTES` has a bucket of its own and, when contiguous and on the
+  bucket device, is broadcast straight from its memory (no flatten copy; the publisher holds a
+  reference until it is sent, so the caller may drop it after the next `next()`, but must not
+  modify it in place before `broadcast` returns). Smaller tensors are copied into pooled bucket
+  buffers at once. Buckets go out in layout order, up to `weightsync.MAX_IN_FLIGHT` posted at once (of
+  them at most `POOLED_IN_FLIGHT` flattened ones: extra memory <= 3 buckets), so the next bucket
+  is filled (and hashed) while earlier ones are on the wire.
 * With `weights.checksum`, `SyncResult.checksum` is `tensor_checksum` of exactly what was sent;
   an actor's WeightAck must carry the same string (`check_ack`).
 
@@ -31,28 +36,34 @@ from __future__ import annotations
 import gc
 import secrets
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from common.config import WeightsConfig
 from common.weightsync import (
     Deadline,
+    Digests,
+    InFlight,
     SyncPlan,
     WeightSyncError,
     bucket_device,
     broadcast_bucket,
     combine_digests,
     connect_store,
+    drop_group_later,
     dtype_name,
     make_group,
     plan_layout,
     resolve_backend,
     tensor_digest,
     torch_dtype,
-    wait_work,
 )
 
 REPORT_GRACE_S = 2.0  # after a failure: how long members get to say "alive, but failed" via the store
+POOLED_IN_FLIGHT = 2  # flattened buckets on the wire at once (bounds the learner's extra memory)
+SOLO_BYTES = 8 << 20  # a tensor this large gets its own bucket and is sent without a copy (below it,
+# flattening is cheaper than one more collective: measured with bench/weights.py)
 
 
 @dataclass(frozen=True)
@@ -95,8 +106,9 @@ def _meta_of(item: Any) -> tuple[str, Sequence[int], Any]:
 class WeightPublisher:
     """Learner rank 0's end of the weight sync; see the module docstring for the protocol."""
 
-    def __init__(self, cfg: WeightsConfig, host: str):
+    def __init__(self, cfg: WeightsConfig, host: str, *, solo_bytes: int | None = SOLO_BYTES):
         self.cfg = cfg
+        self.solo_bytes = solo_bytes  # None: pack every tensor into buckets (always one flatten copy)
         self.host = host
         self.store = connect_store(host, cfg.rendezvous_port, cfg.timeout_s, is_master=True)
         self.port: int = int(self.store.port)
@@ -118,14 +130,14 @@ class WeightPublisher:
     def _give_back(self, buf: Any, dtype: str, device: Any) -> None:
         base = buf._base if buf._base is not None else buf
         free = self._pool.setdefault((dtype, str(device)), [])
-        if len(free) < 2:  # steady state: one bucket on the wire, one filling
+        if len(free) < POOLED_IN_FLIGHT + 1:  # steady state: POOLED_IN_FLIGHT on the wire, one filling
             free.append(base)
 
     # ---------------------------------------------------------------- planning and announcing
     def plan(self, named: Iterable[Any], version: int) -> SyncPlan:
         """Layout for (name, tensor) pairs or (name, shape, dtype) triples (ZeRO-3: use ds_shape)."""
         bucket_bytes = max(1, int(self.cfg.bucket_mb * (1 << 20)))
-        return plan_layout((_meta_of(x) for x in named), bucket_bytes, version)
+        return plan_layout((_meta_of(x) for x in named), bucket_bytes, version, solo_bytes=self.solo_bytes)
 
     def prepare(self, plan: SyncPlan, members: Sequence[str], all_have_cuda: bool = False) -> PreparedSync:
         """Allocate a sync id and group, and build one WeightAnnounce per member (rank = index + 1)."""
@@ -163,9 +175,15 @@ class WeightPublisher:
                             sync.backend, store=self.store)
             result.checksum, result.bytes = self._send_all(pg, sync, named_tensors, deadline)
             result.ok, result.ok_members = True, list(sync.members)
+            holder, pg = [pg], None
+            drop_group_later(holder)  # every member has it all: its teardown need not delay us
         except WeightSyncError as e:
+            traceback.clear_frames(e.__traceback__)  # the frames below hold the group
             result.reason = "timeout" if e.reason == "timeout" else "actor_lost"
             result.error = str(e)
+        except BaseException as e:  # the caller's mistake (ValueError) or an interrupt: re-raised,
+            traceback.clear_frames(e.__traceback__)  # but first the group goes, so members fail now
+            raise
         finally:
             del pg  # closes the group's sockets: members still blocked on it fail at once
             if not result.ok:
@@ -179,58 +197,65 @@ class WeightPublisher:
 
     def _send_all(self, pg: Any, sync: PreparedSync, named_tensors: Iterable[tuple[str, Any]],
                   deadline: Deadline) -> tuple[str, int]:
-        import torch
-
         plan, device = sync.plan, bucket_device(sync.backend)
         bucket_of, offsets = plan.bucket_of(), plan.offsets()
         missing = [b[1] - b[0] for b in plan.buckets]  # tensors each bucket still waits for
-        buffers: dict[int, torch.Tensor] = {}
-        digests: dict[str, bytes] = {}
-        in_flight: tuple[int, Any] | None = None
+        ready: dict[int, tuple[Any, bool]] = {}  # bucket -> (1-D tensor to send, pooled buffer?)
+        digests = Digests(self.cfg.checksum)  # sha256 in worker threads, while buckets are on the wire
+        wire = InFlight(deadline, sync.backend, pg, f"sync {sync.sync_id}")
         next_send, sent_bytes = 0, 0
 
+        def release(done: list[tuple[int, Any]]) -> None:
+            for b, (buf, pooled) in done:
+                if pooled:
+                    self._give_back(buf, plan.dtypes[plan.buckets[b][0]], device)
+
         def send_ready() -> None:
-            nonlocal in_flight, next_send, sent_bytes
+            nonlocal next_send, sent_bytes
             while next_send < len(plan.buckets) and missing[next_send] == 0:
-                if in_flight is not None:  # at most one bucket on the wire while the next fills
-                    wait_work(in_flight[1], deadline, sync.backend, f"bucket {in_flight[0]}", pg)
-                    self._give_back(buffers.pop(in_flight[0]), plan.dtypes[plan.buckets[in_flight[0]][0]], device)
-                    in_flight = None
-                buf = buffers[next_send]
+                buf, pooled = ready.pop(next_send)
                 if buf.numel():
-                    work = broadcast_bucket(pg, buf, deadline, f"bucket {next_send}")
-                    in_flight = (next_send, work)
+                    release(wire.room())
+                    wire.post(next_send, broadcast_bucket(pg, buf, deadline, f"bucket {next_send}"), (buf, pooled))
                     sent_bytes += buf.numel() * buf.element_size()
-                else:
-                    buffers.pop(next_send)
+                elif pooled:
+                    self._give_back(buf, plan.dtypes[plan.buckets[next_send][0]], device)
                 next_send += 1
 
-        for name, t in named_tensors:
-            i = plan.index.get(name)
-            if i is None or name in digests:
-                raise ValueError(f"broadcast: tensor {name!r} is {'sent twice' if i is not None else 'not in the plan'}"
-                                 f" of sync {sync.sync_id}; pass exactly the tensors the plan was made from")
-            if list(t.shape) != plan.shapes[i] or dtype_name(t.dtype) != plan.dtypes[i]:
-                raise ValueError(f"broadcast: {name!r} is {list(t.shape)} {t.dtype}, the plan says "
-                                 f"{plan.shapes[i]} {plan.dtypes[i]}")
-            b = bucket_of[i]
-            buf = buffers.get(b)
-            if buf is None:
-                buf = buffers[b] = self._take_buffer(plan.buckets[b][2], plan.dtypes[i], device)
-            view = buf[offsets[i]:offsets[i] + t.numel()]
-            view.copy_(t.detach().reshape(-1))
-            digests[name] = tensor_digest(view) if self.cfg.checksum else b""
-            missing[b] -= 1
-            send_ready()
-        if len(digests) != len(plan.names):
-            absent = [n for n in plan.names if n not in digests]
-            raise ValueError(f"broadcast: {len(absent)} planned tensors never came, e.g. {absent[:3]}")
-        if in_flight is not None:
-            wait_work(in_flight[1], deadline, sync.backend, f"bucket {in_flight[0]}", pg)
-            self._give_back(buffers.pop(in_flight[0]), plan.dtypes[plan.buckets[in_flight[0]][0]], device)
-        checksum = combine_digests((n, plan.dtypes[i], plan.shapes[i], digests[n]) for i, n in enumerate(plan.names)) \
-            if self.cfg.checksum else ""
-        return checksum, sent_bytes
+        try:
+            for name, t in named_tensors:
+                i = plan.index.get(name)
+                if i is None or name in digests:
+                    what = "sent twice" if i is not None else "not in the plan"
+                    raise ValueError(f"broadcast: tensor {name!r} is {what} of sync {sync.sync_id}; "
+                                     "pass exactly the tensors the plan was made from")
+                if list(t.shape) != plan.shapes[i] or dtype_name(t.dtype) != plan.dtypes[i]:
+                    raise ValueError(f"broadcast: {name!r} is {list(t.shape)} {t.dtype}, the plan says "
+                                     f"{plan.shapes[i]} {plan.dtypes[i]}")
+                b = bucket_of[i]
+                src = t.detach()
+                first, end, count = plan.buckets[b]
+                if end - first == 1 and src.is_contiguous() and src.device == device:
+                    ready[b] = (src.reshape(-1), False)  # a bucket of its own: sent from its memory, no copy
+                else:
+                    if b not in ready:
+                        while sum(pooled for _, pooled in wire.holds()) >= POOLED_IN_FLIGHT:
+                            release(wire.oldest())  # memory: at most POOLED_IN_FLIGHT + 1 flattened buckets
+                        ready[b] = (self._take_buffer(count, plan.dtypes[i], device), True)
+                    ready[b][0][offsets[i]:offsets[i] + src.numel()].copy_(src.reshape(-1))
+                missing[b] -= 1
+                send_ready()
+                digests.add(name, src)
+            if len(digests) != len(plan.names):
+                absent = [n for n in plan.names if n not in digests]
+                raise ValueError(f"broadcast: {len(absent)} planned tensors never came, e.g. {absent[:3]}")
+            release(wire.drain())
+            done = digests.result()
+            checksum = combine_digests((n, plan.dtypes[i], plan.shapes[i], done[n]) for i, n in enumerate(plan.names)) \
+                if self.cfg.checksum else ""
+            return checksum, sent_bytes
+        finally:
+            digests.close()
 
     def _checksum_only(self, plan: SyncPlan, named_tensors: Iterable[tuple[str, Any]]) -> str:
         if not self.cfg.checksum:

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,19 @@ def test_layout_is_deterministic_and_one_bucket_when_large():
     assert plan_layout(meta, 100, 0) == plan_layout(list(meta), 100, 0)
     with pytest.raises(ValueError, match="twice"):
         plan_layout(meta + [("p0", [1], torch.float32)], 100, 0)
+
+
+def test_layout_solo_bytes_gives_large_tensors_their_own_bucket():
+    f32 = torch.float32
+    meta = [("a", [3], f32), ("b", [8], f32), ("c", [2], f32), ("d", [1], f32), ("e", [9], f32), ("f", [2], f32)]
+    plan = plan_layout(meta, bucket_bytes=1 << 20, version=0, solo_bytes=32)
+    # solo_bytes 32 = 8 float32: b (8) and e (9) stand alone, cutting the run of small ones:
+    # [a] [b] [c d] [e] [f]; without solo_bytes everything fits one 1 MiB bucket.
+    assert plan.buckets == [[0, 1, 3], [1, 2, 8], [2, 4, 3], [4, 5, 9], [5, 6, 2]]
+    assert plan_layout(meta, 1 << 20, 0).buckets == [[0, 6, 25]]
+    assert check_layout(plan.names, plan.shapes, plan.dtypes, plan.buckets).buckets == plan.buckets
+    with pytest.raises(ValueError, match="solo_bytes"):
+        plan_layout(meta, 1 << 20, 0, solo_bytes=0)
 
 
 def test_flatten_unflatten_round_trip_bit_exact():
@@ -315,6 +329,262 @@ def test_sync_survives_sigkill_and_restarted_actor_catches_up(models, tmp_path):
         _end(procs)
         learner.close()
     assert a0.returncode == 0 and procs[-1].returncode == 0
+
+
+# ============================================================================================
+# Zero-copy install (HFEngine.swap_in): learner and receiver in threads of this process, real gloo
+# ============================================================================================
+def _hf_engine(model_dir: Path):
+    from actor.engine import make_engine
+    from common.config import ActorConfig, ModelConfig
+
+    return make_engine(ModelConfig(path=str(model_dir), device="cpu"), ActorConfig())
+
+
+def _publisher(**kw):
+    from common.config import WeightsConfig
+    from learner.weights import WeightPublisher
+
+    # 4 KiB buckets and solo >= 8 KiB: the 64x64 and larger matrices (16 KiB+) go straight from
+    # their own memory, norms and biases are flattened together: both learner paths run.
+    cfg = WeightsConfig(backend="gloo", rendezvous_port=0, bucket_mb=4 / 1024, timeout_s=kw.pop("timeout_s", 30.0))
+    return WeightPublisher(cfg, "127.0.0.1", solo_bytes=8 << 10)
+
+
+def _sync_threads(pub, model, receiver, engine, version: int, tensors=None, swap: bool = True):
+    """One sync: broadcast here, receive in a thread with swap_fn=engine.swap_in (or copy only).
+    Returns (SyncResult or the exception broadcast raised, receiver's (checksum, s) or its error)."""
+    sync = pub.prepare(pub.plan(model.named_parameters(), version), ["a"])
+    got: dict[str, object] = {}
+
+    def actor() -> None:
+        try:
+            got["ok"] = receiver.receive(
+                sync.announcements[0], lambda named: engine.load_weights(named, version),
+                read_back=engine.named_parameters_for_sync,
+                swap_fn=(lambda named: engine.swap_in(named, version)) if swap else None)
+        except WeightSyncError as e:
+            got["err"] = e
+
+    thread = threading.Thread(target=actor, daemon=True)
+    thread.start()
+    try:
+        result = pub.broadcast(sync, tensors if tensors is not None else model.named_parameters())
+    except ValueError as e:
+        result = e
+    thread.join(TEST_TIMEOUT_S)
+    assert not thread.is_alive(), "the receiver did not return"
+    return result, got.get("ok", got.get("err"))
+
+
+def _bits(named) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone().view(torch.int32) for n, t in named}
+
+
+def _step(model, scale: float = 0.01) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+@pytest.mark.integration
+def test_swap_install_bit_exact_zero_copy_ping_pong_and_tied(models):
+    from transformers import AutoModelForCausalLM
+
+    from actor.weights import WeightReceiver
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    engine = _hf_engine(models["a0"])
+    pub, receiver = _publisher(), WeightReceiver()
+    sets_seen = []
+    for version in (1, 2, 3):
+        _step(learner)
+        expected = tensor_checksum(learner.named_parameters())
+        before = tensor_checksum(engine.named_parameters_for_sync())
+        seen = []
+        # Mid-sync (after each bucket), the engine still holds exactly the previous version: a
+        # sync never writes into the buffer set the engine adopted from the last one.
+        receiver.on_bucket = lambda b, n: seen.append(tensor_checksum(engine.named_parameters_for_sync()))
+        result, (checksum, _) = _sync_threads(pub, learner, receiver, engine, version)
+        assert result.ok and receiver.last_swapped and engine.version == version
+        assert seen and set(seen) == {before}
+        assert checksum == result.checksum == expected
+        assert _bits(engine.named_parameters_for_sync()).keys() == _bits(learner.named_parameters()).keys()
+        for name, bits in _bits(learner.named_parameters()).items():
+            assert torch.equal(_bits(engine.named_parameters_for_sync())[name], bits), name
+        model = engine.model
+        assert model.lm_head.weight is model.get_input_embeddings().weight  # still one tied Parameter
+        # Zero-copy: every parameter lives in one of the receiver's staging buffers.
+        ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        live = {buf.untyped_storage().data_ptr() for buf in receiver._sets[receiver._live].values()}
+        assert ptrs <= live
+        sets_seen.append(receiver._live)
+    assert sets_seen == [0, 1, 0]  # ping-pong between two sets
+
+
+@pytest.mark.integration
+def test_swap_failed_sync_leaves_engine_untouched_then_recovers(models):
+    from transformers import AutoModelForCausalLM
+
+    from actor.weights import WeightReceiver
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    engine = _hf_engine(models["a0"])
+    pub, receiver = _publisher(), WeightReceiver()
+    _step(learner)
+    result, _ = _sync_threads(pub, learner, receiver, engine, 1)  # engine now holds set 0
+    assert result.ok and receiver.last_swapped
+    held = _bits(engine.named_parameters_for_sync())
+
+    # Version 2 fails midway: the learner's iterator breaks after half the tensors (buckets
+    # already on the wire were received into set 1), the group closes, the receiver fails.
+    _step(learner)
+    params = list(learner.named_parameters())
+
+    def broken():
+        yield from params[: len(params) // 2]
+        raise ValueError("gather failed")
+
+    result, err = _sync_threads(pub, learner, receiver, engine, 2, tensors=broken())
+    assert isinstance(result, ValueError) and isinstance(err, WeightSyncError)
+    assert err.reason in ("peer_lost", "timeout")
+    assert engine.version == 1 and receiver._live == 0
+    now = _bits(engine.named_parameters_for_sync())
+    assert now.keys() == held.keys() and all(torch.equal(now[n], held[n]) for n in held)
+    assert engine.model.lm_head.weight is engine.model.get_input_embeddings().weight
+
+    # The next sync of version 2 succeeds, bit-exact.
+    result, (checksum, _) = _sync_threads(pub, learner, receiver, engine, 2)
+    assert result.ok and engine.version == 2 and checksum == tensor_checksum(learner.named_parameters())
+
+
+def test_swap_in_validates_all_before_changing_anything(models):
+    from actor.engine import EngineError
+
+    torch.set_num_threads(1)
+    engine = _hf_engine(models["a0"])
+    held = _bits(engine.named_parameters_for_sync())
+    named = [(n, torch.zeros_like(p)) for n, p in engine.named_parameters_for_sync()]
+    cases = [named[:-1] + [("nope.weight", named[-1][1])],                      # unknown name
+             named[:-1] + [(named[-1][0], named[-1][1][:1])],                   # wrong shape
+             named + [("lm_head.weight", named[0][1])]]                         # tied alias sent twice
+    assert named[0][0] == "model.embed_tokens.weight"
+    for bad in cases:
+        with pytest.raises(EngineError):
+            engine.swap_in(bad, version=9)
+    with pytest.raises(EngineError, match="strict"):
+        engine.swap_in(named[1:], version=9, strict=True)
+    # dtype differs: declined (False), nothing changed; load_weights would convert instead.
+    assert engine.swap_in([(n, t.double()) for n, t in named], version=9) is False
+    now = _bits(engine.named_parameters_for_sync())
+    assert engine.version == 0 and all(torch.equal(now[n], held[n]) for n in held)
+    # A receiver whose swap_fn declines falls back to load_fn (copy): covered by last_swapped.
+
+
+@pytest.mark.integration
+def test_swap_declined_falls_back_to_copy_and_swap_error_is_a_load_failure(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from actor.engine import EngineError, make_engine
+    from actor.weights import WeightReceiver
+    from common.config import ActorConfig, ModelConfig
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    _step(learner)
+    # A bfloat16 engine cannot adopt float32 buckets: swap_in declines, load_weights converts.
+    engine = make_engine(ModelConfig(path=str(models["a0"]), device="cpu", dtype="bfloat16"), ActorConfig())
+    pub, receiver = _publisher(), WeightReceiver()
+    result, (checksum, _) = _sync_threads(pub, learner, receiver, engine, 1)
+    assert result.ok and not receiver.last_swapped and receiver._live is None and engine.version == 1
+    held = dict(engine.named_parameters_for_sync())
+    for name, p in learner.named_parameters():
+        assert held[name].dtype == torch.bfloat16 and torch.equal(held[name], p.detach().to(torch.bfloat16)), name
+    assert checksum == tensor_checksum(held.items()) != result.checksum  # the learner would flag "checksum"
+
+    # checksum_received (vLLM: no read-back under the sent names): the checksum is of what
+    # arrived, i.e. the learner's float32 weights, although the engine converted them.
+    sync = pub.prepare(pub.plan(learner.named_parameters(), 1), ["a"])
+    got = []
+    thread = threading.Thread(target=lambda: got.append(receiver.receive(
+        sync.announcements[0], lambda named: engine.load_weights(named, 1), checksum_received=True)), daemon=True)
+    thread.start()
+    result = pub.broadcast(sync, learner.named_parameters())
+    thread.join(TEST_TIMEOUT_S)
+    assert result.ok and got[0][0] == result.checksum == tensor_checksum(learner.named_parameters())
+
+    # A swap_fn that raises: WeightSyncError('load'), the engine keeps its weights and version,
+    # and the buffer set it was handed is never received into again.
+    engine32 = _hf_engine(models["a1"])
+    before = tensor_checksum(engine32.named_parameters_for_sync())
+    sync = pub.prepare(pub.plan(learner.named_parameters(), 2), ["a"])
+    errors = []
+
+    def failing_swap(named):
+        raise EngineError("no room")
+
+    def actor():
+        try:
+            receiver.receive(sync.announcements[0], lambda named: engine32.load_weights(named, 2),
+                             read_back=engine32.named_parameters_for_sync, swap_fn=failing_swap)
+        except WeightSyncError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=actor, daemon=True)
+    thread.start()
+    assert pub.broadcast(sync, learner.named_parameters()).ok
+    thread.join(TEST_TIMEOUT_S)
+    assert len(errors) == 1 and errors[0].reason == "load" and "no room" in str(errors[0])
+    assert engine32.version == 0 and tensor_checksum(engine32.named_parameters_for_sync()) == before
+    assert receiver._sets[0] == {}
+
+
+@pytest.mark.integration
+def test_stream_across_swap_matches_stream_across_copy(models):
+    """Two engines with the same init and seed run the same continuous-batching stream; between
+    steps one installs new weights by swap (through a real sync), the other by load_weights
+    (copy). Every sample must be identical: a swap between steps is a weight load like any other."""
+    from transformers import AutoModelForCausalLM
+
+    from actor.engine import GenerationRequest
+    from actor.weights import WeightReceiver
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    _step(learner, 0.05)
+    swapped, copied = _hf_engine(models["a0"]), _hf_engine(models["a0"])
+    req = lambda text: GenerationRequest(  # noqa: E731
+        context=swapped.tokenizer.encode(text), n=2, max_tokens=12, temperature=1.0)
+    streams = [e.open_stream(seed=11) for e in (swapped, copied)]
+    outs: list[list] = [[], []]
+    for stream in streams:
+        stream.add(req("1+2="), tag="a")
+    for _ in range(4):
+        for k, stream in enumerate(streams):
+            outs[k] += stream.step()
+    pub, receiver = _publisher(), WeightReceiver()
+    result, (checksum, _) = _sync_threads(pub, learner, receiver, swapped, 1)
+    assert result.ok and receiver.last_swapped and checksum == result.checksum
+    copied.load_weights(learner.named_parameters(), version=1)
+    for stream in streams:
+        stream.add(req("3*4="), tag="b")
+    while any(s.busy() for s in streams):
+        for k, stream in enumerate(streams):
+            outs[k] += stream.step()
+    assert len(outs[0]) == len(outs[1]) == 4
+    for x, y in zip(*outs):
+        assert (x.tag, x.index, x.version, x.sample.finish) == (y.tag, y.index, y.version, y.sample.finish)
+        assert np.array_equal(x.sample.token_ids, y.sample.token_ids)
+        assert np.array_equal(x.sample.logprobs.view(np.int32), y.sample.logprobs.view(np.int32))
+    assert {f.version for f in outs[0] if f.tag == "b"} == {1}
+    # generate() after the swap also matches the copy-loaded engine.
+    seeded = GenerationRequest(context=swapped.tokenizer.encode("7-5="), n=3, max_tokens=10, seed=5)
+    a, b = swapped.generate([seeded])[0], copied.generate([seeded])[0]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert np.array_equal(x.token_ids, y.token_ids) and np.array_equal(x.logprobs, y.logprobs)
 
 
 # ============================================================================================
