@@ -102,9 +102,10 @@ class Actor:
             registered = self.incarnation >= 0 and now - self.last_contact < tc.peer_timeout_s
             if not registered and now >= next_register:
                 if self.incarnation >= 0:
-                    log.warning("learner silent for %.0f s: reconnecting", now - self.last_contact)
+                    # no socket reconnect: ZeroMQ redials by itself, and the main thread may be
+                    # inside send_tree on the data socket (sockets are single-threaded)
+                    log.warning("learner silent for %.0f s: registering again", now - self.last_contact)
                     self._learner_lost()
-                    self.net.reconnect()
                 self.net.send_control(Register(
                     actor_id=self.actor_id, incarnation_seen=self.incarnation, version=self.engine.version,
                     pid=os.getpid(), hostname=socket.gethostname(), engine=self.cfg.actor.engine,
