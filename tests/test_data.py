@@ -12,7 +12,7 @@ from common.config import DataConfig
 from common.data import DataError, PromptSource
 from common.tinymodel import BOS_ID, build_char_tokenizer
 
-BENCHMARKS = Path("/work/shared/data/benchmarks")
+from tests.paths import BENCHMARKS
 CHAT_TEMPLATE = (
     "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"

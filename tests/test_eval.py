@@ -13,7 +13,7 @@ from actor.eval import ks_to_report, pass_at_k, resolve_model_dir, summarise
 from common.cli import build_parser
 from common.tasks import TaskSpec, eval_problems
 
-BENCHMARKS = Path("/work/shared/data/benchmarks")
+from tests.paths import BENCHMARKS
 
 
 def test_pass_at_k_hand_values():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from common.rewards import MAX_BOXED_DEPTH, REWARD_REASONS, MathReward, RewardResult, brace_depth, arithmetic_final_answer, last_boxed, make_reward
 
-MATH500 = Path("/work/shared/data/benchmarks/math500.jsonl")
+from tests.paths import BENCHMARKS
+
+MATH500 = BENCHMARKS / "math500.jsonl"
 
 
 @pytest.fixture(scope="module")
