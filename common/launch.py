@@ -35,6 +35,16 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
+# A torch.distributed world inherited from the parent (a launcher, or a process that initialised
+# one in-process) must not leak into the learner/actors `up` starts: they form their own worlds.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+            "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k not in DIST_ENV}
+
+
 def treerpo_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "common.cli", *args]
 
@@ -51,6 +61,7 @@ class Child:
     done: bool = False  # exited 0 or given up on
 
     def start(self, env: dict[str, str]) -> None:
+        env = child_env(env)
         log = open(self.log_path, "ab", buffering=0)
         log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n".encode())
         self.proc = subprocess.Popen(
