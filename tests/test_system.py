@@ -68,7 +68,6 @@ def run(model_dir, tmp_path_factory) -> RunResult:
                    "treerpo-actor": [system.actor_metrics_url(a).split("//")[1].split("/")[0]
                                      for a in ("actor-0", "actor-1")]}
         with PromStack(targets, tmp_path_factory.mktemp("prom")) as prom:
-            prom.start()
             system.wait(lambda: len(prom.query("up == 1")) == 3, 60, "prometheus scraping 3 targets")
             queries = [(title, expr.replace("$__rate_interval", "10s").replace("$__interval", "1s"))
                        for _, title, expr in dashboard_queries() if not is_vllm(expr)]
