@@ -291,6 +291,9 @@ class LearnerConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only on stop).")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Checkpoints kept.")
     resume: Literal["never", "auto"] = Field("auto", description="Resume from the latest checkpoint in run_dir.")
+    min_actors: int = Field(
+        1, ge=1, le=4096, description="Train only while at least this many actors hold the current weights."
+    )
     log_trees: bool = Field(
         False, description="Append one line per received tree (id, actor, versions, verdict) to RUN_DIR/trees.jsonl."
     )

@@ -361,6 +361,7 @@ def demo_config(args, model_path: str):
     cfg.actor.seed = args.seed
     if args.actors is not None:
         cfg.actor.num_actors = args.actors
+    cfg.learner.min_actors = cfg.actor.num_actors  # every actor takes part from the first step
     if cfg.learner.max_steps < 1:
         raise SystemExit("the demo needs learner.max_steps >= 1 (--steps)")
     return cfg

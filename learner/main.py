@@ -197,6 +197,10 @@ class Learner:
                 break
             self.sync(self.control.pending())
             t_wait = time.monotonic()
+            if len(self.control.member_ids()) - len(self.control.pending()) < lc.min_actors:
+                time.sleep(0.2)  # e.g. the demo: every actor takes part from the first step
+                self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
+                continue
             # the live actors can hold at most members x credits trees: never wait for more
             reachable = len(self.control.member_ids()) * cfg.replay.credits_per_actor
             min_trees = max(1, min(cfg.replay.batch_trees, reachable))

@@ -49,7 +49,9 @@ def test_short_demo_end_to_end(tmp_path):
     argv = [sys.executable, "-m", "common.cli", "demo", "--run-dir", str(run_dir), "--steps", "3", "--seed", "1",
             "--actors", "2", "--eval-problems", "6", "-k", "2", "--cache-dir", str(tmp_path / "cache"),
             "--warmup-steps", "5", "--model-hidden", "32", "--model-layers", "1", "--no-live",
-            "--set", "replay.batch_trees=2", "--set", "actor.prompts_per_batch=1", "--set", "learner.warmup_steps=0"]
+            "--set", "replay.batch_trees=2", "--set", "actor.prompts_per_batch=1", "--set", "learner.warmup_steps=0",
+            # one tree in flight per actor: every batch of 2 holds one tree of each actor
+            "--set", "replay.credits_per_actor=1"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     log = open(tmp_path / "demo.out", "w")
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
