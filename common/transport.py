@@ -337,7 +337,8 @@ class ActorEndpoints(_Endpoints):
         self._control.connect(self.control_endpoint)
 
     def reconnect(self, data_endpoint: str | None = None, control_endpoint: str | None = None) -> None:
-        """Fresh sockets (to new endpoints if given); frames still queued are discarded."""
+        """Fresh sockets (to new endpoints if given); frames still queued are discarded. Like every
+        socket call, only from the one thread that uses this object's sockets."""
         self._close_socket(self._data, 0)
         self._close_socket(self._control, 0)
         self.data_endpoint = data_endpoint or self.data_endpoint
