@@ -103,7 +103,9 @@ def test_eval_on_tiny_model_writes_a_report(tiny_model, tmp_path):
     assert sum(report["reasons"].values()) == 15  # one reason per sample
     assert 1.0 <= report["mean_response_tokens"] <= 12.0
     assert report["generated_tokens"] == pytest.approx(report["mean_response_tokens"] * 15)
-    held_out = eval_problems(TaskSpec(), 5)  # the demo preset's task: (a+b)*c, operands 10-39, seed 0
+    from common.config import load_config
+
+    held_out = eval_problems(TaskSpec.from_config(load_config("demo").data), 5)  # the demo preset's task
     assert [p["id"] for p in report["per_problem"]] == [p.problem_id for p in held_out]
     # same seed, same samples
     out2 = tmp_path / "report2.json"
