@@ -30,10 +30,28 @@ BASE_OVERRIDES = [
 ]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+), never handed out twice: a port the
+    kernel assigns later (a process binding port 0, e.g. the learner's own torch.distributed
+    store) cannot take it between this choice and the bind."""
+    import random
+
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def read_jsonl(path: Path) -> list[dict]:
