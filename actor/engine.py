@@ -210,6 +210,18 @@ def processed_logprobs(logits: "torch.Tensor", temperature: "torch.Tensor", top_
     return torch.log_softmax(z, dim=-1)
 
 
+def collect_eos_ids(*sources) -> tuple[int, ...]:
+    """EOS ids named by config/tokenizer fields (each None, an int or a list), first seen first."""
+    ids: list[int] = []
+    for src in sources:
+        for i in src if isinstance(src, (list, tuple)) else [src]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise EngineError("the model and tokenizer name no EOS token: set eos_token_id in its config")
+    return tuple(ids)
+
+
 def make_engine(cfg: "JobConfig | ModelConfig", actor: "ActorConfig | None" = None, *,
                 seed: int | None = None) -> Engine:
     """Build the engine named by `actor.engine` ('hf' or 'vllm') for the model in `cfg`.

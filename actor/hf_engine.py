@@ -101,16 +101,10 @@ class HFEngine:
         self._lock = threading.RLock()  # generate / stream step vs load_weights
 
     def _find_eos_ids(self) -> tuple[int, ...]:
-        ids: list[int] = []
-        sources = [getattr(self.model.generation_config, "eos_token_id", None),
-                   getattr(self.model.config, "eos_token_id", None), self.tokenizer.eos_token_id]
-        for src in sources:
-            for i in src if isinstance(src, (list, tuple)) else [src]:
-                if i is not None and int(i) not in ids:
-                    ids.append(int(i))
-        if not ids:
-            raise EngineError("the model and tokenizer name no EOS token: set eos_token_id in its config")
-        return tuple(ids)
+        from actor.engine import collect_eos_ids
+
+        return collect_eos_ids(getattr(self.model.generation_config, "eos_token_id", None),
+                               getattr(self.model.config, "eos_token_id", None), self.tokenizer.eos_token_id)
 
     # -- weights -----------------------------------------------------------------------------
     def named_parameters_for_sync(self) -> list[tuple[str, "torch.Tensor"]]:

@@ -129,18 +129,13 @@ class VLLMEngine:
     def _find_eos_ids(self, model_cfg: "ModelConfig") -> tuple[int, ...]:
         from transformers import GenerationConfig
 
-        ids: list[int] = []
+        from actor.engine import collect_eos_ids
+
         try:
             gen = GenerationConfig.from_pretrained(model_cfg.path).eos_token_id
         except OSError:  # no generation_config.json: the tokenizer's EOS is all there is
             gen = None
-        for src in (self.tokenizer.eos_token_id, gen):
-            for i in src if isinstance(src, (list, tuple)) else [src]:
-                if i is not None and int(i) not in ids:
-                    ids.append(int(i))
-        if not ids:
-            raise EngineError("the model and tokenizer name no EOS token: set eos_token_id in its config")
-        return tuple(ids)
+        return collect_eos_ids(self.tokenizer.eos_token_id, gen)
 
     def _params(self, req: GenerationRequest):
         from vllm import SamplingParams
