@@ -22,8 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
 
 def make_tree(rng, prompt_tokens: int, segment_tokens: int, branching: list[int], vocab: int):

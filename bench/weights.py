@@ -164,6 +164,8 @@ def main() -> None:
     conn.send(("stop",))
     proc.join(30)
     del pg, flat
+    for pub in pubs.values():  # their TCPStores: stopped now, not torn down at interpreter exit
+        pub.close()
 
     med = lambda x: statistics.median(x[args.warmup:])  # noqa: E731
     b = med(base)
