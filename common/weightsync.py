@@ -17,7 +17,9 @@ Guarantees:
   group on a `PrefixStore` named after the sync, separate from any DeepSpeed world; callers drop
   it afterwards (dropping a gloo group closes its sockets, so peers blocked on it fail at once).
   After a failure they drop it at once; after a success `drop_group_later` drops it in a daemon
-  thread (the first side to close a gloo group waits ~20 ms for its peer; nobody waits on it).
+  thread (the first side to close a gloo group waits ~20 ms for its peer; nobody waits on it),
+  except the exiting interpreter: it joins pending drops (`wait_group_drops`, at exit), since a
+  group still alive when the interpreter finalizes aborts the process (std::terminate).
 * **Every wait has a deadline.** `Deadline` hands each collective the time left of the whole sync.
   `InFlight` keeps at most `MAX_IN_FLIGHT` collectives posted (= the gloo group's worker threads,
   so a posted collective starts at once and its timeout, counted from its start, still ends by
@@ -28,6 +30,7 @@ Nothing here imports actor/ or learner/; torch is imported inside functions only
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import threading
@@ -399,10 +402,49 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
                               f"form within {timeout_s:.1f}s: {str(e)[:300]}") from e
 
 
+_DROPS: set[threading.Thread] = set()  # drop_group_later threads still running
+_DROPS_LOCK = threading.Lock()
+DROP_EXIT_WAIT_S = 10.0
+"""How long an exiting interpreter waits for pending group teardowns (gloo's take ~20 ms)."""
+
+
 def drop_group_later(holder: list) -> None:
     """Drop `holder`'s items (a finished sync's group, whose last reference it must hold) in a
-    daemon thread, so the group's teardown does not delay the end of the sync."""
-    threading.Thread(target=holder.clear, name="weightsync-drop-group", daemon=True).start()
+    daemon thread, so the group's teardown does not delay the end of the sync. The interpreter
+    joins that thread at exit (`wait_group_drops`)."""
+    thread = threading.Thread(target=_drop, args=(holder,), name="weightsync-drop-group", daemon=True)
+    with _DROPS_LOCK:  # started under the lock: wait_group_drops never sees an unstarted thread
+        _DROPS.add(thread)
+        thread.start()
+
+
+def _drop(holder: list) -> None:
+    try:
+        holder.clear()
+    finally:
+        with _DROPS_LOCK:
+            _DROPS.discard(threading.current_thread())
+
+
+def wait_group_drops(timeout_s: float = DROP_EXIT_WAIT_S) -> bool:
+    """Join the pending `drop_group_later` teardowns, within timeout_s; True if none is left.
+
+    Registered with atexit: a daemon thread is frozen mid-teardown when the interpreter
+    finalizes, and a gloo group destroyed then (its worker threads still joinable) makes the
+    C++ runtime call std::terminate -- a clean exit turned into SIGABRT."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with _DROPS_LOCK:
+            pending = next(iter(_DROPS), None)
+        if pending is None:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        pending.join(left)
+
+
+atexit.register(wait_group_drops)
 
 
 def broadcast_bucket(pg: Any, buf: "torch.Tensor", deadline: Deadline, what: str) -> Any:

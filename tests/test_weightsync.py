@@ -23,10 +23,12 @@ import torch
 from common.weightsync import (
     WeightSyncError,
     check_layout,
+    drop_group_later,
     flatten_into,
     plan_layout,
     tensor_checksum,
     unflatten,
+    wait_group_drops,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -654,3 +656,42 @@ def _actor_main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_actor_main(sys.argv[1:]))
+
+
+_EXIT_DURING_DROP = """
+import sys, time
+from common.weightsync import drop_group_later
+
+class SlowTeardown:  # stands in for a gloo group: its destructor takes a while
+    def __del__(self):
+        time.sleep(0.5)
+        open(sys.argv[1], "w").write("torn down")
+
+drop_group_later([SlowTeardown()])
+# exit at once, while the drop thread is inside the teardown
+"""
+
+
+def test_exiting_interpreter_joins_pending_group_drops(tmp_path):
+    # Without the atexit join, finalization freezes the daemon drop thread mid-teardown (a real
+    # gloo group destroyed that way aborts the process): the marker would never be written.
+    marker = tmp_path / "torn_down"
+    proc = subprocess.run([sys.executable, "-c", _EXIT_DURING_DROP, str(marker)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert marker.read_text() == "torn down"
+
+
+def test_wait_group_drops_joins_and_reports_leftovers():
+    release = threading.Event()
+    done = []
+
+    class Blocking:
+        def __del__(self):
+            release.wait(10)
+            done.append(True)
+
+    drop_group_later([Blocking()])
+    assert wait_group_drops(0.2) is False  # still tearing down: reported, not waited on forever
+    release.set()
+    assert wait_group_drops(10) is True and done == [True]
