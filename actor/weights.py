@@ -173,7 +173,7 @@ class WeightReceiver:
                       early: bool) -> tuple[list[tuple[str, Any]], dict[str, bytes]]:
         wire = InFlight(deadline, announce.backend, pg, f"sync {announce.sync_id}")
         named: list[tuple[str, Any]] = []
-        digests = Digests(early)  # sha256 in worker threads, while later buckets are on the wire
+        digests = Digests(early)  # XXH3 hashes in worker threads, while later buckets are on the wire
         try:
             return named, self._receive_all(wire, pg, announce, plan, deadline, target, named, digests)
         finally:

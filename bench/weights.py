@@ -7,7 +7,7 @@ What is timed (learner clock, median of --reps after --warmup syncs, i.e. steady
   ones flattened) until the receiver process reports that every bucket arrived and its
   parameters were rebound to them (`WeightReceiver.receive(..., swap_fn=...)`).
   * "sync": weights.checksum off -> `ratio`;
-  * "sync + checksum": weights.checksum on (the config default) -> `ratio_checksum`, sha256 of
+  * "sync + checksum": weights.checksum on (the config default) -> `ratio_checksum`, XXH3-128 of
     every tensor on both sides, overlapped with the wire;
   * "copy load": for reference, the receiver copies into its parameters (load_weights path, the
     one vLLM actors take) with checksum off -> `ratio_copy`.
@@ -172,7 +172,7 @@ def main() -> None:
     secs = {mode: med(x) for mode, x in times.items()}
     gb = nbytes / 1e9
     plan = pubs[False].plan(named, version=1)
-    labels = {"plain": "treerpo sync, swap install", "checksum": "treerpo sync, swap + sha256 both sides",
+    labels = {"plain": "treerpo sync, swap install", "checksum": "treerpo sync, swap + XXH3 both sides",
               "copy": "treerpo sync, copy install (reference)"}
     print(f"model: {numel / 1e6:.1f}M float32 params = {gb:.3f} GB; {len(plan.buckets)} buckets "
           f"(bucket_mb {bucket_mb}, solo >= {pubs[False].solo_bytes} B); gloo, 1 receiver; "
@@ -184,7 +184,7 @@ def main() -> None:
     print(f"ratio (baseline s / treerpo s; checksum off, swap install) = {b / secs['plain']:.3f}  (target 0.8); "
           f"first (cold) sync {times['plain'][0]:.3f} s")
     print(f"note: weights.checksum defaults to {default_checksum} (presets do not override it): the system as "
-          f"configured by default runs the '{'swap + sha256' if default_checksum else 'swap install'}' row")
+          f"configured by default runs the '{'swap + XXH3' if default_checksum else 'swap install'}' row")
     if args.json:
         out = {"bench": "weights", "params": numel, "bytes": nbytes, "bucket_mb": bucket_mb,
                "solo_bytes": pubs[False].solo_bytes, "buckets": len(plan.buckets), "baseline_seconds": b,

@@ -151,7 +151,7 @@ class WeightsConfig(Section):
     bucket_mb: float = Field(256.0, gt=0.0, le=16384.0, description="Flattened bucket size in MiB.")
     timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Deadline of each sync collective.")
     checksum: bool = Field(
-        True, description="Hash the weights on both sides (sha256 of raw bytes) and compare them on ack."
+        True, description="Hash the weights on both sides (XXH3-128 of raw bytes) and compare them on ack."
     )
 
 

@@ -10,8 +10,10 @@ Guarantees:
   `common.wire.WeightAnnounce.buckets` carries it. `check_layout` lets a receiver
   validate any announced layout without knowing the bucket size.
 * **Bit-exact checksum.** `tensor_checksum` is order independent and sensitive to every bit:
-  ``h_i = sha256(raw bytes of tensor i)``; ``checksum = sha256(concat over names sorted of
+  ``h_i = xxh3_128(raw bytes of tensor i)``; ``checksum = xxh3_128(concat over names sorted of
   name | dtype | shape | h_i)``. bf16/fp16 are hashed through their raw bytes, never converted.
+  XXH3-128 is an integrity hash, not a cryptographic one (peers are authenticated by CURVE, the
+  checksum proves what was loaded): ~9 GB/s per core here against sha256's ~1.4 GB/s.
   `Digests` computes the h_i in worker threads while buckets are on the wire.
 * **A sync group never outlives its sync.** `make_group` builds a fresh gloo (or NCCL) process
   group on a `PrefixStore` named after the sync, separate from any DeepSpeed world; callers drop
@@ -31,13 +33,14 @@ Nothing here imports actor/ or learner/; torch is imported inside functions only
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import xxhash
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -279,7 +282,7 @@ def unflatten(buf: "torch.Tensor", shapes: Sequence[Sequence[int]]) -> list["tor
 # Checksum
 # --------------------------------------------------------------------------------------------
 def tensor_digest(t: "torch.Tensor") -> bytes:
-    """sha256 of the tensor's raw bytes (moved to CPU, made contiguous; dtype untouched)."""
+    """XXH3-128 of the tensor's raw bytes (moved to CPU, made contiguous; dtype untouched)."""
     import torch
 
     flat = t.detach().reshape(-1)
@@ -287,11 +290,11 @@ def tensor_digest(t: "torch.Tensor") -> bytes:
         flat = flat.cpu()
     flat = flat.contiguous()
     raw = flat.view(torch.uint8).numpy() if flat.numel() else b""
-    return hashlib.sha256(memoryview(raw) if flat.numel() else raw).digest()
+    return xxhash.xxh3_128(memoryview(raw) if flat.numel() else raw).digest()  # releases the GIL
 
 
 class Digests:
-    """`tensor_digest` of named tensors in `workers` threads (hashlib releases the GIL, so hashing
+    """`tensor_digest` of named tensors in `workers` threads (xxhash releases the GIL, so hashing
     overlaps the transfer and other hashing); `result()` waits for all. Disabled: no work, b"" each.
     A tensor handed to `add` must not change until `result()` returns."""
 
@@ -321,7 +324,7 @@ class Digests:
 
 def combine_digests(entries: Iterable[tuple[str, str, Sequence[int], bytes]]) -> str:
     """Hex checksum over (name, dtype, shape, digest) entries, taken in sorted name order."""
-    h = hashlib.sha256()
+    h = xxhash.xxh3_128()
     for name, dtype, shape, digest in sorted(entries, key=lambda e: e[0]):
         h.update(f"{name}\0{dtype}\0{','.join(str(int(s)) for s in shape)}\0".encode())
         h.update(digest)

@@ -201,7 +201,7 @@ class WeightPublisher:
         bucket_of, offsets = plan.bucket_of(), plan.offsets()
         missing = [b[1] - b[0] for b in plan.buckets]  # tensors each bucket still waits for
         ready: dict[int, tuple[Any, bool]] = {}  # bucket -> (1-D tensor to send, pooled buffer?)
-        digests = Digests(self.cfg.checksum)  # sha256 in worker threads, while buckets are on the wire
+        digests = Digests(self.cfg.checksum)  # XXH3 hashes in worker threads, while buckets are on the wire
         wire = InFlight(deadline, sync.backend, pg, f"sync {sync.sync_id}")
         next_send, sent_bytes = 0, 0
 
