@@ -163,11 +163,9 @@ def run(iters: int, repeats: int, workdir: Path) -> dict:
     tree = realistic_tree()
     buf = encode_tree(tree)
     decoded = decode_tree(buf, vocab_size=VOCAB)
-    # the flat token / log-prob arrays as decode maps them: read-only views over the frame
-    tokens = np.concatenate([n.token_ids for n in decoded.nodes])
-    logprobs = np.concatenate([n.logprobs for n in decoded.nodes])
-    tokens = np.frombuffer(buf, np.int32, tokens.shape[0], buf.find(tokens.tobytes()))
-    logprobs = np.frombuffer(buf, np.float32, logprobs.shape[0], buf.find(logprobs.tobytes()))
+    # the flat token / log-prob arrays decode maps (read-only views over the frame) and slices
+    tokens, logprobs = decoded.nodes[0].token_ids.base, decoded.nodes[0].logprobs.base
+    assert tokens.shape[0] == logprobs.shape[0] == tree.num_tokens(), "decode no longer slices one flat view"
     ends = np.cumsum([len(n) for n in tree.nodes]).tolist()
     parents = [n.parent for n in tree.nodes]
     versions = [n.version for n in tree.nodes]
