@@ -68,14 +68,15 @@ def realistic_tree(seed: int = 0, prompt_len: int = 512, branching=(2, 2, 2), se
     ).validate(VOCAB)
 
 
-def _median_seconds(fn, iters: int, repeats: int) -> float:
+def _seconds_per_call(fn, iters: int, repeats: int, pick=statistics.median) -> float:
+    """Seconds per call: `pick` (default the median) over `repeats` timed batches of `iters` calls."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
         times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
+    return pick(times)
 
 
 def run_batch(batch: int, repeats: int) -> dict:
@@ -95,8 +96,8 @@ def run_batch(batch: int, repeats: int) -> dict:
         for s, d in zip(srcs, dsts):
             np.copyto(d, s)
 
-    wire_s = _median_seconds(wire, 1, repeats) / batch
-    copy_s = _median_seconds(copy, 1, repeats) / batch
+    wire_s = _seconds_per_call(wire, 1, repeats) / batch
+    copy_s = _seconds_per_call(copy, 1, repeats) / batch
     nbytes = sum(len(b) for b in bufs) / batch
     return {
         "batch_trees": batch,
@@ -114,10 +115,10 @@ def run(iters: int, repeats: int) -> dict:
     src = np.frombuffer(buf, dtype=np.uint8)
     dst = np.empty_like(src)
 
-    enc_s = _median_seconds(lambda: encode_tree(tree), iters, repeats)
-    dec_s = _median_seconds(lambda: decode_tree(buf, vocab_size=VOCAB), iters, repeats)
-    copy_s = _median_seconds(lambda: np.copyto(dst, src), iters * 10, repeats)
-    validate_s = _median_seconds(lambda: tree.validate(VOCAB), iters, repeats)  # share of decode
+    enc_s = _seconds_per_call(lambda: encode_tree(tree), iters, repeats)
+    dec_s = _seconds_per_call(lambda: decode_tree(buf, vocab_size=VOCAB), iters, repeats)
+    copy_s = _seconds_per_call(lambda: np.copyto(dst, src), iters * 10, repeats)
+    validate_s = _seconds_per_call(lambda: tree.validate(VOCAB), iters, repeats)  # share of decode
     wire_s = enc_s + dec_s
     wire_gbs = nbytes / wire_s / 1e9
     copy_gbs = nbytes / copy_s / 1e9

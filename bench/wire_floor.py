@@ -38,9 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import time  # noqa: E402
-
-from wire import TARGET, VOCAB, realistic_tree  # noqa: E402
+from wire import TARGET, VOCAB, _seconds_per_call, realistic_tree  # noqa: E402
 
 from common.tree import Node, ReasoningTree  # noqa: E402
 from common.wire import decode_tree, encode_tree  # noqa: E402
@@ -130,13 +128,7 @@ PyMODINIT_FUNC PyInit__wire_floor(void) {
 
 def _best_seconds(fn, iters: int, repeats: int) -> float:
     """Fastest of `repeats` timed batches of `iters` calls: the generous figure, for a bound."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best
+    return _seconds_per_call(fn, iters, repeats, pick=min)
 
 
 def compile_c(workdir: Path):
