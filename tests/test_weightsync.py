@@ -677,7 +677,7 @@ def test_exiting_interpreter_joins_pending_group_drops(tmp_path):
     # gloo group destroyed that way aborts the process): the marker would never be written.
     marker = tmp_path / "torn_down"
     proc = subprocess.run([sys.executable, "-c", _EXIT_DURING_DROP, str(marker)], capture_output=True, text=True,
-                          timeout=60, cwd=Path(__file__).resolve().parents[1])
+                          timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert marker.read_text() == "torn down"
 
