@@ -243,7 +243,7 @@ def make_engine(cfg: "JobConfig | ModelConfig", actor: "ActorConfig | None" = No
         raise EngineError(f"make_engine takes a JobConfig or a ModelConfig, got {type(cfg).__name__}")
     if not model_cfg.path:
         raise EngineError(
-            "model.path is empty: build the demo model with common.tinymodel.build_tiny_model(DIR) "
+            "model.path is empty: build the demo model with treerpo.tinymodel.build_tiny_model(DIR) "
             "and set model.path=DIR (or point it at an HF model folder)"
         )
     seed = actor.seed if seed is None else seed

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from common.config import AdvantageConfig, LossConfig
-    from common.tinymodel import build_tiny_model
+    from treerpo.tinymodel import build_tiny_model
 
     torch.set_num_threads(args.threads)
     branching = [int(x) for x in args.branching.split(",")]

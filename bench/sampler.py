@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     from actor.engine import make_engine
     from common.config import ActorConfig, ModelConfig, TreeConfig
     from common.rewards import make_reward
-    from common.tinymodel import build_tiny_model
+    from treerpo.tinymodel import build_tiny_model
 
     torch.set_num_threads(args.threads)
     branching = [int(b) for b in args.branching.split(",")]

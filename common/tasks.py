@@ -1,6 +1,6 @@
 """The synthetic multi-step arithmetic task of the CPU demo (pure python, no torch).
 
-Format (every character is in the tiny char tokenizer's alphabet, common/tinymodel.py):
+Format (every character is in the tiny char tokenizer's alphabet, treerpo/tinymodel.py):
 
     prompt:    "(12+34)*25="
     solution:  "12+34=46;46*25=1150;#1150"

@@ -1,6 +1,6 @@
 """Harness for tests that run the real system: a learner and actors as processes on a tiny model.
 
-Everything is real: `python -m common.cli learner/actor` processes, ZeroMQ on loopback, gloo
+Everything is real: `python -m treerpo.cli learner/actor` processes, ZeroMQ on loopback, gloo
 weight sync, DeepSpeed on CPU. The harness only reads what the processes write (RUN_DIR/*.jsonl,
 endpoints, logs) and what they serve (/metrics), and ends the processes it started, by pid.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import load_config
-from common.launch import Child, Supervisor, treerpo_command
+from treerpo.supervisor import Child, Supervisor, treerpo_command
 from common.rundir import logs_dir
 
 BASE_OVERRIDES = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.config import JobConfig
-from common.tinymodel import build_tiny_model
+from treerpo.tinymodel import build_tiny_model
 from learner.checkpoint import (
     LATEST,
     LearnerState,

@@ -10,7 +10,7 @@ import pytest
 
 from common.config import DataConfig
 from common.data import DataError, PromptSource
-from common.tinymodel import BOS_ID, build_char_tokenizer
+from treerpo.tinymodel import BOS_ID, build_char_tokenizer
 
 from tests.paths import BENCHMARKS
 CHAT_TEMPLATE = (

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from common.demo import parse_prometheus
+from treerpo.demo import parse_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def _scrape(url: str) -> dict[str, float] | None:
 @pytest.mark.integration
 def test_short_demo_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "common.cli", "demo", "--run-dir", str(run_dir), "--steps", "3", "--seed", "1",
+    argv = [sys.executable, "-m", "treerpo", "demo", "--run-dir", str(run_dir), "--steps", "3", "--seed", "1",
             "--actors", "2", "--eval-problems", "6", "-k", "2", "--cache-dir", str(tmp_path / "cache"),
             "--warmup-steps", "5", "--model-hidden", "32", "--model-layers", "1", "--no-live",
             "--set", "replay.batch_trees=2", "--set", "actor.prompts_per_batch=1", "--set", "learner.warmup_steps=0",
@@ -122,7 +122,7 @@ def test_short_demo_end_to_end(tmp_path):
 def test_warmup_is_cached_by_settings(tmp_path):
     import torch
 
-    from learner.warmup import MARKER, WarmupSettings, ensure_warm_model, encode_examples
+    from treerpo.warmup import MARKER, WarmupSettings, ensure_warm_model, encode_examples
 
     torch.set_num_threads(1)
     small = WarmupSettings(hidden_size=16, num_layers=1, intermediate_size=32, examples=50, steps=2, batch_size=4)

@@ -1,6 +1,6 @@
 """HF engine: log-prob fidelity, truncation semantics, stops, seeding, weight loading.
 
-A real tiny Qwen2 (common/tinymodel.py) is saved to a temp dir and loaded with from_pretrained.
+A real tiny Qwen2 (treerpo/tinymodel.py) is saved to a temp dir and loaded with from_pretrained.
 Fidelity reference: one unpadded teacher-forced forward over context + sample, without cache.
 """
 
@@ -15,7 +15,7 @@ import torch
 from actor.engine import EngineError, GenerateStream, GenerationRequest, make_engine, open_stream, processed_logprobs
 from actor.hf_engine import HFStream
 from common.config import ActorConfig, JobConfig, ModelConfig
-from common.tinymodel import EOS_ID, build_tiny_model
+from treerpo.tinymodel import EOS_ID, build_tiny_model
 
 torch.set_num_threads(1)
 

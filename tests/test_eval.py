@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from actor.eval import ks_to_report, pass_at_k, resolve_model_dir, summarise
-from common.cli import build_parser
+from treerpo.eval import ks_to_report, pass_at_k, resolve_model_dir, summarise
+from treerpo.cli import build_parser
 from common.tasks import TaskSpec, eval_problems
 
 from tests.paths import BENCHMARKS
@@ -83,14 +83,14 @@ def _eval_args(*argv: str) -> argparse.Namespace:
 def tiny_model(tmp_path_factory) -> Path:
     import torch
 
-    from common.tinymodel import build_tiny_model
+    from treerpo.tinymodel import build_tiny_model
 
     torch.set_num_threads(1)
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32, num_layers=1)
 
 
 def test_eval_on_tiny_model_writes_a_report(tiny_model, tmp_path):
-    from actor.eval import run
+    from treerpo.eval import run
 
     out = tmp_path / "report.json"
     args = _eval_args("--model", str(tiny_model), "-k", "3", "--num-problems", "5", "--max-tokens", "12",
@@ -116,7 +116,7 @@ def test_eval_on_tiny_model_writes_a_report(tiny_model, tmp_path):
 
 
 def test_eval_scores_benchmark_files_with_math_reward(tiny_model, tmp_path):
-    from actor.eval import run
+    from treerpo.eval import run
 
     data = tmp_path / "bench.jsonl"
     data.write_text("\n".join(json.dumps({"id": f"q{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from common.launch import Child
+from treerpo.supervisor import Child
 
 
 def test_children_do_not_inherit_a_distributed_world(tmp_path):

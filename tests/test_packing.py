@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.config import AdvantageConfig, LossConfig
-from common.tinymodel import build_tiny_model
+from treerpo.tinymodel import build_tiny_model
 from common.treerpo import node_token_offsets, step_advantages, token_advantages
 from learner.loss import LossInputs, treerpo_loss
 from learner.attention import SPAN_ATTENTION, register_span_attention, span_attention, span_plan

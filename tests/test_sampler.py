@@ -14,7 +14,7 @@ from actor.sampler import TreeSampler
 from common.config import ActorConfig, ModelConfig, TreeConfig
 from common.data import Prompt
 from common.rewards import RewardResult, make_reward
-from common.tinymodel import EOS_ID, build_tiny_model
+from treerpo.tinymodel import EOS_ID, build_tiny_model
 
 torch.set_num_threads(1)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from common.tinymodel import build_tiny_model
+from treerpo.tinymodel import build_tiny_model
 from common.weightsync import tensor_checksum
 from tests.system import (
     System,

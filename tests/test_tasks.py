@@ -16,7 +16,7 @@ from common.tasks import (
     train_problem,
     warmup_examples,
 )
-from common.tinymodel import ALPHABET
+from treerpo.tinymodel import ALPHABET
 
 
 def test_hand_checked_add_mul():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.config import AdvantageConfig, JobConfig
-from common.tinymodel import build_tiny_model
+from treerpo.tinymodel import build_tiny_model
 from common.tree import Node, ReasoningTree, new_tree_id
 from common.treerpo import step_advantages
 from learner.trainer import Trainer, lr_factor, pack_blobs, split_by_tokens, unpack_blobs

@@ -44,7 +44,7 @@ def test_vllm_generation_and_weight_update(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common.tinymodel import build_tiny_model
+    from treerpo.tinymodel import build_tiny_model
 
     path = build_tiny_model(tmp_path / "tiny")
     eng = make_engine(ModelConfig(path=str(path)), ActorConfig(engine="vllm", gpu_memory_utilization=0.3,

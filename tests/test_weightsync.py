@@ -234,7 +234,7 @@ def _assert_actor_equals(out_dir: Path, actor_id: str, version: int, expected: d
 
 @pytest.fixture
 def models(tmp_path):
-    from common.tinymodel import build_tiny_model
+    from treerpo.tinymodel import build_tiny_model
 
     # Same architecture, different init per process (~110K float32 parameters).
     return {k: build_tiny_model(tmp_path / k, seed=s, max_position_embeddings=64)

@@ -41,7 +41,7 @@ MARKER = "warmup.json"
 class WarmupSettings:
     """Everything that determines the warmed-up weights (hashed into the cache key)."""
 
-    # architecture (common.tinymodel.build_tiny_model); defaults: ~0.55M parameters
+    # architecture (treerpo.tinymodel.build_tiny_model); defaults: ~0.55M parameters
     hidden_size: int = 128
     num_layers: int = 3
     num_heads: int = 4
@@ -117,7 +117,7 @@ def train(settings: WarmupSettings, out_dir: Path, on_step=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.tinymodel import build_tiny_model
+    from treerpo.tinymodel import build_tiny_model
 
     build_tiny_model(out_dir, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
                      num_heads=settings.num_heads, num_kv_heads=settings.num_kv_heads,
@@ -194,7 +194,7 @@ def ensure_warm_model(settings: WarmupSettings, cache_dir: str | Path, threads: 
 # CLI
 # --------------------------------------------------------------------------------------------
 def settings_from_args(args) -> WarmupSettings:
-    """Settings from `treerpo warmup` arguments (common/demo.py: add_warmup_args); None = default."""
+    """Settings from `treerpo warmup` arguments (treerpo/cli.py: add_warmup_args); None = default."""
     d = WarmupSettings()
     pick = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
     hidden = pick("hidden", d.hidden_size)

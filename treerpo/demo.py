@@ -1,12 +1,12 @@
 """`treerpo demo`: warm up a tiny model, train it with asynchronous TreeRPO on CPU, show it learned.
 
-Phases (each heavy one is a process; common/ imports nothing from actor/ or learner/):
+Phases (each heavy one is a process, started through the `treerpo` CLI):
 
 1. `treerpo warmup` (subprocess, cached): a tiny char-level Qwen2 that holds a right and two wrong
-   plans for `(a+b)*c` (learner/warmup.py);
+   plans for `(a+b)*c` (treerpo/warmup.py);
 2. `treerpo eval` before (subprocess) on held-out problems, k samples each -- it runs while the
    learner initialises;
-3. TreeRPO: the `treerpo up` Supervisor (common/launch.py) runs the learner and >= 2 actors
+3. TreeRPO: the `treerpo up` Supervisor (treerpo/supervisor.py) runs the learner and >= 2 actors
    (ZeroMQ, weight sync over gloo, metrics), while a live table follows RUN_DIR/metrics.jsonl and
    the processes' /metrics endpoints;
 4. `treerpo eval` after, on the final checkpoint's HF export;
@@ -41,72 +41,6 @@ DEMO_ARTIFACTS = ("checkpoints", "logs", "actors", "metrics.jsonl", "endpoints.j
 
 
 # --------------------------------------------------------------------------------------------
-# arguments (also the eval and warmup subcommands': common/cli.py imports this module for them)
-# --------------------------------------------------------------------------------------------
-def add_warmup_args(p: argparse.ArgumentParser) -> None:
-    """`treerpo warmup`: defaults (None) come from learner/warmup.py's WarmupSettings."""
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: $TREERPO_CACHE or ~/.cache/treerpo)")
-    p.add_argument("--steps", type=int, default=None, help="supervised steps (default 2000)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
-    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 3e-3)")
-    p.add_argument("--examples", type=int, default=None, help="size of the warm-up example pool (default 20000)")
-    p.add_argument("--right-fraction", type=float, default=None,
-                   help="share of examples worked with the right plan (default 0.3)")
-    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 128)")
-    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 3)")
-    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 8/3 x hidden)")
-    p.add_argument("--operand-min", type=int, default=None, help="smallest operand (default 10; = data.operand_min)")
-    p.add_argument("--operand-max", type=int, default=None, help="largest operand (default 39; = data.operand_max)")
-    p.add_argument("--seed", type=int, default=None, help="init and data seed (default 0)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (path, info) on the last line")
-
-
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model folder, or a checkpoint folder holding hf/")
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--task", choices=["arithmetic"], default=None,
-                      help="the synthetic task's held-out problems (the default without --data)")
-    what.add_argument("--data", nargs="+", default=None, metavar="FILE.jsonl",
-                      help="benchmark JSONL/Parquet files (id, problem, answer)")
-    p.add_argument("--reward", choices=["math", "arithmetic"], default=None,
-                   help="reward (default: math for --data, arithmetic for the task)")
-    p.add_argument("-k", type=int, default=4, help="samples per problem (pass@1 = mean over them; pass@k too)")
-    p.add_argument("--num-problems", type=int, default=None,
-                   help="problems evaluated (default: all files' rows / 200 held-out task problems)")
-    p.add_argument("--engine", choices=["hf", "vllm"], default=None, help="inference engine (default: actor.engine)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: tree.temperature)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus mass (default: tree.top_p)")
-    p.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: tree.max_tokens)")
-    p.add_argument("--batch-prompts", type=int, default=64, help="prompts per engine call")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--quiet", action="store_true", help="no table")
-    p.add_argument("--config", "-c", action="append", default=[],
-                   help="preset name or YAML file (model/data/tree sections); default: demo")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override")
-
-
-def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", default="runs/demo", help="run directory (its earlier demo artifacts are replaced)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's learner.max_steps)")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling, training and eval")
-    p.add_argument("--actors", type=int, default=None, help="actor processes (default: actor.num_actors, >= 2)")
-    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems in each eval")
-    p.add_argument("-k", type=int, default=4, help="samples per held-out problem")
-    p.add_argument("--cache-dir", default=None, help="warm-up cache (default: $TREERPO_CACHE or ~/.cache/treerpo)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 2000)")
-    p.add_argument("--model-hidden", type=int, default=None, help="hidden size of the tiny model (default 128)")
-    p.add_argument("--model-layers", type=int, default=None, help="layers of the tiny model (default 3)")
-    p.add_argument("--no-live", action="store_true", help="plain progress lines instead of the live table")
-    p.add_argument("--config", "-c", action="append", default=[], help="preset or YAML (default: demo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, e.g. --set learner.lr=1e-4")
-
-
-# --------------------------------------------------------------------------------------------
 # children
 # --------------------------------------------------------------------------------------------
 def child_env() -> dict[str, str]:
@@ -121,7 +55,7 @@ def child_env() -> dict[str, str]:
 
 
 def start_child(argv: list[str], log_path: Path) -> subprocess.Popen:
-    from common.launch import _die_with_parent
+    from treerpo.supervisor import _die_with_parent
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab", buffering=0) as log:
@@ -369,7 +303,7 @@ def demo_config(args, model_path: str):
 
 def warmup_argv(args, cfg) -> list[str]:
     """The warm-up uses the task's operand range, so its examples match the RL prompts."""
-    from common.launch import treerpo_command
+    from treerpo.supervisor import treerpo_command
 
     argv = treerpo_command("warmup", "--json", "--operand-min", str(cfg.data.operand_min),
                            "--operand-max", str(cfg.data.operand_max))
@@ -381,7 +315,7 @@ def warmup_argv(args, cfg) -> list[str]:
 
 
 def eval_argv(args, model: str, out: Path, config_path: Path) -> list[str]:
-    from common.launch import treerpo_command
+    from treerpo.supervisor import treerpo_command
 
     return treerpo_command("eval", "--model", model, "--task", "arithmetic", "-k", str(args.k),
                            "--num-problems", str(args.eval_problems), "--seed", str(args.seed),
@@ -392,7 +326,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from common.config import dump_config
-    from common.launch import Supervisor
+    from treerpo.supervisor import Supervisor
 
     console = Console(width=None if sys.stdout.isatty() else 150)  # a log: one line per update
     started = time.monotonic()

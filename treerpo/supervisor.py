@@ -46,7 +46,7 @@ def child_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def treerpo_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "treerpo", *args]
 
 
 @dataclass

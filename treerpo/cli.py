@@ -1,0 +1,199 @@
+"""`treerpo` console script: parse first, import the subcommand's module after.
+
+The application floor dispatches down to `actor`, `learner` and its own modules. Each runner
+imports its module inside the function (torch, DeepSpeed and transformers load behind them), so
+`treerpo --help` stays instant; the imports are plain `from x import y` statements, visible to
+the import-graph check (tests/unit/test_layering.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+def _run_config(args: argparse.Namespace) -> int:
+    from common.config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+def _run_learner(args: argparse.Namespace) -> int:
+    from learner.main import run
+
+    return run(args)
+
+
+def _run_actor(args: argparse.Namespace) -> int:
+    from actor.main import run
+
+    return run(args)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from treerpo.supervisor import run_up
+
+    return run_up(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from treerpo.demo import run
+
+    return run(args)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from treerpo.eval import run
+
+    return run(args)
+
+
+def _run_warmup(args: argparse.Namespace) -> int:
+    from treerpo.warmup import run
+
+    return run(args)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", action="append", default=[],
+        help="preset name or YAML file; repeat to merge in order (later wins)",
+    )
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="dotted override, e.g. --set tree.depth=3 --set tree.branching=[2,2,2]",
+    )
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default: the config's run_dir)")
+
+
+def add_learner_args(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+    p.add_argument("--resume", choices=["auto", "never"], default=None,
+                   help="resume from the latest checkpoint in the run directory (default: learner.resume)")
+
+
+def add_actor_args(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+    p.add_argument("--actor-id", default=None, help="unique actor name (default: host-pid)")
+    p.add_argument("--actor-index", type=int, default=None,
+                   help="this actor's prompt shard (default: the ordinal suffix of --actor-id, else 0)")
+    p.add_argument("--num-actors", type=int, default=None, help="number of prompt shards (default: actor.num_actors)")
+    p.add_argument("--endpoints", default=None,
+                   help="the learner's endpoints.json (default: RUN_DIR/endpoints.json if present, else the config)")
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    add_run_args(p)
+    p.add_argument("--num-actors", type=int, default=None, help="actors to start (default: actor.num_actors)")
+
+
+def add_warmup_args(p: argparse.ArgumentParser) -> None:
+    """`treerpo warmup`: defaults (None) come from treerpo/warmup.py's WarmupSettings."""
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $TREERPO_CACHE or ~/.cache/treerpo)")
+    p.add_argument("--steps", type=int, default=None, help="supervised steps (default 2000)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
+    p.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (default 3e-3)")
+    p.add_argument("--examples", type=int, default=None, help="size of the warm-up example pool (default 20000)")
+    p.add_argument("--right-fraction", type=float, default=None,
+                   help="share of examples worked with the right plan (default 0.3)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size (default 128)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 3)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 8/3 x hidden)")
+    p.add_argument("--operand-min", type=int, default=None, help="smallest operand (default 10; = data.operand_min)")
+    p.add_argument("--operand-max", type=int, default=None, help="largest operand (default 39; = data.operand_max)")
+    p.add_argument("--seed", type=int, default=None, help="init and data seed (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (path, info) on the last line")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model folder, or a checkpoint folder holding hf/")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--task", choices=["arithmetic"], default=None,
+                      help="the synthetic task's held-out problems (the default without --data)")
+    what.add_argument("--data", nargs="+", default=None, metavar="FILE.jsonl",
+                      help="benchmark JSONL/Parquet files (id, problem, answer)")
+    p.add_argument("--reward", choices=["math", "arithmetic"], default=None,
+                   help="reward (default: math for --data, arithmetic for the task)")
+    p.add_argument("-k", type=int, default=4, help="samples per problem (pass@1 = mean over them; pass@k too)")
+    p.add_argument("--num-problems", type=int, default=None,
+                   help="problems evaluated (default: all files' rows / 200 held-out task problems)")
+    p.add_argument("--engine", choices=["hf", "vllm"], default=None, help="inference engine (default: actor.engine)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: tree.temperature)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass (default: tree.top_p)")
+    p.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: tree.max_tokens)")
+    p.add_argument("--batch-prompts", type=int, default=64, help="prompts per engine call")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no table")
+    p.add_argument("--config", "-c", action="append", default=[],
+                   help="preset name or YAML file (model/data/tree sections); default: demo")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override")
+
+
+def add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default="runs/demo", help="run directory (its earlier demo artifacts are replaced)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's learner.max_steps)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, training and eval")
+    p.add_argument("--actors", type=int, default=None, help="actor processes (default: actor.num_actors, >= 2)")
+    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems in each eval")
+    p.add_argument("-k", type=int, default=4, help="samples per held-out problem")
+    p.add_argument("--cache-dir", default=None, help="warm-up cache (default: $TREERPO_CACHE or ~/.cache/treerpo)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 2000)")
+    p.add_argument("--model-hidden", type=int, default=None, help="hidden size of the tiny model (default 128)")
+    p.add_argument("--model-layers", type=int, default=None, help="layers of the tiny model (default 3)")
+    p.add_argument("--no-live", action="store_true", help="plain progress lines instead of the live table")
+    p.add_argument("--config", "-c", action="append", default=[], help="preset or YAML (default: demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, e.g. --set learner.lr=1e-4")
+
+
+
+# name -> (runner, one-line help, function that adds its arguments)
+Runner = Callable[[argparse.Namespace], int]
+SUBCOMMANDS: dict[str, tuple[Runner, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "config": (_run_config, "print the resolved config (preset/YAML + --set overrides) as YAML", add_config_args),
+    "learner": (_run_learner, "run the learner: ingest trees, train with TreeRPO, publish weights", add_learner_args),
+    "actor": (_run_actor, "run one actor: sample reasoning trees and stream them to the learner", add_actor_args),
+    "up": (_run_up, "start a learner and N actors as processes and supervise them", add_up_args),
+    "demo": (_run_demo, "the CPU demo: warm up a tiny model, train it with TreeRPO, evaluate before/after",
+             add_demo_args),
+    "eval": (_run_eval, "pass@1 / pass@k of a model on benchmark JSONL files or the synthetic task", add_eval_args),
+    "warmup": (_run_warmup, "build and warm up the demo's tiny model (cached)", add_warmup_args),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="treerpo",
+        description="Asynchronous actor-learner TreeRPO for LLM reasoning.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (_, help_text, add_arguments) in SUBCOMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runner, _, _ = SUBCOMMANDS[args.command]
+    from common.config import ConfigError
+
+    try:
+        return int(runner(args) or 0)
+    except ConfigError as e:
+        print(f"treerpo {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
