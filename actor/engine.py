@@ -1,4 +1,4 @@
-"""The inference-engine contract shared by the HF and vLLM engines, and the factory.
+"""The inference-engine contract shared by the HF and vLLM engines.
 
 An engine turns `GenerationRequest`s (a token-id context, a number of siblings `n`, a budget
 and stop rules) into `Sample`s. Guarantees every engine gives:
@@ -14,19 +14,24 @@ and stop rules) into `Sample`s. Guarantees every engine gives:
 
   (top-k keeps tokens whose logit is >= the k-th largest; top-p keeps the highest-probability
   tokens until their mass reaches p, at least one; the same semantics as vLLM's sampler);
-* `Sample.finish` is "stop" (EOS or a stop token id), "delimiter" (a stop string) or
-  "length" (`max_tokens` reached);
+* `Sample.finish` (`SampleFinish`: why the ENGINE stopped) is "stop" (EOS or a stop token id),
+  "delimiter" (a stop string) or "length" (the request's `max_tokens` reached), checked in that
+  order after each token. It is not a tree node's finish (common/tree.py `Finish`: "segment",
+  "stop", "length"); the sampler maps one to the other in one place (actor/sampler.py
+  `node_finish`);
 * `engine.version` is the weight version the engine holds; `load_weights` bumps it.
 
 Streaming (continuous batching). `open_stream(engine, seed)` returns an `EngineStream`: requests
-are `add`ed at any time and `step()` advances generation, returning each sample as soon as it
-finishes, with the engine version read when its request was admitted. A request may name a
-`parent` sample (reported by the latest step) whose context + tokens are its context: an engine
-may continue that sample's state instead of prefilling (the HF engine forks the row's KV cache).
+are `add`ed at any time and `step()` advances generation, reporting each sample as soon as it
+finishes (a `StreamResult`) with the engine version read when its request was admitted. A
+request may name a `parent` sample (reported by the latest step) whose context + tokens are its
+context: an engine may continue that sample's state instead of prefilling (the HF engine forks
+the row's KV cache).
 Engines without a native stream (vLLM today) get `GenerateStream`: each `step()` is one
 `generate` call over every request queued so far.
 
-`make_engine` builds the engine named by `ActorConfig.engine`; vLLM is imported only then.
+This module imports no concrete engine: `actor.engines.make_engine` builds the engine named by
+`ActorConfig.engine` (vLLM is imported only then).
 """
 
 from __future__ import annotations
@@ -39,9 +44,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from common.config import ActorConfig, JobConfig, ModelConfig
-
-SampleFinish = Literal["stop", "length", "delimiter"]
+SampleFinish = Literal["stop", "length", "delimiter"]  # why an engine ended a sample (module docstring)
 
 
 class EngineError(RuntimeError):
@@ -117,8 +120,8 @@ class Engine(Protocol):
 
 
 @dataclass
-class Finished:
-    """One finished sample of a streamed request: sample `index` of the request added with `tag`."""
+class StreamResult:
+    """What `EngineStream.step()` reports: finished sample `index` of the request added with `tag`."""
 
     tag: Hashable
     index: int
@@ -132,7 +135,7 @@ class EngineStream(Protocol):
         says `request.context == parent's context + parent sample's tokens`."""
         ...
 
-    def step(self) -> list[Finished]:
+    def step(self) -> list[StreamResult]:
         """Advance generation; return the samples that finished, in a deterministic order."""
         ...
 
@@ -159,13 +162,13 @@ class GenerateStream:
     def busy(self) -> bool:
         return bool(self._queue)
 
-    def step(self) -> list[Finished]:
+    def step(self) -> list[StreamResult]:
         queued, self._queue = self._queue, []
         if not queued:
             return []
         version = int(self.engine.version)
         results = self.engine.generate([req for req, _ in queued])
-        return [Finished(tag, j, sample, version) for (_, tag), samples in zip(queued, results)
+        return [StreamResult(tag, j, sample, version) for (_, tag), samples in zip(queued, results)
                 for j, sample in enumerate(samples)]
 
 
@@ -221,39 +224,3 @@ def collect_eos_ids(*sources) -> tuple[int, ...]:
         raise EngineError("the model and tokenizer name no EOS token: set eos_token_id in its config")
     return tuple(ids)
 
-
-def make_engine(cfg: "JobConfig | ModelConfig", actor: "ActorConfig | None" = None, *,
-                seed: int | None = None) -> Engine:
-    """Build the engine named by `actor.engine` ('hf' or 'vllm') for the model in `cfg`.
-
-    `cfg` is a JobConfig (its `model` and `actor` sections are used) or a ModelConfig together
-    with `actor`. `seed` defaults to `actor.seed`.
-    """
-    from common.config import JobConfig, ModelConfig
-
-    if isinstance(cfg, tuple):
-        cfg, actor = cfg
-    if isinstance(cfg, JobConfig):
-        model_cfg, actor = cfg.model, actor or cfg.actor
-    elif isinstance(cfg, ModelConfig):
-        model_cfg = cfg
-        if actor is None:
-            raise EngineError("make_engine(ModelConfig, ActorConfig): the ActorConfig is missing")
-    else:
-        raise EngineError(f"make_engine takes a JobConfig or a ModelConfig, got {type(cfg).__name__}")
-    if not model_cfg.path:
-        raise EngineError(
-            "model.path is empty: build the demo model with treerpo.tinymodel.build_tiny_model(DIR) "
-            "and set model.path=DIR (or point it at an HF model folder)"
-        )
-    seed = actor.seed if seed is None else seed
-    if actor.engine == "hf":
-        from actor.hf_engine import HFEngine
-
-        return HFEngine(model_cfg, actor, seed=seed)
-    if actor.engine == "vllm":
-        from actor.vllm_engine import VLLMEngine, require_vllm
-
-        require_vllm()
-        return VLLMEngine(model_cfg, actor, seed=seed)
-    raise EngineError(f"actor.engine = {actor.engine!r}: must be 'hf' or 'vllm'")

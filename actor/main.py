@@ -49,7 +49,7 @@ class LockedEngine:
 class Actor:
     def __init__(self, cfg: JobConfig, run_dir: Path, actor_id: str, index: int, num_actors: int,
                  endpoints: dict[str, str]) -> None:
-        from actor.engine import make_engine
+        from actor.engines import make_engine
         from actor.sampler import TreeSampler
         from actor.weights import WeightReceiver
         from common.data import PromptSource
@@ -66,7 +66,7 @@ class Actor:
         self.reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
         self.sampler = TreeSampler(LockedEngine(self.engine, self.lock), cfg.tree, self.reward, actor_id,
                                    seed=cfg.actor.seed + 7919 * index)
-        self.receiver = WeightReceiver(checksum=cfg.weights.checksum, on_bucket=self._fault_hook())
+        self.receiver = WeightReceiver(checksum=cfg.weights.checksum)
         self.registry = new_registry()
         self.metrics = ActorMetrics(self.registry, actor_id, cfg.actor.engine)
         self.server = None
@@ -79,7 +79,6 @@ class Actor:
                                   control_endpoint=endpoints.get("control"))
         self.incarnation = -1  # learner incarnation of the last Welcome
         self.credits = 0
-        self._syncing_version = -1
         self.credit_quota = cfg.replay.credits_per_actor  # the learner keeps sent + unused credits at this
         self.weights_ready = threading.Event()  # current learner's weights loaded
         self.last_contact = 0.0
@@ -167,33 +166,12 @@ class Actor:
             self.stop.set()
         return False
 
-    def _fault_hook(self):
-        """Test-only fault injection: TREERPO_FAULT_SYNC_STALL="<actor_id>:<seconds>:<marker file>" makes
-        that actor stall after the first bucket of a sync of version >= 1, once (the marker records it),
-        so a test can kill it in the middle of a sync. Unset in normal runs: no hook at all."""
-        spec = os.environ.get("TREERPO_FAULT_SYNC_STALL", "")
-        if not spec:
-            return None
-        actor_id, seconds, marker = spec.split(":", 2)
-        if actor_id != self.actor_id:
-            return None
-
-        def on_bucket(index: int, count: int) -> None:
-            if index == 0 and self._syncing_version >= 1 and not os.path.exists(marker):
-                Path(marker).write_text(str(os.getpid()))
-                log.warning("fault injection: stalling %s s inside sync of version %d", seconds,
-                            self._syncing_version)
-                time.sleep(float(seconds))
-
-        return on_bucket
-
     def _weights_loop(self) -> None:
         while not self.stop.is_set():
             try:
                 announce = self._announces.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self._syncing_version = announce.version
             self._outbox.put(self._receive_weights(announce))
 
     def _load(self, named, version: int) -> None:

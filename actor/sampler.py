@@ -1,4 +1,4 @@
-"""TreeSampler: sample, score and assemble reasoning trees for many prompts at once (DESIGN §3).
+"""TreeSampler: sample, score and assemble reasoning trees for many prompts at once (design §3.1).
 
 Guarantees:
 
@@ -13,8 +13,9 @@ Guarantees:
 * a non-final level is cut at `segment_tokens` (`split='tokens'`) or at the step delimiter or
   `segment_tokens`, whichever comes first (`split='step'`; the delimiter stays in the segment);
   the last level runs to EOS or the rest of the total budget `max_tokens` along the path;
-* a segment ending in EOS before the last level is a leaf ("stop"); a non-final segment that
-  uses up the total budget is a leaf ("length");
+* a node's finish comes from its sample's by one table, `node_finish`: a segment ending in EOS
+  (or a stop token) is a leaf "stop" at any level; a segment of the last level, or one that uses
+  up the total budget, is a leaf "length"; any other segment is an inner node "segment";
 * every node records `engine.version` read when its generation started (the engine reports it);
 * nodes are stored breadth-first: by level, then parent, then sibling index (the order does not
   depend on which node finished first);
@@ -37,13 +38,30 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from actor.engine import Engine, Finished, GenerationRequest, Sample, open_stream
-from common.tree import Node, ReasoningTree, new_tree_id
+from actor.engine import Engine, GenerationRequest, SampleFinish, StreamResult, open_stream
+from common.tree import Finish, Node, ReasoningTree, new_tree_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.config import TreeConfig
 
-PromptSource = Callable[[int], "Sequence[Any] | None"]
+# `TreeSampler.stream`'s prompt feed: k -> up to k prompts, [] for none now, None when exhausted.
+# The actor wraps its `common.data.PromptSource` in one.
+PromptFn = Callable[[int], "Sequence[Any] | None"]
+
+
+def node_finish(sample_finish: SampleFinish, path_ends: bool) -> Finish:
+    """The tree node's finish (common/tree.py) for a sample's finish (actor/engine.py).
+
+    `path_ends`: the segment is on the last level or used up the total budget `max_tokens`.
+
+        sample_finish    path_ends=False    path_ends=True
+        "stop"           "stop"             "stop"
+        "delimiter"      "segment"          "length"
+        "length"         "segment"          "length"
+    """
+    if sample_finish == "stop":
+        return "stop"
+    return "length" if path_ends else "segment"
 
 
 @dataclass(eq=False)  # tags are hashed by identity
@@ -91,7 +109,7 @@ class TreeSampler:
             out[serial] = tree  # serials follow the source's order
         return out  # type: ignore[return-value]
 
-    def stream(self, source: PromptSource, max_trees_in_flight: int) -> Iterator[tuple[Any, ReasoningTree]]:
+    def stream(self, source: PromptFn, max_trees_in_flight: int) -> Iterator[tuple[Any, ReasoningTree]]:
         """Yield (prompt, finished tree) as trees complete, asking `source(k)` for up to k new prompts.
 
         `source(k)` is called before every engine step while fewer than `max_trees_in_flight` trees
@@ -103,7 +121,7 @@ class TreeSampler:
         for _, prompt, tree in self._run(source, max_trees_in_flight):
             yield prompt, tree
 
-    def _run(self, source: PromptSource, max_trees_in_flight: int) -> Iterator[tuple[int, Any, ReasoningTree]]:
+    def _run(self, source: PromptFn, max_trees_in_flight: int) -> Iterator[tuple[int, Any, ReasoningTree]]:
         if max_trees_in_flight < 1:
             raise ValueError(f"max_trees_in_flight = {max_trees_in_flight}: must be >= 1")
         call = self._calls
@@ -164,21 +182,15 @@ class TreeSampler:
         group.tree.pending += n
         engine_stream.add(req, group, parent)
 
-    def _node_finish(self, sample: Sample, level: int, used: int) -> str:
-        """Tree finish of a segment: 'segment' (open), 'stop' or 'length' (leaves)."""
-        if sample.finish == "stop":
-            return "stop"
-        if level == self.cfg.depth - 1 or used + len(sample.token_ids) >= self.cfg.max_tokens:
-            return "length"
-        return "segment"
-
-    def _attach(self, engine_stream, finished: list[Finished], call: int) -> list[_Tree]:
+    def _attach(self, engine_stream, finished: list[StreamResult], call: int) -> list[_Tree]:
         """Record finished segments, request children of open ones; return the trees now complete."""
         done = []
         for f in finished:
             group: _Group = f.tag
             tree, level = group.tree, group.level
-            finish = self._node_finish(f.sample, level, group.used)
+            path_ends = (level == self.cfg.depth - 1
+                         or group.used + len(f.sample.token_ids) >= self.cfg.max_tokens)
+            finish = node_finish(f.sample.finish, path_ends)
             node = Node(parent=-1, token_ids=f.sample.token_ids, logprobs=f.sample.logprobs,
                         version=int(f.version), finish=finish)
             tree.raw.append((group.parent, level, f.index, node))

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from actor.engine import EngineError, GenerationRequest, Sample
+from actor.engine import EngineError, GenerationRequest, Sample, SampleFinish, collect_eos_ids
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -93,7 +93,7 @@ class WeightUpdateExtension:
                 for n, p in self.model_runner.model.named_parameters()]
 
 
-def _finish(completion: Any) -> str:
+def _finish(completion: Any) -> SampleFinish:
     if completion.finish_reason == "length":
         return "length"
     if completion.finish_reason == "stop":
@@ -128,8 +128,6 @@ class VLLMEngine:
 
     def _find_eos_ids(self, model_cfg: "ModelConfig") -> tuple[int, ...]:
         from transformers import GenerationConfig
-
-        from actor.engine import collect_eos_ids
 
         try:
             gen = GenerationConfig.from_pretrained(model_cfg.path).eos_token_id

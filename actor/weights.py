@@ -1,4 +1,4 @@
-"""Actor side of the weight sync: join the announced group, receive, load, checksum (DESIGN §6).
+"""Actor side of the weight sync: join the announced group, receive, load, checksum (design §6).
 
 Guarantees:
 * Atomic load: every bucket is received into staging buffers first; the engine is touched only

@@ -1,4 +1,4 @@
-"""Learner step time, flat vs tree packing, on depth-3 [2, 2, 2] trees (DESIGN §10 bench format).
+"""Learner step time, flat vs tree packing, on depth-3 [2, 2, 2] trees (design §10 bench format).
 
 One step = pack the trees + TreeRPO forward + backward over every micro-batch (no optimizer step:
 AdamW costs the same in both layouts and would only dilute the difference). Both layouts put
@@ -58,7 +58,8 @@ def make_tree(rng, prompt_tokens: int, segment_tokens: int, branching: list[int]
 def step(model, trees, mode: str, row_tokens: int, rows: int, loss_cfg, adv_cfg, tree_attention: str = "auto"):
     """Pack + forward + backward of the whole step; returns (seconds, tokens processed)."""
     from learner.loss import LossInputs, treerpo_loss
-    from learner.packing import pack_trees, token_logprobs
+    from learner.logprobs import token_logprobs
+    from learner.packing import pack_trees
 
     t0 = time.perf_counter()
     batches = pack_trees(trees, adv_cfg, mode, row_tokens, learner_version=0, max_batch_rows=rows)

@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from actor.engine import make_engine
+    from actor.engines import make_engine
     from common.config import ActorConfig, ModelConfig, TreeConfig
     from common.rewards import make_reward
     from treerpo.tinymodel import build_tiny_model

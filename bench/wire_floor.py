@@ -1,8 +1,8 @@
 """Upper bound on bench/wire.py's ratio: the work no codec can skip, against the same memcpy.
 
 Whatever the codec, `decode_tree` must return a `ReasoningTree` whose `nodes` are `Node`
-objects holding int32 / float32 numpy arrays (DESIGN §2), must look at every token id and every
-log-prob once (vocabulary bound, finiteness: DESIGN §5), and `encode_tree` must write the
+objects holding int32 / float32 numpy arrays (design §2), must look at every token id and every
+log-prob once (vocabulary bound, finiteness: design §5.2), and `encode_tree` must write the
 frame's bytes at least once. This bench times only that -- header parsing, meta, schema checks,
 the per-node rules and gathering the nodes cost nothing here -- for the tree of bench/wire.py:
 

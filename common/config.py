@@ -29,7 +29,7 @@ class Section(BaseModel):
 # Shared sections
 # --------------------------------------------------------------------------------------------
 class TreeConfig(Section):
-    """How actors sample a reasoning tree (DESIGN §3)."""
+    """How actors sample a reasoning tree (design §3.1)."""
 
     depth: int = Field(3, ge=1, le=16, description="Levels of segments below the prompt (1 = GRPO).")
     branching: list[int] = Field(
@@ -73,7 +73,7 @@ class TreeConfig(Section):
 
 
 class AdvantageConfig(Section):
-    """Step-level advantages (DESIGN §3)."""
+    """Step-level advantages (design §3.3, §3.4)."""
 
     norm: Literal["group", "none", "tree"] = Field(
         "group", description="Divide by the group's std ('group'), nothing ('none'), or the tree's std ('tree')."
@@ -85,7 +85,7 @@ class AdvantageConfig(Section):
 
 
 class LossConfig(Section):
-    """The staleness-aware clipped loss (DESIGN §4)."""
+    """The staleness-aware clipped loss (design §4.1, §4.2)."""
 
     clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="epsilon_low: ratio clipped below at 1 - clip_low.")
     clip_high: float = Field(0.2, ge=0.0, le=10.0, description="epsilon_high: ratio clipped above at 1 + clip_high.")
@@ -100,7 +100,7 @@ class LossConfig(Section):
 
 
 class TransportConfig(Section):
-    """ZeroMQ data and control planes (DESIGN §5, §8)."""
+    """ZeroMQ data and control planes (design §5.4, §5.5, §8.1)."""
 
     bind_host: str = Field("127.0.0.1", min_length=1, description="Address the learner binds.")
     learner_host: str = Field("127.0.0.1", min_length=1, description="Address actors connect to.")
@@ -141,7 +141,7 @@ class TransportConfig(Section):
 
 
 class WeightsConfig(Section):
-    """Learner -> actor weight sync (DESIGN §6)."""
+    """Learner -> actor weight sync (design §6)."""
 
     sync_every: int = Field(1, ge=1, le=100_000, description="Publish new weights every this many optimizer steps.")
     backend: Literal["auto", "gloo", "nccl"] = Field(
@@ -156,7 +156,7 @@ class WeightsConfig(Section):
 
 
 class ReplayConfig(Section):
-    """The learner's replay buffer and admission control (DESIGN §4, §5)."""
+    """The learner's replay buffer and admission control (design §4.3)."""
 
     capacity: int = Field(1024, ge=1, le=10_000_000, description="Trees held at most; the oldest is evicted beyond.")
     max_staleness: int = Field(4, ge=0, le=1_000_000, description="eta: trees staler than this are dropped.")
@@ -202,8 +202,8 @@ class DataConfig(Section):
     shuffle: bool = Field(True, description="Shuffle prompts (seeded) each epoch.")
     seed: int = Field(0, ge=0, description="Seed of prompt order and the synthetic generator.")
     # synthetic task knobs
-    operand_min: int = Field(10, ge=0, le=10**6, description="Smallest operand of the synthetic task.")
-    operand_max: int = Field(39, ge=1, le=10**6, description="Largest operand of the synthetic task.")
+    operand_min: int = Field(2, ge=0, le=10**6, description="Smallest operand of the synthetic task.")
+    operand_max: int = Field(14, ge=1, le=10**6, description="Largest operand of the synthetic task.")
     num_problems: int = Field(100_000, ge=1, le=10**8, description="Size of the synthetic training pool.")
     task: Literal["add_mul", "chain"] = Field(
         "add_mul", description="Synthetic task shape: '(a+b)*c', or a chain of task_steps + - * steps (common/tasks.py)."
@@ -310,6 +310,23 @@ class LearnerConfig(Section):
         return self
 
 
+class SupervisorConfig(Section):
+    """`treerpo up`: how the supervisor restarts its children (design §7)."""
+
+    learner_restarts: int = Field(
+        5, ge=0, le=1000,
+        description="Restarts of a learner that died (resumed from its latest checkpoint as a new incarnation, "
+                    "same ports); 0 = the job ends with the learner.",
+    )
+    start_failures: int = Field(
+        3, ge=1, le=1000,
+        description="A child that exits before it ever became ready this many times in a row stops the job.",
+    )
+    backoff_s: float = Field(1.0, gt=0, le=600, description="First restart delay; doubles per restart of a child.")
+    max_backoff_s: float = Field(30.0, gt=0, le=3600, description="Longest restart delay.")
+    grace_s: float = Field(60.0, gt=0, le=3600, description="SIGTERM-to-SIGKILL grace when stopping a child.")
+
+
 class JobConfig(Section):
     """A whole treerpo job; each process reads its sections."""
 
@@ -325,6 +342,7 @@ class JobConfig(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    up: SupervisorConfig = Field(default_factory=SupervisorConfig)
 
 
 # --------------------------------------------------------------------------------------------

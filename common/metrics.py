@@ -1,15 +1,32 @@
-"""Every Prometheus metric of treerpo, declared once, and the HTTP endpoint that serves them.
+"""Every metric of treerpo, named once in one table (`METRICS`), and the HTTP endpoint that serves them.
+
+One name per thing. Each quantity is one `MetricSpec` row; its `name` is the only name it has:
+
+* Prometheus: `treerpo_<subsystem>_<name>` (a counter exposes it with `_total`, a histogram with
+  `_bucket` / `_sum` / `_count`); the metrics objects are built from the rows;
+* Python: the attribute of `LearnerMetrics` / `WeightSyncMetrics` / `ActorMetrics` (built from the
+  rows too: `LearnerMetrics(r).buffer_trees` is `treerpo_learner_buffer_trees`);
+* the learner's step record (`RUN_DIR/metrics.jsonl`, one JSON object per optimizer step): the
+  key, for the rows with `step=True` and the record-only rows (`kind="record"`). The loss
+  (learner/loss.py) and the trainer return their metrics under these keys already, and
+  `LearnerMetrics.record_step` refuses a key that is not in the table. A labelled step gauge is
+  written once per label value as `<name>_<value>` (`clip_fraction_low`, `clip_fraction_high`).
+  In the record, a counter's key holds this step's increment and a histogram's this step's
+  observation; a gauge's key holds its value;
+* dashboards and alert rules: deploy/grafana/build_dashboard.py writes every query through
+  `series()`, and both builders refuse an expression naming a `treerpo_` series the table lacks
+  (`undeclared_names`).
 
 Guarantees:
 
 * All names start with ``treerpo_``, use base units (seconds, bytes, tokens, versions) and carry
   only bounded labels: ``reason`` from a fixed tuple defined or imported here, ``side`` in
-  {low, high}, and ``actor_id`` (one value per actor process). The DESIGN §8 core names are
-  declared exactly as listed there; dashboards, alert rules and tests read names from here.
+  {low, high}, ``engine`` in {hf, vllm} and ``actor_id`` (one value per actor process). The
+  design §8.3 core names are declared exactly as listed there (tests/unit/test_metrics.py copies them).
 * Each process builds its metrics in its own ``CollectorRegistry`` (``new_registry()``), never the
   global default one, so tests can build many in one interpreter.
-* Labelled series are created at 0 for every known reason when the metrics object is built, so
-  ``rate()``/``increase()`` see the first event and absent-series alerts stay quiet.
+* Labelled series are created at 0 for every known label value when the metrics object is built,
+  so ``rate()``/``increase()`` see the first event and absent-series alerts stay quiet.
 * ``MetricsServer`` serves ``/metrics`` (text exposition), ``/health`` (200 while the process
   lives) and ``/ready`` (200 iff ``ready_fn()`` is true, else 503) on a daemon thread.
 
@@ -21,16 +38,20 @@ the learner's view of an actor agree. The series count stays bounded by the numb
 
 Which process exports what (``exported_names(process)`` lists the exposed sample names):
 
-* ``learner``: ``LearnerMetrics`` + ``WeightSyncMetrics`` (learner side of weight sync);
-* ``actor``:   ``ActorMetrics`` (includes the actor side of weight sync: version, load time).
+* ``learner``: subsystems ``learner`` and ``weight_sync`` (the learner side of weight sync);
+* ``actor``:   subsystem ``actor`` (includes the actor side of weight sync: version, load time).
 """
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,24 +64,17 @@ from prometheus_client import (
     generate_latest,
 )
 
+from common.rewards import REWARD_REASONS
+from common.wire import WIRE_ERROR_REASONS
+
 # --------------------------------------------------------------------------------------------
 # Fixed label values
 # --------------------------------------------------------------------------------------------
 DROP_REASONS: tuple[str, ...] = ("stale", "invalid", "duplicate", "incarnation", "shutdown", "capacity")
-"""Why a tree reaching the learner was not trained (DESIGN §5, plus `capacity`: evicted from a full buffer)."""
+"""Why a tree reaching the learner was not trained (design §4.3; `capacity`: evicted from a full
+buffer). The one definition: learner/buffer.py counts its drops under these."""
 
-try:  # H1's codec owns the list; fall back to the same names if it is not importable yet.
-    from common.wire import WIRE_ERROR_REASONS as _WIRE_REASONS
-except ImportError:  # pragma: no cover - only while common/wire.py is absent
-    _WIRE_REASONS = ("malformed", "bad_magic", "bad_version", "bad_kind", "schema", "too_large",
-                     "out_of_range", "non_finite", "invalid_tree")
-WIRE_ERROR_REASONS: tuple[str, ...] = tuple(_WIRE_REASONS)
-
-try:
-    from common.rewards import REWARD_REASONS as _REWARD_REASONS
-except ImportError:  # pragma: no cover
-    _REWARD_REASONS = ("ok", "wrong", "no_answer", "parse_error", "timeout", "error")
-REWARD_ERROR_REASONS: tuple[str, ...] = tuple(r for r in _REWARD_REASONS if r not in ("ok", "wrong"))
+REWARD_ERROR_REASONS: tuple[str, ...] = tuple(r for r in REWARD_REASONS if r not in ("ok", "wrong"))
 """Reward outcomes that are failures of scoring (an `ok` or `wrong` verdict is not an error)."""
 
 ACTOR_LOST_REASONS: tuple[str, ...] = ("send_timeout", "incarnation", "shutdown", "error", "learner_lost")
@@ -81,6 +95,252 @@ SYNC_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 
 REWARD_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+Kind = Literal["counter", "gauge", "histogram", "record"]
+Subsystem = Literal["learner", "weight_sync", "actor"]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One named quantity (see the module docstring for where its `name` is used)."""
+
+    subsystem: Subsystem  # Prometheus prefix treerpo_<subsystem>_; "learner" for step-record fields
+    name: str  # THE name: Prometheus suffix (a counter's without _total), attribute, step-record key
+    kind: Kind  # a Prometheus type, or "record": a field of the learner's step record only
+    help: str
+    unit: str = ""  # base unit of the value ("" = a count or a dimensionless number)
+    labels: tuple[str, ...] = ()  # label names; actor metrics start with actor_id
+    values: tuple[str, ...] = ()  # the fixed values of the last label: series pre-created at 0
+    buckets: tuple[float, ...] = ()  # histogram buckets, in `unit`
+    step: bool = False  # also a key of the learner's step record (record rows always are)
+
+    @property
+    def family(self) -> str:
+        """The Prometheus family name (as prometheus_client takes it: a counter's without _total)."""
+        if self.kind == "record":
+            raise ValueError(f"{self.name!r} is a step-record field, not a Prometheus metric")
+        return f"treerpo_{self.subsystem}_{self.name}"
+
+    def samples(self) -> tuple[str, ...]:
+        """Every sample name this metric exposes."""
+        return tuple(self.family + s for s in _SUFFIXES[self.kind])
+
+    def step_keys(self) -> tuple[str, ...]:
+        """Its keys in the learner's step record (none unless `step` or a record row)."""
+        if not (self.step or self.kind == "record"):
+            return ()
+        if self.values and self.kind != "record":
+            return tuple(f"{self.name}_{v}" for v in self.values)
+        return (self.name,)
+
+
+_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+
+_L, _S, _A = "learner", "weight_sync", "actor"
+_ACTOR = ("actor_id",)
+
+METRICS: tuple[MetricSpec, ...] = (
+    # -- learner: design §8.3 core names ----------------------------------------------------------
+    MetricSpec(_L, "steps", "counter", "Optimizer steps taken."),
+    MetricSpec(_L, "version", "gauge", "Current weight version of the learner.", "versions", step=True),
+    MetricSpec(_L, "trees_consumed", "counter", "Trees trained.", "trees", step=True),
+    MetricSpec(_L, "trees_dropped", "counter", "Trees not trained, by reason.", "trees", ("reason",), DROP_REASONS),
+    MetricSpec(_L, "buffer_trees", "gauge", "Trees waiting in the replay buffer.", "trees", step=True),
+    MetricSpec(_L, "staleness", "histogram", "Staleness of trained trees, in versions.", "versions",
+               buckets=STALENESS_BUCKETS),
+    MetricSpec(_L, "last_step_timestamp_seconds", "gauge", "Unix time of the last optimizer step (0 = none yet).",
+               "seconds"),
+    # -- learner: ingest and async health ---------------------------------------------------------
+    MetricSpec(_L, "trees_received", "counter", "Trees decoded and validated off the data socket.", "trees"),
+    MetricSpec(_L, "wire_errors", "counter", "Messages that failed to decode, by reason.", "", ("reason",),
+               WIRE_ERROR_REASONS),
+    MetricSpec(_L, "buffer_oldest_age_seconds", "gauge", "Age of the oldest tree in the buffer (0 when empty).",
+               "seconds"),
+    MetricSpec(_L, "idle_seconds", "counter", "Seconds the learner waited for data with nothing to train.", "seconds"),
+    MetricSpec(_L, "actors_registered", "gauge", "Actors currently registered (heartbeating)."),
+    MetricSpec(_L, "trees_in_flight", "gauge", "Credits granted to actors and not yet used.", "trees"),
+    MetricSpec(_L, "max_staleness", "gauge", "Configured staleness bound eta, in versions.", "versions"),
+    MetricSpec(_L, "incarnation", "gauge", "Learner incarnation (restarts)."),
+    # -- learner: training (written by the trainer / the loss, recorded per step) ----------------
+    MetricSpec(_L, "step_duration_seconds", "histogram", "Wall time of one optimizer step.", "seconds",
+               buckets=STEP_SECONDS_BUCKETS, step=True),
+    MetricSpec(_L, "trainable_tokens", "counter", "Trainable tokens consumed by optimizer steps (all ranks).",
+               "tokens", step=True),
+    MetricSpec(_L, "loss", "gauge", "Total loss of the last step.", step=True),
+    MetricSpec(_L, "pg_loss", "gauge", "Clipped policy-gradient term w*max(-A*r, -A*clip(r)), last step.", step=True),
+    MetricSpec(_L, "kl_ref", "gauge", "k3 KL of the policy to the reference model, last step (absent without one).",
+               step=True),
+    MetricSpec(_L, "approx_kl_behaviour", "gauge", "k3 KL(behaviour || current policy) on the sampled tokens, "
+               "last step.", step=True),
+    MetricSpec(_L, "clip_fraction", "gauge", "Fraction of trainable tokens whose ratio was clipped, by side.",
+               "", ("side",), CLIP_SIDES, step=True),
+    MetricSpec(_L, "is_weight_mean", "gauge", "Mean truncated IS weight (behaviour -> proximal), last step.",
+               step=True),
+    MetricSpec(_L, "is_weight_max", "gauge", "Max truncated IS weight, last step.", step=True),
+    MetricSpec(_L, "is_weight_capped_fraction", "gauge", "Fraction of trainable tokens whose IS weight hit the cap.",
+               step=True),
+    MetricSpec(_L, "entropy", "gauge", "Mean token entropy of the policy (nats), last step.", "nats", step=True),
+    MetricSpec(_L, "advantage_mean", "gauge", "Mean advantage of trainable tokens.", step=True),
+    MetricSpec(_L, "advantage_std", "gauge", "Std of the advantage of trainable tokens.", step=True),
+    MetricSpec(_L, "trainable_token_fraction", "gauge", "Trainable (unpruned) fraction of generated tokens.",
+               step=True),
+    MetricSpec(_L, "grad_norm", "gauge", "Global gradient norm before clipping, last step.", step=True),
+    MetricSpec(_L, "learning_rate", "gauge", "Learning rate of the last step.", step=True),
+    MetricSpec(_L, "leaf_reward_mean", "gauge", "Mean leaf reward of the last batch.", step=True),
+    MetricSpec(_L, "accuracy", "gauge", "Fraction of the last batch's leaves judged correct (reward >= 1).",
+               step=True),
+    MetricSpec(_L, "response_tokens_mean", "gauge", "Mean generated tokens on a root-to-leaf path, last batch.",
+               "tokens", step=True),
+    # -- learner: step-record fields only ---------------------------------------------------------
+    MetricSpec(_L, "step", "record", "Optimizer steps done, this one included (continues across restarts)."),
+    MetricSpec(_L, "time", "record", "Unix time the record was written.", "seconds"),
+    MetricSpec(_L, "tree_ids", "record", "tree_id of every tree trained in the step (a list)."),
+    MetricSpec(_L, "staleness_mean", "record", "Mean staleness of the step's trees (v - min node version).",
+               "versions"),
+    MetricSpec(_L, "step_applied", "record", "1 if the optimizer step was applied, 0 if the collapse guard "
+               "skipped it (non-finite loss or gradient)."),
+    MetricSpec(_L, "micro_batches", "record", "Micro-batches per rank in the step (the most any rank ran)."),
+    MetricSpec(_L, "forward_tokens", "record", "Non-padding tokens the training forwards processed, all ranks.",
+               "tokens"),
+    MetricSpec(_L, "ratio_mean", "record", "Mean policy ratio exp(logprob - proximal logprob), trainable tokens."),
+    MetricSpec(_L, "approx_kl_proximal", "record", "k3 KL(proximal || current policy) on the trainable tokens."),
+    MetricSpec(_L, "advantage_min", "record", "Smallest advantage of a trainable token."),
+    MetricSpec(_L, "advantage_max", "record", "Largest advantage of a trainable token."),
+    MetricSpec(_L, "token_staleness_mean", "record", "Mean staleness of the trainable tokens, in versions.",
+               "versions"),
+    MetricSpec(_L, "token_staleness_max", "record", "Largest staleness of a trainable token, in versions.",
+               "versions"),
+    # -- weight sync, learner side (design §6) ----------------------------------------------------
+    MetricSpec(_S, "duration_seconds", "histogram", "Learner-side duration of one successful weight sync.",
+               "seconds", buckets=SYNC_SECONDS_BUCKETS),
+    MetricSpec(_S, "bytes", "counter", "Bytes of weights broadcast.", "bytes"),
+    MetricSpec(_S, "failures", "counter", "Failed syncs (or actors dropped from one), by reason.", "",
+               ("reason",), SYNC_FAILURE_REASONS),
+    MetricSpec(_S, "last_success_timestamp_seconds", "gauge", "Unix time of the last successful sync (0 = none).",
+               "seconds"),
+    MetricSpec(_S, "actors", "gauge", "Actors in the weight-sync group."),
+    MetricSpec(_S, "version", "gauge", "Version of the last successful sync.", "versions"),
+    # -- actor (every series carries actor_id) ----------------------------------------------------
+    MetricSpec(_A, "info", "gauge", "Always 1; labels describe the actor.", "", ("actor_id", "engine")),
+    MetricSpec(_A, "trees", "counter", "Trees sent to the learner.", "trees", _ACTOR),
+    MetricSpec(_A, "weight_version", "gauge", "Weight version loaded in this actor.", "versions", _ACTOR),
+    MetricSpec(_A, "segments", "counter", "Tree segments generated.", "", _ACTOR),
+    MetricSpec(_A, "tokens_generated", "counter", "Tokens generated (all segments).", "tokens", _ACTOR),
+    MetricSpec(_A, "generation_seconds", "histogram", "Wall time of one tree's generation, from its first "
+               "segment to its last.", "seconds", _ACTOR, buckets=GENERATION_SECONDS_BUCKETS),
+    MetricSpec(_A, "leaf_reward", "histogram", "Reward of each scored leaf.", "", _ACTOR, buckets=REWARD_BUCKETS),
+    MetricSpec(_A, "leaf_reward_mean", "gauge", "Mean leaf reward of the last tree batch.", "", _ACTOR),
+    MetricSpec(_A, "send_blocked_seconds", "counter", "Seconds blocked sending trees (backpressure).", "seconds",
+               _ACTOR),
+    MetricSpec(_A, "credits", "gauge", "Trees this actor may still send before new credit.", "trees", _ACTOR),
+    MetricSpec(_A, "connected", "gauge", "1 while registered with a learner, else 0.", "", _ACTOR),
+    MetricSpec(_A, "weight_load_duration_seconds", "histogram", "Time to receive and load one weight update.",
+               "seconds", _ACTOR, buckets=SYNC_SECONDS_BUCKETS),
+    MetricSpec(_A, "weight_load_last_seconds", "gauge", "Duration of the last weight load.", "seconds", _ACTOR),
+    MetricSpec(_A, "reward_errors", "counter", "Leaves whose scoring failed, by reason.", "", ("actor_id", "reason"),
+               REWARD_ERROR_REASONS),
+    MetricSpec(_A, "trees_lost", "counter", "Trees generated but not handed to the learner, by reason.", "trees",
+               ("actor_id", "reason"), ACTOR_LOST_REASONS),
+)
+
+SPECS: dict[tuple[str, str], MetricSpec] = {(m.subsystem, m.name): m for m in METRICS}
+STEP_RECORD: dict[str, MetricSpec] = {k: m for m in METRICS for k in m.step_keys()}
+"""Every key of the learner's step record (RUN_DIR/metrics.jsonl) -> its row."""
+
+PROCESSES = ("learner", "actor")
+_PROCESS_SUBSYSTEMS = {"learner": (_L, _S), "actor": (_A,)}
+
+
+def _check_table() -> None:
+    assert len(SPECS) == len(METRICS), "a (subsystem, name) pair appears twice in METRICS"
+    assert len(STEP_RECORD) == sum(len(m.step_keys()) for m in METRICS), "two rows share a step-record key"
+    for m in METRICS:
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", m.name) and not m.name.endswith("_total"), m.name
+        assert (m.kind == "histogram") == bool(m.buckets), m.name
+        assert m.kind == "record" or m.unit not in ("seconds", "bytes") or m.name.endswith(m.unit), m.name
+        assert not (m.values and not m.labels), m.name
+        assert m.subsystem != _A or m.labels[:1] == _ACTOR, f"{m.name}: actor metrics carry actor_id"
+        assert not (m.step and m.subsystem != _L), m.name
+        assert not (m.step and m.values and m.kind != "gauge"), f"{m.name}: only gauges may be labelled step keys"
+
+
+_check_table()
+
+
+def series(subsystem: str, name: str, suffix: str = "") -> str:
+    """The exposed sample name of row (subsystem, name); KeyError naming the table if there is none.
+
+    A counter's is `…_total` (suffix "" or "total"); a histogram needs suffix "bucket", "sum" or "count".
+    """
+    spec = SPECS.get((subsystem, name))
+    if spec is None or spec.kind == "record":
+        raise KeyError(f"no Prometheus metric ({subsystem!r}, {name!r}) in common.metrics.METRICS")
+    suffix = "_" + suffix if suffix else ""
+    if spec.kind == "counter":
+        suffix = suffix or "_total"
+    if suffix not in _SUFFIXES[spec.kind]:
+        raise ValueError(f"{spec.family} is a {spec.kind}: use a suffix of {_SUFFIXES[spec.kind]}")
+    return spec.family + suffix
+
+
+def specs(process: str | None = None) -> tuple[MetricSpec, ...]:
+    """The Prometheus rows a `process` ('learner' or 'actor'; None = both) exports."""
+    if process is not None and process not in _PROCESS_SUBSYSTEMS:
+        raise ValueError(f"unknown process {process!r}: use one of {PROCESSES}")
+    subsystems = [s for p in (PROCESSES if process is None else (process,)) for s in _PROCESS_SUBSYSTEMS[p]]
+    return tuple(m for m in METRICS if m.kind != "record" and m.subsystem in subsystems)
+
+
+def metric_types(process: str) -> dict[str, str]:
+    """{family name as exposed (counters with _total): type} of the treerpo_ metrics of `process`."""
+    return {m.family + ("_total" if m.kind == "counter" else ""): m.kind for m in specs(process)}
+
+
+def exported_names(process: str | None = None) -> set[str]:
+    """Every sample name `process` (None = all) exposes: counters' _total, histograms' _bucket/_sum/_count."""
+    return {s for m in specs(process) for s in m.samples()}
+
+
+# --------------------------------------------------------------------------------------------
+# PromQL checks (dashboards, alert rules)
+# --------------------------------------------------------------------------------------------
+FOREIGN_SERIES = frozenset({"up"})  # made by Prometheus itself
+FOREIGN_PREFIXES = ("vllm:",)  # vLLM's own metrics, served by vLLM actors
+
+_KEYWORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+    "offset", "inf", "nan", "atan2",
+}
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENT = re.compile(r"(?<![\w:.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])(?!\s*\()")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression (not functions, keywords, labels or durations).
+
+    Strips strings, label matchers `{...}`, range/subquery selectors `[...]` and grouping label
+    lists, then keeps identifiers not followed by `(`. A `{__name__="x"}` selector is not seen.
+    """
+    text = _STRINGS.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = _GROUPING.sub(" ", text)
+    return {m for m in _IDENT.findall(text) if m not in _KEYWORDS}
+
+
+def undeclared_names(exprs: Iterable[str]) -> set[str]:
+    """Series the expressions name that neither the table nor Prometheus/vLLM (FOREIGN_*) define."""
+    declared = exported_names()
+    used = {n for e in exprs for n in promql_metric_names(e)}
+    return {n for n in used if n not in declared and n not in FOREIGN_SERIES and not n.startswith(FOREIGN_PREFIXES)}
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics objects, built from the table
+# --------------------------------------------------------------------------------------------
 def new_registry(process_metrics: bool = True) -> CollectorRegistry:
     """A process-local registry; with `process_metrics`, also process_cpu_seconds_total & co."""
     registry = CollectorRegistry(auto_describe=True)
@@ -95,177 +355,92 @@ def _check_reason(reason: str, allowed: tuple[str, ...], what: str) -> str:
     return reason
 
 
+def _build(spec: MetricSpec, registry: CollectorRegistry, bound: tuple[str, ...] = ()):
+    """The prometheus_client object of `spec`, its fixed label values pre-created at 0."""
+    cls = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}[spec.kind]
+    extra = {"buckets": spec.buckets} if spec.kind == "histogram" else {}
+    metric = cls(spec.family, spec.help, spec.labels, registry=registry, **extra)
+    for value in spec.values:
+        metric.labels(*bound, value)
+    return metric
+
+
+class _FromTable:
+    """Sets one attribute per row of `subsystem`, named by the row (a method of that name wins)."""
+
+    def _attach(self, registry: CollectorRegistry, subsystem: str, bound: tuple[str, ...] = ()) -> None:
+        for spec in specs():
+            if spec.subsystem != subsystem:
+                continue
+            metric = _build(spec, registry, bound)
+            if bound and len(spec.labels) == len(bound):  # only the bound labels: a ready child
+                metric = metric.labels(*bound)
+            if not callable(getattr(type(self), spec.name, None)):
+                setattr(self, spec.name, metric)
+            self.family[spec.name] = metric
+
+
 # --------------------------------------------------------------------------------------------
 # Learner
 # --------------------------------------------------------------------------------------------
-class LearnerMetrics:
-    """Metrics of the learner (rank 0). Update them from one thread or several: the client is thread-safe."""
+class LearnerMetrics(_FromTable):
+    """Metrics of the learner (rank 0): one attribute per `learner` row of METRICS. Thread-safe."""
 
     def __init__(self, registry: CollectorRegistry):
-        r = registry
-        # DESIGN §8 core names
-        self.steps = Counter("treerpo_learner_steps", "Optimizer steps taken.", registry=r)
-        self.version = Gauge("treerpo_learner_version", "Current weight version of the learner.", registry=r)
-        self.trees_consumed = Counter("treerpo_learner_trees_consumed", "Trees trained.", registry=r)
-        self.trees_dropped = Counter(
-            "treerpo_learner_trees_dropped", "Trees not trained, by reason.", ["reason"], registry=r
-        )
-        self.buffer_trees = Gauge("treerpo_learner_buffer_trees", "Trees waiting in the replay buffer.", registry=r)
-        self.staleness = Histogram(
-            "treerpo_learner_staleness", "Staleness of trained trees, in versions.", buckets=STALENESS_BUCKETS,
-            registry=r,
-        )
-        self.last_step_timestamp = Gauge(
-            "treerpo_learner_last_step_timestamp_seconds", "Unix time of the last optimizer step (0 = none yet).",
-            registry=r,
-        )
-        # ingest and async health
-        self.trees_received = Counter(
-            "treerpo_learner_trees_received", "Trees decoded and validated off the data socket.", registry=r
-        )
-        self.wire_errors = Counter(
-            "treerpo_learner_wire_errors", "Messages that failed to decode, by reason.", ["reason"], registry=r
-        )
-        self.buffer_oldest_age = Gauge(
-            "treerpo_learner_buffer_oldest_age_seconds", "Age of the oldest tree in the buffer (0 when empty).",
-            registry=r,
-        )
-        self.idle_seconds = Counter(
-            "treerpo_learner_idle_seconds", "Seconds the learner waited for data with nothing to train.", registry=r
-        )
-        self.actors_registered = Gauge(
-            "treerpo_learner_actors_registered", "Actors currently registered (heartbeating).", registry=r
-        )
-        self.trees_in_flight = Gauge(
-            "treerpo_learner_trees_in_flight", "Credits granted to actors and not yet used.", registry=r
-        )
-        self.max_staleness = Gauge(
-            "treerpo_learner_max_staleness", "Configured staleness bound eta, in versions.", registry=r
-        )
-        self.incarnation = Gauge("treerpo_learner_incarnation", "Learner incarnation (restarts).", registry=r)
-        # training
-        self.step_duration = Histogram(
-            "treerpo_learner_step_duration_seconds", "Wall time of one optimizer step.", buckets=STEP_SECONDS_BUCKETS,
-            registry=r,
-        )
-        self.tokens_trained = Counter(
-            "treerpo_learner_tokens_trained", "Trainable tokens consumed by optimizer steps.", registry=r
-        )
-        self.loss = Gauge("treerpo_learner_loss", "Total loss of the last step.", registry=r)
-        self.pg_loss = Gauge("treerpo_learner_pg_loss", "Clipped policy-gradient term of the last step.", registry=r)
-        self.kl = Gauge("treerpo_learner_kl", "k3 KL to the reference model, last step (0 without one).", registry=r)
-        self.approx_kl = Gauge(
-            "treerpo_learner_approx_kl", "Approximate KL of the current policy to the behaviour one, last step.",
-            registry=r,
-        )
-        self.clip_fraction = Gauge(
-            "treerpo_learner_clip_fraction", "Fraction of trainable tokens whose ratio was clipped, by side.",
-            ["side"], registry=r,
-        )
-        self.is_weight_mean = Gauge("treerpo_learner_is_weight_mean", "Mean truncated IS weight, last step.", registry=r)
-        self.is_weight_max = Gauge("treerpo_learner_is_weight_max", "Max IS weight before the cap, last step.", registry=r)
-        self.is_weight_capped_fraction = Gauge(
-            "treerpo_learner_is_weight_capped_fraction", "Fraction of tokens whose IS weight hit the cap.", registry=r
-        )
-        self.entropy = Gauge("treerpo_learner_entropy", "Mean token entropy (nats), last step.", registry=r)
-        self.advantage_mean = Gauge("treerpo_learner_advantage_mean", "Mean advantage of trainable tokens.", registry=r)
-        self.advantage_std = Gauge("treerpo_learner_advantage_std", "Std of the advantage of trainable tokens.", registry=r)
-        self.trainable_token_fraction = Gauge(
-            "treerpo_learner_trainable_token_fraction", "Trainable (unpruned) fraction of generated tokens.", registry=r
-        )
-        self.grad_norm = Gauge("treerpo_learner_grad_norm", "Global gradient norm before clipping, last step.", registry=r)
-        self.learning_rate = Gauge("treerpo_learner_learning_rate", "Learning rate of the last step.", registry=r)
-        self.leaf_reward_mean = Gauge("treerpo_learner_leaf_reward_mean", "Mean leaf reward of the last batch.", registry=r)
-        self.accuracy = Gauge(
-            "treerpo_learner_accuracy", "Fraction of the last batch's leaves judged correct (reward >= 1).", registry=r
-        )
-        self.response_tokens_mean = Gauge(
-            "treerpo_learner_response_tokens_mean", "Mean generated tokens on a root-to-leaf path, last batch.",
-            registry=r,
-        )
-        for reason in DROP_REASONS:
-            self.trees_dropped.labels(reason)
-        for reason in WIRE_ERROR_REASONS:
-            self.wire_errors.labels(reason)
-        for side in CLIP_SIDES:
-            self.clip_fraction.labels(side)
+        self.family: dict[str, object] = {}
+        self._attach(registry, _L)
 
-    # -- events ----------------------------------------------------------------------------
     def dropped(self, reason: str, n: int = 1) -> None:
         self.trees_dropped.labels(_check_reason(reason, DROP_REASONS, "drop")).inc(n)
 
     def wire_error(self, reason: str) -> None:
         self.wire_errors.labels(_check_reason(reason, WIRE_ERROR_REASONS, "wire error")).inc()
 
-    def consumed(self, staleness: Iterable[int]) -> None:
-        """Trees trained in one step, given their staleness v - min(node.version)."""
-        for s in staleness:
-            self.trees_consumed.inc()
-            self.staleness.observe(s)
+    def record_step(self, record: Mapping[str, object], *, staleness: Iterable[int] = (),
+                    now: float | None = None) -> None:
+        """Record one optimizer step from its step record (keys: STEP_RECORD) and its trees' staleness.
 
-    _STEP_GAUGES = {
-        "loss": "loss", "pg_loss": "pg_loss", "kl": "kl", "approx_kl": "approx_kl",
-        "is_weight_mean": "is_weight_mean", "is_weight_max": "is_weight_max",
-        "is_weight_capped_fraction": "is_weight_capped_fraction", "entropy": "entropy",
-        "advantage_mean": "advantage_mean", "advantage_std": "advantage_std",
-        "trainable_token_fraction": "trainable_token_fraction", "grad_norm": "grad_norm",
-        "learning_rate": "learning_rate", "leaf_reward_mean": "leaf_reward_mean", "accuracy": "accuracy",
-        "response_tokens_mean": "response_tokens_mean",
-    }
-
-    def step(self, *, version: int, tokens: int, duration_s: float, now: float | None = None,
-             clip_fraction_low: float | None = None, clip_fraction_high: float | None = None,
-             **gauges: float | None) -> None:
-        """Record one optimizer step. `gauges` keys are those of `_STEP_GAUGES`; None leaves a gauge as is."""
-        unknown = sorted(set(gauges) - set(self._STEP_GAUGES))
+        Gauges are set, counters advance by the record's value, histograms observe it; a key the
+        record lacks (or holds as None) leaves its metric as is. A key not in the table raises.
+        """
+        unknown = sorted(set(record) - set(STEP_RECORD))
         if unknown:
-            raise TypeError(f"LearnerMetrics.step got unknown gauge(s) {unknown}; known: {sorted(self._STEP_GAUGES)}")
+            raise ValueError(f"unknown step-record key(s) {unknown}: add a row to common.metrics.METRICS")
         self.steps.inc()
-        self.version.set(version)
-        self.tokens_trained.inc(tokens)
-        self.step_duration.observe(duration_s)
-        for key, value in gauges.items():
-            if value is not None:
-                getattr(self, self._STEP_GAUGES[key]).set(value)
-        if clip_fraction_low is not None:
-            self.clip_fraction.labels("low").set(clip_fraction_low)
-        if clip_fraction_high is not None:
-            self.clip_fraction.labels("high").set(clip_fraction_high)
-        self.last_step_timestamp.set(time.time() if now is None else now)
+        for key, value in record.items():
+            spec = STEP_RECORD[key]
+            if spec.kind == "record" or value is None:
+                continue
+            metric = self.family[spec.name]
+            if spec.values:
+                metric.labels(key[len(spec.name) + 1:]).set(value)
+            elif spec.kind == "gauge":
+                metric.set(value)
+            elif spec.kind == "counter":
+                metric.inc(value)
+            else:
+                metric.observe(value)
+        for s in staleness:
+            self.staleness.observe(s)
+        self.last_step_timestamp_seconds.set(time.time() if now is None else now)
 
 
 # --------------------------------------------------------------------------------------------
 # Weight sync, learner side
 # --------------------------------------------------------------------------------------------
-class WeightSyncMetrics:
-    """Learner-side weight-sync metrics (DESIGN §6); the actor side lives in ActorMetrics."""
+class WeightSyncMetrics(_FromTable):
+    """Learner-side weight-sync metrics (design §6), the `weight_sync` rows; the actor side is ActorMetrics."""
 
     def __init__(self, registry: CollectorRegistry):
-        r = registry
-        self.duration = Histogram(
-            "treerpo_weight_sync_duration_seconds", "Learner-side duration of one successful weight sync.",
-            buckets=SYNC_SECONDS_BUCKETS, registry=r,
-        )
-        self.bytes_sent = Counter("treerpo_weight_sync_bytes", "Bytes of weights broadcast.", registry=r)
-        self.failures = Counter(
-            "treerpo_weight_sync_failures", "Failed syncs (or actors dropped from one), by reason.", ["reason"],
-            registry=r,
-        )
-        self.last_success_timestamp = Gauge(
-            "treerpo_weight_sync_last_success_timestamp_seconds", "Unix time of the last successful sync (0 = none).",
-            registry=r,
-        )
-        self.actors = Gauge("treerpo_weight_sync_actors", "Actors in the weight-sync group.", registry=r)
-        self.version = Gauge("treerpo_weight_sync_version", "Version of the last successful sync.", registry=r)
-        for reason in SYNC_FAILURE_REASONS:
-            self.failures.labels(reason)
+        self.family: dict[str, object] = {}
+        self._attach(registry, _S)
 
     def succeeded(self, *, version: int, seconds: float, nbytes: int, actors: int, now: float | None = None) -> None:
-        self.duration.observe(seconds)
-        self.bytes_sent.inc(nbytes)
+        self.duration_seconds.observe(seconds)
+        self.bytes.inc(nbytes)
         self.actors.set(actors)
         self.version.set(version)
-        self.last_success_timestamp.set(time.time() if now is None else now)
+        self.last_success_timestamp_seconds.set(time.time() if now is None else now)
 
     def failed(self, reason: str, n: int = 1) -> None:
         self.failures.labels(_check_reason(reason, SYNC_FAILURE_REASONS, "weight sync failure")).inc(n)
@@ -274,75 +449,36 @@ class WeightSyncMetrics:
 # --------------------------------------------------------------------------------------------
 # Actor
 # --------------------------------------------------------------------------------------------
-class ActorMetrics:
-    """Metrics of one actor process; every series carries `actor_id` (see the module docstring)."""
+class ActorMetrics(_FromTable):
+    """Metrics of one actor process, the `actor` rows, every series bound to `actor_id`.
+
+    Rows whose only label is actor_id are attributes ready to use (`metrics.trees.inc()`); the
+    reason-labelled ones are counted through `reward_results` / `trees_lost`.
+    """
 
     def __init__(self, registry: CollectorRegistry, actor_id: str, engine: str = "hf"):
         if not actor_id:
             raise ValueError("ActorMetrics needs a non-empty actor_id (the pod name in Kubernetes)")
-        r, a = registry, ["actor_id"]
         self.actor_id = actor_id
-        info = Gauge("treerpo_actor_info", "Always 1; labels describe the actor.", ["actor_id", "engine"], registry=r)
-        info.labels(actor_id, engine).set(1)
-        self.trees = Counter("treerpo_actor_trees", "Trees sent to the learner.", a, registry=r).labels(actor_id)
-        self.weight_version = Gauge(
-            "treerpo_actor_weight_version", "Weight version loaded in this actor.", a, registry=r
-        ).labels(actor_id)
-        self.segments = Counter("treerpo_actor_segments", "Tree segments generated.", a, registry=r).labels(actor_id)
-        self.tokens_generated = Counter(
-            "treerpo_actor_tokens_generated", "Tokens generated (all segments).", a, registry=r
-        ).labels(actor_id)
-        self.generation_seconds = Histogram(
-            "treerpo_actor_generation_seconds", "Wall time of one tree's generation, from its first segment to its last.", a,
-            buckets=GENERATION_SECONDS_BUCKETS, registry=r,
-        ).labels(actor_id)
-        self.leaf_reward = Histogram(
-            "treerpo_actor_leaf_reward", "Reward of each scored leaf.", a, buckets=REWARD_BUCKETS, registry=r
-        ).labels(actor_id)
-        self.leaf_reward_mean = Gauge(
-            "treerpo_actor_leaf_reward_mean", "Mean leaf reward of the last tree batch.", a, registry=r
-        ).labels(actor_id)
-        self.send_blocked_seconds = Counter(
-            "treerpo_actor_send_blocked_seconds", "Seconds blocked sending trees (backpressure).", a, registry=r
-        ).labels(actor_id)
-        self.credits = Gauge(
-            "treerpo_actor_credits", "Trees this actor may still send before new credit.", a, registry=r
-        ).labels(actor_id)
-        self.connected = Gauge(
-            "treerpo_actor_connected", "1 while registered with a learner, else 0.", a, registry=r
-        ).labels(actor_id)
-        self.weight_load_duration = Histogram(
-            "treerpo_actor_weight_load_duration_seconds", "Time to receive and load one weight update.", a,
-            buckets=SYNC_SECONDS_BUCKETS, registry=r,
-        ).labels(actor_id)
-        self.weight_load_last_seconds = Gauge(
-            "treerpo_actor_weight_load_last_seconds", "Duration of the last weight load.", a, registry=r
-        ).labels(actor_id)
-        self._reward_errors = Counter(
-            "treerpo_actor_reward_errors", "Leaves whose scoring failed, by reason.", ["actor_id", "reason"], registry=r
-        )
-        self._trees_lost = Counter(
-            "treerpo_actor_trees_lost", "Trees generated but not handed to the learner, by reason.",
-            ["actor_id", "reason"], registry=r,
-        )
-        for reason in REWARD_ERROR_REASONS:
-            self._reward_errors.labels(actor_id, reason)
-        for reason in ACTOR_LOST_REASONS:
-            self._trees_lost.labels(actor_id, reason)
+        self.family: dict[str, object] = {}
+        self._attach(registry, _A, bound=(actor_id,))
+        self.info.labels(actor_id, engine).set(1)
 
     def reward_results(self, reasons: Iterable[str]) -> None:
         """Count the failure reasons among RewardResult.reason values (`ok`/`wrong` are not failures)."""
         for reason in reasons:
             if reason in ("ok", "wrong"):
                 continue
-            self._reward_errors.labels(self.actor_id, _check_reason(reason, REWARD_ERROR_REASONS, "reward")).inc()
+            reason = _check_reason(reason, REWARD_ERROR_REASONS, "reward")
+            self.reward_errors.labels(self.actor_id, reason).inc()
 
     def trees_lost(self, reason: str, n: int = 1) -> None:
-        self._trees_lost.labels(self.actor_id, _check_reason(reason, ACTOR_LOST_REASONS, "lost tree")).inc(n)
+        reason = _check_reason(reason, ACTOR_LOST_REASONS, "lost tree")
+        self.family["trees_lost"].labels(self.actor_id, reason).inc(n)
 
     def weights_loaded(self, version: int, seconds: float) -> None:
         self.weight_version.set(version)
-        self.weight_load_duration.observe(seconds)
+        self.weight_load_duration_seconds.observe(seconds)
         self.weight_load_last_seconds.set(seconds)
 
     def leaves_scored(self, rewards: Iterable[float]) -> None:
@@ -353,12 +489,6 @@ class ActorMetrics:
             self.leaf_reward_mean.set(sum(rewards) / len(rewards))
 
 
-# --------------------------------------------------------------------------------------------
-# Names (for deploy checks)
-# --------------------------------------------------------------------------------------------
-PROCESSES = ("learner", "actor")
-
-
 def build_process_metrics(process: str, registry: CollectorRegistry, actor_id: str = "actor-0") -> list[object]:
     """The metrics objects a `process` ('learner' or 'actor') creates, built in `registry`."""
     if process == "learner":
@@ -366,36 +496,6 @@ def build_process_metrics(process: str, registry: CollectorRegistry, actor_id: s
     if process == "actor":
         return [ActorMetrics(registry, actor_id)]
     raise ValueError(f"unknown process {process!r}: use one of {PROCESSES}")
-
-
-_SUFFIXES = {
-    "counter": ("_total",),
-    "histogram": ("_bucket", "_sum", "_count"),
-    "gauge": ("",),
-    "summary": ("_sum", "_count", ""),
-}
-
-
-def metric_types(process: str) -> dict[str, str]:
-    """{family name as exposed (counters with _total): type} of the treerpo_ metrics of `process`."""
-    registry = new_registry(process_metrics=False)
-    build_process_metrics(process, registry)
-    out = {}
-    for family in registry.collect():
-        name = family.name + ("_total" if family.type == "counter" else "")
-        out[name] = family.type
-    return out
-
-
-def exported_names(process: str | None = None) -> set[str]:
-    """Every sample name `process` (None = all) exposes: counters' _total, histograms' _bucket/_sum/_count."""
-    names: set[str] = set()
-    for proc in PROCESSES if process is None else (process,):
-        registry = new_registry(process_metrics=False)
-        build_process_metrics(proc, registry)
-        for family in registry.collect():
-            names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
-    return names
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,14 +535,12 @@ class MetricsServer:
         else:
             self._ready_flag.clear()
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         if self._httpd is not None:
             raise RuntimeError("MetricsServer already started")
         server = self
         server_cls = ThreadingHTTPServer
         if ":" in self.host:
-            import socket
-
             server_cls = type("ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
 
         class Handler(BaseHTTPRequestHandler):
@@ -495,7 +593,7 @@ class MetricsServer:
             self._thread.join(timeout=5.0)
         self._httpd = self._thread = None
 
-    def __enter__(self) -> "MetricsServer":
+    def __enter__(self) -> MetricsServer:
         return self.start() if self._httpd is None else self
 
     def __exit__(self, *exc: object) -> None:

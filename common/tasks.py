@@ -61,8 +61,8 @@ class TaskSpec:
     """Difficulty knobs of the generator (mirrors the task fields of DataConfig)."""
 
     shape: str = "add_mul"
-    operand_min: int = 10
-    operand_max: int = 39
+    operand_min: int = 2
+    operand_max: int = 14
     steps: int = 2  # chain only
     eval_fraction: float = 0.1
     seed: int = 0

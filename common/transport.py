@@ -1,4 +1,4 @@
-"""ZeroMQ endpoints of the data and control planes (DESIGN §5, §8).
+"""ZeroMQ endpoints of the data and control planes (design §5.4, §5.5, §8.1).
 
 Topology: the learner binds a PULL socket (data: encoded trees) and a ROUTER socket (control:
 `common.wire` messages); each actor connects a PUSH and a DEALER whose routing id is its actor id.

@@ -24,8 +24,14 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
+# Node.finish: "segment" = cut at the segment budget (an inner node), "stop" = ended with EOS or
+# a stop token, "length" = hit the total budget (design §2). The one vocabulary of the tree, the
+# wire (as FINISH_CODE, uint8) and the learner; the engines' own finish (actor/engine.py
+# `SampleFinish`) is mapped onto it by actor/sampler.py `node_finish`.
 Finish = Literal["segment", "stop", "length"]
 FINISH_REASONS: tuple[str, ...] = ("segment", "stop", "length")
+FINISH_CODE: dict[str, int] = {name: i for i, name in enumerate(FINISH_REASONS)}  # wire code of each
+UNKNOWN_FINISH_CODE = 255  # the code of a value outside FINISH_REASONS (validation rejects it)
 _I32, _F32 = np.dtype(np.int32), np.dtype(np.float32)
 _new_object = object.__new__
 
@@ -187,7 +193,7 @@ class ReasoningTree:
         parents, versions, finish = [0] * n, [0] * n, [0] * n
         has_reward, rewards, lengths = [False] * n, [_NAN] * n, [0] * n
         tokens, logprobs = [_NO_IDS] * n, [_NO_LOGPROBS] * n
-        code_of = _FINISH_CODE.get
+        code_of = FINISH_CODE.get
         for i, node in enumerate(nodes):
             ids, lp, parent, version, reward = node.token_ids, node.logprobs, node.parent, node.version, node.reward
             if type(parent) is not int and not isinstance(parent, (int, np.integer)):
@@ -206,7 +212,7 @@ class ReasoningTree:
                 has_reward[i], rewards[i] = True, reward
             parents[i], versions[i], tokens[i], logprobs[i], lengths[i] = parent, version, ids, lp, ids.shape[0]
             f = node.finish
-            finish[i] = code_of(f, _BAD_CODE) if type(f) is str else _BAD_CODE
+            finish[i] = code_of(f, UNKNOWN_FINISH_CODE) if type(f) is str else UNKNOWN_FINISH_CODE
         validate_flat(
             tree_id=self.tree_id,
             prompt=self.prompt_token_ids,
@@ -229,9 +235,7 @@ class ReasoningTree:
 # ---------------------------------------------------------------------------------------------
 _NAN = float("nan")
 _NO_IDS, _NO_LOGPROBS = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
-_FINISH_CODE = {name: i for i, name in enumerate(FINISH_REASONS)}
-_SEGMENT = _FINISH_CODE["segment"]
-_BAD_CODE = 255  # finish code for a value outside FINISH_REASONS
+_SEGMENT = FINISH_CODE["segment"]
 _REAL = (int, float, np.integer, np.floating)
 _INT64_MAX = 2**63 - 1
 _ARANGE = np.arange(4096, dtype=np.int64)

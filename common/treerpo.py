@@ -1,4 +1,4 @@
-"""TreeRPO math (DESIGN §3): node values and step-level advantages, vectorised with numpy.
+"""TreeRPO math (design §3): node values and step-level advantages, vectorised with numpy.
 
 Values, bottom-up:
 

@@ -1,4 +1,4 @@
-"""Weight-sync mechanism shared by the learner's publisher and the actors' receivers (DESIGN §6).
+"""Weight-sync mechanism shared by the learner's publisher and the actors' receivers (design §6).
 
 Guarantees:
 * **Layout is a pure function of the metadata.** `plan_layout` orders parameters by dtype (dtype

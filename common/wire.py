@@ -1,4 +1,4 @@
-"""Wire codec: reasoning trees and control messages as bytes, and back, validated (DESIGN §5).
+"""Wire codec: reasoning trees and control messages as bytes, and back, validated (design §5.1-§5.3).
 
 Guarantees
 * `decode_tree` / `decode_message` either return a value that satisfies every invariant of
@@ -39,7 +39,15 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from common.tree import FINISH_REASONS, Node, ReasoningTree, TreeError, validate_flat
+from common.tree import (
+    FINISH_CODE,
+    FINISH_REASONS,
+    UNKNOWN_FINISH_CODE,
+    Node,
+    ReasoningTree,
+    TreeError,
+    validate_flat,
+)
 
 MAGIC = b"TRPO"
 PROTOCOL_VERSION = 1
@@ -231,7 +239,6 @@ TREE_ARRAYS: dict[str, np.dtype] = {
     "rewards": np.dtype("<f8"),  # (n,) NaN on inner nodes
 }
 _TREE_BODY_KEYS = ("tree_id", "prompt_id", "actor_id", "meta", "arrays")
-_FINISH_CODE = {name: i for i, name in enumerate(FINISH_REASONS)}
 _ARRAY_DTYPE_STRS = tuple((name, dtype.str) for name, dtype in TREE_ARRAYS.items())
 _DT_PROMPT, _DT_TOKENS, _DT_LOGPROBS, _DT_LENGTHS, _DT_PARENTS, _DT_VERSIONS, _DT_FINISH, _DT_REWARDS = TREE_ARRAYS.values()
 _NO_IDS, _NO_LOGPROBS = np.zeros(0, dtype=_DT_TOKENS), np.zeros(0, dtype=_DT_LOGPROBS)
@@ -253,10 +260,10 @@ def encode_tree(tree: ReasoningTree, *, limits: WireLimits = DEFAULT_LIMITS) -> 
     n = len(nodes)
     tokens, logprobs = [_NO_IDS] * n, [_NO_LOGPROBS] * n
     lengths, parents, versions, finish, rewards = [0] * n, [0] * n, [0] * n, [0] * n, [math.nan] * n
-    code_of = _FINISH_CODE.get
+    code_of = FINISH_CODE.get
     for i, nd in enumerate(nodes):
         tokens[i], logprobs[i], lengths[i] = nd.token_ids, nd.logprobs, len(nd.token_ids)
-        parents[i], versions[i], finish[i] = nd.parent, nd.version, code_of(nd.finish, 255)
+        parents[i], versions[i], finish[i] = nd.parent, nd.version, code_of(nd.finish, UNKNOWN_FINISH_CODE)
         if nd.reward is not None:
             rewards[i] = nd.reward
     try:

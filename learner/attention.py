@@ -233,7 +233,7 @@ def use_span_attention(model) -> None:
         return
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} has no set_attn_implementation: pass the bare HF model "
-                        "(engine.module under DeepSpeed)")
+                        "(Trainer.module under DeepSpeed)")
     model.set_attn_implementation(SPAN_ATTENTION)
     if config._attn_implementation != SPAN_ATTENTION:
         raise RuntimeError(f"{type(model).__name__} refused attn_implementation={SPAN_ATTENTION!r} (it does not "

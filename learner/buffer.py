@@ -1,9 +1,9 @@
-"""The learner's replay buffer and admission control (DESIGN §4, §5, §7). Thread-safe.
+"""The learner's replay buffer and admission control (design §4.3, §7). Thread-safe.
 
 Guarantees:
 
 * Every tree passed to ``add`` ends exactly one way: taken once by ``take`` (trained), or
-  dropped and counted under one reason of ``BUFFER_DROP_REASONS`` -- at ``add``, at batch time
+  dropped and counted under one reason of ``DROP_REASONS`` -- at ``add``, at batch time
   (``stale``), on eviction (``capacity``) or by ``drain_for_shutdown`` (``shutdown``). So at any
   moment ``added == taken + sum(drops over trees) + len(buffer)``.
 * At most once: a tree whose ``tree_id`` is buffered or was accepted before (remembered in a
@@ -20,7 +20,8 @@ Guarantees:
   a received tree consumes one credit; a tree leaving the buffer (trained or dropped) frees one.
 
 Metrics: ``stats()`` and an optional ``on_drop(DropEvent)`` callback (called outside the lock);
-nothing here imports prometheus.
+the buffer updates no metric itself. Its drop reasons are ``common.metrics.DROP_REASONS``, the
+label values of ``treerpo_learner_trees_dropped_total``, defined once there.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from common.config import ReplayConfig
+from common.metrics import DROP_REASONS
 from common.tree import ReasoningTree
 
-BUFFER_DROP_REASONS: tuple[str, ...] = ("stale", "invalid", "duplicate", "incarnation", "shutdown", "capacity")
 FROM_CONFIG = object()  # take()'s default: use the ReplayConfig value
 
 
@@ -100,7 +101,7 @@ class ReplayBuffer:
         self._cond = threading.Condition(threading.Lock())
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # arrival order, oldest first
         self._remembered: OrderedDict[str, None] = OrderedDict()
-        self._drops = {r: 0 for r in BUFFER_DROP_REASONS}
+        self._drops = {r: 0 for r in DROP_REASONS}
         self._accepted = 0
         self._taken = 0
         self._uncredited = 0
@@ -126,8 +127,8 @@ class ReplayBuffer:
 
     def record_drop(self, reason: str, actor_id: str | None = None, count: int = 1) -> None:
         """Count trees lost before they became trees (e.g. a WireError: 'invalid')."""
-        if reason not in BUFFER_DROP_REASONS:
-            raise ValueError(f"unknown drop reason {reason!r}; use one of {BUFFER_DROP_REASONS}")
+        if reason not in DROP_REASONS:
+            raise ValueError(f"unknown drop reason {reason!r}; use one of {DROP_REASONS}")
         with self._cond:
             self._drops[reason] += count
         self._emit([DropEvent(reason, None, actor_id, count)])
@@ -362,15 +363,3 @@ class ReplayBuffer:
         with self._cond:
             for tree_id in remembered:
                 self._remember(str(tree_id))
-
-
-@dataclass
-class DropCounter:
-    """A ready-made on_drop callback that tallies events (for tests and simple exporters)."""
-
-    events: list[DropEvent] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __call__(self, event: DropEvent) -> None:
-        with self.lock:
-            self.events.append(event)

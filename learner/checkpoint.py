@@ -1,9 +1,9 @@
-"""Learner checkpoints (DESIGN §7): DeepSpeed state + learner state, written atomically, last K kept.
+"""Learner checkpoints (design §7): DeepSpeed state + learner state, written atomically, last K kept.
 
 Layout under `<run_dir>/checkpoints/`:
 
     step-000000120/
-        deepspeed/                weights, optimizer, LR scheduler (engine.save_checkpoint, every rank)
+        deepspeed/                weights, optimizer, LR scheduler (DeepSpeed's save_checkpoint, every rank)
         hf/                       save_pretrained + tokenizer (learner.checkpoint_hf), for eval / vLLM
         learner_state.json        version, incarnation, step, trainer counters, data/buffer state, RNG
         learner_state.safetensors the arrays of the above (RNG states, any arrays in data/buffer state)
@@ -122,7 +122,7 @@ def save_checkpoint(
     name = f"step-{state.step:09d}"
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    trainer.save_engine_state(tmp)
+    trainer.save_deepspeed_state(tmp)
     if export_hf:
         trainer.export_hf(tmp / "hf")
     from common.config import dump_config
@@ -299,7 +299,7 @@ def load_checkpoint(trainer: "Trainer", path: str | Path) -> LearnerState:
             f"{path} holds ZeRO-{header['zero_stage']} state of {header['world_size']} ranks; this learner has "
             f"{trainer.world_size}: resume with the same number of ranks, or start from its hf/ export"
         )
-    trainer.load_engine_state(path)
+    trainer.load_deepspeed_state(path)
     trainer.load_state_dict(state.trainer)
     set_rng_state(rng)
     return state

@@ -1,4 +1,4 @@
-"""The learner's control plane: registration, heartbeats, credits, weight acks (DESIGN §5, §6).
+"""The learner's control plane: registration, heartbeats, credits, weight acks (design §5.3, §5.4, §6.5).
 
 One thread owns the ROUTER socket (ZeroMQ sockets are single-threaded); other threads hand it
 messages through `send()`, a thread-safe queue drained every poll. Guarantees:

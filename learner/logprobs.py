@@ -19,8 +19,11 @@ projection. Tree-packed rows are attended in one of two ways (`tree_attention`):
 Rows that are plain causal sequences (flat packing, one path per row) get no mask at all, so
 SDPA takes its `is_causal` fast path.
 
-Call it with the bare HF model (for DeepSpeed, `engine.module` works: ZeRO hooks live on the
-submodules) or anything whose forward takes the HF keywords.
+Call it with the bare HF model (under DeepSpeed, `Trainer.module`, the model inside DeepSpeed's
+wrapper: ZeRO hooks live on its submodules) or anything whose forward takes the HF keywords.
+
+Layering inside learner/: packing (batches, no model) <- attention (the span kernel) <- logprobs
+(the forward); nothing below imports what is above it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import torch
+
+from learner.attention import SPAN_ATTENTION, no_masks, span_plan, use_span_attention
 
 if TYPE_CHECKING:
     from learner.packing import PackedBatch
@@ -81,8 +86,6 @@ def resolve_tree_attention(model, tree_attention: TreeAttention = "auto") -> str
         raise ValueError(f"tree_attention={tree_attention!r}: use 'auto', 'span' or 'mask'")
     if tree_attention != "auto":
         return tree_attention
-    from learner.attention import SPAN_ATTENTION
-
     impl = _attn_implementation(model)
     device, _ = _model_device_dtype(model)
     return "span" if impl == SPAN_ATTENTION or (impl == "sdpa" and device.type == "cpu") else "mask"
@@ -100,8 +103,6 @@ def attention_inputs(model, batch: "PackedBatch", tree_attention: TreeAttention 
     device, _ = _model_device_dtype(model)
     if how == "mask":
         return {"attention_mask": attention_mask_for(model, batch.to(device))}  # built on the device
-    from learner.attention import no_masks, span_plan, use_span_attention
-
     use_span_attention(model)
     return {"attention_mask": no_masks(), "treerpo_spans": span_plan(batch, device)}  # planned on the host
 

@@ -1,4 +1,4 @@
-"""The staleness-aware TreeRPO loss (DESIGN §4): a pure function `(inputs, cfg) -> (loss, metrics)`.
+"""The staleness-aware TreeRPO loss (design §4.1): a pure function `(inputs, cfg) -> (loss, metrics)`.
 
 For trainable token t with current log-prob θ_t, proximal log-prob p_t, behaviour log-prob b_t
 (from the actor) and advantage A_t:
@@ -23,8 +23,9 @@ Guarantees:
 * A call with no trainable token returns a finite 0 loss that is still attached to the graph of
   `logprobs` (backward works, gradients are zero).
 * No logging, optimizer or collectives. Metrics are plain floats (one host sync per call), means
-  over this call's trainable tokens (0.0 when there are none); `loss/trainable_tokens` is the
-  weight to combine them across micro-batches.
+  over this call's trainable tokens (0.0 when there are none); `trainable_tokens` is the weight to
+  combine them across micro-batches. Their keys are names of common/metrics.py's table (rows of
+  the learner's step record), so the same name reaches metrics.jsonl and Prometheus.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _masked_stats(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> l
 
 
 def treerpo_loss(inputs: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The DESIGN §4 loss and its metrics; see the module docstring for the equation."""
+    """The design §4.1 loss and its metrics; see the module docstring for the equation."""
     _check_shapes(inputs)
     mask = inputs.mask.bool()  # (B, T)
     logprobs = inputs.logprobs  # (B, T), θ
@@ -145,8 +146,8 @@ def _metrics(inputs, cfg, mask, count, ratio, is_weight, is_weight_raw, logratio
     # k3 estimator of KL(π_b ‖ π_θ) on tokens sampled from π_b: x = θ − b; exp(x) − x − 1
     x_b = torch.where(mask, logprobs.detach() - behaviour, 0.0).float()
     x_p = logratio.detach().float()
-    names = ["loss/clipfrac_low", "loss/clipfrac_high", "loss/is_weight_mean", "loss/is_weight_max",
-             "loss/is_capped_frac", "loss/approx_kl_behaviour", "loss/approx_kl_proximal", "loss/ratio_mean"]
+    names = ["clip_fraction_low", "clip_fraction_high", "is_weight_mean", "is_weight_max",
+             "is_weight_capped_fraction", "approx_kl_behaviour", "approx_kl_proximal", "ratio_mean"]
     values = [
         (clip_low * mf).sum() / denom,
         (clip_high * mf).sum() / denom,
@@ -157,21 +158,21 @@ def _metrics(inputs, cfg, mask, count, ratio, is_weight, is_weight_raw, logratio
         ((torch.exp(x_p) - x_p - 1.0) * mf).sum() / denom,
         (ratio * mf).sum() / denom,
     ]
-    names.append("loss/pg")  # token mean of w·max(-A·r, -A·clip(r)) over this call's trainable tokens
+    names.append("pg_loss")  # token mean of w·max(-A·r, -A·clip(r)) over this call's trainable tokens
     values.append((torch.where(mask, pg_term, 0.0).float()).sum() / denom)
-    names += ["loss/advantage_mean", "loss/advantage_std", "loss/advantage_min", "loss/advantage_max"]
+    names += ["advantage_mean", "advantage_std", "advantage_min", "advantage_max"]
     values += _masked_stats(advantages, mask, count)
     valid = inputs.valid.bool() if inputs.valid is not None else torch.ones_like(mask)
-    names += ["loss/trainable_tokens", "loss/trainable_frac"]
+    names += ["trainable_tokens", "trainable_token_fraction"]
     values += [count.float(), count.float() / valid.sum().clamp(min=1).float()]
     if kl_ref is not None:
-        names.append("loss/kl_ref")
+        names.append("kl_ref")
         values.append((kl_ref.detach().float() * mf).sum() / denom)
     if inputs.entropy is not None:
-        names.append("loss/entropy")
+        names.append("entropy")
         values.append((inputs.entropy.detach().float() * mf).sum() / denom)
     if inputs.staleness is not None:
-        names += ["loss/staleness_mean", "loss/staleness_max"]
+        names += ["token_staleness_mean", "token_staleness_max"]
         stale = inputs.staleness.float()
         values += [(stale * mf).sum() / denom, torch.where(mask, stale, 0.0).max() if mask.numel() else denom * 0]
     flat = torch.stack([v.reshape(()).float().to(mf.device) for v in values]).tolist()  # one host sync

@@ -1,4 +1,4 @@
-"""`treerpo learner`: ingest trees, train, publish weights, checkpoint (DESIGN §4–§8).
+"""`treerpo learner`: ingest trees, train, publish weights, checkpoint (design §4–§8).
 
 Rank 0 binds the data (PULL) and control (ROUTER) endpoints, hosts the weight-sync rendezvous,
 serves metrics and writes RUN_DIR/endpoints.json once all of them listen. Ranks > 0 (under
@@ -10,7 +10,9 @@ Guarantees:
   actors between steps); a failed sync drops the actors that failed it, never blocks past the
   `weights.timeout_s` deadline, and training goes on;
 * SIGTERM/SIGINT finish the current step, write a checkpoint and exit 0; reaching
-  `learner.max_steps` does the same and tells the actors to shut down.
+  `learner.max_steps` does the same and tells the actors to shut down;
+* each optimizer step appends one record to RUN_DIR/metrics.jsonl and updates /metrics from the
+  same record; its keys are rows of common.metrics.METRICS (one name per quantity in both).
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ class Learner:
             min_trees = max(1, min(cfg.replay.batch_trees, reachable))
             trees = self.buffer.take(self.state.version, min_trees=min_trees, timeout_s=0.5)
             self.metrics.buffer_trees.set(len(self.buffer))
-            self.metrics.buffer_oldest_age.set(self.buffer.oldest_age_s())
+            self.metrics.buffer_oldest_age_seconds.set(self.buffer.oldest_age_s())
             self.metrics.trees_in_flight.set(sum(self.buffer.in_flight(a) for a in self.control.member_ids()))
             if not trees:
                 self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
@@ -226,34 +228,21 @@ class Learner:
         return 0
 
     def train_one(self, trees) -> None:
+        """One optimizer step; its record (keys: common.metrics.STEP_RECORD) goes to metrics.jsonl and Prometheus."""
         version = self.state.version
-        t0 = time.monotonic()
         m = self.trainer.train_step(trees, version)
         self.state.step += 1
         staleness = [version - t.min_version() for t in trees]
-        self.metrics.consumed(staleness)
         leaves = [r for t in trees for r in t.leaf_rewards()]
-        accuracy = sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves))  # leaves judged correct
-        self.metrics.step(
-            version=version, tokens=int(m.get("train/trainable_tokens", 0)), duration_s=time.monotonic() - t0,
-            clip_fraction_low=m.get("loss/clipfrac_low"), clip_fraction_high=m.get("loss/clipfrac_high"),
-            loss=m.get("loss/total"), pg_loss=m.get("loss/pg"), kl=m.get("loss/kl_ref"),
-            approx_kl=m.get("loss/approx_kl_behaviour"), is_weight_mean=m.get("loss/is_weight_mean"),
-            is_weight_max=m.get("loss/is_weight_max"), is_weight_capped_fraction=m.get("loss/is_capped_frac"),
-            entropy=m.get("loss/entropy"), advantage_mean=m.get("loss/advantage_mean"),
-            advantage_std=m.get("loss/advantage_std"), trainable_token_fraction=m.get("train/trainable_frac"),
-            grad_norm=m.get("train/grad_norm"), learning_rate=m.get("train/lr"),
-            leaf_reward_mean=m.get("reward/leaf_mean"), accuracy=accuracy,
-            response_tokens_mean=m.get("response/length_mean"),
-        )
-        record = {"step": self.state.step, "version": version, "time": time.time(), "trees": len(trees),
-                  "accuracy": accuracy, "staleness_mean": sum(staleness) / len(trees),
-                  "buffer_trees": len(self.buffer), "tree_ids": [t.tree_id for t in trees],
-                  **{k: float(v) for k, v in m.items()}}
+        record = {"step": self.state.step, "version": version, "time": time.time(),
+                  "accuracy": sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves)),  # leaves judged correct
+                  "staleness_mean": sum(staleness) / len(trees), "buffer_trees": len(self.buffer),
+                  "tree_ids": [t.tree_id for t in trees], **{k: float(v) for k, v in m.items()}}
+        self.metrics.record_step(record, staleness=staleness)  # refuses a key the table lacks
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         log.info("step %d v%d trees %d reward %.3f loss %.4f grad %.3f", self.state.step, version, len(trees),
-                 m.get("reward/leaf_mean", 0.0), m.get("loss/total", 0.0), m.get("train/grad_norm", 0.0))
+                 m.get("leaf_reward_mean", 0.0), m.get("loss", 0.0), m.get("grad_norm", 0.0))
 
     def checkpoint(self) -> None:
         from learner.checkpoint import save_checkpoint

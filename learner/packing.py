@@ -11,7 +11,7 @@ Both layouts bin-pack their units (trees, or paths) into rows of at most `max_ro
 (first-fit decreasing); units in one row never attend to each other. A tree larger than a row is
 split into sub-units (prompt + ancestor chain as context + a subtree), each node still trained once.
 
-Guarantees (tests/test_packing.py checks them):
+Guarantees (tests/unit/test_packing.py checks them):
 * every generated token of every tree appears in a row with its own context; each node's tokens
   are in `loss_mask` exactly once (iff the node is trainable), so `num_trainable_tokens` equals
   the sum of the trainable nodes' lengths;
@@ -328,7 +328,3 @@ def pack_trees(
     return [_batch(rows[i:i + max_batch_rows], trees, toks, mode, pad_multiple)
             for i in range(0, len(rows), max_batch_rows)]
 
-
-from learner.logprobs import token_logprobs  # noqa: E402  (re-export: INTERFACES names it here)
-
-__all__ = ["PackedBatch", "pack_trees", "token_logprobs"]

@@ -1,4 +1,4 @@
-"""DeepSpeed trainer: one optimizer step per batch of reasoning trees (DESIGN §4, §6, §7).
+"""DeepSpeed trainer: one optimizer step per batch of reasoning trees (design §4.4, §6.2, §7).
 
 Guarantees
 * One `train_step(trees, v)` is one optimizer step. The trees are packed (`learner.packing`) into
@@ -11,76 +11,63 @@ Guarantees
   whatever the packing and the number of ranks. DeepSpeed averages gradients over the W
   data-parallel ranks, so each rank back-propagates W · L_rank.
 * Multi-rank (torchrun / deepspeed launcher): rank 0 owns the trees. It splits them over the ranks
-  by token count (longest first, to the least-loaded rank) and sends each rank its share as
-  wire-encoded bytes (`common.wire`, never pickle) over a gloo control group. All ranks run the same
-  number of micro-batches (a rank short of data runs zero-loss dummies), so ZeRO's per-micro-batch
-  collectives stay matched. Ranks > 0 sit in `follow()`, executing rank 0's commands (train, save,
-  load, gather) until `stop_followers()`.
+  by token count and sends each rank its share (learner/ranks.py: the command protocol and its
+  guarantees). All ranks run the same number of micro-batches (a rank short of data runs
+  zero-loss dummies), so ZeRO's per-micro-batch collectives stay matched. Ranks > 0 sit in
+  `follow()`, executing rank 0's commands (train, save, load, gather) until `stop_followers()`.
 * Proximal log-probs (`loss.proximal='recompute'`) come from the pre-step weights. Nothing steps
   between micro-batches, so those are the weights the gradient is taken at: by default
   p = stop-grad(θ) of the training forward; `learner.proximal_forward` recomputes them in a separate
   no-grad forward over the same packing (same numbers, one more forward).
 * Collapse guard: a step whose loss (on any rank) or gradient norm is not finite is skipped: no
-  update, gradients cleared, LR schedule not advanced; counted in `train/skipped_total`.
+  update, gradients cleared, LR schedule not advanced; reported as `step_applied` = 0 and counted
+  in `Trainer.skipped_steps`.
 * `named_parameters_for_sync()` yields (HF name, full tensor in the model dtype) on rank 0; under
   ZeRO-3 every rank takes part in each parameter's gather.
+* Metric keys are names of the step record in common/metrics.py's table (`STEP_RECORD`).
+
+Naming: "engine" in treerpo means the actor's inference engine; DeepSpeed's wrapper of model +
+optimizer (its `DeepSpeedEngine`) is `Trainer.ds`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import socket
-import struct
 import time
-from datetime import timedelta
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from common.config import JobConfig, LearnerConfig, ModelConfig
+from common.config import JobConfig, LearnerConfig
+from common.device import resolve_device_dtype
 from common.tree import ReasoningTree
+from learner.logprobs import token_logprobs
+from learner.loss import LossInputs, treerpo_loss
+from learner.packing import pack_trees
+from learner.ranks import (
+    CMD_GATHER,
+    CMD_LOAD,
+    CMD_SAVE,
+    CMD_STOP,
+    CMD_TRAIN,
+    MetricSum,
+    RankGroup,
+    decode_share,
+    encode_share,
+    init_distributed,
+    split_by_tokens,
+)
 
-# commands rank 0 sends to the followers (header[0])
-CMD_STOP, CMD_TRAIN, CMD_SAVE, CMD_LOAD, CMD_GATHER = 0, 1, 2, 3, 4
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DS_TAG = "deepspeed"  # the tag (sub-folder) of the DeepSpeed state inside a checkpoint folder
 
 
 # ----------------------------------------------------------------------------------------------
 # Setup helpers
 # ----------------------------------------------------------------------------------------------
-def resolve_device_dtype(model_cfg: ModelConfig) -> tuple[torch.device, torch.dtype]:
-    """auto device = cuda when available (cuda:LOCAL_RANK); auto dtype = bfloat16 on CUDA, float32 on CPU."""
-    if model_cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device='cuda' but CUDA is not available: set model.device=cpu or auto")
-    use_cuda = model_cfg.device == "cuda" or (model_cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
-    if model_cfg.dtype == "auto":
-        return device, torch.bfloat16 if use_cuda else torch.float32
-    return device, _DTYPES[model_cfg.dtype]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def init_distributed(backend: str) -> None:
-    """Join the launcher's world (RANK/WORLD_SIZE/MASTER_* in the environment) or make a 1-rank one."""
-    import deepspeed
-
-    if not dist.is_initialized() and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-
-
 def lr_factor(lc: LearnerConfig):
     """LR multiplier for optimizer step k (0-based): linear warm-up (k+1)/w, then the schedule."""
 
@@ -108,7 +95,7 @@ def deepspeed_config(lc: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
     """One micro-batch per backward; the step boundary is set by hand (variable micro-batch count)."""
     bf16: dict[str, Any] = {"enabled": dtype == torch.bfloat16}
     try:  # skip bf16 steps with non-finite gradients (the default from DeepSpeed 0.19; older ones lack the key)
-        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config  # noqa: PLC0415
 
         if "check_grad_overflow" in DeepSpeedBF16Config.model_fields:
             bf16["check_grad_overflow"] = True
@@ -128,118 +115,34 @@ def deepspeed_config(lc: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Trees between ranks
+# Step metrics
 # ----------------------------------------------------------------------------------------------
-def tree_cost(tree: ReasoningTree, mode: str) -> int:
-    """Tokens the forward processes for this tree: once per node (tree) or once per path (flat)."""
-    if mode == "flat":
-        return int(len(tree.prompt_token_ids) * len(tree.leaves()) + tree.path_lengths().sum())
-    return int(len(tree.prompt_token_ids) + tree.num_tokens())
-
-
-def split_by_tokens(trees: Sequence[ReasoningTree], world_size: int, mode: str = "tree") -> list[list[int]]:
-    """Tree indices per rank: longest first, each to the least-loaded rank (ties: lowest rank)."""
-    shares: list[list[int]] = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for i in sorted(range(len(trees)), key=lambda i: (-tree_cost(trees[i], mode), i)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        shares[r].append(i)
-        load[r] += tree_cost(trees[i], mode)
-    return [sorted(s) for s in shares]
-
-
-def pack_blobs(blobs: Sequence[bytes]) -> bytes:
-    """[u64 count][u64 length]*count then the blobs, little-endian."""
-    head = struct.pack(f"<{1 + len(blobs)}Q", len(blobs), *(len(b) for b in blobs))
-    return head + b"".join(blobs)
-
-
-def unpack_blobs(buf: bytes) -> list[memoryview]:
-    view = memoryview(buf)
-    if len(view) < 8:
-        raise ValueError("blob frame shorter than its count")
-    (count,) = struct.unpack_from("<Q", view, 0)
-    lengths = struct.unpack_from(f"<{count}Q", view, 8)
-    pos, out = 8 + 8 * count, []
-    for n in lengths:
-        out.append(view[pos:pos + n])
-        pos += n
-    if pos != len(view):
-        raise ValueError(f"blob frame holds {len(view)} bytes, its lengths say {pos}")
-    return out
-
-
 def tree_metrics(trees: Sequence[ReasoningTree]) -> dict[str, float]:
     rewards = np.concatenate([t.leaf_rewards() for t in trees])
     lengths = np.concatenate([t.path_lengths() for t in trees])
-    return {"train/trees": float(len(trees)), "reward/leaf_mean": float(rewards.mean()),
-            "response/length_mean": float(lengths.mean())}
-
-
-class _MetricSum:
-    """Combines treerpo_loss metrics over micro-batches and ranks, weighted by trainable tokens.
-
-    Keys ending in _max / _min combine by max / min (over calls with trainable tokens); the others
-    (std included: a mean of per-micro-batch stds) by the token-weighted mean.
-    """
-
-    def __init__(self) -> None:
-        self.sums: dict[str, list[float]] = {}  # key -> [weighted sum or extreme, weight]
-
-    def add(self, metrics: dict[str, float], weight: float) -> None:
-        for key, value in metrics.items():
-            if key in ("loss/trainable_tokens", "loss/trainable_frac"):
-                continue  # the trainer reports global counts instead
-            if key.endswith(("_max", "_min")):
-                if weight <= 0:
-                    continue
-                pick = max if key.endswith("_max") else min
-                old = self.sums.get(key)
-                self.sums[key] = [value if old is None else pick(old[0], value), 1.0]
-            else:
-                acc = self.sums.setdefault(key, [0.0, 0.0])
-                acc[0] += value * weight
-                acc[1] += weight
-
-    def merge(self, other: dict[str, list[float]]) -> None:
-        for key, (value, weight) in other.items():
-            if key.endswith(("_max", "_min")):
-                pick = max if key.endswith("_max") else min
-                old = self.sums.get(key)
-                self.sums[key] = [value if old is None else pick(old[0], value), 1.0]
-            else:
-                acc = self.sums.setdefault(key, [0.0, 0.0])
-                acc[0] += value
-                acc[1] += weight
-
-    def result(self) -> dict[str, float]:
-        out = {}
-        for key, (value, weight) in self.sums.items():
-            out[key] = value if key.endswith(("_max", "_min")) else (value / weight if weight > 0 else 0.0)
-        return out
+    return {"trees_consumed": float(len(trees)), "leaf_reward_mean": float(rewards.mean()),
+            "response_tokens_mean": float(lengths.mean())}
 
 
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
 class Trainer:
-    """An HF causal LM under a DeepSpeed engine, trained with the TreeRPO loss."""
+    """An HF causal LM wrapped by DeepSpeed (`self.ds`), trained with the TreeRPO loss."""
 
     def __init__(self, cfg: JobConfig, model_path: str) -> None:
-        import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import deepspeed  # noqa: PLC0415 - heavy, imported by the process that trains
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
         self.cfg = cfg
         lc = cfg.learner
         self.model_path = str(model_path)
-        self.device, self.dtype = resolve_device_dtype(cfg.model)
+        self.device, self.dtype = resolve_device_dtype(cfg.model, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         init_distributed("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self._control = None
-        if self.world_size > 1:  # CPU tensors with a long deadline: followers may wait for data a long time
-            self._control = dist.new_group(backend="gloo", timeout=timedelta(seconds=lc.follower_timeout_s))
+        self.ranks = RankGroup(lc.follower_timeout_s)
+        self.rank, self.world_size = self.ranks.rank, self.ranks.world_size
         torch.manual_seed(lc.seed)
 
         load = dict(dtype=self.dtype, attn_implementation=cfg.model.attn_implementation,
@@ -258,7 +161,8 @@ class Trainer:
 
         optimizer = torch.optim.AdamW(param_groups(model, lc.weight_decay), lr=lc.lr, betas=tuple(lc.betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(lc))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        # DeepSpeed's wrapper of model + optimizer ("engine" in DeepSpeed's words; not treerpo's engine)
+        self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(lc, self.dtype)
         )
         # plain fp32 without ZeRO is DeepSpeed's one path without a non-finite-gradient check: do it here
@@ -278,8 +182,8 @@ class Trainer:
     # -- public API --------------------------------------------------------------------------
     @property
     def module(self) -> torch.nn.Module:
-        """The HF model inside the engine (ZeRO hooks live on its submodules)."""
-        return self.engine.module
+        """The HF model inside DeepSpeed's wrapper (ZeRO hooks live on its submodules)."""
+        return self.ds.module
 
     def state_dict(self) -> dict[str, int]:
         return {"steps": self.steps, "skipped_steps": self.skipped_steps}
@@ -289,53 +193,41 @@ class Trainer:
 
     def train_step(self, trees: Sequence[ReasoningTree], learner_version: int) -> dict[str, float]:
         """One optimizer step on `trees` (rank 0; ranks > 0 run `follow()`). Returns the step's metrics."""
-        self._require_rank0("train_step")
+        self.ranks.require_rank0("train_step")
         if not trees:
             raise ValueError("train_step needs at least one tree")
         self._check_trees(trees, learner_version)
         t0 = time.perf_counter()
         if self.world_size > 1:
-            from common.wire import encode_tree
-
             shares = split_by_tokens(trees, self.world_size, self.cfg.learner.packing)
-            payloads = [pack_blobs([encode_tree(trees[i]) for i in s]) for s in shares]
-            self._send(CMD_TRAIN, learner_version, payloads)
+            self.ranks.send(CMD_TRAIN, learner_version, [encode_share([trees[i] for i in s]) for s in shares])
             local = [trees[i] for i in shares[0]]
         else:
             local = list(trees)
         metrics = self._train(local, learner_version)
         metrics.update(tree_metrics(trees))
-        metrics["train/step_seconds"] = time.perf_counter() - t0
+        metrics["step_duration_seconds"] = time.perf_counter() - t0
         return metrics
 
     def follow(self) -> None:
         """Ranks > 0: execute rank 0's commands until it sends stop."""
-        if self.rank == 0:
-            raise RuntimeError("follow() is for ranks > 0; rank 0 drives with train_step/save/load")
-        from common.wire import decode_tree
 
-        while True:
-            cmd, arg, payload = self._recv()
-            if cmd == CMD_STOP:
-                return
-            if cmd == CMD_TRAIN:
-                trees = [decode_tree(b, vocab_size=self.vocab_size) for b in unpack_blobs(payload)]
-                self._train(trees, arg)
-            elif cmd == CMD_SAVE:
-                self._save_engine(payload.decode())
-            elif cmd == CMD_LOAD:
-                self._load_engine(payload.decode())
-            elif cmd == CMD_GATHER:
-                for _ in self._gathered_params():
-                    pass
-            else:
-                raise RuntimeError(f"rank {self.rank}: unknown command {cmd} from rank 0")
+        def gather(arg: int, payload: bytes) -> None:
+            for _ in self._gathered_params():
+                pass
+
+        self.ranks.follow({
+            CMD_TRAIN: lambda arg, payload: self._train(decode_share(payload, self.vocab_size), arg),
+            CMD_SAVE: lambda arg, payload: self._save_deepspeed(payload.decode()),
+            CMD_LOAD: lambda arg, payload: self._load_deepspeed(payload.decode()),
+            CMD_GATHER: gather,
+        })
 
     def stop_followers(self) -> None:
         """Rank 0: let the ranks > 0 return from `follow()` (no-op with one rank)."""
-        self._require_rank0("stop_followers")
+        self.ranks.require_rank0("stop_followers")
         if self.world_size > 1:
-            self._send(CMD_STOP, 0)
+            self.ranks.send(CMD_STOP, 0)
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Rank 0: (HF name, full tensor in the model dtype), tied weights once.
@@ -343,10 +235,10 @@ class Trainer:
         Without ZeRO-3 the tensors are the live parameters (copy them before the next step);
         under ZeRO-3 each is a gathered copy, and the other ranks join each gather.
         """
-        self._require_rank0("named_parameters_for_sync")
+        self.ranks.require_rank0("named_parameters_for_sync")
         if self.cfg.learner.zero_stage == 3:
             if self.world_size > 1:
-                self._send(CMD_GATHER, 0)
+                self.ranks.send(CMD_GATHER, 0)
             yield from self._gathered_params()
         else:
             for name, p in self.module.named_parameters():
@@ -358,7 +250,7 @@ class Trainer:
 
     def export_hf(self, out_dir: str | Path) -> Path:
         """Rank 0: save_pretrained (safetensors) + tokenizer into out_dir, ZeRO-3 aware."""
-        self._require_rank0("export_hf")
+        self.ranks.require_rank0("export_hf")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.cfg.learner.zero_stage == 3:
@@ -373,17 +265,17 @@ class Trainer:
         self.tokenizer.save_pretrained(str(out))
         return out
 
-    def save_engine_state(self, directory: str | Path) -> None:
+    def save_deepspeed_state(self, directory: str | Path) -> None:
         """Rank 0: DeepSpeed state (weights, optimizer, LR scheduler) into directory/deepspeed; all ranks write."""
-        self._require_rank0("save_engine_state")
-        self._send(CMD_SAVE, 0, self._same_for_all(str(directory).encode()))
-        self._save_engine(str(directory))
+        self.ranks.require_rank0("save_deepspeed_state")
+        self.ranks.send(CMD_SAVE, 0, self.ranks.same_for_all(str(directory).encode()))
+        self._save_deepspeed(str(directory))
 
-    def load_engine_state(self, directory: str | Path) -> None:
-        """Rank 0: restore what `save_engine_state` wrote; all ranks load."""
-        self._require_rank0("load_engine_state")
-        self._send(CMD_LOAD, 0, self._same_for_all(str(directory).encode()))
-        self._load_engine(str(directory))
+    def load_deepspeed_state(self, directory: str | Path) -> None:
+        """Rank 0: restore what `save_deepspeed_state` wrote; all ranks load."""
+        self.ranks.require_rank0("load_deepspeed_state")
+        self.ranks.send(CMD_LOAD, 0, self.ranks.same_for_all(str(directory).encode()))
+        self._load_deepspeed(str(directory))
 
     def current_lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
@@ -401,22 +293,20 @@ class Trainer:
                 raise ValueError(f"tree {t.tree_id} has node versions above learner_version={learner_version}")
 
     def _train(self, trees: list[ReasoningTree], learner_version: int) -> dict[str, float]:
-        from learner.packing import pack_trees
-
         lc = self.cfg.learner
         batches = (pack_trees(trees, self.cfg.advantage, lc.packing, lc.micro_batch_tokens, learner_version,
                               max_batch_rows=lc.micro_batch_rows) if trees else [])
         local = [sum(b.num_trainable_tokens for b in batches), len(batches),
                  sum(b.num_tokens for b in batches), sum(int(b.generated.sum()) for b in batches)]
-        per_rank = self._all_gather_ints(local)  # (W, 4)
+        per_rank = self.ranks.all_gather_ints(local)  # (W, 4)
         global_tokens = int(per_rank[:, 0].sum())
         n_micro = int(per_rank[:, 1].max())
-        stats = _MetricSum()
+        stats = MetricSum()
         local_loss = torch.zeros((), dtype=torch.float64)
         loss_finite = True
         for i in range(n_micro):
             last = i == n_micro - 1
-            self.engine.set_gradient_accumulation_boundary(last)
+            self.ds.set_gradient_accumulation_boundary(last)
             if i < len(batches):
                 loss, m = self._micro_loss(batches[i], global_tokens)
                 stats.add(m, float(batches[i].num_trainable_tokens))
@@ -424,35 +314,30 @@ class Trainer:
                 loss = self._dummy_loss()
             local_loss += loss.detach().double().cpu()
             if last:
-                step_loss = self._all_reduce_sum(local_loss)
+                step_loss = self.ranks.all_reduce_sum(local_loss)
                 loss_finite = math.isfinite(step_loss)
                 if not loss_finite and not self._manual_guard:
                     loss = loss * float("nan")  # non-finite gradients on every rank: DeepSpeed drops the step
-            self.engine.backward(loss * self.world_size)
+            self.ds.backward(loss * self.world_size)
         lr = self.current_lr()
         grad_norm, applied = self._optimizer_step(loss_finite)
-        merged = self._gather_metrics(stats)
+        merged = self.ranks.gather_metrics(stats)
         if self.rank != 0:
             return {}
         out = merged.result()
         out.update({
-            "loss/total": step_loss,
-            "train/grad_norm": grad_norm,
-            "train/lr": lr,
-            "train/step_applied": float(applied),
-            "train/skipped_total": float(self.skipped_steps),
-            "train/steps_total": float(self.steps),
-            "train/trainable_tokens": float(global_tokens),
-            "train/trainable_frac": global_tokens / max(1, int(per_rank[:, 3].sum())),
-            "train/tokens": float(per_rank[:, 2].sum()),
-            "train/micro_batches": float(n_micro),
+            "loss": step_loss,
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "step_applied": float(applied),
+            "trainable_tokens": float(global_tokens),
+            "trainable_token_fraction": global_tokens / max(1, int(per_rank[:, 3].sum())),
+            "forward_tokens": float(per_rank[:, 2].sum()),
+            "micro_batches": float(n_micro),
         })
         return out
 
     def _micro_loss(self, batch, normalizer: int) -> tuple[torch.Tensor, dict[str, float]]:
-        from learner.loss import LossInputs, treerpo_loss
-        from learner.packing import token_logprobs
-
         batch = batch.to(self.device)
         temperature = self.cfg.tree.temperature
         attention = self.cfg.learner.tree_attention
@@ -495,13 +380,13 @@ class Trainer:
             norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             applied = loss_finite and math.isfinite(norm)
             if applied:
-                self.engine.step()
+                self.ds.step()
             else:
-                self.engine.zero_grad()
+                self.ds.zero_grad()
         else:
-            self.engine.step()
-            applied = bool(self.engine.was_step_applied()) and loss_finite
-            raw = self.engine.get_global_grad_norm()
+            self.ds.step()
+            applied = bool(self.ds.was_step_applied()) and loss_finite
+            raw = self.ds.get_global_grad_norm()
             norm = float(raw) if raw is not None else float("nan")
         if not applied:
             self.skipped_steps += 1
@@ -509,7 +394,7 @@ class Trainer:
 
     # -- ZeRO-3 gather -------------------------------------------------------------------------
     def _gathered_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        import deepspeed
+        import deepspeed  # noqa: PLC0415
 
         pending = iter(list(self.module.named_parameters()))
         try:
@@ -523,82 +408,13 @@ class Trainer:
                     pass
 
     # -- DeepSpeed state ----------------------------------------------------------------------
-    def _save_engine(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, tag=DS_TAG, client_state={}, save_latest=False)
-        self._barrier()
+    def _save_deepspeed(self, directory: str) -> None:
+        self.ds.save_checkpoint(directory, tag=DS_TAG, client_state={}, save_latest=False)
+        self.ranks.barrier()
 
-    def _load_engine(self, directory: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+    def _load_deepspeed(self, directory: str) -> None:
+        path, _ = self.ds.load_checkpoint(directory, tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"no DeepSpeed state under {directory}/{DS_TAG}: is it a treerpo checkpoint?")
-        self._barrier()
-
-    # -- control-plane collectives (gloo, CPU) ------------------------------------------------
-    def _require_rank0(self, what: str) -> None:
-        if self.rank != 0:
-            raise RuntimeError(f"{what} runs on rank 0; ranks > 0 call follow()")
-
-    def _same_for_all(self, payload: bytes) -> list[bytes]:
-        return [payload] * self.world_size
-
-    def _send(self, cmd: int, arg: int, payloads: list[bytes] | None = None) -> None:
-        """Rank 0: header broadcast, then each rank's payload (scatter, padded to the longest)."""
-        if self.world_size == 1:
-            return
-        lengths = [len(p) for p in payloads] if payloads else [0] * self.world_size
-        header = torch.tensor([cmd, int(arg), *lengths], dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self._control)
-        width = max(lengths)
-        if width:
-            chunks = [torch.frombuffer(bytearray(p.ljust(width, b"\0")), dtype=torch.uint8) for p in payloads]
-            out = torch.empty(width, dtype=torch.uint8)
-            dist.scatter(out, scatter_list=chunks, src=0, group=self._control)
-
-    def _recv(self) -> tuple[int, int, bytes]:
-        header = torch.empty(2 + self.world_size, dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self._control)
-        cmd, arg, lengths = int(header[0]), int(header[1]), header[2:].tolist()
-        width = max(lengths)
-        payload = b""
-        if width:
-            out = torch.empty(width, dtype=torch.uint8)
-            dist.scatter(out, scatter_list=None, src=0, group=self._control)
-            payload = out[: lengths[self.rank]].numpy().tobytes()
-        return cmd, arg, payload
-
-    def _all_gather_ints(self, values: list[int]) -> np.ndarray:
-        """(W, len(values)) int64: every rank's values."""
-        mine = torch.tensor(values, dtype=torch.int64)
-        if self.world_size == 1:
-            return mine[None].numpy()
-        out = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(out, mine, group=self._control)
-        return torch.stack(out).numpy()
-
-    def _all_reduce_sum(self, value: torch.Tensor) -> float:
-        value = value.detach().double().cpu().reshape(1)
-        if self.world_size > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self._control)
-        return float(value[0])
-
-    def _gather_metrics(self, stats: _MetricSum) -> _MetricSum:
-        """Rank 0 gets every rank's sums (JSON bytes: ranks may hold different keys)."""
-        if self.world_size == 1:
-            return stats
-        mine = json.dumps(stats.sums).encode()
-        lengths = self._all_gather_ints([len(mine)])[:, 0]
-        width = int(lengths.max())
-        buf = torch.frombuffer(bytearray(mine.ljust(width, b"\0")), dtype=torch.uint8)
-        gathered = [torch.empty(width, dtype=torch.uint8) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(buf, gather_list=gathered, dst=0, group=self._control)
-        if self.rank != 0:
-            return stats
-        total = _MetricSum()
-        for r, t in enumerate(gathered):
-            total.merge(json.loads(t[: int(lengths[r])].numpy().tobytes()))
-        return total
-
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier(group=self._control)
+        self.ranks.barrier()

@@ -1,4 +1,4 @@
-"""Learner side of the weight sync: plan, announce, broadcast (DESIGN §6).
+"""Learner side of the weight sync: plan, announce, broadcast (design §6).
 
 Guarantees:
 * One rendezvous TCPStore lives as long as the publisher (bound on `weights.rendezvous_port`,

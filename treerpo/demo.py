@@ -35,6 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.metrics import series
+
+# the series the live table and the summary read (names from common/metrics.py's table)
+SYNCS = series("weight_sync", "duration_seconds", "count")
+ACTOR_TREES = series("actor", "trees")
+ACTOR_VERSION = series("actor", "weight_version")
+BUFFER_TREES = series("learner", "buffer_trees")
+
 DEMO_ARTIFACTS = ("checkpoints", "logs", "actors", "metrics.jsonl", "endpoints.json", "summary.json",
                   "demo.png", "eval_before.json", "eval_after.json", "config.yaml", "config.learner.yaml",
                   "demo.config.yaml", "eval_before.json.tmp", "eval_after.json.tmp")
@@ -166,23 +174,23 @@ class Progress:
         if len(rows) < 2:
             return 0.0
         dt = rows[-1]["time"] - rows[0]["time"]
-        return sum(r.get("trees", 0) for r in rows[1:]) / dt if dt > 0 else 0.0
+        return sum(r.get("trees_consumed", 0) for r in rows[1:]) / dt if dt > 0 else 0.0
 
     def line(self) -> dict[str, str]:
         last = self.rows[-1] if self.rows else {}
         recent = self.rows[-5:]
         mean = lambda key: sum(r.get(key, 0.0) for r in recent) / len(recent) if recent else 0.0  # noqa: E731
-        syncs = self.learner.get("treerpo_weight_sync_duration_seconds_count", 0.0)
-        actor_trees = " ".join(f"{a.split('-')[-1]}:{int(m.get('treerpo_actor_trees_total', 0))}"
+        syncs = self.learner.get(SYNCS, 0.0)
+        actor_trees = " ".join(f"{a.split('-')[-1]}:{int(m.get(ACTOR_TREES, 0))}"
                                for a, m in sorted(self.actors.items()))
         return {
             "step": f"{last.get('step', 0)}/{self.steps}",
             "version": str(last.get("version", 0)),
             "trees/s": f"{self.trees_per_second():.2f}",
-            "reward": f"{mean('reward/leaf_mean'):.3f}",
+            "reward": f"{mean('leaf_reward_mean'):.3f}",
             "accuracy": f"{mean('accuracy'):.3f}",
             "staleness": f"{mean('staleness_mean'):.2f}",
-            "buffer": str(int(self.learner.get("treerpo_learner_buffer_trees", last.get("buffer_trees", 0)))),
+            "buffer": str(int(self.learner.get(BUFFER_TREES, last.get("buffer_trees", 0)))),
             "syncs": str(int(syncs)),
             "trees by actor": actor_trees or "-",
             "elapsed": f"{time.monotonic() - self.started:.0f} s",
@@ -223,7 +231,7 @@ def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path) ->
 
     steps = [r["step"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    for ax, key, label in ((top, "reward/leaf_mean", "mean leaf reward"), (bottom, "accuracy", "leaf accuracy")):
+    for ax, key, label in ((top, "leaf_reward_mean", "mean leaf reward"), (bottom, "accuracy", "leaf accuracy")):
         ys = [r.get(key, float("nan")) for r in rows]
         ax.plot(steps, ys, alpha=0.35, label=f"{label} (train batch)")
         ax.plot(steps, smooth(ys), lw=2, label=f"{label}, smoothed")
@@ -451,7 +459,7 @@ def follow(sup, progress: Progress, learner_url: str | None, console, plain: boo
 def make_summary(args, cfg, warm: dict, before: dict, after: dict, progress: Progress, sup, wall: float,
                  phases: dict) -> dict[str, Any]:
     rows = progress.rows
-    losses = [r.get("loss/total") for r in rows]
+    losses = [r.get("loss") for r in rows]
     return {
         "accuracy_before": before["pass_at_1"],
         "accuracy_after": after["pass_at_1"],
@@ -465,13 +473,13 @@ def make_summary(args, cfg, warm: dict, before: dict, after: dict, progress: Pro
         "mean_response_tokens_after": after["mean_response_tokens"],
         "seed": args.seed,
         "num_actors": len(sup.actors),
-        "trees_trained": int(sum(r.get("trees", 0) for r in rows)),
+        "trees_trained": int(sum(r.get("trees_consumed", 0) for r in rows)),
         "losses_finite": bool(rows) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses),
         "final_version": rows[-1]["version"] + 1 if rows else 0,
-        "weight_syncs": int(progress.learner.get("treerpo_weight_sync_duration_seconds_count", 0)),
+        "weight_syncs": int(progress.learner.get(SYNCS, 0)),
         "learner_scrapes": progress.learner_scrapes,
-        "actors": {a: {"trees_sent": int(m.get("treerpo_actor_trees_total", 0)),
-                       "weight_version": int(m.get("treerpo_actor_weight_version", 0)),
+        "actors": {a: {"trees_sent": int(m.get(ACTOR_TREES, 0)),
+                       "weight_version": int(m.get(ACTOR_VERSION, 0)),
                        "scrapes": progress.actor_scrapes.get(a, 0)} for a, m in sorted(progress.actors.items())},
         "pids": {c.name: c.proc.pid for c in sup.children() if c.proc is not None},
         "model": {"path": warm["path"], "parameters": warm["parameters"], "warmup_cached": warm["cached"]},

@@ -157,7 +157,7 @@ def eval_config(args) -> JobConfig:
 def run_eval(args) -> EvalReport:
     import torch
 
-    from actor.engine import make_engine
+    from actor.engines import make_engine
     from common.rewards import make_reward
 
     if args.k < 1:

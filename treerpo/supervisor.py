@@ -3,9 +3,19 @@
 Guarantees:
 * each child runs in its own session with its own log file under RUN_DIR/logs/, and is told by
   the kernel to exit if the supervisor dies (PR_SET_PDEATHSIG), so no process outlives `up`;
+* a child is *ready* once it has written its own pid into its ready file (the learner:
+  RUN_DIR/endpoints.json; an actor: RUN_DIR/actors/<id>.json);
+* every exit of a child is reported with its code and the last error line of its log;
 * a crashed actor (non-zero exit) is restarted with exponential backoff; an actor that exits 0
   was told to stop and stays stopped;
-* when the learner exits, every actor is stopped and `up` exits with the learner's code;
+* a learner that dies (a signal, a crash, an OOM kill) is restarted with `--resume auto` from its
+  latest checkpoint, as a new incarnation, on the ports it bound first (so the actors, which stay
+  up, reconnect and re-register), at most `up.learner_restarts` times; a learner that exits 0
+  finished its run, and `up` then stops the actors and exits 0;
+* a child that exits before it became ready `up.start_failures` times in a row can never start
+  (bad config, missing model, an engine this machine cannot run): the job stops with that
+  child's last error line and exit code EXIT_CHILD_FAILED; so does a learner whose first start
+  fails (the actors need its endpoints);
 * SIGINT/SIGTERM stop the learner first (it writes a final checkpoint), then the actors:
   SIGTERM, a grace period, then SIGKILL -- always by pid, never by name.
 """
@@ -23,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from common.config import JobConfig, dump_config
-from common.rundir import ENDPOINTS, logs_dir, wait_for_json
+from common.rundir import ENDPOINTS, actor_info_path, logs_dir, read_json, wait_for_json
 
 PR_SET_PDEATHSIG = 1
 
@@ -49,29 +59,71 @@ def treerpo_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "treerpo", *args]
 
 
+EXIT_CHILD_FAILED = 3  # a child can never start, or the learner ran out of restarts
+_ERROR_WORDS = ("Error", "error:", "Exception", "Traceback", "SystemExit", "Killed", "refused", "cannot", "failed")
+
+
+def last_error_line(log_path: Path, max_bytes: int = 65536) -> str:
+    """The last line of the child's latest start that reads like an error (else its last line)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    text = text.rsplit("\n=== start ", 1)[-1]
+    lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    for line in reversed(lines):
+        if any(word in line for word in _ERROR_WORDS):
+            return line
+    return lines[-1] if lines else ""
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
 @dataclass
 class Child:
     name: str
     argv: list[str]
     log_path: Path
     restartable: bool
+    ready_file: Path | None = None  # the child writes its pid here once it is ready
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_start: float = 0.0
     done: bool = False  # exited 0 or given up on
+    start_failures: int = 0  # exits before becoming ready, in a row
 
-    def start(self, env: dict[str, str]) -> None:
+    def start(self, env: dict[str, str], argv: list[str] | None = None) -> None:
         env = child_env(env)
+        argv = argv or self.argv
         log = open(self.log_path, "ab", buffering=0)
-        log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n".encode())
+        log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(argv)}\n".encode())
         self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True, preexec_fn=_die_with_parent,
         )
         log.close()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def ready(self) -> bool:
+        """This process (not an earlier one) has written its pid into its ready file."""
+        if self.ready_file is None or self.proc is None:
+            return self.proc is not None
+        try:
+            return read_json(self.ready_file).get("pid") == self.proc.pid
+        except (OSError, ValueError):
+            return False
 
     def terminate(self) -> None:
         if self.alive():
@@ -82,6 +134,10 @@ class Child:
             self.proc.kill()
 
 
+class JobFailed(RuntimeError):
+    """The job cannot go on: a child can never start, or the learner ran out of restarts."""
+
+
 @dataclass
 class Supervisor:
     """Runs one learner and `num_actors` actors for a resolved config written to run_dir."""
@@ -90,15 +146,19 @@ class Supervisor:
     run_dir: Path
     num_actors: int
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    grace_s: float = 60.0
+    backoff_s: float | None = None  # None: cfg.up.backoff_s
+    max_backoff_s: float | None = None
+    grace_s: float | None = None
     learner: Child | None = None
     actors: list[Child] = field(default_factory=list)
     endpoints: dict | None = None
     on_event: Callable[[str], None] = lambda msg: print(f"[up] {msg}", flush=True)
 
     def __post_init__(self) -> None:
+        up = self.cfg.up
+        self.backoff_s = up.backoff_s if self.backoff_s is None else self.backoff_s
+        self.max_backoff_s = up.max_backoff_s if self.max_backoff_s is None else self.max_backoff_s
+        self.grace_s = up.grace_s if self.grace_s is None else self.grace_s
         self.run_dir = Path(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.run_dir / "config.yaml"
@@ -112,11 +172,14 @@ class Supervisor:
         (self.run_dir / ENDPOINTS).unlink(missing_ok=True)
         self.learner = Child(
             "learner", treerpo_command("learner", "--config", str(self.config_path), "--run-dir", str(self.run_dir)),
-            logs / "learner.log", restartable=False,
+            logs / "learner.log", restartable=self.cfg.up.learner_restarts > 0, ready_file=self.run_dir / ENDPOINTS,
         )
         self.learner.start(self.env)
         self.on_event(f"learner pid {self.learner.proc.pid}, log {self.learner.log_path}")
-        self.endpoints = wait_for_json(self.run_dir / ENDPOINTS, startup_timeout_s, alive=self.learner.alive)
+        try:
+            self.endpoints = wait_for_json(self.run_dir / ENDPOINTS, startup_timeout_s, alive=self.learner.alive)
+        except RuntimeError as e:
+            raise JobFailed(f"learner did not start ({e}): {last_error_line(self.learner.log_path)}") from None
         for _ in range(self.num_actors):
             self.add_actor()
         self.on_event(f"learner metrics: {self.endpoints.get('metrics')}/metrics")
@@ -126,41 +189,79 @@ class Supervisor:
         """Start actor-<next index> (also later: a late joiner gets the current weights first)."""
         i = len(self.actors)
         shards = max(self.num_actors, i + 1)
+        actor_id = f"actor-{i}"
         argv = treerpo_command(
             "actor", "--config", str(self.config_path), "--run-dir", str(self.run_dir),
-            "--actor-id", f"actor-{i}", "--actor-index", str(i), "--num-actors", str(shards),
+            "--actor-id", actor_id, "--actor-index", str(i), "--num-actors", str(shards),
         )
         if self.cfg.metrics.actor_port:  # actor i serves metrics on actor_port + i (deploy/prometheus)
             argv += ["--set", f"metrics.actor_port={self.cfg.metrics.actor_port + i}"]
-        child = Child(f"actor-{i}", argv, logs_dir(self.run_dir) / f"actor-{i}.log", restartable=True)
+        child = Child(actor_id, argv, logs_dir(self.run_dir) / f"{actor_id}.log", restartable=True,
+                      ready_file=actor_info_path(self.run_dir, actor_id))
         child.start({**self.env, **(env or {})})
         self.actors.append(child)
         self.on_event(f"{child.name} pid {child.proc.pid}, log {child.log_path}")
         return child
 
+    def learner_restart_argv(self) -> list[str]:
+        """Resume from the latest checkpoint on the ports the first learner bound (actors keep dialling them)."""
+        argv = [*self.learner.argv, "--resume", "auto"]
+        pins = {
+            "transport.data_port": _port(self.endpoints.get("data")),
+            "transport.control_port": _port(self.endpoints.get("control")),
+            "weights.rendezvous_port": _port(self.endpoints.get("rendezvous")),
+            "metrics.learner_port": _port(self.endpoints.get("metrics")),
+        }
+        for key, port in pins.items():
+            if port:
+                argv += ["--set", f"{key}={port}"]
+        return argv
+
     def poll(self) -> int | None:
-        """One supervision pass; returns the learner's exit code once it has exited."""
+        """One supervision pass; the job's exit code once it must end (JobFailed if a child cannot start)."""
         now = time.monotonic()
         for child in self.actors:
-            if child.done or child.alive():
-                continue
-            code = child.proc.returncode if child.proc else None
-            if code == 0:
-                child.done = True
-                self.on_event(f"{child.name} exited cleanly")
-                continue
-            if child.next_start == 0.0:
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** child.restarts)
-                child.next_start = now + delay
-                self.on_event(f"{child.name} exited with {code}; restarting in {delay:.0f} s")
-            elif now >= child.next_start:
-                child.restarts += 1
-                child.next_start = 0.0
-                child.start(self.env)
-                self.on_event(f"{child.name} restarted (#{child.restarts}), pid {child.proc.pid}")
-        if self.learner and not self.learner.alive():
+            self._supervise(child, now)
+        if self.learner is None:
+            return None
+        if not self.learner.done:
+            self._supervise(self.learner, now)
+        if self.learner.done:
             return self.learner.proc.returncode
         return None
+
+    def _supervise(self, child: Child, now: float) -> None:
+        if child.done or child.alive() or child.proc is None:
+            return
+        if child.next_start == 0.0:  # a new exit
+            code = child.proc.returncode
+            was_ready = child.ready()
+            line = last_error_line(child.log_path)
+            self.on_event(f"{child.name} exited with {describe_exit(code)}" + (f": {line}" if line and code else ""))
+            if code == 0 or not child.restartable:
+                child.done = True
+                return
+            child.start_failures = 0 if was_ready else child.start_failures + 1
+            if child.start_failures >= self.cfg.up.start_failures:
+                child.done = True
+                raise JobFailed(f"{child.name} exited before it became ready {child.start_failures} times in a row "
+                                f"(last: {describe_exit(code)}): {line or 'see ' + str(child.log_path)}")
+            if child is self.learner and child.restarts >= self.cfg.up.learner_restarts:
+                child.done = True
+                raise JobFailed(f"learner died {child.restarts + 1} times (up.learner_restarts = "
+                                f"{self.cfg.up.learner_restarts}): {line or 'see ' + str(child.log_path)}")
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** child.restarts)
+            child.next_start = now + delay
+            self.on_event(f"{child.name}: restarting in {delay:.0f} s")
+        elif now >= child.next_start:
+            child.restarts += 1
+            child.next_start = 0.0
+            if child is self.learner:
+                child.start(self.env, self.learner_restart_argv())
+                self.on_event(f"learner restarted (#{child.restarts}, --resume auto), pid {child.proc.pid}")
+            else:
+                child.start(self.env)
+                self.on_event(f"{child.name} restarted (#{child.restarts}), pid {child.proc.pid}")
 
     def stop(self) -> int | None:
         """Learner first (final checkpoint), then actors; SIGKILL whatever outlives the grace."""
@@ -180,7 +281,16 @@ class Supervisor:
         return ([self.learner] if self.learner else []) + self.actors
 
 
+def _port(address: str | None) -> int | None:
+    if not address:
+        return None
+    tail = address.rstrip("/").rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
 def _wait(child: Child, timeout_s: float) -> int | None:
+    if child.proc is None:
+        return None
     try:
         return child.proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -214,7 +324,7 @@ def run_up(args) -> int:
         sup.on_event(f"signal {stopping['signal']}: stopping (learner writes a final checkpoint)")
         code = sup.stop()
         return 0 if code in (0, -signal.SIGTERM) else int(code or 1)
-    except (TimeoutError, RuntimeError) as e:
-        sup.on_event(f"startup failed: {e}; see {run_dir / 'logs'}")
+    except (JobFailed, TimeoutError) as e:
+        sup.on_event(f"stopping the job: {e}")
         sup.stop()
-        return 1
+        return EXIT_CHILD_FAILED

@@ -49,8 +49,8 @@ class WarmupSettings:
     intermediate_size: int = 341
     max_position_embeddings: int = 256
     # data (common.tasks.warmup_examples on the add_mul task)
-    operand_min: int = 10
-    operand_max: int = 39
+    operand_min: int = 2
+    operand_max: int = 14
     right_fraction: float = 0.3
     examples: int = 20_000
     # optimisation

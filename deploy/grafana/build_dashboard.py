@@ -1,10 +1,13 @@
 """Generate deploy/grafana/treerpo.json, the treerpo Grafana dashboard (run: python deploy/grafana/build_dashboard.py).
 
-The JSON is committed; tests/test_deploy.py checks it equals this script's output, that every
-`treerpo_` name in its queries is declared in common/metrics.py, and that every query returns
+Every treerpo series in a query is written through `L` / `S` / `A` (learner, weight_sync, actor),
+which look the name up in common/metrics.py's table (`series`): a name the table lacks fails the
+build, and `render()` also refuses any hand-written `treerpo_` name the table lacks. The JSON is
+committed; the deploy tests check it equals this script's output and that every query returns
 data from a real Prometheus. Panels on vLLM's own metrics (`vllm:` prefix) stay empty without a
 vLLM engine; their row is titled "vLLM engine" and the tests skip queries naming `vllm:`.
 The datasource is the template variable `${datasource}`; `$__rate_interval` is Grafana's.
+Run it where treerpo is importable (`pip install -e .`).
 """
 
 from __future__ import annotations
@@ -13,132 +16,144 @@ import json
 import sys
 from pathlib import Path
 
+from common.metrics import series, undeclared_names
+
 OUT = Path(__file__).with_name("treerpo.json")
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RI = "$__rate_interval"
 W, H = 8, 8  # panel width (of 24) and height
 
+
+def L(name: str, suffix: str = "") -> str:  # noqa: N802 - read as a prefix, like the metric names
+    return series("learner", name, suffix)
+
+
+def S(name: str, suffix: str = "") -> str:  # noqa: N802
+    return series("weight_sync", name, suffix)
+
+
+def A(name: str, suffix: str = "") -> str:  # noqa: N802
+    return series("actor", name, suffix)
+
+
+def p50_p95(bucket: str) -> list[tuple[str, str]]:
+    return [(f"histogram_quantile({q}, sum by (le) (rate({bucket}[{RI}])))", f"p{round(q * 100)}") for q in (0.5, 0.95)]
+
+
 # (row title, [(panel title, unit, [(expr, legend)], description)])
 ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], str]]]] = [
     ("Training progress", [
         ("Leaf reward", "none", [
-            ("treerpo_learner_leaf_reward_mean", "trained batch"),
-            (f"sum(rate(treerpo_actor_leaf_reward_sum[{RI}])) / sum(rate(treerpo_actor_leaf_reward_count[{RI}]))",
+            (L("leaf_reward_mean"), "trained batch"),
+            (f"sum(rate({A('leaf_reward', 'sum')}[{RI}])) / sum(rate({A('leaf_reward', 'count')}[{RI}]))",
              "generated (all actors)"),
         ], "Mean leaf reward of the last trained batch, and of leaves scored by actors."),
-        ("Accuracy", "percentunit", [("treerpo_learner_accuracy", "accuracy")],
+        ("Accuracy", "percentunit", [(L("accuracy"), "accuracy")],
          "Fraction of the last batch's leaves judged correct."),
-        ("Response length", "none", [("treerpo_learner_response_tokens_mean", "tokens per root-to-leaf path")],
+        ("Response length", "none", [(L("response_tokens_mean"), "tokens per root-to-leaf path")],
          "Mean generated tokens on a root-to-leaf path."),
         ("Loss terms", "none", [
-            ("treerpo_learner_loss", "loss"), ("treerpo_learner_pg_loss", "pg loss"),
-            ("treerpo_learner_kl", "kl (ref)"), ("treerpo_learner_approx_kl", "approx kl (behaviour)"),
+            (L("loss"), "loss"), (L("pg_loss"), "pg loss"),
+            (L("kl_ref"), "kl (ref)"), (L("approx_kl_behaviour"), "approx kl (behaviour)"),
         ], "Loss of the last optimizer step and its terms."),
         ("Clipping and importance weights", "none", [
-            ("treerpo_learner_clip_fraction", "clip fraction {{side}}"),
-            ("treerpo_learner_is_weight_mean", "IS weight mean"),
-            ("treerpo_learner_is_weight_capped_fraction", "IS weight capped fraction"),
+            (L("clip_fraction"), "clip fraction {{side}}"),
+            (L("is_weight_mean"), "IS weight mean"),
+            (L("is_weight_capped_fraction"), "IS weight capped fraction"),
         ], "Ratio clipping by side; truncated importance weights behaviour -> proximal."),
         ("Grad norm and learning rate", "none", [
-            ("treerpo_learner_grad_norm", "grad norm"), ("treerpo_learner_learning_rate", "lr"),
+            (L("grad_norm"), "grad norm"), (L("learning_rate"), "lr"),
         ], "Global gradient norm before clipping, and the learning rate."),
         ("Version and steps", "none", [
-            ("treerpo_learner_version", "learner version"),
-            (f"rate(treerpo_learner_steps_total[{RI}])", "steps/s"),
+            (L("version"), "learner version"),
+            (f"rate({L('steps')}[{RI}])", "steps/s"),
         ], "Weight version (published updates) and optimizer steps per second."),
         ("Advantages", "none", [
-            ("treerpo_learner_advantage_mean", "mean"), ("treerpo_learner_advantage_std", "std"),
-            ("treerpo_learner_trainable_token_fraction", "trainable token fraction"),
+            (L("advantage_mean"), "mean"), (L("advantage_std"), "std"),
+            (L("trainable_token_fraction"), "trainable token fraction"),
         ], "Step-level advantages of trainable tokens; pruned groups lower the trainable fraction."),
     ]),
     ("Async health", [
         ("Staleness of trained trees", "none", [
-            (f"histogram_quantile(0.5, sum by (le) (rate(treerpo_learner_staleness_bucket[{RI}])))", "p50"),
-            (f"histogram_quantile(0.95, sum by (le) (rate(treerpo_learner_staleness_bucket[{RI}])))", "p95"),
-            (f"rate(treerpo_learner_staleness_sum[{RI}]) / rate(treerpo_learner_staleness_count[{RI}])", "mean"),
-            ("treerpo_learner_max_staleness", "max_staleness"),
+            *p50_p95(L("staleness", "bucket")),
+            (f"rate({L('staleness', 'sum')}[{RI}]) / rate({L('staleness', 'count')}[{RI}])", "mean"),
+            (L("max_staleness"), "max_staleness"),
         ], "Staleness in versions of the trees trained, against the configured bound."),
         ("Replay buffer", "none", [
-            ("treerpo_learner_buffer_trees", "trees in buffer"),
-            ("treerpo_learner_trees_in_flight", "credits outstanding"),
+            (L("buffer_trees"), "trees in buffer"),
+            (L("trees_in_flight"), "credits outstanding"),
         ], "Trees waiting in the buffer and trees granted to actors."),
-        ("Oldest tree in buffer", "s", [("treerpo_learner_buffer_oldest_age_seconds", "age")],
+        ("Oldest tree in buffer", "s", [(L("buffer_oldest_age_seconds"), "age")],
          "Age of the oldest buffered tree."),
         ("Learner idle (waiting for data)", "percentunit", [
-            (f"rate(treerpo_learner_idle_seconds_total[{RI}])", "idle fraction"),
+            (f"rate({L('idle_seconds')}[{RI}])", "idle fraction"),
         ], "Fraction of wall time the learner waited for trees."),
         ("Actors blocked on send", "percentunit", [
-            (f"sum by (actor_id) (rate(treerpo_actor_send_blocked_seconds_total[{RI}]))", "{{actor_id}}"),
+            (f"sum by (actor_id) (rate({A('send_blocked_seconds')}[{RI}]))", "{{actor_id}}"),
         ], "Fraction of wall time each actor was blocked by backpressure."),
         ("Trees dropped by reason", "ops", [
-            (f"sum by (reason) (rate(treerpo_learner_trees_dropped_total[{RI}]))", "{{reason}}"),
+            (f"sum by (reason) (rate({L('trees_dropped')}[{RI}]))", "{{reason}}"),
         ], "Trees reaching the learner but not trained."),
         ("Decode errors by reason", "ops", [
-            (f"sum by (reason) (rate(treerpo_learner_wire_errors_total[{RI}]))", "{{reason}}"),
+            (f"sum by (reason) (rate({L('wire_errors')}[{RI}]))", "{{reason}}"),
         ], "Messages the learner could not decode."),
         ("Trees lost by actors", "ops", [
-            (f"sum by (reason) (rate(treerpo_actor_trees_lost_total[{RI}]))", "{{reason}}"),
+            (f"sum by (reason) (rate({A('trees_lost')}[{RI}]))", "{{reason}}"),
         ], "Trees generated but never handed to the learner."),
         ("Reward errors by reason", "ops", [
-            (f"sum by (reason) (rate(treerpo_actor_reward_errors_total[{RI}]))", "{{reason}}"),
+            (f"sum by (reason) (rate({A('reward_errors')}[{RI}]))", "{{reason}}"),
         ], "Leaves whose scoring failed (timeouts, no answer, parse errors)."),
-        ("Actor credits", "none", [("treerpo_actor_credits", "{{actor_id}}")], "Trees each actor may still send."),
+        ("Actor credits", "none", [(A("credits"), "{{actor_id}}")], "Trees each actor may still send."),
     ]),
     ("Throughput", [
         ("Trees per second", "ops", [
-            (f"sum(rate(treerpo_actor_trees_total[{RI}]))", "sent by actors"),
-            (f"rate(treerpo_learner_trees_received_total[{RI}])", "received"),
-            (f"rate(treerpo_learner_trees_consumed_total[{RI}])", "trained"),
+            (f"sum(rate({A('trees')}[{RI}]))", "sent by actors"),
+            (f"rate({L('trees_received')}[{RI}])", "received"),
+            (f"rate({L('trees_consumed')}[{RI}])", "trained"),
         ], "Trees sent, received and trained per second."),
         ("Tokens per second", "ops", [
-            (f"sum(rate(treerpo_actor_tokens_generated_total[{RI}]))", "generated"),
-            (f"rate(treerpo_learner_tokens_trained_total[{RI}])", "trained"),
+            (f"sum(rate({A('tokens_generated')}[{RI}]))", "generated"),
+            (f"rate({L('trainable_tokens')}[{RI}])", "trained"),
         ], "Generated tokens (all actors) and trainable tokens consumed by the learner."),
-        ("Step duration", "s", [
-            (f"histogram_quantile(0.5, sum by (le) (rate(treerpo_learner_step_duration_seconds_bucket[{RI}])))", "p50"),
-            (f"histogram_quantile(0.95, sum by (le) (rate(treerpo_learner_step_duration_seconds_bucket[{RI}])))", "p95"),
-        ], "Wall time of one optimizer step."),
+        ("Step duration", "s", p50_p95(L("step_duration_seconds", "bucket")), "Wall time of one optimizer step."),
         ("Generation time per batch", "s", [
             ("histogram_quantile(0.95, sum by (le, actor_id) "
-             f"(rate(treerpo_actor_generation_seconds_bucket[{RI}])))", "p95 {{actor_id}}"),
+             f"(rate({A('generation_seconds', 'bucket')}[{RI}])))", "p95 {{actor_id}}"),
         ], "Wall time of one tree batch's generation, per actor."),
         ("Segments per second", "ops", [
-            (f"sum(rate(treerpo_actor_segments_total[{RI}]))", "segments"),
+            (f"sum(rate({A('segments')}[{RI}]))", "segments"),
         ], "Tree segments generated per second, all actors."),
     ]),
     ("Weight sync", [
-        ("Sync duration", "s", [
-            (f"histogram_quantile(0.5, sum by (le) (rate(treerpo_weight_sync_duration_seconds_bucket[{RI}])))", "p50"),
-            (f"histogram_quantile(0.95, sum by (le) (rate(treerpo_weight_sync_duration_seconds_bucket[{RI}])))", "p95"),
-        ], "Learner-side duration of one weight sync."),
+        ("Sync duration", "s", p50_p95(S("duration_seconds", "bucket")), "Learner-side duration of one weight sync."),
         ("Sync failures by reason", "short", [
-            (f"sum by (reason) (increase(treerpo_weight_sync_failures_total[{RI}]))", "{{reason}}"),
+            (f"sum by (reason) (increase({S('failures')}[{RI}]))", "{{reason}}"),
         ], "Failed syncs and actors dropped from a sync."),
         ("Time since last successful sync", "s", [
-            ("time() - treerpo_weight_sync_last_success_timestamp_seconds", "seconds"),
+            (f"time() - {S('last_success_timestamp_seconds')}", "seconds"),
         ], "Alerted on when the learner steps but no sync succeeds."),
         ("Version skew (learner - actor)", "none", [
-            ("scalar(max(treerpo_learner_version)) - treerpo_actor_weight_version", "{{actor_id}}"),
+            (f"scalar(max({L('version')})) - {A('weight_version')}", "{{actor_id}}"),
         ], "Versions each actor's weights lag the learner's."),
-        ("Sync bandwidth", "Bps", [(f"rate(treerpo_weight_sync_bytes_total[{RI}])", "bytes/s")],
+        ("Sync bandwidth", "Bps", [(f"rate({S('bytes')}[{RI}])", "bytes/s")],
          "Weight bytes broadcast per second."),
         ("Actors in sync group / registered", "none", [
-            ("treerpo_weight_sync_actors", "in sync group"),
-            ("treerpo_learner_actors_registered", "registered"),
+            (S("actors"), "in sync group"),
+            (L("actors_registered"), "registered"),
         ], "Actors taking part in weight sync and registered with the learner."),
-        ("Actor weight load time", "s", [("treerpo_actor_weight_load_last_seconds", "{{actor_id}}")],
+        ("Actor weight load time", "s", [(A("weight_load_last_seconds"), "{{actor_id}}")],
          "Duration of each actor's last weight load."),
     ]),
     ("Actors", [
         ("Actors up", "none", [
             ('sum(up{job="treerpo-actor"})', "up"),
-            ("sum(treerpo_actor_connected)", "connected to learner"),
+            (f"sum({A('connected')})", "connected to learner"),
         ], "Actors Prometheus can scrape, and actors registered with a learner."),
         ("Trees per second per actor", "ops", [
-            (f"sum by (actor_id) (rate(treerpo_actor_trees_total[{RI}]))", "{{actor_id}}"),
+            (f"sum by (actor_id) (rate({A('trees')}[{RI}]))", "{{actor_id}}"),
         ], "Trees sent per second by each actor."),
         ("Tokens per second per actor", "ops", [
-            (f"sum by (actor_id) (rate(treerpo_actor_tokens_generated_total[{RI}]))", "{{actor_id}}"),
+            (f"sum by (actor_id) (rate({A('tokens_generated')}[{RI}]))", "{{actor_id}}"),
         ], "Tokens generated per second by each actor."),
         ("Scrape targets up", "none", [('up{job=~"treerpo-.*"}', "{{job}} {{instance}}")],
          "Every treerpo process Prometheus scrapes."),
@@ -208,7 +223,12 @@ def build() -> dict:
 
 
 def render() -> str:
-    return json.dumps(build(), indent=2) + "\n"
+    dashboard = build()
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    unknown = undeclared_names(exprs)
+    if unknown:
+        raise ValueError(f"dashboard queries name series common.metrics.METRICS lacks: {sorted(unknown)}")
+    return json.dumps(dashboard, indent=2) + "\n"
 
 
 if __name__ == "__main__":

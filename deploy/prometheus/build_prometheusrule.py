@@ -1,7 +1,10 @@
 """Write deploy/k8s/components/monitoring/prometheusrule.yaml from deploy/prometheus/treerpo-rules.yml.
 
-Run after editing the rules: python deploy/prometheus/build_prometheusrule.py
-tests/test_deploy.py checks that the PrometheusRule's groups equal the rule file's.
+Run after editing the rules: python deploy/prometheus/build_prometheusrule.py (where treerpo is
+importable, `pip install -e .`). The rule file stays plain YAML, since promtool unit-tests it as
+it is (deploy/prometheus/tests/); its metric names are checked against common/metrics.py's table
+instead: `render()` refuses a rule naming a `treerpo_` series the table lacks. The deploy tests
+check that the PrometheusRule's groups equal the rule file's and that this output is current.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
+from common.metrics import undeclared_names
 
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "treerpo-rules.yml"
@@ -22,6 +27,9 @@ HEADER = """\
 
 def render() -> str:
     groups = yaml.safe_load(RULES.read_text())["groups"]
+    unknown = undeclared_names(r["expr"] for g in groups for r in g["rules"])
+    if unknown:
+        raise ValueError(f"{RULES.name} names series common.metrics.METRICS lacks: {sorted(unknown)}")
     doc = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",

@@ -1,0 +1,92 @@
+"""Token-by-token decoding shared by `HFEngine.generate` and `HFStream`: one implementation.
+
+A `DecodeRow` is one sample in progress. `sample_rows` draws one token for every row of a batch
+from the distribution of actor/engine.py's contract (`processed_logprobs`), records the token and
+its log-prob under that distribution on every row still running, and sets the row's `finish`
+by `finish_reason`: a stop token id is "stop", a stop string ending inside the new token's text
+is "delimiter", the request's `max_tokens` reached is "length" (checked in that order). A row
+that finished earlier still gets a draw (the batch is sampled whole, so the random stream
+advances by the batch size) and ignores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+
+from actor.engine import GenerationRequest, Sample, SampleFinish, processed_logprobs
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Decode = Callable[[list[int]], str]  # token ids -> text (the tokenizer's decode)
+
+
+@dataclass(eq=False)
+class DecodeRow:
+    """One sample being generated for `req`: its tokens and log-probs so far, `finish` once done."""
+
+    req: GenerationRequest
+    stop_ids: frozenset[int]  # EOS ids and the request's stop token ids
+    tokens: list[int] = field(default_factory=list)
+    logps: list[float] = field(default_factory=list)
+    finish: SampleFinish | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def to_sample(self) -> Sample:
+        return Sample(np.array(self.tokens, dtype=np.int32), np.array(self.logps, dtype=np.float32), self.finish)
+
+
+def sample_rows(logits: "torch.Tensor", params: tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"],
+                rows: Sequence[DecodeRow], generator: "torch.Generator",
+                decode: Decode) -> tuple["torch.Tensor", list[int]]:
+    """Draw one token per batch row and record it on the rows still running.
+
+    logits (B, V), one row per `rows[b]`; params = (temperature, top_k, top_p), each (B,).
+    Returns (the drawn tokens (B,), the batch positions whose row finished with this token).
+    """
+    import torch
+
+    lp = processed_logprobs(logits, *params)  # (B, V)
+    tok = torch.multinomial(lp.exp(), 1, generator=generator)  # (B, 1)
+    tok_lp = lp.gather(1, tok).squeeze(1)  # (B,)
+    tok = tok.squeeze(1)  # (B,)
+    ended = []
+    for b, (t, logp) in enumerate(zip(tok.tolist(), tok_lp.tolist())):
+        row = rows[b]
+        if row.done:
+            continue
+        row.tokens.append(t)
+        row.logps.append(logp)
+        row.finish = finish_reason(row, decode)
+        if row.done:
+            ended.append(b)
+    return tok, ended
+
+
+def finish_reason(row: DecodeRow, decode: Decode) -> SampleFinish | None:
+    """Why the row ends after its newest token, or None if it goes on (module docstring)."""
+    if row.tokens[-1] in row.stop_ids:
+        return "stop"
+    if row.req.stop_strings and ends_with_stop(row.tokens, row.req.stop_strings, decode):
+        return "delimiter"
+    if len(row.tokens) >= row.req.max_tokens:
+        return "length"
+    return None
+
+
+def ends_with_stop(tokens: list[int], stops: tuple[str, ...], decode: Decode) -> bool:
+    """True if a stop string ends inside the text of the newest token (decode the tail only)."""
+    k = max(len(s) for s in stops) + 1
+    new = decode(tokens[-k:])
+    old = decode(tokens[-k:-1]) if len(tokens) > 1 else ""
+    for s in stops:
+        at = new.rfind(s)
+        if at >= 0 and at + len(s) > len(old):
+            return True
+    return False

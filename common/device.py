@@ -1,0 +1,40 @@
+"""Where a model runs: `ModelConfig.device` / `ModelConfig.dtype` resolved to torch objects.
+
+One rule for the actor's HF engine and the learner: `device='auto'` is CUDA when available,
+else CPU; `dtype='auto'` is bfloat16 on CUDA and float32 on CPU; `device='cuda'` without CUDA
+raises `DeviceError` (saying the fix). torch is imported when `resolve_device_dtype` is called,
+not at import, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from common.config import ModelConfig
+
+# ModelConfig.dtype -> attribute of torch
+_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class DeviceError(RuntimeError):
+    """The configured device is not available here."""
+
+
+def resolve_device_dtype(model_cfg: "ModelConfig",
+                         local_rank: int | None = None) -> tuple["torch.device", "torch.dtype"]:
+    """(device, dtype) for `model_cfg`; on CUDA the device is `cuda:local_rank` (None: `cuda`)."""
+    import torch
+
+    if model_cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("model.device='cuda' but CUDA is not available: set model.device=cpu or auto")
+    use_cuda = model_cfg.device == "cuda" or (model_cfg.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda" if local_rank is None else f"cuda:{int(local_rank)}")
+    if model_cfg.dtype == "auto":
+        return device, torch.bfloat16 if use_cuda else torch.float32
+    return device, getattr(torch, _TORCH_DTYPES[model_cfg.dtype])

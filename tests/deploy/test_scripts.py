@@ -1,0 +1,66 @@
+"""The launch scripts: bash syntax, shellcheck clean, and the commands they run (dry run).
+
+Tools: bash, shellcheck (Debian `shellcheck`); a test needing a missing one skips (fails under CI=true).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.support.monitoring import DEPLOY
+from tests.support.tools import require_tool, run
+
+SCRIPTS = sorted((DEPLOY / "scripts").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_syntax_and_shellcheck(script):
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    assert os.access(script, os.X_OK)
+    out = run([require_tool("bash"), "-n", str(script)])
+    assert out.returncode == 0, out.stderr
+    shellcheck = require_tool("shellcheck")
+    out = run([shellcheck, "-S", "style", str(script)])
+    assert out.returncode == 0, out.stdout
+
+
+def launch(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    full = {"PATH": os.environ["PATH"], "TREERPO_DRY_RUN": "1", **env}
+    return run([require_tool("bash"), str(DEPLOY / "scripts" / script), *args], env=full)
+
+
+def test_launch_learner_commands():
+    base = {"TREERPO_CONFIG": "/etc/treerpo/config.yaml /etc/treerpo/overlay.yaml", "TREERPO_SET": "tree.depth=1 tree.branching=[8]"}
+    single = launch("launch_learner.sh", base, "--extra")
+    assert single.returncode == 0, single.stderr
+    assert single.stdout.split() == ["treerpo", "learner", "--config", "/etc/treerpo/config.yaml", "--config",
+                                     "/etc/treerpo/overlay.yaml", "--set", "tree.depth=1", "--set",
+                                     "tree.branching=\\[8\\]", "--extra"]
+    multi = launch("launch_learner.sh", {**base, "NNODES": "2", "NODE_RANK": "1", "GPUS_PER_NODE": "8",
+                                         "MASTER_ADDR": "treerpo-learner-0.treerpo-learner", "MASTER_PORT": "29500"})
+    assert multi.returncode == 0, multi.stderr
+    words = multi.stdout.split()
+    assert words[:words.index("treerpo")] == [
+        "torchrun", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "8", "--master-addr",
+        "treerpo-learner-0.treerpo-learner", "--master-port", "29500", "--no-python"]
+    assert words[words.index("treerpo"):][:2] == ["treerpo", "learner"]
+    ds = launch("launch_learner.sh", {**base, "GPUS_PER_NODE": "4", "TREERPO_LAUNCHER": "deepspeed"})
+    assert ds.returncode == 0 and ds.stdout.split()[:2] == ["deepspeed", "--no_ssh"] and "--num_gpus" in ds.stdout
+    # refused configurations say what is wrong
+    no_addr = launch("launch_learner.sh", {**base, "NNODES": "2"})
+    assert no_addr.returncode != 0 and "MASTER_ADDR" in no_addr.stderr
+    bad_rank = launch("launch_learner.sh", {**base, "NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"})
+    assert bad_rank.returncode == 2 and "NODE_RANK" in bad_rank.stderr
+    assert "TREERPO_CONFIG" in launch("launch_learner.sh", {}).stderr
+
+
+def test_launch_actor_command():
+    out = launch("launch_actor.sh", {"TREERPO_CONFIG": "a.yaml", "ACTOR_ID": "treerpo-actor-2",
+                                     "TREERPO_SET": "transport.learner_host=10.1.2.3"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["treerpo", "actor", "--actor-id", "treerpo-actor-2", "--config", "a.yaml",
+                                  "--set", "transport.learner_host=10.1.2.3"]

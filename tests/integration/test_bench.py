@@ -1,0 +1,58 @@
+"""Every bench/NAME.py runs from a checkout and keeps design §10's output contract.
+
+Each bench runs at a tiny size in a fresh process from a foreign working directory; the test
+checks the exit status and the last stdout line: one JSON object whose `ratio` and `target` are
+finite numbers. Nothing here looks at how fast anything was (timings belong in bench/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.paths import REPO
+
+BENCH = REPO / "bench"
+
+SMALL_ARGS = {
+    "wire": ["--iters", "20", "--repeats", "2", "--batch", "4"],
+    "wire_floor": ["--iters", "50", "--repeats", "2"],
+    "sampler": ["--prompts", "2", "--branching", "2,2", "--segment-tokens", "4", "--max-tokens", "12",
+                "--window-trees", "2", "--repeats", "1", "--hidden", "32", "--threads", "1"],
+    "packing": ["--trees", "2", "--prompt-tokens", "16", "--segment-tokens", "8", "--branching", "2,2",
+                "--hidden-size", "32", "--layers", "1", "--reps", "1", "--threads", "1"],
+    "weights": ["--vocab", "512", "--hidden", "64", "--layers", "1", "--ffn", "128", "--reps", "1",
+                "--warmup", "1"],
+}
+
+
+def test_every_bench_script_is_covered():
+    assert sorted(p.stem for p in BENCH.glob("*.py")) == sorted(SMALL_ARGS)
+
+
+def run_bench(name: str, tmp_path: Path) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--json", *SMALL_ARGS[name]],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench/{name}.py exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert "terminate called" not in proc.stderr, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("ratio", "target"):
+        assert isinstance(out[key], (int, float)) and math.isfinite(out[key]), (key, out)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_ARGS))
+def test_bench_prints_design_json(name, tmp_path):
+    out = run_bench(name, tmp_path)
+    if name == "wire_floor":
+        # the bound is the larger of the Python and (where it compiled) the C floor
+        ratios = [out["py_max_ratio"]] + ([out["c_max_ratio"]] if out["c_max_ratio"] is not None else [])
+        assert out["ratio"] == max(ratios)
+        assert out["c_max_ratio"] is not None or out["c_unavailable"]
+    if name == "wire":
+        assert out["nodes"] == 14 and out["tokens"] == 512 + 14 * 384

@@ -1,0 +1,487 @@
+"""Weight sync between real processes: gloo broadcasts, ZeroMQ control, a SIGKILLed actor.
+
+The learner side runs in this process (WeightPublisher + a ZeroMQ ROUTER); each actor is a
+subprocess running tests/support/weightsync_actor.py (a DEALER + WeightReceiver + a tiny HF model
+loaded with from_pretrained). Announce and ack travel as common.wire control messages. The
+zero-copy install tests run learner and receiver in threads of this process, over real gloo.
+Bucket layout, checksums and swap_in validation are unit-tested in tests/unit/test_weightsync.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.weightsync import WeightSyncError, tensor_checksum
+from tests.support.models import hf_engine
+from tests.support.paths import REPO
+
+ACTOR_SCRIPT = REPO / "tests" / "support" / "weightsync_actor.py"
+TEST_TIMEOUT_S = 120.0  # the test's own generous bound on any single wait
+
+
+# ============================================================================================
+# Integration harness: learner in this process, actors as subprocesses
+# ============================================================================================
+class Learner:
+    """Publisher + ROUTER, driving announce -> broadcast -> ack as the learner process will."""
+
+    def __init__(self, model_dir: Path, bucket_mb: float, timeout_s: float):
+        import zmq
+        from transformers import AutoModelForCausalLM
+
+        from common.config import WeightsConfig
+        from learner.weights import WeightPublisher
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        self.version = 0
+        cfg = WeightsConfig(backend="gloo", rendezvous_port=0, bucket_mb=bucket_mb, timeout_s=timeout_s)
+        self.pub = WeightPublisher(cfg, "127.0.0.1")
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind("tcp://127.0.0.1:0")
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def recv(self, timeout_s: float):
+        from common.wire import decode_message
+
+        if not self.router.poll(int(timeout_s * 1000)):
+            return None
+        identity, payload = self.router.recv_multipart()
+        return identity.decode(), decode_message(payload)
+
+    def wait_registered(self, ids: set[str]) -> None:
+        from common.wire import Register
+
+        seen: set[str] = set()
+        end = time.monotonic() + TEST_TIMEOUT_S
+        while seen != ids and time.monotonic() < end:
+            got = self.recv(1.0)
+            if got is not None and isinstance(got[1], Register):
+                seen.add(got[0])
+        assert seen == ids, f"registered {seen}, expected {ids}"
+
+    def send(self, actor_id: str, msg) -> None:
+        from common.wire import encode_message
+
+        self.router.send_multipart([actor_id.encode(), encode_message(msg)])
+
+    def train_step(self) -> None:
+        """Stand-in for an optimizer step: every parameter moves, version += 1."""
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        self.version += 1
+
+    def sync(self, members: list[str], pause=None):
+        """Announce, broadcast, collect acks; returns (PreparedSync, SyncResult, {actor: WeightAck}).
+
+        pause: (k, fn) calls fn() before the k-th tensor is handed over (a slow ZeRO-3 gather)."""
+        from common.wire import WeightAck
+
+        sync = self.pub.prepare(self.pub.plan(self.model.named_parameters(), self.version), members)
+        for actor_id, announce in zip(sync.members, sync.announcements):
+            self.send(actor_id, announce)
+
+        def tensors():
+            for i, item in enumerate(self.model.named_parameters()):
+                if pause is not None and i == pause[0]:
+                    pause[1]()
+                yield item
+
+        result = self.pub.broadcast(sync, tensors())
+        acks: dict[str, WeightAck] = {}
+        waiting = set(result.ok_members) | set(result.aborted_members)
+        end = time.monotonic() + TEST_TIMEOUT_S
+        while waiting - set(acks) and time.monotonic() < end:
+            got = self.recv(1.0)
+            if got is not None and isinstance(got[1], WeightAck) and got[1].sync_id == sync.sync_id:
+                acks[got[0]] = got[1]
+        return sync, result, acks
+
+    def close(self) -> None:
+        self.router.close(0)
+        self.ctx.term()
+
+
+def _spawn_actor(endpoint: str, actor_id: str, model_dir: Path, out_dir: Path, stall_after: int = -1):
+    cmd = [sys.executable, str(ACTOR_SCRIPT), "--endpoint", endpoint, "--actor-id", actor_id,
+           "--model", str(model_dir), "--out", str(out_dir), "--stall-after", str(stall_after)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, env=env)
+
+
+def _end(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()  # by pid: only processes this test started
+                p.wait()
+
+
+def _learner_params(learner: Learner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+
+
+def _assert_actor_equals(out_dir: Path, actor_id: str, version: int, expected: dict[str, torch.Tensor]) -> None:
+    dumped = torch.load(out_dir / f"{actor_id}_v{version}.pt")
+    assert set(dumped) == set(expected)
+    for name, t in expected.items():
+        assert torch.equal(dumped[name].view(torch.int32), t.view(torch.int32)), name
+
+
+@pytest.fixture
+def models(make_tiny_model):
+    # Same architecture, different init per process (~110K float32 parameters).
+    return {k: make_tiny_model(seed=s, max_position_embeddings=64) for k, s in (("learner", 0), ("a0", 1), ("a1", 2))}
+
+
+def test_sync_two_actors_bit_exact(models, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    learner = Learner(models["learner"], bucket_mb=4.0, timeout_s=60.0)
+    procs = [_spawn_actor(learner.endpoint, a, models[a], out) for a in ("a0", "a1")]
+    try:
+        learner.wait_registered({"a0", "a1"})
+        learner.train_step()  # version 1: differs from every saved init
+        sync, result, acks = learner.sync(["a0", "a1"])
+        assert result.ok and result.ok_members == ["a0", "a1"] and result.failed_members == []
+        assert result.bytes == sync.plan.nbytes == sum(p.numel() * 4 for p in learner.model.parameters())
+        independent = tensor_checksum(learner.model.named_parameters())
+        assert result.checksum == independent
+        for a in ("a0", "a1"):
+            assert acks[a].ok and acks[a].version == 1 and acks[a].checksum == independent, acks[a]
+            assert learner.pub.check_ack(sync, result, acks[a]) is None
+        expected = _learner_params(learner)
+        for a in ("a0", "a1"):
+            _assert_actor_equals(out, a, 1, expected)
+    finally:
+        from common.wire import Shutdown
+
+        for a in ("a0", "a1"):
+            learner.send(a, Shutdown(reason="test done"))
+        _end(procs)
+        learner.close()
+    assert [p.returncode for p in procs] == [0, 0]
+
+
+def test_sync_survives_sigkill_and_restarted_actor_catches_up(models, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    flag = out / "a1_stalled"
+    # Buckets of 16 KiB: the embedding (102 x 64 floats = 26 KB) goes alone, then ~10 more buckets.
+    learner = Learner(models["learner"], bucket_mb=1 / 64, timeout_s=30.0)
+    a0 = _spawn_actor(learner.endpoint, "a0", models["a0"], out)
+    a1 = _spawn_actor(learner.endpoint, "a1", models["a1"], out, stall_after=0)
+    procs = [a0, a1]
+
+    def kill_when_stalled() -> None:  # SIGKILL a1 once its first bucket arrived and it stalls
+        end = time.monotonic() + TEST_TIMEOUT_S
+        while not flag.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        os.kill(a1.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_stalled, daemon=True)
+    try:
+        learner.wait_registered({"a0", "a1"})
+        learner.train_step()
+        killer.start()
+        # The learner hands over the first half of the tensors (bucket 0 goes out), then waits for
+        # a1's death before the rest, so later buckets certainly meet a dead peer.
+        half = len(list(learner.model.parameters())) // 2
+        _, result, acks = learner.sync(["a0", "a1"], pause=(half, lambda: killer.join(TEST_TIMEOUT_S)))
+        assert flag.exists() and a1.wait(TEST_TIMEOUT_S) == -signal.SIGKILL
+        # The sync returned (before the test's own bound), failed, and blamed only the dead actor.
+        assert not result.ok and result.reason in ("actor_lost", "timeout")
+        assert result.failed_members == ["a1"] and result.aborted_members == ["a0"]
+        assert not acks["a0"].ok and acks["a0"].error  # a0 is alive and says the sync failed
+
+        # The learner goes on: next version, the surviving actor only.
+        learner.train_step()
+        sync, result, acks = learner.sync(["a0"])
+        assert result.ok and acks["a0"].ok and acks["a0"].version == 2
+        assert acks["a0"].checksum == result.checksum == tensor_checksum(learner.model.named_parameters())
+        _assert_actor_equals(out, "a0", 2, _learner_params(learner))
+
+        # A restarted a1 registers later and gets the current weights (version 2) before anything else.
+        a1b = _spawn_actor(learner.endpoint, "a1", models["a1"], out)
+        procs.append(a1b)
+        learner.wait_registered({"a1"})
+        sync, result, acks = learner.sync(["a1"])
+        assert result.ok and acks["a1"].ok and acks["a1"].version == 2
+        assert acks["a1"].checksum == tensor_checksum(learner.model.named_parameters())
+        _assert_actor_equals(out, "a1", 2, _learner_params(learner))
+    finally:
+        from common.wire import Shutdown
+
+        for a in ("a0", "a1"):
+            try:
+                learner.send(a, Shutdown(reason="test done"))
+            except Exception:  # noqa: BLE001 - a dead actor's identity is unroutable
+                pass
+        _end(procs)
+        learner.close()
+    assert a0.returncode == 0 and procs[-1].returncode == 0
+
+
+# ============================================================================================
+# Zero-copy install (HFEngine.swap_in): learner and receiver in threads of this process, real gloo
+# ============================================================================================
+def _publisher(**kw):
+    from common.config import WeightsConfig
+    from learner.weights import WeightPublisher
+
+    # 4 KiB buckets and solo >= 8 KiB: the 64x64 and larger matrices (16 KiB+) go straight from
+    # their own memory, norms and biases are flattened together: both learner paths run.
+    cfg = WeightsConfig(backend="gloo", rendezvous_port=0, bucket_mb=4 / 1024, timeout_s=kw.pop("timeout_s", 30.0))
+    return WeightPublisher(cfg, "127.0.0.1", solo_bytes=8 << 10)
+
+
+def _sync_threads(pub, model, receiver, engine, version: int, tensors=None, swap: bool = True):
+    """One sync: broadcast here, receive in a thread with swap_fn=engine.swap_in (or copy only).
+    Returns (SyncResult or the exception broadcast raised, receiver's (checksum, s) or its error)."""
+    sync = pub.prepare(pub.plan(model.named_parameters(), version), ["a"])
+    got: dict[str, object] = {}
+
+    def actor() -> None:
+        try:
+            got["ok"] = receiver.receive(
+                sync.announcements[0], lambda named: engine.load_weights(named, version),
+                read_back=engine.named_parameters_for_sync,
+                swap_fn=(lambda named: engine.swap_in(named, version)) if swap else None)
+        except WeightSyncError as e:
+            got["err"] = e
+
+    thread = threading.Thread(target=actor, daemon=True)
+    thread.start()
+    try:
+        result = pub.broadcast(sync, tensors if tensors is not None else model.named_parameters())
+    except ValueError as e:
+        result = e
+    thread.join(TEST_TIMEOUT_S)
+    assert not thread.is_alive(), "the receiver did not return"
+    return result, got.get("ok", got.get("err"))
+
+
+def _bits(named) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone().view(torch.int32) for n, t in named}
+
+
+def _step(model, scale: float = 0.01) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def test_swap_install_bit_exact_zero_copy_ping_pong_and_tied(models):
+    from transformers import AutoModelForCausalLM
+
+    from actor.weights import WeightReceiver
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    engine = hf_engine(models["a0"])
+    pub, receiver = _publisher(), WeightReceiver()
+    sets_seen = []
+    for version in (1, 2, 3):
+        _step(learner)
+        expected = tensor_checksum(learner.named_parameters())
+        before = tensor_checksum(engine.named_parameters_for_sync())
+        seen = []
+        # Mid-sync (after each bucket), the engine still holds exactly the previous version: a
+        # sync never writes into the buffer set the engine adopted from the last one.
+        receiver.on_bucket = lambda b, n: seen.append(tensor_checksum(engine.named_parameters_for_sync()))
+        result, (checksum, _) = _sync_threads(pub, learner, receiver, engine, version)
+        assert result.ok and receiver.last_swapped and engine.version == version
+        assert seen and set(seen) == {before}
+        assert checksum == result.checksum == expected
+        assert _bits(engine.named_parameters_for_sync()).keys() == _bits(learner.named_parameters()).keys()
+        for name, bits in _bits(learner.named_parameters()).items():
+            assert torch.equal(_bits(engine.named_parameters_for_sync())[name], bits), name
+        model = engine.model
+        assert model.lm_head.weight is model.get_input_embeddings().weight  # still one tied Parameter
+        # Zero-copy: every parameter lives in one of the receiver's staging buffers.
+        ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        live = {buf.untyped_storage().data_ptr() for buf in receiver._sets[receiver._live].values()}
+        assert ptrs <= live
+        sets_seen.append(receiver._live)
+    assert sets_seen == [0, 1, 0]  # ping-pong between two sets
+
+
+def test_swap_failed_sync_leaves_engine_untouched_then_recovers(models):
+    from transformers import AutoModelForCausalLM
+
+    from actor.weights import WeightReceiver
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    engine = hf_engine(models["a0"])
+    pub, receiver = _publisher(), WeightReceiver()
+    _step(learner)
+    result, _ = _sync_threads(pub, learner, receiver, engine, 1)  # engine now holds set 0
+    assert result.ok and receiver.last_swapped
+    held = _bits(engine.named_parameters_for_sync())
+
+    # Version 2 fails midway: the learner's iterator breaks after half the tensors (buckets
+    # already on the wire were received into set 1), the group closes, the receiver fails.
+    _step(learner)
+    params = list(learner.named_parameters())
+
+    def broken():
+        yield from params[: len(params) // 2]
+        raise ValueError("gather failed")
+
+    result, err = _sync_threads(pub, learner, receiver, engine, 2, tensors=broken())
+    assert isinstance(result, ValueError) and isinstance(err, WeightSyncError)
+    assert err.reason in ("peer_lost", "timeout")
+    assert engine.version == 1 and receiver._live == 0
+    now = _bits(engine.named_parameters_for_sync())
+    assert now.keys() == held.keys() and all(torch.equal(now[n], held[n]) for n in held)
+    assert engine.model.lm_head.weight is engine.model.get_input_embeddings().weight
+
+    # The next sync of version 2 succeeds, bit-exact.
+    result, (checksum, _) = _sync_threads(pub, learner, receiver, engine, 2)
+    assert result.ok and engine.version == 2 and checksum == tensor_checksum(learner.named_parameters())
+
+
+
+def test_swap_declined_falls_back_to_copy_and_swap_error_is_a_load_failure(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from actor.engine import EngineError
+    from actor.engines import make_engine
+    from actor.weights import WeightReceiver
+    from common.config import ActorConfig, ModelConfig
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    _step(learner)
+    # A bfloat16 engine cannot adopt float32 buckets: swap_in declines, load_weights converts.
+    engine = make_engine(ModelConfig(path=str(models["a0"]), device="cpu", dtype="bfloat16"), ActorConfig())
+    pub, receiver = _publisher(), WeightReceiver()
+    result, (checksum, _) = _sync_threads(pub, learner, receiver, engine, 1)
+    assert result.ok and not receiver.last_swapped and receiver._live is None and engine.version == 1
+    held = dict(engine.named_parameters_for_sync())
+    for name, p in learner.named_parameters():
+        assert held[name].dtype == torch.bfloat16 and torch.equal(held[name], p.detach().to(torch.bfloat16)), name
+    assert checksum == tensor_checksum(held.items()) != result.checksum  # the learner would flag "checksum"
+
+    # checksum_received (vLLM: no read-back under the sent names): the checksum is of what
+    # arrived, i.e. the learner's float32 weights, although the engine converted them.
+    sync = pub.prepare(pub.plan(learner.named_parameters(), 1), ["a"])
+    got = []
+    thread = threading.Thread(target=lambda: got.append(receiver.receive(
+        sync.announcements[0], lambda named: engine.load_weights(named, 1), checksum_received=True)), daemon=True)
+    thread.start()
+    result = pub.broadcast(sync, learner.named_parameters())
+    thread.join(TEST_TIMEOUT_S)
+    assert result.ok and got[0][0] == result.checksum == tensor_checksum(learner.named_parameters())
+
+    # A swap_fn that raises: WeightSyncError('load'), the engine keeps its weights and version,
+    # and the buffer set it was handed is never received into again.
+    engine32 = hf_engine(models["a1"])
+    before = tensor_checksum(engine32.named_parameters_for_sync())
+    sync = pub.prepare(pub.plan(learner.named_parameters(), 2), ["a"])
+    errors = []
+
+    def failing_swap(named):
+        raise EngineError("no room")
+
+    def actor():
+        try:
+            receiver.receive(sync.announcements[0], lambda named: engine32.load_weights(named, 2),
+                             read_back=engine32.named_parameters_for_sync, swap_fn=failing_swap)
+        except WeightSyncError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=actor, daemon=True)
+    thread.start()
+    assert pub.broadcast(sync, learner.named_parameters()).ok
+    thread.join(TEST_TIMEOUT_S)
+    assert len(errors) == 1 and errors[0].reason == "load" and "no room" in str(errors[0])
+    assert engine32.version == 0 and tensor_checksum(engine32.named_parameters_for_sync()) == before
+    assert receiver._sets[0] == {}
+
+
+def test_stream_across_swap_matches_stream_across_copy(models):
+    """Two engines with the same init and seed run the same continuous-batching stream; between
+    steps one installs new weights by swap (through a real sync), the other by load_weights
+    (copy). Every sample must be identical: a swap between steps is a weight load like any other."""
+    from transformers import AutoModelForCausalLM
+
+    from actor.engine import GenerationRequest
+    from actor.weights import WeightReceiver
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    _step(learner, 0.05)
+    swapped, copied = hf_engine(models["a0"]), hf_engine(models["a0"])
+    req = lambda text: GenerationRequest(  # noqa: E731
+        context=swapped.tokenizer.encode(text), n=2, max_tokens=12, temperature=1.0)
+    streams = [e.open_stream(seed=11) for e in (swapped, copied)]
+    outs: list[list] = [[], []]
+    for stream in streams:
+        stream.add(req("1+2="), tag="a")
+    for _ in range(4):
+        for k, stream in enumerate(streams):
+            outs[k] += stream.step()
+    pub, receiver = _publisher(), WeightReceiver()
+    result, (checksum, _) = _sync_threads(pub, learner, receiver, swapped, 1)
+    assert result.ok and receiver.last_swapped and checksum == result.checksum
+    copied.load_weights(learner.named_parameters(), version=1)
+    for stream in streams:
+        stream.add(req("3*4="), tag="b")
+    while any(s.busy() for s in streams):
+        for k, stream in enumerate(streams):
+            outs[k] += stream.step()
+    assert len(outs[0]) == len(outs[1]) == 4
+    for x, y in zip(*outs):
+        assert (x.tag, x.index, x.version, x.sample.finish) == (y.tag, y.index, y.version, y.sample.finish)
+        assert np.array_equal(x.sample.token_ids, y.sample.token_ids)
+        assert np.array_equal(x.sample.logprobs.view(np.int32), y.sample.logprobs.view(np.int32))
+    assert {f.version for f in outs[0] if f.tag == "b"} == {1}
+    # generate() after the swap also matches the copy-loaded engine.
+    seeded = GenerationRequest(context=swapped.tokenizer.encode("7-5="), n=3, max_tokens=10, seed=5)
+    a, b = swapped.generate([seeded])[0], copied.generate([seeded])[0]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert np.array_equal(x.token_ids, y.token_ids) and np.array_equal(x.logprobs, y.logprobs)
+
+
+_EXIT_DURING_DROP = """
+import sys, time
+from common.weightsync import drop_group_later
+
+class SlowTeardown:  # stands in for a gloo group: its destructor takes a while
+    def __del__(self):
+        time.sleep(0.5)
+        open(sys.argv[1], "w").write("torn down")
+
+drop_group_later([SlowTeardown()])
+# exit at once, while the drop thread is inside the teardown
+"""
+
+
+def test_exiting_interpreter_joins_pending_group_drops(tmp_path):
+    # Without the atexit join, finalization freezes the daemon drop thread mid-teardown (a real
+    # gloo group destroyed that way aborts the process): the marker would never be written.
+    marker = tmp_path / "torn_down"
+    proc = subprocess.run([sys.executable, "-c", _EXIT_DURING_DROP, str(marker)], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.read_text() == "torn down"

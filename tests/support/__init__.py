@@ -1,0 +1,1 @@
+"""Helpers for the tests, not tests themselves (see tests/README.md); no test module imports another."""

@@ -1,0 +1,37 @@
+"""Tiny-model helpers beside the conftest fixtures (`tiny_model_dir`, `make_tiny_model`): an HF engine
+on CPU, and a copy of a model with chosen tokens made likelier or rarer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from actor.engines import make_engine
+from common.config import ActorConfig, ModelConfig
+
+
+def hf_engine(path: str | Path, **actor_kw):
+    """The HF engine the actor would build for `path`, on CPU."""
+    return make_engine(ModelConfig(path=str(path), device="cpu"), ActorConfig(**actor_kw))
+
+
+def bias_tokens(src: str | Path, dst: str | Path, deltas: dict[int, float], dim: int = 0, big: float = 8.0) -> Path:
+    """Copy of the model whose logit of each token t is raised by about sqrt(H) * deltas[t].
+
+    Embeddings are tied: column `dim` of every embedding is set to `big`, so the residual stream
+    (and after RMSNorm the final hidden state h) is dominated by +e_dim; logit_v = h . E_v then
+    gets the same constant for every v except the biased tokens, which get `big + delta`.
+    """
+    model = AutoModelForCausalLM.from_pretrained(str(src))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[:, dim] = big
+        for tok, delta in deltas.items():
+            emb[tok, dim] = big + delta
+    model.save_pretrained(str(dst))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{src}/{name}", f"{dst}/{name}")
+    return Path(dst)

@@ -1,0 +1,38 @@
+"""System tools some tests run (kubectl, promtool, prometheus, shellcheck, ...): found, or the test skips.
+
+`require_tool(name)` returns the tool's path, or skips the calling test with a reason that names
+the tool and where it comes from. Under CI=true a missing tool fails the test instead: CI installs
+them all (.ci/run), so a skip there would hide a broken setup. `run(cmd)` runs one, output captured.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+WHERE = {
+    "bash": "Debian package bash",
+    "kubectl": "https://kubernetes.io/docs/tasks/tools/",
+    "kubernetes-validate": "pip install kubernetes-validate, part of the [test] extra",
+    "prometheus": "Debian package prometheus",
+    "promtool": "Debian package prometheus",
+    "shellcheck": "Debian package shellcheck",
+}
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"needs `{name}` ({WHERE.get(name, 'not on PATH')})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}: CI=true, where every tool must be installed")
+    pytest.skip(reason)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """A tool's run: text output captured, bounded at 120 s."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)

@@ -1,0 +1,275 @@
+"""Replay buffer: dedupe, staleness, incarnation, capacity, order, token budgets, credits,
+shutdown, and a two-thread add/take run that loses nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from common.config import ReplayConfig
+from common.metrics import DROP_REASONS
+from common.tree import Node, ReasoningTree
+from learner.buffer import DropEvent, ReplayBuffer, tree_tokens
+
+
+def make_tree(
+    tree_id: str,
+    versions=(0, 0, 0),
+    *,
+    actor: str = "a0",
+    incarnation: int | None = 0,
+    prompt_len: int = 2,
+    seg_len: int = 3,
+) -> ReasoningTree:
+    """A root child (versions[0]) with len(versions)-1 leaf children."""
+    nodes = [Node(parent=-1, token_ids=np.full(seg_len, 5), logprobs=np.full(seg_len, -1.0), version=versions[0], finish="segment")]
+    for v in versions[1:]:
+        nodes.append(Node(parent=0, token_ids=np.full(seg_len, 6), logprobs=np.full(seg_len, -1.0), version=v, finish="stop", reward=1.0))
+    meta = {} if incarnation is None else {"incarnation": incarnation}
+    tree = ReasoningTree(tree_id=tree_id, prompt_id="p", actor_id=actor, prompt_token_ids=np.full(prompt_len, 7), nodes=nodes, meta=meta)
+    return tree.validate()
+
+
+def cfg(**kw) -> ReplayConfig:
+    return ReplayConfig(**kw)
+
+
+def ids(trees) -> list[str]:
+    return [t.tree_id for t in trees]
+
+
+def test_tree_tokens():
+    # prompt 2 + three nodes of 3 tokens = 11
+    assert tree_tokens(make_tree("t")) == 11
+
+
+def test_dedupe_buffered_and_trained():
+    drops: list[DropEvent] = []
+    buf = ReplayBuffer(cfg(), on_drop=drops.append)
+    assert buf.add(make_tree("x"), 0)
+    r = buf.add(make_tree("x"), 0)  # still buffered
+    assert (r.accepted, r.reason) == (False, "duplicate")
+    assert ids(buf.take(0)) == ["x"]
+    assert buf.add(make_tree("x"), 0).reason == "duplicate"  # already trained
+    assert buf.drop_counts["duplicate"] == 2
+    assert [(e.reason, e.tree_id) for e in drops] == [("duplicate", "x"), ("duplicate", "x")]
+
+
+def test_remembered_ids_are_bounded_and_survive_state_round_trip():
+    buf = ReplayBuffer(cfg(remember_ids=3, capacity=10))
+    for i in range(5):
+        buf.add(make_tree(f"t{i}"), 0)
+    buf.take(0, max_trees=10)
+    # only the 3 most recent ids are remembered: t0 may come back, t4 may not
+    assert buf.add(make_tree("t0"), 0).accepted
+    state = buf.state_dict()
+    assert state["remembered"] == ["t3", "t4", "t0"]
+    resumed = ReplayBuffer(cfg(remember_ids=3), incarnation=1)
+    resumed.load_state_dict(state)
+    assert resumed.add(make_tree("t4", incarnation=1), 0).reason == "duplicate"
+    assert resumed.add(make_tree("t9", incarnation=1), 0).accepted
+
+
+def test_staleness_at_add_and_at_batch_time():
+    buf = ReplayBuffer(cfg(max_staleness=2, capacity=10))
+    # learner at v=5: staleness = 5 - min(versions)
+    assert buf.add(make_tree("s3", (3, 4, 5)), 5).accepted  # staleness 2: kept
+    assert buf.add(make_tree("s2", (2, 5, 5)), 5).reason == "stale"  # staleness 3 > 2
+    assert buf.add(make_tree("s4", (4, 4, 4)), 5).accepted  # staleness 1
+    assert buf.add(make_tree("s5", (5, 5, 5)), 5).accepted  # staleness 0
+    # the learner moves to v=7: s3 (7-3=4) and s4 (7-4=3) became stale at batch time
+    assert ids(buf.take(7, max_trees=10)) == ["s5"]
+    assert buf.drop_counts == {"stale": 3, "invalid": 0, "duplicate": 0, "incarnation": 0, "shutdown": 0, "capacity": 0}
+    assert len(buf) == 0
+
+
+def test_purge_stale_counts_without_taking():
+    buf = ReplayBuffer(cfg(max_staleness=0))
+    buf.add(make_tree("a", (1, 1, 1)), 1)
+    buf.add(make_tree("b", (2, 2, 2)), 2)
+    assert buf.purge_stale(2) == 1
+    assert len(buf) == 1 and buf.drop_counts["stale"] == 1
+
+
+def test_incarnation_rules():
+    buf = ReplayBuffer(cfg(), incarnation=2)
+    assert buf.add(make_tree("newer", (3, 4, 4), incarnation=2), 3).reason == "incarnation"  # version 4 > 3
+    assert buf.add(make_tree("old", (3, 3, 3), incarnation=1), 3).reason == "incarnation"
+    assert buf.add(make_tree("future", (3, 3, 3), incarnation=3), 3).reason == "incarnation"
+    assert buf.add(make_tree("nometa", incarnation=None), 3).reason == "invalid"
+    assert buf.add(make_tree("ok", (3, 3, 3), incarnation=2), 3).accepted
+    assert buf.drop_counts["incarnation"] == 3 and buf.drop_counts["invalid"] == 1
+
+
+def test_older_incarnation_on_shared_weights_accepted_when_resume_version_given():
+    # resumed at version 10 (checkpoint); incarnation 1 had gone on to version 12 before dying
+    buf = ReplayBuffer(cfg(max_staleness=4), incarnation=2, resume_version=10)
+    assert buf.add(make_tree("shared", (9, 10, 10), incarnation=1), 11).accepted
+    assert buf.add(make_tree("lost", (10, 11, 11), incarnation=1), 11).reason == "incarnation"
+    assert buf.add(make_tree("tooold", (6, 10, 10), incarnation=1), 11).reason == "stale"  # 11 - 6 = 5 > 4
+
+
+def test_capacity_evicts_oldest():
+    drops: list[DropEvent] = []
+    buf = ReplayBuffer(cfg(capacity=3), on_drop=drops.append)
+    for i in range(5):
+        assert buf.add(make_tree(f"t{i}"), 0).accepted
+    assert len(buf) == 3
+    assert buf.drop_counts["capacity"] == 2
+    assert [e.tree_id for e in drops] == ["t0", "t1"]
+    assert ids(buf.take(0, max_trees=10)) == ["t2", "t3", "t4"]
+
+
+@pytest.mark.parametrize(
+    "sampling, expected",
+    [("oldest", ["t0", "t1"]), ("newest", ["t4", "t3"])],
+)
+def test_sampling_order(sampling, expected):
+    buf = ReplayBuffer(cfg(sampling=sampling))
+    for i in range(5):
+        buf.add(make_tree(f"t{i}"), 0)
+    assert ids(buf.take(0, max_trees=2)) == expected
+
+
+def test_uniform_sampling_is_seeded_and_complete():
+    def run(seed):
+        buf = ReplayBuffer(cfg(sampling="uniform"), seed=seed)
+        for i in range(8):
+            buf.add(make_tree(f"t{i}"), 0)
+        return [ids(buf.take(0, max_trees=3)) for _ in range(3)]
+
+    first = run(1)
+    assert first == run(1)
+    flat = [t for batch in first for t in batch]
+    assert sorted(flat) == [f"t{i}" for i in range(8)] and [len(b) for b in first] == [3, 3, 2]
+    assert first != run(2)
+
+
+def test_token_budget_batches():
+    buf = ReplayBuffer(cfg(batch_trees=10, batch_tokens=25))
+    # 11 tokens each (prompt 2 + 3 nodes x 3); a 40-token tree: prompt 4 + 3 nodes x 12
+    buf.add(make_tree("a"), 0)
+    buf.add(make_tree("b"), 0)
+    buf.add(make_tree("big", prompt_len=4, seg_len=12), 0)
+    for name in ("c", "d", "e"):
+        buf.add(make_tree(name), 0)
+    assert ids(buf.take(0)) == ["a", "b"]  # 22 tokens; +40 would exceed 25
+    assert ids(buf.take(0)) == ["big"]  # over budget alone: a batch holds at least one tree
+    assert ids(buf.take(0, max_tokens=None)) == ["c", "d", "e"]  # explicit None: no budget (33 > 25)
+    assert buf.stats().tokens == 0
+
+
+def test_take_waits_for_min_trees_and_returns_empty_on_timeout():
+    buf = ReplayBuffer(cfg())
+    buf.add(make_tree("a"), 0)
+    assert buf.take(0, min_trees=2, timeout_s=0.05) == []
+    assert len(buf) == 1  # nothing was taken
+    threading.Timer(0.05, lambda: buf.add(make_tree("b"), 0)).start()
+    assert ids(buf.take(0, min_trees=2, timeout_s=30.0)) == ["a", "b"]
+
+
+def test_credits_bound_trees_in_flight():
+    buf = ReplayBuffer(cfg(credits_per_actor=3, capacity=100))
+    assert buf.register_actor("a0") == 3
+    assert buf.grant_credits("a0") == 0  # all 3 already granted
+    buf.add(make_tree("t0"), 0)  # consumes a credit, held in the buffer: still 3 in flight
+    assert buf.in_flight("a0") == 3 and buf.grant_credits("a0") == 0
+    buf.add(make_tree("t0"), 0)  # duplicate: dropped, its credit comes back
+    assert buf.in_flight("a0") == 2
+    assert buf.pending_grants() == {"a0": 1}
+    buf.take(0, max_trees=1)  # trained: frees one more
+    assert buf.in_flight("a0") == 2 and buf.grant_credits("a0") == 1
+    assert buf.in_flight("a0") == 3
+    # re-registration (actor restart) forgets the credits it held
+    assert buf.register_actor("a0") == 3
+    assert buf.stats().uncredited == 0
+    assert buf.grant_credits("stranger") == 0  # unregistered actors get nothing
+
+
+def test_tree_without_credit_is_counted_but_kept():
+    buf = ReplayBuffer(cfg())
+    assert buf.add(make_tree("t", actor="unknown"), 0).accepted
+    assert buf.stats().uncredited == 1
+
+
+def test_shutdown_drains_and_refuses():
+    drops: list[DropEvent] = []
+    buf = ReplayBuffer(cfg(), on_drop=drops.append)
+    buf.register_actor("a0")
+    for i in range(3):
+        buf.add(make_tree(f"t{i}"), 0)
+    assert buf.drain_for_shutdown() == 3
+    assert buf.add(make_tree("late"), 0).reason == "shutdown"
+    assert buf.take(0, timeout_s=10.0) == []  # returns at once after shutdown
+    assert buf.drop_counts["shutdown"] == 4
+    assert buf.pending_grants() == {}
+
+
+def test_record_drop_for_wire_errors():
+    drops: list[DropEvent] = []
+    buf = ReplayBuffer(cfg(), on_drop=drops.append)
+    buf.record_drop("invalid", actor_id="a1", count=2)
+    assert buf.drop_counts["invalid"] == 2 and drops[0].count == 2
+    with pytest.raises(ValueError, match="unknown drop reason"):
+        buf.record_drop("bogus")
+
+
+def test_oldest_age_and_version():
+    now = [100.0]
+    buf = ReplayBuffer(cfg(), clock=lambda: now[0])
+    assert buf.oldest_age_s() == 0.0 and buf.oldest_version() is None
+    buf.add(make_tree("a", (2, 3, 3)), 3)
+    now[0] = 104.5
+    buf.add(make_tree("b", (3, 3, 3)), 3)
+    now[0] = 110.0
+    assert buf.oldest_age_s() == 10.0 and buf.oldest_version() == 2
+
+
+def test_concurrent_add_and_take_lose_nothing():
+    # every added tree is either taken exactly once or dropped with a reason
+    c = ReplayConfig(capacity=64, max_staleness=2, batch_trees=7, credits_per_actor=1000)
+    drops: list[DropEvent] = []  # on_drop runs in both threads: list.append is atomic
+    buf = ReplayBuffer(c, on_drop=drops.append)
+    version = [0]
+    added: list[str] = []
+    taken: list[str] = []
+    rng = np.random.default_rng(0)
+    plan = [(f"t{i}", int(rng.integers(0, 3)), bool(rng.random() < 0.05)) for i in range(3000)]
+    done = threading.Event()
+
+    def producer():
+        for tree_id, lag, dup in plan:
+            v = version[0]
+            tid = added[-1] if dup and added else tree_id
+            buf.add(make_tree(tid, (max(0, v - lag),) * 3), v)
+            if tid == tree_id:
+                added.append(tid)
+        done.set()
+
+    def consumer():
+        while not (done.is_set() and len(buf) == 0):
+            batch = buf.take(version[0], timeout_s=0.01)
+            taken.extend(ids(batch))
+            if batch:
+                version[0] += 1  # an optimizer step publishes a new version
+
+    threads = [threading.Thread(target=producer), threading.Thread(target=consumer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+
+    dropped = [e.tree_id for e in drops if e.reason != "duplicate"]
+    assert len(taken) == len(set(taken))  # taken at most once
+    assert sorted(taken + dropped) == sorted(added)  # each distinct tree taken or dropped, once
+    s = buf.stats()
+    # every add() call ended one way: taken, or one counted drop (the buffer is empty now)
+    assert len(buf) == 0 and s.taken == len(taken)
+    assert len(plan) == s.taken + sum(s.drops.values())
+    assert sum(s.drops.values()) == len(drops)
+    assert set(s.drops) == set(DROP_REASONS)
+    print(f"\nconcurrent run: taken {s.taken}, drops {s.drops}")
+    assert len(taken) > 0 and s.drops["duplicate"] > 0

@@ -1,0 +1,214 @@
+"""Prompt sources: files, bad rows, templates, sharding, endless epochs, state round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import DataConfig
+from common.data import DataError, PromptSource
+from treerpo.tinymodel import BOS_ID, build_char_tokenizer
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(n: int, prefix: str = "p") -> list[dict]:
+    return [{"id": f"{prefix}{i}", "problem": f"{i}+{i}=", "answer": str(2 * i)} for i in range(n)]
+
+
+def _ids(prompts) -> list[str]:
+    return [p.prompt_id for p in prompts]
+
+
+# -- loading ----------------------------------------------------------------------------------
+def test_jsonl_and_parquet_load_the_same_rows(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _rows(6)
+    jsonl = _write_jsonl(tmp_path / "a.jsonl", rows)
+    parquet = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    for path in (jsonl, parquet):
+        src = PromptSource(DataConfig(source="files", paths=[str(path)], shuffle=False), tok)
+        prompts = src.all_prompts()
+        assert _ids(prompts) == [r["id"] for r in rows]
+        assert prompts[3].text == "3+3=" and prompts[3].answer == "6"
+        assert prompts[3].token_ids.dtype == np.int32
+        assert tok.decode(prompts[3].token_ids) == "3+3="
+        assert prompts[3].meta["problem"] == "3+3="
+
+
+def test_custom_field_names_and_int_answers(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "q.jsonl", [{"qid": 7, "question": "2*3=", "gold": 6}])
+    cfg = DataConfig(source="files", paths=[str(path)], id_field="qid", problem_field="question", answer_field="gold")
+    (prompt,) = PromptSource(cfg, tok).next_batch(1)
+    assert (prompt.prompt_id, prompt.text, prompt.answer) == ("7", "2*3=", "6")
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"id": "x", "problem": "1+1="', "invalid JSON"),
+        ('{"id": "x", "answer": "2"}', "missing field 'problem'"),
+        ('{"id": "x", "problem": ["1+1="], "answer": "2"}', "field 'problem' must be str"),
+        ('{"id": true, "problem": "1+1=", "answer": "2"}', "field 'id' must be str or int"),
+        ('[1, 2]', "expected an object"),
+    ],
+)
+def test_bad_jsonl_row_names_file_and_line(tmp_path, tok, bad_line, message):
+    path = tmp_path / "bad.jsonl"
+    good = [json.dumps(r) for r in _rows(3)]
+    path.write_text("\n".join(good[:2] + ["", bad_line] + good[2:]) + "\n")  # bad row on line 4
+    with pytest.raises(DataError, match=message) as err:
+        PromptSource(DataConfig(source="files", paths=[str(path)]), tok)
+    assert f"{path}:4" in str(err.value)
+
+
+def test_bad_parquet_row_names_file_and_row(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "bad.parquet"
+    table = pa.table({"id": ["a", "b", "c"], "problem": ["1=", None, "3="], "answer": ["1", "2", "3"]})
+    pq.write_table(table, path)
+    with pytest.raises(DataError, match=r"bad\.parquet row 1: field 'problem' must be str"):
+        PromptSource(DataConfig(source="files", paths=[str(path)]), tok)
+    pq.write_table(pa.table({"id": ["a"], "question": ["1="], "answer": ["1"]}), path)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['problem'\]"):
+        PromptSource(DataConfig(source="files", paths=[str(path)]), tok)
+
+
+def test_duplicate_ids_across_files_rejected(tmp_path, tok):
+    a = _write_jsonl(tmp_path / "a.jsonl", _rows(2))
+    b = _write_jsonl(tmp_path / "b.jsonl", _rows(1))
+    with pytest.raises(DataError, match=r"b\.jsonl:1: prompt id 'p0' already used at .*a\.jsonl:1"):
+        PromptSource(DataConfig(source="files", paths=[str(a), str(b)]), tok)
+
+
+def test_benchmarks_load(tok, benchmarks_dir):
+    paths = sorted(str(p) for p in benchmarks_dir.glob("*.jsonl"))
+    if len(paths) < 5:
+        pytest.skip(f"needs the 5 benchmark files in {benchmarks_dir}, found {len(paths)}")
+    src = PromptSource(DataConfig(source="files", paths=paths, reward="math"), tok)
+    # 30 aime24 + 40 amc23 + 500 math500 + 272 minerva + 675 olympiadbench (benchmarks/README.md)
+    assert len(src) == 1517
+    prompts = src.all_prompts()
+    assert all(p.answer and p.token_ids.size > 0 for p in prompts)
+
+
+# -- templates --------------------------------------------------------------------------------
+def test_prompt_template_keeps_other_braces(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "a.jsonl", _rows(1))
+    template = "Q: {problem}\nPut the answer in \\boxed{}."
+    (prompt,) = PromptSource(DataConfig(source="files", paths=[str(path)], prompt_template=template), tok).next_batch(1)
+    assert prompt.text == "Q: 0+0=\nPut the answer in \\boxed{}."
+
+
+def test_chat_template_path(tmp_path):
+    tok = build_char_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    path = _write_jsonl(tmp_path / "a.jsonl", _rows(2))
+    cfg = DataConfig(source="files", paths=[str(path)], chat_template=True, shuffle=False)
+    prompt = PromptSource(cfg, tok).next_batch(1)[0]
+    assert prompt.text == "<bos>user: 0+0=\nassistant: "
+    # <bos> is one special token, not five characters; the rest are single characters
+    assert prompt.token_ids[0] == BOS_ID
+    assert prompt.token_ids.size == 1 + len("user: 0+0=\nassistant: ")
+    assert tok.decode(prompt.token_ids[1:]) == "user: 0+0=\nassistant: "
+
+
+def test_chat_template_missing_is_an_error(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "a.jsonl", _rows(1))
+    src = PromptSource(DataConfig(source="files", paths=[str(path)], chat_template=True), tok)
+    with pytest.raises(DataError, match="no chat template"):
+        src.next_batch(1)
+
+
+# -- sharding, epochs, state ------------------------------------------------------------------
+@pytest.mark.parametrize("num_shards", [1, 3, 4])
+def test_shards_are_disjoint_and_cover(tmp_path, tok, num_shards):
+    path = _write_jsonl(tmp_path / "a.jsonl", _rows(10))
+    cfg = DataConfig(source="files", paths=[str(path)], seed=11)
+    shards = [PromptSource(cfg, tok, k, num_shards) for k in range(num_shards)]
+    # one epoch of each shard, drawn through next_batch (shuffled)
+    seen = [set(_ids(s.next_batch(len(s)))) for s in shards]
+    assert sum(len(s) for s in seen) == 10
+    assert set().union(*seen) == {f"p{i}" for i in range(10)}
+    # a shard never serves another shard's prompt, even over many epochs
+    for k, s in enumerate(shards):
+        assert set(_ids(s.next_batch(5 * len(s)))) == seen[k]
+
+
+def test_synthetic_shards_disjoint(tok):
+    cfg = DataConfig(source="synthetic", num_problems=90, seed=2)
+    shards = [PromptSource(cfg, tok, k, 3) for k in range(3)]
+    indices = [{p.meta["index"] for p in s.next_batch(30)} for s in shards]
+    assert [len(i) for i in indices] == [30, 30, 30]
+    assert set().union(*indices) == set(range(90))
+
+
+def test_too_many_shards_is_an_error(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "a.jsonl", _rows(2))
+    with pytest.raises(DataError, match="shard 2 of 3 holds no prompts"):
+        PromptSource(DataConfig(source="files", paths=[str(path)]), tok, 2, 3)
+
+
+def test_endless_epochs_are_seeded_permutations(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "a.jsonl", _rows(8))
+    cfg = DataConfig(source="files", paths=[str(path)], seed=5)
+    src = PromptSource(cfg, tok)
+    epochs = [_ids(src.next_batch(8)) for _ in range(4)]
+    assert all(sorted(e) == sorted(f"p{i}" for i in range(8)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # reshuffled between epochs
+    assert src.epoch == 3
+    again = PromptSource(cfg, tok)
+    assert [_ids(again.next_batch(8)) for _ in range(4)] == epochs  # same seed, same order
+    unshuffled = PromptSource(DataConfig(source="files", paths=[str(path)], shuffle=False), tok)
+    assert _ids(unshuffled.next_batch(10)) == [f"p{i}" for i in range(8)] + ["p0", "p1"]
+
+
+def test_state_round_trip_resumes_the_same_sequence(tmp_path, tok):
+    path = _write_jsonl(tmp_path / "a.jsonl", _rows(7))
+    cfg = DataConfig(source="files", paths=[str(path)], seed=9)
+    src = PromptSource(cfg, tok, 1, 2)
+    src.next_batch(5)  # crosses into the second epoch of a 3-prompt shard
+    state = json.loads(json.dumps(src.state_dict()))
+    expected = _ids(src.next_batch(9))
+    resumed = PromptSource(cfg, tok, 1, 2)
+    resumed.load_state_dict(state)
+    assert _ids(resumed.next_batch(9)) == expected
+    other_shard = PromptSource(cfg, tok, 0, 2)
+    with pytest.raises(DataError, match="shard_index"):
+        other_shard.load_state_dict(state)
+
+
+def test_synthetic_source(tok):
+    cfg = DataConfig(source="synthetic", num_problems=50, seed=1)
+    prompts = PromptSource(cfg, tok).next_batch(60)
+    p = prompts[0]
+    assert p.prompt_id == "arith:" + p.text.rstrip("=")
+    a_plus_b, c = p.text[1:-1].split(")*")
+    a, b = a_plus_b.split("+")
+    assert int(p.answer) == (int(a) + int(b)) * int(c)
+    assert p.meta["task"] == "add_mul" and p.meta["source"] == "synthetic:train"
+    held = PromptSource(DataConfig(source="synthetic", split="eval", num_eval_problems=200, seed=1), tok)
+    assert len(held) == 200
+    train_texts = {q.text for q in PromptSource(DataConfig(source="synthetic", num_problems=3000, seed=1), tok).all_prompts()}
+    assert train_texts.isdisjoint({q.text for q in held.all_prompts()})

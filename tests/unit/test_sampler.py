@@ -1,0 +1,323 @@
+"""TreeSampler on the real tiny HF model: shapes, BFS order, early EOS, GRPO, seeding, stop
+strings, budgets, rewards, and behaviour log-prob fidelity for every node of sampled trees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actor.engine import processed_logprobs
+from actor.sampler import TreeSampler
+from common.config import TreeConfig
+from common.data import Prompt
+from common.rewards import RewardResult, make_reward
+from tests.support.models import bias_tokens, hf_engine
+from treerpo.tinymodel import EOS_ID
+
+torch.set_num_threads(1)
+
+
+class PathTextReward:
+    """Test-only reward: a pure function of the decoded path text, so tests can recompute it."""
+
+    name = "path_text"
+
+    @staticmethod
+    def value(text: str) -> float:
+        return (len(text) % 3) / 2.0
+
+    def score_many(self, completions, answers):
+        return [RewardResult(self.value(t), "ok" if self.value(t) > 0 else "wrong") for t in completions]
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir):
+    return hf_engine(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def no_eos_engine(tiny_model_dir, tmp_path_factory):
+    return hf_engine(bias_tokens(tiny_model_dir, tmp_path_factory.mktemp("noeos"), {EOS_ID: -5.0}))
+
+
+@pytest.fixture(scope="session")
+def eos_engine(tiny_model_dir, tmp_path_factory):
+    return hf_engine(bias_tokens(tiny_model_dir, tmp_path_factory.mktemp("eos"), {EOS_ID: 0.3}))
+
+
+def prompts(engine, texts=("12+34=", "7*8=", "(1+2)*3=")):
+    return [Prompt(prompt_id=f"p{i}", text=t, answer=str(i), meta={"task": "demo"},
+                   token_ids=np.array(engine.tokenizer.encode(t), dtype=np.int32)) for i, t in enumerate(texts)]
+
+
+def tree_cfg(**kw):
+    base = dict(depth=3, branching=[2, 2, 2], segment_tokens=4, max_tokens=20)
+    base.update(kw)
+    return TreeConfig(**base)
+
+
+def check_fidelity(engine, tree, cfg):
+    """Every node's behaviour log-probs = one teacher-forced forward over context + segment."""
+    for i, node in enumerate(tree.nodes):
+        context = tree.context_ids(i)
+        ids = torch.from_numpy(np.concatenate([context, node.token_ids]).astype(np.int64))[None]  # (1, T)
+        with torch.no_grad():
+            logits = engine.model(input_ids=ids).logits[0].float()  # (T, V)
+        L = len(node)
+        rows = logits[len(context) - 1:len(context) - 1 + L]  # (L, V)
+        lp = processed_logprobs(rows, torch.full((L,), cfg.temperature), torch.full((L,), cfg.top_k),
+                                torch.full((L,), cfg.top_p))
+        ref = lp.gather(1, torch.from_numpy(node.token_ids.astype(np.int64))[:, None]).squeeze(1).numpy()
+        np.testing.assert_allclose(node.logprobs, ref, atol=1e-4, rtol=0, err_msg=f"node {i}")
+
+
+@pytest.mark.parametrize("branching", [[2, 2, 2], [3, 1, 2]])
+def test_tree_shapes_and_bfs_order(no_eos_engine, branching):
+    cfg = tree_cfg(branching=branching)
+    trees = TreeSampler(no_eos_engine, cfg, PathTextReward(), "actor-0", seed=0).sample(prompts(no_eos_engine))
+    assert len(trees) == 3
+    per_level = np.cumprod(branching)  # [2, 4, 8] or [3, 3, 6]: no EOS, so every branch is full
+    for tree in trees:
+        depths = tree.depths()
+        assert [int((depths == d + 1).sum()) for d in range(3)] == per_level.tolist()
+        assert np.all(np.diff(depths) >= 0)  # BFS: levels in order
+        # parents: level 1 under the root, then each parent's children contiguous, parents in order
+        expected_parents = [-1] * branching[0]
+        start = 0
+        for d in (1, 2):
+            for p in range(start, start + per_level[d - 1]):
+                expected_parents += [p] * branching[d]
+            start += per_level[d - 1]
+        assert tree.parents.tolist() == expected_parents
+        assert all(n.finish == "segment" for n, d in zip(tree.nodes, depths) if d < 3)
+        assert all(len(n) == 4 for n, d in zip(tree.nodes, depths) if d < 3)  # cut at segment_tokens
+        # last level runs to the rest of the budget: 20 - 2 * 4 = 12
+        assert all(n.finish == "length" and len(n) == 12 for n, d in zip(tree.nodes, depths) if d == 3)
+        assert tree.path_lengths().tolist() == [20] * int(per_level[-1])
+        assert tree.meta["task"] == "demo" and tree.actor_id == "actor-0"
+
+
+def test_early_eos_makes_leaves(eos_engine):
+    cfg = tree_cfg()
+    trees = TreeSampler(eos_engine, cfg, PathTextReward(), "a", seed=1).sample(prompts(eos_engine) * 2)
+    early = 0
+    for tree in trees:
+        kids = tree.children()
+        depths = tree.depths()
+        for i, node in enumerate(tree.nodes):
+            if node.finish == "segment":  # inner: exactly branching[level] children
+                assert len(kids[i]) == cfg.branching[depths[i]]
+            else:
+                assert kids[i] == []
+            if node.finish == "stop":
+                assert node.token_ids[-1] == EOS_ID and EOS_ID not in node.token_ids[:-1]
+                early += depths[i] < 3
+            if node.finish == "length":
+                assert depths[i] == 3 and EOS_ID not in node.token_ids
+        assert len(tree.root_children()) == 2
+    assert early >= 3  # P(EOS within 4 tokens) is about 0.37 with this bias
+
+
+def test_depth_one_is_grpo(engine):
+    cfg = TreeConfig(depth=1, branching=[8], segment_tokens=4, max_tokens=16)
+    trees = TreeSampler(engine, cfg, PathTextReward(), "a", seed=2).sample(prompts(engine))
+    for tree in trees:
+        assert tree.parents.tolist() == [-1] * 8
+        assert all(n.finish in ("stop", "length") and n.reward is not None for n in tree.nodes)
+        assert len({tuple(n.token_ids.tolist()) for n in tree.nodes}) == 8  # distinct samples
+        assert all(len(n) == 16 for n in tree.nodes if n.finish == "length")
+
+
+def test_seeded_sampler_reproduces(engine):
+    cfg = tree_cfg(branching=[2, 1, 2])
+    ps = prompts(engine)
+    key = lambda trees: [(n.parent, n.finish, n.token_ids.tolist(), n.logprobs.tolist()) for t in trees for n in t.nodes]
+    a = TreeSampler(engine, cfg, PathTextReward(), "a", seed=5).sample(ps)
+    b = TreeSampler(engine, cfg, PathTextReward(), "a", seed=5).sample(ps)
+    c = TreeSampler(engine, cfg, PathTextReward(), "a", seed=6).sample(ps)
+    assert key(a) == key(b) and key(a) != key(c)
+    assert len({t.tree_id for t in a + b}) == 6
+
+
+def test_step_split_keeps_delimiter(tiny_model_dir, tmp_path):
+    probe = hf_engine(tiny_model_dir)
+    semi = int(probe.tokenizer.convert_tokens_to_ids(";"))
+    eng = hf_engine(bias_tokens(tiny_model_dir, tmp_path / "semi", {semi: 0.8, EOS_ID: -5.0}))
+    cfg = tree_cfg(split="step", step_delimiter=";", segment_tokens=6, max_tokens=24)
+    trees = TreeSampler(eng, cfg, PathTextReward(), "a", seed=3).sample(prompts(eng))
+    cut_at_delim = 0
+    for tree in trees:
+        for i, node in enumerate(tree.nodes):
+            text = eng.tokenizer.decode(node.token_ids)
+            if tree.depths()[i] < 3:
+                assert node.finish == "segment"
+                assert text.endswith(";") or len(node) == 6  # delimiter or segment budget
+                assert ";" not in text[:-1]  # cut at the first delimiter, which is kept
+                cut_at_delim += text.endswith(";")
+            else:  # the last level ignores the delimiter and runs to the budget
+                assert node.finish == "length" and len(tree.context_ids(i)) - len(tree.prompt_token_ids) + len(node) == 24
+    assert cut_at_delim >= 10
+
+
+def test_rewards_versions_and_meta(engine):
+    engine.version = 7
+    try:
+        sampler = TreeSampler(engine, tree_cfg(branching=[2, 2, 1]), PathTextReward(), "a", seed=4)
+        trees = sampler.sample(prompts(engine))
+    finally:
+        engine.version = 0
+    total = 0
+    for tree in trees:
+        assert all(n.version == 7 for n in tree.nodes)
+        for leaf in tree.leaves():
+            ids = np.concatenate([tree.nodes[j].token_ids for j in tree.path(leaf)]).tolist()
+            text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+            assert tree.nodes[leaf].reward == PathTextReward.value(text)
+        assert sum(tree.meta["reward_reasons"].values()) == len(tree.leaves()) == 4
+        assert tree.meta["engine_calls"] == 3 and tree.meta["answer"] in ("0", "1", "2")
+        total += len(tree.leaves())
+    assert sum(sampler.last_reward_reasons.values()) == total
+
+
+def test_arithmetic_reward_scores_leaves(engine):
+    reward = make_reward("arithmetic")
+    try:
+        trees = TreeSampler(engine, tree_cfg(), reward, "a", seed=0).sample(prompts(engine))
+    finally:
+        reward.close()
+    for tree in trees:
+        assert set(tree.leaf_rewards().tolist()) <= {0.0, 1.0}
+        assert tree.meta["task"] == "demo"
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 0, 1.0), (0.8, 10, 0.9)])
+def test_tree_logprob_fidelity(engine, eos_engine, temperature, top_k, top_p):
+    # the plain random model, and the EOS-biased one (ragged leaves, rows dropped mid-call)
+    cfg = tree_cfg(temperature=temperature, top_k=top_k, top_p=top_p, branching=[2, 2, 2])
+    for eng in (engine, eos_engine):
+        trees = TreeSampler(eng, cfg, PathTextReward(), "a", seed=9).sample(prompts(eng)[:2])
+        for tree in trees:
+            check_fidelity(eng, tree, cfg)
+
+
+# -- streaming (no level barrier) -------------------------------------------------------------
+class GenerateOnly:
+    """An engine without a native stream (as vLLM today): the sampler falls back to GenerateStream."""
+
+    def __init__(self, engine):
+        self._engine, self.calls = engine, 0
+
+    def generate(self, requests):
+        self.calls += 1
+        return self._engine.generate(requests)
+
+    def __getattr__(self, name):
+        if name == "open_stream":
+            raise AttributeError(name)
+        return getattr(self._engine, name)
+
+
+def check_shapes(tree, branching, max_tokens, segment_tokens):
+    """No EOS: every level full, parents in BFS order, budgets as in test_tree_shapes_and_bfs_order."""
+    per_level = np.cumprod(branching)
+    depths = tree.depths()
+    assert [int((depths == d + 1).sum()) for d in range(len(branching))] == per_level.tolist()
+    expected_parents, start = [-1] * branching[0], 0
+    for d in range(1, len(branching)):
+        for p in range(start, start + per_level[d - 1]):
+            expected_parents += [p] * branching[d]
+        start += per_level[d - 1]
+    assert tree.parents.tolist() == expected_parents
+    assert all(len(n) == segment_tokens and n.finish == "segment" for n, d in zip(tree.nodes, depths) if d < len(branching))
+    assert tree.path_lengths().tolist() == [max_tokens] * int(per_level[-1])
+
+
+@pytest.mark.parametrize("rows", [256, 3])
+def test_stream_refills_and_keeps_shapes(no_eos_engine, rows):
+    # 7 prompts through at most 3 trees in flight; rows=3 makes forks wait (parked rows) and
+    # prompts queue: shapes, BFS order, fidelity and the in-flight bound hold either way.
+    cfg = tree_cfg(branching=[2, 1, 2])
+    ps = prompts(no_eos_engine, ("1+2=", "33*4=", "5-6=", "7=", "(8)=", "9+9=", "10/2="))
+    queue, asked, in_flight, peak = list(ps), [], [0], [0]
+
+    def source(k):
+        asked.append(k)
+        got = [queue.pop(0) for _ in range(min(k, len(queue)))]
+        in_flight[0] += len(got)
+        peak[0] = max(peak[0], in_flight[0])
+        return got if got or queue else None
+
+    old_rows = no_eos_engine.max_batch_rows
+    no_eos_engine.max_batch_rows = rows
+    try:
+        out = []
+        for prompt, tree in TreeSampler(no_eos_engine, cfg, PathTextReward(), "a", seed=1).stream(source, 3):
+            in_flight[0] -= 1
+            out.append((prompt, tree))
+    finally:
+        no_eos_engine.max_batch_rows = old_rows
+    assert sorted(p.prompt_id for p, _ in out) == sorted(p.prompt_id for p in ps)
+    assert peak[0] <= 3 and all(k >= 1 for k in asked)
+    for prompt, tree in out:
+        assert tree.prompt_id == prompt.prompt_id
+        assert tree.prompt_token_ids.tolist() == prompt.token_ids.tolist()
+        check_shapes(tree, cfg.branching, cfg.max_tokens, cfg.segment_tokens)
+        check_fidelity(no_eos_engine, tree, cfg)
+        assert tree.meta["engine_steps"] >= cfg.max_tokens and tree.meta["engine_calls"] == 3
+
+
+def test_generate_fallback_one_call_per_level(engine):
+    # without a native stream each step is one generate call over every ready request: a
+    # sample() call of 3 prompts needs exactly one call per level (the old per-level batching)
+    cfg = tree_cfg(branching=[2, 2, 2], temperature=0.8, top_k=10, top_p=0.9)
+    eng = GenerateOnly(engine)
+    trees = TreeSampler(eng, cfg, PathTextReward(), "a", seed=3).sample(prompts(engine))
+    assert eng.calls == 3
+    for tree in trees:
+        assert tree.meta["engine_steps"] == 3
+        check_fidelity(engine, tree, cfg)
+    again = TreeSampler(GenerateOnly(engine), cfg, PathTextReward(), "a", seed=3).sample(prompts(engine))
+    assert [n.token_ids.tolist() for t in trees for n in t.nodes] == [n.token_ids.tolist() for t in again for n in t.nodes]
+
+
+class BumpingEngine:
+    """The engine, whose stream bumps `engine.version` just before engine step `at` (a weight load)."""
+
+    def __init__(self, engine, at):
+        self._engine, self.at = engine, at
+
+    def open_stream(self, seed):
+        inner, engine, steps = self._engine.open_stream(seed), self._engine, [0]
+
+        class Stream:
+            add, busy = inner.add, inner.busy
+
+            def step(self):
+                steps[0] += 1
+                if steps[0] == outer.at:
+                    engine.version += 1
+                return inner.step()
+
+        outer = self
+        return Stream()
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_stream_versions_read_at_node_start(no_eos_engine):
+    # first segments are 4 tokens (steps 1-4); a version bump before step 5 leaves level 1 at
+    # version 0 and gives every node started afterwards (levels 2 and 3) version 1
+    cfg = tree_cfg(branching=[2, 2, 1])
+    try:
+        trees = TreeSampler(BumpingEngine(no_eos_engine, 5), cfg, PathTextReward(), "a", seed=2).sample(
+            prompts(no_eos_engine))
+    finally:
+        no_eos_engine.version = 0
+    assert len(trees) == 3
+    for tree in trees:
+        assert [n.version for n in tree.nodes] == [0 if d == 1 else 1 for d in tree.depths()]

@@ -1,0 +1,146 @@
+"""Weight sync units: bucket layout, flatten/unflatten, checksums, group drops, swap_in validation.
+
+The real-process syncs (gloo + ZeroMQ control, actors as subprocesses) are in
+tests/integration/test_weightsync.py.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from common.weightsync import (
+    WeightSyncError,
+    check_layout,
+    drop_group_later,
+    flatten_into,
+    plan_layout,
+    tensor_checksum,
+    unflatten,
+    wait_group_drops,
+)
+from tests.support.models import hf_engine
+
+
+def test_layout_groups_by_dtype_and_splits_by_size():
+    f32, bf16 = torch.float32, torch.bfloat16
+    meta = [("a", [10], f32), ("b", [3, 2], bf16), ("c", [100], f32), ("d", [5], f32), ("e", [4], bf16),
+            ("f", [2, 2], f32)]
+    plan = plan_layout(meta, bucket_bytes=64, version=7)
+    # dtype groups in order of first appearance: f32 (a, c, d, f) then bf16 (b, e).
+    assert plan.names == ["a", "c", "d", "f", "b", "e"]
+    # f32, 64 B = 16 elements per bucket: a (10) alone since a + c = 110 > 16; c (100) is larger
+    # than a bucket -> its own; d (5) + f (4) = 9 <= 16 share one. bf16, 32 elements per bucket:
+    # b (6) + e (4) = 10 share one.
+    assert plan.buckets == [[0, 1, 10], [1, 2, 100], [2, 4, 9], [4, 6, 10]]
+    assert plan.dtypes == ["float32"] * 4 + ["bfloat16"] * 2
+    assert plan.nbytes == (10 + 100 + 9) * 4 + 10 * 2
+    assert plan.offsets() == [0, 0, 0, 5, 0, 6]
+    assert plan.bucket_of() == [0, 1, 2, 2, 3, 3]
+    # The receiver's validation accepts exactly this layout ...
+    again = check_layout(plan.names, plan.shapes, plan.dtypes, plan.buckets, 7)
+    assert again.buckets == plan.buckets and again.names == plan.names
+    # ... and refuses a bucket that mixes dtypes, skips a parameter or lies about numel.
+    for buckets in ([[0, 5, 125], [5, 6, 4]], [[0, 1, 10], [2, 4, 9], [4, 6, 10]],
+                    [[0, 1, 10], [1, 2, 99], [2, 4, 9], [4, 6, 10]]):
+        with pytest.raises(WeightSyncError) as e:
+            check_layout(plan.names, plan.shapes, plan.dtypes, buckets)
+        assert e.value.reason == "invalid_announce"
+
+
+def test_layout_is_deterministic_and_one_bucket_when_large():
+    meta = [(f"p{i}", [i + 1, 3], torch.float32) for i in range(20)]
+    one = plan_layout(meta, bucket_bytes=1 << 30, version=0)
+    assert one.buckets == [[0, 20, 3 * sum(range(1, 21))]]  # 3 * 210 = 630 elements
+    assert plan_layout(meta, 100, 0) == plan_layout(list(meta), 100, 0)
+    with pytest.raises(ValueError, match="twice"):
+        plan_layout(meta + [("p0", [1], torch.float32)], 100, 0)
+
+
+def test_layout_solo_bytes_gives_large_tensors_their_own_bucket():
+    f32 = torch.float32
+    meta = [("a", [3], f32), ("b", [8], f32), ("c", [2], f32), ("d", [1], f32), ("e", [9], f32), ("f", [2], f32)]
+    plan = plan_layout(meta, bucket_bytes=1 << 20, version=0, solo_bytes=32)
+    # solo_bytes 32 = 8 float32: b (8) and e (9) stand alone, cutting the run of small ones:
+    # [a] [b] [c d] [e] [f]; without solo_bytes everything fits one 1 MiB bucket.
+    assert plan.buckets == [[0, 1, 3], [1, 2, 8], [2, 4, 3], [4, 5, 9], [5, 6, 2]]
+    assert plan_layout(meta, 1 << 20, 0).buckets == [[0, 6, 25]]
+    assert check_layout(plan.names, plan.shapes, plan.dtypes, plan.buckets).buckets == plan.buckets
+    with pytest.raises(ValueError, match="solo_bytes"):
+        plan_layout(meta, 1 << 20, 0, solo_bytes=0)
+
+
+def test_flatten_unflatten_round_trip_bit_exact():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 4, generator=g).to(torch.bfloat16), torch.randn(7, generator=g).to(torch.bfloat16),
+               torch.randn(2, 1, 5, generator=g).to(torch.bfloat16), torch.zeros(0, 3, dtype=torch.bfloat16)]
+    buf = flatten_into(torch.empty(12 + 7 + 10, dtype=torch.bfloat16), tensors)
+    views = unflatten(buf, [list(t.shape) for t in tensors])
+    for t, v in zip(tensors, views):
+        assert v.shape == t.shape and torch.equal(v.view(torch.int16), t.view(torch.int16))
+    assert views[1].data_ptr() == buf.data_ptr() + 12 * 2  # views, not copies
+    with pytest.raises(ValueError):
+        flatten_into(torch.empty(5, dtype=torch.bfloat16), tensors)
+
+
+def test_checksum_bit_sensitive_and_order_independent():
+    g = torch.Generator().manual_seed(1)
+    named = [("w", torch.randn(4, 4, generator=g)), ("b", torch.randn(4, generator=g).to(torch.bfloat16))]
+    base = tensor_checksum(named)
+    assert base == tensor_checksum(list(reversed(named)))  # sorted by name internally
+    assert base == tensor_checksum([(n, t.clone()) for n, t in named])
+    for name, t in named:  # flip the lowest bit of one element: a different checksum
+        flipped = t.clone()
+        ints = flipped.view(torch.int32 if t.dtype == torch.float32 else torch.int16).reshape(-1)
+        ints[3] ^= 1
+        assert tensor_checksum([(n, flipped if n == name else u) for n, u in named]) != base
+    # Same bytes, other name / dtype / shape: different checksums.
+    assert tensor_checksum([("w2", named[0][1]), named[1]]) != base
+    assert tensor_checksum([("w", named[0][1].view(torch.int32)), named[1]]) != base
+    assert tensor_checksum([("w", named[0][1].reshape(2, 8)), named[1]]) != base
+    # -0.0 and 0.0 compare equal as floats but differ in bits.
+    assert tensor_checksum([("z", torch.tensor([0.0]))]) != tensor_checksum([("z", torch.tensor([-0.0]))])
+
+
+def _bits(named) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone().view(torch.int32) for n, t in named}
+
+
+def test_swap_in_validates_all_before_changing_anything(make_tiny_model):
+    from actor.engine import EngineError
+
+    torch.set_num_threads(1)
+    engine = hf_engine(make_tiny_model(seed=1, max_position_embeddings=64))
+    held = _bits(engine.named_parameters_for_sync())
+    named = [(n, torch.zeros_like(p)) for n, p in engine.named_parameters_for_sync()]
+    cases = [named[:-1] + [("nope.weight", named[-1][1])],                      # unknown name
+             named[:-1] + [(named[-1][0], named[-1][1][:1])],                   # wrong shape
+             named + [("lm_head.weight", named[0][1])]]                         # tied alias sent twice
+    assert named[0][0] == "model.embed_tokens.weight"
+    for bad in cases:
+        with pytest.raises(EngineError):
+            engine.swap_in(bad, version=9)
+    with pytest.raises(EngineError, match="strict"):
+        engine.swap_in(named[1:], version=9, strict=True)
+    # dtype differs: declined (False), nothing changed; load_weights would convert instead.
+    assert engine.swap_in([(n, t.double()) for n, t in named], version=9) is False
+    now = _bits(engine.named_parameters_for_sync())
+    assert engine.version == 0 and all(torch.equal(now[n], held[n]) for n in held)
+    # A receiver whose swap_fn declines falls back to load_fn (copy): covered by last_swapped.
+
+
+def test_wait_group_drops_joins_and_reports_leftovers():
+    release = threading.Event()
+    done = []
+
+    class Blocking:
+        def __del__(self):
+            release.wait(10)
+            done.append(True)
+
+    drop_group_later([Blocking()])
+    assert wait_group_drops(0.2) is False  # still tearing down: reported, not waited on forever
+    release.set()
+    assert wait_group_drops(10) is True and done == [True]
