@@ -11,15 +11,13 @@ advances by the batch size) and ignores it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import torch
 
 from actor.engine import GenerationRequest, Sample, SampleFinish, processed_logprobs
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 Decode = Callable[[list[int]], str]  # token ids -> text (the tokenizer's decode)
 
@@ -42,22 +40,20 @@ class DecodeRow:
         return Sample(np.array(self.tokens, dtype=np.int32), np.array(self.logps, dtype=np.float32), self.finish)
 
 
-def sample_rows(logits: "torch.Tensor", params: tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"],
-                rows: Sequence[DecodeRow], generator: "torch.Generator",
-                decode: Decode) -> tuple["torch.Tensor", list[int]]:
+def sample_rows(logits: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                rows: Sequence[DecodeRow], generator: torch.Generator,
+                decode: Decode) -> tuple[torch.Tensor, list[int]]:
     """Draw one token per batch row and record it on the rows still running.
 
     logits (B, V), one row per `rows[b]`; params = (temperature, top_k, top_p), each (B,).
     Returns (the drawn tokens (B,), the batch positions whose row finished with this token).
     """
-    import torch
-
     lp = processed_logprobs(logits, *params)  # (B, V)
     tok = torch.multinomial(lp.exp(), 1, generator=generator)  # (B, 1)
     tok_lp = lp.gather(1, tok).squeeze(1)  # (B,)
     tok = tok.squeeze(1)  # (B,)
     ended = []
-    for b, (t, logp) in enumerate(zip(tok.tolist(), tok_lp.tolist())):
+    for b, (t, logp) in enumerate(zip(tok.tolist(), tok_lp.tolist(), strict=True)):
         row = rows[b]
         if row.done:
             continue

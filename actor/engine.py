@@ -36,13 +36,12 @@ This module imports no concrete engine: `actor.engines.make_engine` builds the e
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Hashable, Iterable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+import torch
 
 SampleFinish = Literal["stop", "length", "delimiter"]  # why an engine ended a sample (module docstring)
 
@@ -110,11 +109,11 @@ class Engine(Protocol):
         """One list of `request.n` samples per request, in request order."""
         ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Copy the tensors into the live weights, then set `self.version = version`."""
         ...
 
-    def named_parameters_for_sync(self) -> list[tuple[str, "torch.Tensor"]]:
+    def named_parameters_for_sync(self) -> list[tuple[str, torch.Tensor]]:
         """The live parameters, for an in-place receive (HF only)."""
         ...
 
@@ -152,7 +151,7 @@ class GenerateStream:
     reuses the context anyway).
     """
 
-    def __init__(self, engine: "Engine") -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._queue: list[tuple[GenerationRequest, Hashable]] = []
 
@@ -168,11 +167,11 @@ class GenerateStream:
             return []
         version = int(self.engine.version)
         results = self.engine.generate([req for req, _ in queued])
-        return [StreamResult(tag, j, sample, version) for (_, tag), samples in zip(queued, results)
+        return [StreamResult(tag, j, sample, version) for (_, tag), samples in zip(queued, results, strict=True)
                 for j, sample in enumerate(samples)]
 
 
-def open_stream(engine: "Engine", seed: int | None = None) -> EngineStream:
+def open_stream(engine: Engine, seed: int | None = None) -> EngineStream:
     """The engine's native stream (`engine.open_stream(seed)`) if it has one, else `GenerateStream`.
 
     `seed` seeds a native stream's random draws (None: the engine's own generator); the generate
@@ -184,16 +183,14 @@ def open_stream(engine: "Engine", seed: int | None = None) -> EngineStream:
     return GenerateStream(engine)
 
 
-def processed_logprobs(logits: "torch.Tensor", temperature: "torch.Tensor", top_k: "torch.Tensor",
-                       top_p: "torch.Tensor") -> "torch.Tensor":
+def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                       top_p: torch.Tensor) -> torch.Tensor:
     """Log-probs of the distribution sampled from (see the module docstring), float32.
 
     logits (B, V); temperature (B,) float > 0; top_k (B,) int, 0 = off; top_p (B,) float, 1 = off.
     Returns (B, V) with -inf outside the kept set. Used by the HF engine and by tests; a learner
     that samples with truncation recomputes the same function.
     """
-    import torch
-
     z = logits.float() / temperature.float().unsqueeze(1)  # (B, V)
     vocab = z.shape[1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))

@@ -1,8 +1,8 @@
 """The engine factory: `make_engine` builds the engine `ActorConfig.engine` names.
 
 The contract (actor/engine.py) knows no concrete engine; this module is the one place that
-maps a name to one ('hf' -> `HFEngine`, 'vllm' -> `VLLMEngine`). Importing it imports neither
-torch nor vLLM: building an HF engine imports torch and transformers, building a vLLM engine
+maps a name to one ('hf' -> `HFEngine`, 'vllm' -> `VLLMEngine`). Importing it imports torch but
+neither transformers nor vLLM: building an HF engine imports transformers, building a vLLM engine
 imports vLLM (after `require_vllm` has checked it and CUDA are there).
 """
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from common.config import ActorConfig
 
 
-def make_engine(cfg: JobConfig | ModelConfig, actor: "ActorConfig | None" = None, *,
+def make_engine(cfg: JobConfig | ModelConfig, actor: ActorConfig | None = None, *,
                 seed: int | None = None) -> Engine:
     """Build the engine named by `actor.engine` ('hf' or 'vllm') for the model in `cfg`.
 

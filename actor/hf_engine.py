@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from actor.decoding import DecodeRow, sample_rows
 from actor.engine import EngineError, GenerationRequest, Sample, collect_eos_ids
@@ -37,17 +39,14 @@ from actor.hf_stream import HFStream
 from common.device import DeviceError, resolve_device_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from common.config import ActorConfig, ModelConfig
 
 
 class HFEngine:
     """A transformers `AutoModelForCausalLM` in eval mode behind the Engine protocol."""
 
-    def __init__(self, model_cfg: "ModelConfig", actor_cfg: "ActorConfig", *, seed: int = 0) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, *, seed: int = 0) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 -- loads with a model
 
         try:
             self.device, self.dtype = resolve_device_dtype(model_cfg)
@@ -82,19 +81,17 @@ class HFEngine:
                                getattr(self.model.config, "eos_token_id", None), self.tokenizer.eos_token_id)
 
     # -- weights -----------------------------------------------------------------------------
-    def named_parameters_for_sync(self) -> list[tuple[str, "torch.Tensor"]]:
+    def named_parameters_for_sync(self) -> list[tuple[str, torch.Tensor]]:
         """The live parameters (tied weights once), to receive into in place."""
         return list(self.model.named_parameters())
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int, *,
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
                      strict: bool = False) -> int:
         """Copy each tensor into the parameter of that name (`param.data.copy_`), then set version.
 
         Names may also be aliases of tied parameters (e.g. lm_head.weight). With `strict`, every
         parameter must be covered. Returns the number of tensors loaded.
         """
-        import torch
-
         params = dict(self.model.named_parameters(remove_duplicate=False))
         covered: set[int] = set()
         count = 0
@@ -117,7 +114,7 @@ class HFEngine:
         self.version = int(version)
         return count
 
-    def swap_in(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int, *,
+    def swap_in(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
                 strict: bool = False) -> bool:
         """Adopt the tensors AS the parameters (`param.data = tensor`, no copy), then set version.
 
@@ -128,10 +125,8 @@ class HFEngine:
         parameters stay tied (a tie is one Parameter object; send it under one of its names).
         The caller must never write the adopted tensors again while the engine holds them.
         """
-        import torch
-
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        pairs: list[tuple["torch.nn.Parameter", "torch.Tensor"]] = []
+        pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         covered: dict[int, str] = {}
         for name, tensor in named_tensors:
             param = params.get(name)
@@ -169,8 +164,6 @@ class HFEngine:
         return HFStream(self, seed)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Sample]]:
-        import torch
-
         for req in requests:
             self.check(req)
         generator = self._call_generator(requests)
@@ -178,14 +171,12 @@ class HFEngine:
         started = time.perf_counter()
         with self.lock, torch.inference_mode():
             for chunk in self._chunks(requests):
-                for (ri, j), sample in zip(chunk, self._generate_rows(requests, chunk, generator)):
+                for (ri, j), sample in zip(chunk, self._generate_rows(requests, chunk, generator), strict=True):
                     out[ri][j] = sample
         self.stats["seconds"] += time.perf_counter() - started
         return out  # type: ignore[return-value]
 
-    def _call_generator(self, requests: Sequence[GenerationRequest]) -> "torch.Generator":
-        import torch
-
+    def _call_generator(self, requests: Sequence[GenerationRequest]) -> torch.Generator:
         seeds = [r.seed for r in requests]
         if not seeds or any(s is None for s in seeds):
             return self.generator
@@ -203,9 +194,7 @@ class HFEngine:
         return [c for c in chunks if c]
 
     def _generate_rows(self, requests: Sequence[GenerationRequest], rows: list[tuple[int, int]],
-                       generator: "torch.Generator") -> list[Sample]:
-        import torch
-
+                       generator: torch.Generator) -> list[Sample]:
         uniq = sorted({ri for ri, _ in rows})
         slot = {ri: k for k, ri in enumerate(uniq)}
         cache = self.new_cache()
@@ -236,21 +225,19 @@ class HFEngine:
     # -- the decoding surface (generate and HFStream) --------------------------------------------
     def new_cache(self):
         """An empty KV cache (transformers `DynamicCache`) for this model."""
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # noqa: PLC0415 -- transformers loads with a model
 
         return DynamicCache(config=self.model.config)
 
-    def forward(self, input_ids, attention_mask, position_ids, cache) -> "torch.Tensor":
+    def forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """One forward with `cache`; the last position's logits (B, V), float32. Caller holds `lock`."""
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             cache=cache, use_cache=True, logits_to_keep=1).logits
         self.stats["forward_calls"] += 1
         return logits[:, -1, :].float()  # (B, V)
 
-    def prefill(self, contexts: list[np.ndarray], cache) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    def prefill(self, contexts: list[np.ndarray], cache) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Left-padded prefill of unique contexts; returns (last logits (R,V), mask (R,L), next pos (R,))."""
-        import torch
-
         lengths = [len(c) for c in contexts]
         width = max(lengths)
         ids = np.full((len(contexts), width), self.pad_token_id, dtype=np.int64)  # (R, L)
@@ -269,16 +256,14 @@ class HFEngine:
         """The token ids that end a sample of `req`: the model's EOS ids and the request's stop ids."""
         return frozenset(self.eos_token_ids) | frozenset(req.stop_token_ids)
 
-    def sampling_params(self, rows: Sequence[DecodeRow]) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    def sampling_params(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(temperature, top_k, top_p) of the rows' requests, each (B,), for `sample_rows`."""
-        import torch
-
         return (torch.tensor([r.req.temperature for r in rows], device=self.device),
                 torch.tensor([r.req.top_k for r in rows], device=self.device),
                 torch.tensor([r.req.top_p for r in rows], device=self.device))
 
-    def sample_rows(self, logits: "torch.Tensor", params: tuple, rows: Sequence[DecodeRow],
-                    generator: "torch.Generator") -> tuple["torch.Tensor", list[int]]:
+    def sample_rows(self, logits: torch.Tensor, params: tuple, rows: Sequence[DecodeRow],
+                    generator: torch.Generator) -> tuple[torch.Tensor, list[int]]:
         """actor/decoding.py `sample_rows` with this tokenizer (stop strings); counts the tokens drawn."""
         self.stats["generated_tokens"] += sum(not r.done for r in rows)
         return sample_rows(logits, params, rows, generator, self.tokenizer.decode)

@@ -25,15 +25,16 @@ KV entries.
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING
+
+import torch
 
 from actor.decoding import DecodeRow
 from actor.engine import EngineError, GenerationRequest, StreamResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from actor.hf_engine import HFEngine
 
 
@@ -52,17 +53,15 @@ class _Parked:
 
     keys: list  # per layer (1, H, w, D)
     values: list
-    mask: "torch.Tensor"  # (1, w), all ones
-    pos: "torch.Tensor"  # (1,)
-    tok: "torch.Tensor"  # (1,) the row's last sampled token, not yet fed
+    mask: torch.Tensor  # (1, w), all ones
+    pos: torch.Tensor  # (1,)
+    tok: torch.Tensor  # (1,) the row's last sampled token, not yet fed
 
 
 class HFStream:
     """Continuous batching on an `HFEngine`: rows join and leave between decode steps."""
 
-    def __init__(self, engine: "HFEngine", seed: int | None) -> None:
-        import torch
-
+    def __init__(self, engine: HFEngine, seed: int | None) -> None:
         self.engine = engine
         self.generator = (engine.generator if seed is None
                           else torch.Generator(device=engine.device).manual_seed(int(seed)))
@@ -94,8 +93,6 @@ class HFStream:
         return max(0, self.engine.max_batch_rows - self.running() - queued)
 
     def step(self) -> list[StreamResult]:
-        import torch
-
         with self.engine.lock, torch.inference_mode():
             started = time.perf_counter()
             version = int(self.engine.version)
@@ -122,7 +119,7 @@ class HFStream:
         rows = self.running()
         forks, unpark, fresh, taken = [], [], [], set()
         waiting = False
-        for k, (req, tag, parent) in enumerate(self._queue):
+        for k, (req, _tag, parent) in enumerate(self._queue):
             if parent is None or (parent not in self._forkable and parent not in self._parked):
                 continue
             if not waiting and (rows == 0 or rows + req.n <= cap):
@@ -133,7 +130,7 @@ class HFStream:
                 waiting = True
                 if parent in self._forkable:
                     self._park(parent)
-        for k, (req, tag, parent) in enumerate(self._queue):
+        for k, (req, _tag, parent) in enumerate(self._queue):
             if k in taken or (parent is not None and parent in self._parked):
                 continue
             if not waiting and (rows == 0 or rows + req.n <= cap):
@@ -156,8 +153,6 @@ class HFStream:
 
     def _regroup(self, forks: list, version: int, force: bool) -> None:
         """Select the running rows plus each fork's parent row repeated n times; trim padding."""
-        import torch
-
         dead = sum(r.done for r in self.rows)
         self._forkable, forkable = {}, self._forkable
         if not forks and not (dead and (force or 4 * dead >= len(self.rows))):
@@ -185,14 +180,12 @@ class HFStream:
         """Put parked parents back, each repeated n times, as running rows (their token still to feed)."""
         for req, tag, parent in items:
             st = self._parked.pop(parent)
-            rep = lambda x: x.expand(req.n, *x.shape[1:])  # noqa: E731 - n sibling rows of one state
+            rep = lambda x, n=req.n: x.expand(n, *x.shape[1:])  # noqa: E731 - n sibling rows of one state
             self._merge([rep(k) for k in st.keys], [rep(v) for v in st.values], rep(st.mask), rep(st.pos),
                         rep(st.tok), self._new_rows(req, tag, version))
 
     def _join(self, fresh: list, logits, version: int):
         """Prefill fresh requests (once per request), repeat for n siblings, merge into the batch."""
-        import torch
-
         cache = self.engine.new_cache()
         new_logits, mask, lengths = self.engine.prefill([req.context for req, _, _ in fresh], cache)
         expand = torch.tensor([k for k, (req, _, _) in enumerate(fresh) for _ in range(req.n)],
@@ -206,17 +199,15 @@ class HFStream:
 
     def _merge(self, keys: list, values: list, mask, pos, tok, rows: list[_Row]) -> None:
         """Append rows (per-layer KV (R, H, w, D), mask (R, w), pos, tok (R,)) left-padded to one width."""
-        import torch
-
         if not self.rows:
             self.cache = self.engine.new_cache()
-            for i, (k, v) in enumerate(zip(keys, values)):
+            for i, (k, v) in enumerate(zip(keys, values, strict=True)):
                 self.cache.update(k.contiguous(), v.contiguous(), i)
             self.mask, self.pos, self.tok, self.rows = mask, pos, tok, list(rows)
         else:
             width = max(self.mask.shape[1], mask.shape[1])
             self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)], dim=0)
-            for layer, k, v in zip(self._layers(), keys, values):
+            for layer, k, v in zip(self._layers(), keys, values, strict=True):
                 layer.keys = torch.cat([_pad_left(layer.keys, width, 2), _pad_left(k, width, 2)], dim=0)
                 layer.values = torch.cat([_pad_left(layer.values, width, 2), _pad_left(v, width, 2)], dim=0)
             self.pos, self.tok = torch.cat([self.pos, pos]), torch.cat([self.tok, tok])
@@ -228,7 +219,6 @@ class HFStream:
         """One forward of every batch row's pending token; (B, V) logits or None if empty."""
         if not self.rows:
             return None
-        import torch
 
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)  # (B, W + 1)
         logits = self.engine.forward(self.tok.unsqueeze(1), self.mask, self.pos.unsqueeze(1), self.cache)
@@ -261,10 +251,8 @@ class HFStream:
         return layers
 
 
-def _pad_left(x: "torch.Tensor", width: int, dim: int) -> "torch.Tensor":
+def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zero-pad `x` on the left along `dim` to `width` (padding is masked out by the attention mask)."""
-    import torch
-
     missing = width - x.shape[dim]
     if missing <= 0:
         return x

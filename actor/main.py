@@ -26,8 +26,28 @@ import threading
 import time
 from pathlib import Path
 
+from actor.engines import make_engine
+from actor.sampler import TreeSampler
+from actor.weights import WeightReceiver
 from common.config import JobConfig, load_config
-from common.rundir import ENDPOINTS, actor_info_path, read_json, write_json_atomic
+from common.data import PromptSource
+from common.metrics import ActorMetrics, MetricsServer, new_registry
+from common.rewards import make_reward
+from common.rundir import ENDPOINTS, actor_info_path, read_json, require_model_path, setup_logging, write_json_atomic
+from common.transport import ActorEndpoints
+from common.weightsync import WeightSyncError
+from common.wire import (
+    Credit,
+    Heartbeat,
+    Register,
+    Rejoin,
+    Shutdown,
+    WeightAck,
+    WeightAnnounce,
+    Welcome,
+    WireError,
+    encode_tree,
+)
 
 log = logging.getLogger("treerpo.actor")
 
@@ -49,14 +69,6 @@ class LockedEngine:
 class Actor:
     def __init__(self, cfg: JobConfig, run_dir: Path, actor_id: str, index: int, num_actors: int,
                  endpoints: dict[str, str]) -> None:
-        from actor.engines import make_engine
-        from actor.sampler import TreeSampler
-        from actor.weights import WeightReceiver
-        from common.data import PromptSource
-        from common.metrics import ActorMetrics, MetricsServer, new_registry
-        from common.rewards import make_reward
-        from common.transport import ActorEndpoints
-
         self.cfg, self.run_dir, self.actor_id = cfg, run_dir, actor_id
         self.stop = threading.Event()
         self.lock = threading.Lock()  # engine lock: generate vs weight load
@@ -83,15 +95,13 @@ class Actor:
         self.weights_ready = threading.Event()  # current learner's weights loaded
         self.last_contact = 0.0
         self.learner_finished = False
-        self._outbox: "queue.Queue" = queue.Queue()  # messages other threads send via the control thread
-        self._announces: "queue.Queue" = queue.Queue()
+        self._outbox: queue.Queue = queue.Queue()  # messages other threads send via the control thread
+        self._announces: queue.Queue = queue.Queue()
         self._control = threading.Thread(target=self._control_loop, name="control", daemon=True)
         self._weights = threading.Thread(target=self._weights_loop, name="weights", daemon=True)
 
     # -- control thread --------------------------------------------------------------------
     def _control_loop(self) -> None:
-        from common.wire import Heartbeat, Register, WireError
-
         tc = self.cfg.transport
         next_register = 0.0
         next_heartbeat = 0.0
@@ -132,8 +142,6 @@ class Actor:
 
     def _handle(self, msg) -> bool:
         """Returns True when the message (re)established a registration."""
-        from common.wire import Credit, Rejoin, Shutdown, WeightAnnounce, Welcome
-
         if isinstance(msg, Welcome):
             if msg.incarnation != self.incarnation and self.incarnation >= 0:
                 self._learner_lost()
@@ -185,9 +193,6 @@ class Actor:
 
     def _receive_weights(self, announce):
         """Receive into fresh buffers (no lock held: generation goes on), load under the engine lock."""
-        from common.weightsync import WeightSyncError
-        from common.wire import WeightAck
-
         try:
             if hasattr(self.engine, "receive_weights"):  # vLLM: its worker joins the group itself
                 with self.lock:  # vllm.LLM is not thread-safe: no generation during the receive
@@ -226,8 +231,6 @@ class Actor:
 
     # -- main thread -----------------------------------------------------------------------
     def run(self) -> int:
-        from common.wire import encode_tree
-
         self._control.start()
         self._weights.start()
         if self.server is not None:
@@ -290,8 +293,6 @@ class Actor:
         self.metrics.send_blocked_seconds.inc(self.net.blocked_seconds - blocked0)
 
     def close(self) -> None:
-        from common.wire import Shutdown
-
         self.stop.set()
         self._control.join(2.0)
         self._weights.join(2.0)
@@ -323,8 +324,6 @@ def actor_index(actor_id: str, given: int | None) -> int:
 
 
 def run(args) -> int:
-    from common.rundir import require_model_path, setup_logging
-
     cfg = load_config(args.config, args.overrides)
     if args.run_dir:
         cfg.run_dir = args.run_dir

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def node_finish(sample_finish: SampleFinish, path_ends: bool) -> Finish:
 class _Group:
     """The sibling request below one node (the root: parent = -1)."""
 
-    tree: "_Tree"
+    tree: _Tree
     parent: int  # index into tree.raw, -1 = root
     level: int
     context: np.ndarray  # int32, prompt + ancestors + the parent node
@@ -90,7 +91,7 @@ class _Tree:
 class TreeSampler:
     """Grows the trees of many prompts together on one engine, without a level barrier."""
 
-    def __init__(self, engine: Engine, tree_cfg: "TreeConfig", reward: Any, actor_id: str, seed: int = 0) -> None:
+    def __init__(self, engine: Engine, tree_cfg: TreeConfig, reward: Any, actor_id: str, seed: int = 0) -> None:
         self.engine = engine
         self.cfg = tree_cfg
         self.reward = reward
@@ -209,7 +210,7 @@ class TreeSampler:
         nodes = [_bfs(tree.raw) for tree in done]
         reasons = self._score([t.prompt for t in done], nodes)
         score_seconds = time.perf_counter() - gen_done
-        for tree, tree_nodes, why in zip(done, nodes, reasons):
+        for tree, tree_nodes, why in zip(done, nodes, reasons, strict=True):
             prompt = tree.prompt
             meta = {
                 "task": str(dict(prompt.meta).get("task", getattr(self.reward, "name", ""))),
@@ -236,7 +237,7 @@ class TreeSampler:
         texts, answers, where = [], [], []
         for p, tree_nodes in enumerate(nodes):
             has_child = {n.parent for n in tree_nodes}
-            for i, node in enumerate(tree_nodes):
+            for i in range(len(tree_nodes)):
                 if i in has_child:
                     continue
                 path, j = [], i
@@ -251,7 +252,7 @@ class TreeSampler:
         if len(results) != len(texts):
             raise RuntimeError(f"reward {self.reward!r} returned {len(results)} results for {len(texts)} completions")
         reasons: list[Counter[str]] = [Counter() for _ in prompts]
-        for (p, i), res in zip(where, results):
+        for (p, i), res in zip(where, results, strict=True):
             nodes[p][i].reward = float(res.reward)
             reasons[p][res.reason] += 1
         return reasons

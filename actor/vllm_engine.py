@@ -19,15 +19,19 @@ what is missing). Guarantees (on top of actor/engine.py's contract):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from actor.engine import EngineError, GenerationRequest, Sample, SampleFinish, collect_eos_ids
+from actor.weights import WeightReceiver
+from common.weightsync import WeightSyncError
+from common.wire import WeightAnnounce
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from common.config import ActorConfig, ModelConfig
 
 WORKER_EXTENSION = "actor.vllm_engine.WeightUpdateExtension"
@@ -36,13 +40,12 @@ WORKER_EXTENSION = "actor.vllm_engine.WeightUpdateExtension"
 def require_vllm() -> None:
     """Raise EngineError saying how to fix a missing vLLM or CUDA."""
     try:
-        import vllm  # noqa: F401
+        import vllm  # noqa: F401, PLC0415 -- vLLM is optional (treerpo[vllm])
     except ImportError as e:
         raise EngineError(
             "actor.engine='vllm' but vLLM is not installed: install it on a CUDA machine "
             "(pip install 'treerpo[vllm]') or set actor.engine=hf"
         ) from e
-    import torch
 
     if not torch.cuda.is_available():
         raise EngineError("actor.engine='vllm' needs a CUDA GPU and none is visible: set actor.engine=hf")
@@ -55,7 +58,7 @@ class WeightUpdateExtension:
     handles vLLM's fused layouts (e.g. q/k/v -> qkv_proj), copying into the live parameters.
     """
 
-    def load_named_tensors(self, named_tensors: list[tuple[str, "torch.Tensor"]]) -> int:
+    def load_named_tensors(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
         """Copy HF-named tensors into the live weights; returns how many were given.
 
         The weight-sync receiver calls this with the tensors of one received bucket (already on
@@ -76,9 +79,6 @@ class WeightUpdateExtension:
         back under HF names). One worker per actor (tensor_parallel_size=1): the sync group
         gives each actor one rank.
         """
-        from actor.weights import WeightReceiver
-        from common.wire import WeightAnnounce
-
         if not hasattr(self, "_treerpo_receiver"):
             self._treerpo_receiver = WeightReceiver()
         model = self.model_runner.model
@@ -104,9 +104,9 @@ def _finish(completion: Any) -> SampleFinish:
 class VLLMEngine:
     """`vllm.LLM` behind the Engine protocol."""
 
-    def __init__(self, model_cfg: "ModelConfig", actor_cfg: "ActorConfig", *, seed: int = 0) -> None:
+    def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, *, seed: int = 0) -> None:
         require_vllm()
-        from vllm import LLM
+        from vllm import LLM  # noqa: PLC0415 -- vLLM is optional (treerpo[vllm])
 
         dtype = "bfloat16" if model_cfg.dtype == "auto" else model_cfg.dtype
         self.llm = LLM(
@@ -126,8 +126,8 @@ class VLLMEngine:
         self.eos_token_ids = self._find_eos_ids(model_cfg)
         self.version = 0
 
-    def _find_eos_ids(self, model_cfg: "ModelConfig") -> tuple[int, ...]:
-        from transformers import GenerationConfig
+    def _find_eos_ids(self, model_cfg: ModelConfig) -> tuple[int, ...]:
+        from transformers import GenerationConfig  # noqa: PLC0415 -- transformers loads with a model, not on import
 
         try:
             gen = GenerationConfig.from_pretrained(model_cfg.path).eos_token_id
@@ -136,7 +136,7 @@ class VLLMEngine:
         return collect_eos_ids(self.tokenizer.eos_token_id, gen)
 
     def _params(self, req: GenerationRequest):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # noqa: PLC0415 -- vLLM is optional (treerpo[vllm])
 
         return SamplingParams(
             n=req.n,
@@ -152,27 +152,27 @@ class VLLMEngine:
         )
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Sample]]:
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415 -- vLLM is optional (treerpo[vllm])
 
         for req in requests:
             req.check(self.vocab_size)
         prompts = [TokensPrompt(prompt_token_ids=req.context.tolist()) for req in requests]
         outputs = self.llm.generate(prompts, [self._params(r) for r in requests], use_tqdm=False)
         results = []
-        for req, out in zip(requests, outputs):
+        for req, out in zip(requests, outputs, strict=True):
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
                 if c.logprobs is None or len(c.logprobs) != len(ids):
                     raise EngineError("vLLM returned no per-token log-probs; is logprobs=0 honoured?")
-                lps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
+                lps = [step[t].logprob for t, step in zip(ids, c.logprobs, strict=True)]
                 samples.append(Sample(np.array(ids, dtype=np.int32), np.array(lps, dtype=np.float32), _finish(c)))
             if len(samples) != req.n:
                 raise EngineError(f"vLLM returned {len(samples)} samples for a request with n={req.n}")
             results.append(samples)
         return results
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Send HF-named tensors to every worker (in place), drop the stale prefix cache, set version."""
         tensors = [(name, t.detach().cpu()) for name, t in named_tensors]
         self.llm.collective_rpc("load_named_tensors", args=(tensors,))
@@ -182,11 +182,8 @@ class VLLMEngine:
     def receive_weights(self, announce: Any) -> tuple[str, float]:
         """The weight sync for this engine: the worker joins the group and receives (see the
         extension); then the prefix cache is dropped and the version set. Returns (checksum, s)."""
-        import dataclasses
-
         if self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size != 1:
             raise EngineError("weight sync into vLLM needs tensor_parallel_size=1 (one sync rank per actor)")
-        from common.weightsync import WeightSyncError
 
         try:
             (checksum, seconds), = self.llm.collective_rpc("receive_weights", args=(dataclasses.asdict(announce),))
@@ -196,7 +193,7 @@ class VLLMEngine:
         self.version = int(announce.version)
         return checksum, seconds
 
-    def named_parameters_for_sync(self) -> list[tuple[str, "torch.Tensor"]]:
+    def named_parameters_for_sync(self) -> list[tuple[str, torch.Tensor]]:
         raise EngineError(
             "the vLLM engine's parameters live in its worker processes: receive weights through "
             "WeightUpdateExtension.load_named_tensors (collective_rpc), not in place here"

@@ -37,7 +37,10 @@ Driving it (actor process), on a WeightAnnounce from the control channel::
 from __future__ import annotations
 
 import traceback
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
 
 from common.weightsync import (
     Deadline,
@@ -193,7 +196,7 @@ class WeightReceiver:
 
         for b, (first, end, count) in enumerate(plan.buckets):
             buf = self._buffer(target, b, count, plan.dtypes[first], device)
-            views = list(zip(plan.names[first:end], unflatten(buf, plan.shapes[first:end])))
+            views = list(zip(plan.names[first:end], unflatten(buf, plan.shapes[first:end]), strict=True))
             named.extend(views)
             if count:
                 done = wire.room()
@@ -205,8 +208,6 @@ class WeightReceiver:
         return digests.result()
 
     def _buffer(self, target: int, b: int, count: int, dtype: str, device: Any) -> Any:
-        import torch
-
         if not self.reuse_buffers:
             return torch.empty(count, dtype=torch_dtype(dtype), device=device)
         key = (dtype, b, str(device))

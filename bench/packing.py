@@ -27,16 +27,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+
+from common.config import AdvantageConfig, LossConfig  # noqa: E402
+from common.tree import Node, ReasoningTree, new_tree_id  # noqa: E402
+from learner.logprobs import attention_inputs, resolve_tree_attention, token_logprobs  # noqa: E402
+from learner.loss import LossInputs, treerpo_loss  # noqa: E402
+from learner.packing import pack_trees  # noqa: E402
+from treerpo.tinymodel import build_tiny_model  # noqa: E402
 
 
 def make_tree(rng, prompt_tokens: int, segment_tokens: int, branching: list[int], vocab: int):
-    import numpy as np
-
-    from common.tree import Node, ReasoningTree, new_tree_id
-
     parents, level = [], [-1]
-    for d, b in enumerate(branching):
+    for b in branching:
         nxt = []
         for p in level:
             for _ in range(b):
@@ -57,10 +64,6 @@ def make_tree(rng, prompt_tokens: int, segment_tokens: int, branching: list[int]
 
 def step(model, trees, mode: str, row_tokens: int, rows: int, loss_cfg, adv_cfg, tree_attention: str = "auto"):
     """Pack + forward + backward of the whole step; returns (seconds, tokens processed)."""
-    from learner.loss import LossInputs, treerpo_loss
-    from learner.logprobs import token_logprobs
-    from learner.packing import pack_trees
-
     t0 = time.perf_counter()
     batches = pack_trees(trees, adv_cfg, mode, row_tokens, learner_version=0, max_batch_rows=rows)
     total = sum(b.num_trainable_tokens for b in batches)
@@ -76,11 +79,6 @@ def step(model, trees, mode: str, row_tokens: int, rows: int, loss_cfg, adv_cfg,
 
 def profile_tree(model, trees, row_tokens: int, adv_cfg, reps: int, tree_attention: str) -> dict[str, float]:
     """Where a tree step's time goes: mask/plan build, fwd+bwd of the tree row vs a causal mask."""
-    import torch
-
-    from learner.logprobs import attention_inputs, resolve_tree_attention
-    from learner.packing import pack_trees
-
     t0 = time.perf_counter()
     batches = pack_trees(trees, adv_cfg, "tree", row_tokens, learner_version=0)
     pack_s = time.perf_counter() - t0
@@ -97,7 +95,7 @@ def profile_tree(model, trees, row_tokens: int, adv_cfg, reps: int, tree_attenti
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            for b, kw in zip(batches, inputs):
+            for b, kw in zip(batches, inputs, strict=True):
                 pos = b.position_ids if tree else torch.arange(b.input_ids.shape[1])[None]
                 out = model(input_ids=b.input_ids, position_ids=pos, use_cache=False,
                             **(kw if tree else {"attention_mask": None}))
@@ -129,13 +127,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from common.config import AdvantageConfig, LossConfig
-    from treerpo.tinymodel import build_tiny_model
-
     torch.set_num_threads(args.threads)
     branching = [int(x) for x in args.branching.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,8 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_mask_baseline:
         layouts["tree_mask"] = ("tree", tree_len, 1, "mask")
     adv_cfg, loss_cfg = AdvantageConfig(), LossConfig()
-
-    from learner.logprobs import resolve_tree_attention
 
     tree_attention = resolve_tree_attention(model, args.tree_attention)
     times: dict[str, list[float]] = {name: [] for name in layouts}

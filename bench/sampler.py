@@ -31,7 +31,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actor.engines import make_engine  # noqa: E402
+from actor.sampler import TreeSampler  # noqa: E402
+from common.config import ActorConfig, ModelConfig, TreeConfig  # noqa: E402
+from common.data import Prompt  # noqa: E402
+from common.rewards import make_reward  # noqa: E402
+from treerpo.tinymodel import build_tiny_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_calls(engine, cfgs: dict, prompts, reward, repeats: int) -> dict:
     """Alternate one sample() call per mode; median tok/s, mean tokens per leaf, median ratio."""
-    from actor.sampler import TreeSampler
-
     samplers = {name: TreeSampler(engine, cfg, reward, "bench", seed=0) for name, cfg in cfgs.items()}
     for sampler in samplers.values():
         sampler.sample(prompts[:2])  # warm-up
@@ -72,8 +80,6 @@ def run_calls(engine, cfgs: dict, prompts, reward, repeats: int) -> dict:
 
 def run_streams(engine, cfgs: dict, prompts, reward, rows: int, window: int, repeats: int) -> dict:
     """Keep one stream per mode open; alternate timed windows of `window` completed trees."""
-    from actor.sampler import TreeSampler
-
     engine.max_batch_rows = rows
     streams, per_leaf = {}, {n: [] for n in cfgs}
     for name, cfg in cfgs.items():
@@ -106,13 +112,6 @@ def run_streams(engine, cfgs: dict, prompts, reward, rows: int, window: int, rep
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import numpy as np
-    import torch
-
-    from actor.engines import make_engine
-    from common.config import ActorConfig, ModelConfig, TreeConfig
-    from common.rewards import make_reward
-    from treerpo.tinymodel import build_tiny_model
 
     torch.set_num_threads(args.threads)
     branching = [int(b) for b in args.branching.split(",")]
@@ -157,10 +156,6 @@ def main(argv=None) -> dict:
 
 
 def _prompt(i: int, text: str, tok):
-    import numpy as np
-
-    from common.data import Prompt
-
     return Prompt(prompt_id=f"b{i}", text=text, answer=str(eval(text[:-1])),
                   token_ids=np.array(tok.encode(text), dtype=np.int32), meta={"task": "arithmetic"})
 

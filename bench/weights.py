@@ -25,10 +25,18 @@ import json
 import multiprocessing as mp
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actor.weights import WeightReceiver  # noqa: E402
+from common.config import WeightsConfig  # noqa: E402
+from common.weightsync import Deadline, broadcast_bucket, make_group, wait_work  # noqa: E402
+from learner.weights import SOLO_BYTES, WeightPublisher  # noqa: E402
 
 
 def transformer_shapes(vocab: int, hidden: int, layers: int, ffn: int) -> list[tuple[str, list[int]]]:
@@ -45,13 +53,6 @@ def transformer_shapes(vocab: int, hidden: int, layers: int, ffn: int) -> list[t
 
 
 def _receiver(conn, shapes, host: str, port: int) -> None:
-    import threading
-
-    import torch
-
-    from actor.weights import WeightReceiver
-    from common.weightsync import broadcast_bucket, Deadline, make_group, wait_work
-
     torch.set_num_threads(1)
     params = {n: torch.nn.Parameter(torch.zeros(s), requires_grad=False) for n, s in shapes}
     flat = torch.empty(sum(p.numel() for p in params.values()))
@@ -102,12 +103,6 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="syncs before timing (the receiver's two buffer sets)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-
-    import torch
-
-    from common.config import WeightsConfig
-    from common.weightsync import Deadline, broadcast_bucket, make_group, wait_work
-    from learner.weights import SOLO_BYTES, WeightPublisher
 
     torch.set_num_threads(1)
     shapes = transformer_shapes(args.vocab, args.hidden, args.layers, args.ffn)
@@ -163,7 +158,7 @@ def main() -> None:
             got.append(sync_once(mode))
     conn.send(("stop",))
     proc.join(30)
-    del pg, flat
+    pg = flat = None  # drop the group and its buffer before the stores close (baseline_once holds the names)
     for pub in pubs.values():  # their TCPStores: stopped now, not torn down at interpreter exit
         pub.close()
 
@@ -196,7 +191,7 @@ def main() -> None:
                         f"ratio{key.removeprefix('sync')}": b / secs[mode]})
         # Each round times the baseline and then every mode back to back; the median over rounds of
         # that round's ratio is less sensitive to the machine's load changing between rounds.
-        paired = statistics.median(x / y for x, y in zip(base[args.warmup:], times["plain"][args.warmup:]))
+        paired = statistics.median(x / y for x, y in zip(base[args.warmup:], times["plain"][args.warmup:], strict=True))
         out.update({"ratio_paired": paired, "ratio": b / secs["plain"], "target": 0.8})
         print(json.dumps(out))
 

@@ -19,7 +19,9 @@ Each figure is the median over --repeats timed batches of --iters operations.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -93,7 +95,7 @@ def run_batch(batch: int, repeats: int) -> dict:
             decode_tree(b, vocab_size=VOCAB)
 
     def copy() -> None:
-        for s, d in zip(srcs, dsts):
+        for s, d in zip(srcs, dsts, strict=True):
             np.copyto(d, s)
 
     wire_s = _seconds_per_call(wire, 1, repeats) / batch
@@ -138,9 +140,6 @@ def run(iters: int, repeats: int) -> dict:
 
 
 def profile(iters: int) -> None:
-    import cProfile
-    import pstats
-
     tree = realistic_tree()
     buf = encode_tree(tree)
     prof = cProfile.Profile()

@@ -174,7 +174,7 @@ def run(iters: int, repeats: int, workdir: Path) -> dict:
 
     def objects_py() -> ReasoningTree:
         trusted, nodes, lo = Node.trusted, [], 0
-        for hi, p, v, f, r in zip(ends, parents, versions, finish, rewards):
+        for hi, p, v, f, r in zip(ends, parents, versions, finish, rewards, strict=True):
             nodes.append(trusted(p, tokens[lo:hi], logprobs[lo:hi], v, f, r))
             lo = hi
         return tree_of(nodes)
@@ -184,7 +184,7 @@ def run(iters: int, repeats: int, workdir: Path) -> dict:
 
     built = objects_py()
     assert all(np.array_equal(a.token_ids, b.token_ids) and np.array_equal(a.logprobs, b.logprobs)
-               for a, b in zip(built.nodes, tree.nodes)) and scan_py()
+               for a, b in zip(built.nodes, tree.nodes, strict=True)) and scan_py()
     copy_s = _best_seconds(lambda: np.copyto(dst, src), iters * 5, repeats)
     r: dict = {"bytes_per_tree": len(buf), "memcpy_us": copy_s * 1e6, "memcpy_gb_per_s": len(buf) / copy_s / 1e9}
     obj_s = _best_seconds(objects_py, iters, repeats)
@@ -205,7 +205,7 @@ def run(iters: int, repeats: int, workdir: Path) -> dict:
 
         built = objects_c()
         assert all(np.array_equal(a.token_ids, b.token_ids) and a.parent == b.parent and a.reward == b.reward
-                   for a, b in zip(built.nodes, tree.nodes)) and scan_c()
+                   for a, b in zip(built.nodes, tree.nodes, strict=True)) and scan_c()
         obj_s = _best_seconds(objects_c, iters, repeats)
         scan_s = _best_seconds(scan_c, iters, repeats)
         r.update(c_objects_us=obj_s * 1e6, c_scan_us=scan_s * 1e6, c_floor_us=(obj_s + scan_s + copy_s) * 1e6,
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="treerpo-wire-floor-") as tmp:
         r = run(args.iters, args.repeats, Path(tmp))
-    print(f"tree: {r['bytes_per_tree']} bytes on the wire; memcpy {r['memcpy_us']:.2f} us ({r['memcpy_gb_per_s']:.1f} GB/s)")
+    print(f"tree: {r['bytes_per_tree']} bytes on the wire; "
+          f"memcpy {r['memcpy_us']:.2f} us ({r['memcpy_gb_per_s']:.1f} GB/s)")
     print(f"{'built by':<10}{'objects_us':>12}{'scan_us':>10}{'floor_us':>10}{'max_ratio':>11}")
     for who in ("py", "c"):
         if r[f"{who}_floor_us"] is None:

@@ -48,7 +48,7 @@ class TreeConfig(Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
 
     @model_validator(mode="after")
-    def _check(self) -> "TreeConfig":
+    def _check(self) -> TreeConfig:
         if len(self.branching) != self.depth:
             raise ValueError(
                 f"tree.branching has {len(self.branching)} entries but tree.depth is {self.depth}: "
@@ -90,7 +90,9 @@ class LossConfig(Section):
     clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="epsilon_low: ratio clipped below at 1 - clip_low.")
     clip_high: float = Field(0.2, ge=0.0, le=10.0, description="epsilon_high: ratio clipped above at 1 + clip_high.")
     is_cap: float = Field(2.0, ge=1.0, le=1000.0, description="Cap of the behaviour->proximal importance weight.")
-    kl_coef: float = Field(0.0, ge=0.0, le=10.0, description="beta of the k3 KL to a frozen reference (0 = no reference).")
+    kl_coef: float = Field(
+        0.0, ge=0.0, le=10.0, description="beta of the k3 KL to a frozen reference (0 = no reference)."
+    )
     staleness_decay: float = Field(
         1.0, gt=0.0, le=1.0, description="gamma: each token's loss times gamma**staleness; 1.0 = off."
     )
@@ -125,14 +127,15 @@ class TransportConfig(Section):
     curve_key_name: str | None = Field(
         None,
         min_length=1,
-        description="Actor key pair name in curve_dir/private/ (default: the actor id); its public key must be in curve_dir/actors/.",
+        description="Actor key pair name in curve_dir/private/ (default: the actor id); "
+        "its public key must be in curve_dir/actors/.",
     )
     linger_s: float = Field(
         1.0, ge=0.0, le=60.0, description="close() waits at most this long to flush queued messages, then drops them."
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "TransportConfig":
+    def _check(self) -> TransportConfig:
         if self.curve and not self.curve_dir:
             raise ValueError("transport.curve is true but transport.curve_dir is unset: point it at the key folder")
         if self.data_port and self.data_port == self.control_port:
@@ -169,7 +172,8 @@ class ReplayConfig(Section):
     )
     credits_per_actor: int = Field(8, ge=1, le=100_000, description="Trees an actor may have in flight.")
     remember_ids: int = Field(
-        200_000, ge=1, le=100_000_000, description="Tree ids remembered (LRU) to refuse duplicates; saved in checkpoints."
+        200_000, ge=1, le=100_000_000,
+        description="Tree ids remembered (LRU) to refuse duplicates; saved in checkpoints.",
     )
 
 
@@ -194,7 +198,8 @@ class DataConfig(Section):
     problem_field: str = Field("problem", min_length=1, description="Row field holding the problem text.")
     answer_field: str = Field("answer", min_length=1, description="Row field holding the gold answer.")
     prompt_template: str = Field(
-        "{problem}", min_length=1, description="Text around '{problem}'; only '{problem}' is replaced, other braces stay."
+        "{problem}", min_length=1,
+        description="Text around '{problem}'; only '{problem}' is replaced, other braces stay.",
     )
     chat_template: bool = Field(False, description="Wrap the prompt in the tokenizer's chat template.")
     reward: Literal["math", "arithmetic"] = Field("arithmetic", description="Reward function by registry name.")
@@ -206,7 +211,8 @@ class DataConfig(Section):
     operand_max: int = Field(14, ge=1, le=10**6, description="Largest operand of the synthetic task.")
     num_problems: int = Field(100_000, ge=1, le=10**8, description="Size of the synthetic training pool.")
     task: Literal["add_mul", "chain"] = Field(
-        "add_mul", description="Synthetic task shape: '(a+b)*c', or a chain of task_steps + - * steps (common/tasks.py)."
+        "add_mul",
+        description="Synthetic task shape: '(a+b)*c', or a chain of task_steps + - * steps (common/tasks.py).",
     )
     task_steps: int = Field(2, ge=1, le=32, description="Steps of a 'chain' problem (ignored by 'add_mul').")
     eval_fraction: float = Field(
@@ -219,7 +225,7 @@ class DataConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if self.source == "files" and not self.paths:
             raise ValueError("data.source='files' needs data.paths: a list of .jsonl or .parquet files")
         if self.operand_min > self.operand_max:
@@ -268,7 +274,9 @@ class LearnerConfig(Section):
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0.0, description="Global grad-norm clip; 0 = off.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage.")
-    packing: Literal["tree", "flat"] = Field("tree", description="Pack each node once with a tree mask, or one row per path.")
+    packing: Literal["tree", "flat"] = Field(
+        "tree", description="Pack each node once with a tree mask, or one row per path."
+    )
     micro_batch_tokens: int = Field(4096, ge=16, description="Token budget of one micro-batch row set.")
     micro_batch_rows: int = Field(1, ge=1, le=4096, description="Rows of micro_batch_tokens tokens per micro-batch.")
     tree_attention: Literal["auto", "span", "mask"] = Field(
@@ -299,7 +307,7 @@ class LearnerConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "LearnerConfig":
+    def _check(self) -> LearnerConfig:
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"learner.betas={self.betas}: give two values in [0, 1), e.g. [0.9, 0.999]")
         if self.schedule != "constant" and self.max_steps == 0:

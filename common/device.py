@@ -2,17 +2,17 @@
 
 One rule for the actor's HF engine and the learner: `device='auto'` is CUDA when available,
 else CPU; `dtype='auto'` is bfloat16 on CUDA and float32 on CPU; `device='cuda'` without CUDA
-raises `DeviceError` (saying the fix). torch is imported when `resolve_device_dtype` is called,
-not at import, so importing this module stays cheap.
+raises `DeviceError` (saying the fix). Only torch processes import this module (the HF engine,
+the learner), so it imports torch at the top.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+import torch
 
+if TYPE_CHECKING:  # pragma: no cover
     from common.config import ModelConfig
 
 # ModelConfig.dtype -> attribute of torch
@@ -23,11 +23,9 @@ class DeviceError(RuntimeError):
     """The configured device is not available here."""
 
 
-def resolve_device_dtype(model_cfg: "ModelConfig",
-                         local_rank: int | None = None) -> tuple["torch.device", "torch.dtype"]:
+def resolve_device_dtype(model_cfg: ModelConfig,
+                         local_rank: int | None = None) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) for `model_cfg`; on CUDA the device is `cuda:local_rank` (None: `cuda`)."""
-    import torch
-
     if model_cfg.device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("model.device='cuda' but CUDA is not available: set model.device=cpu or auto")
     use_cuda = model_cfg.device == "cuda" or (model_cfg.device == "auto" and torch.cuda.is_available())

@@ -30,9 +30,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 REWARD_REASONS: tuple[str, ...] = ("ok", "wrong", "no_answer", "parse_error", "timeout", "error")
 MAX_BOXED_CHARS = 2000  # longer \boxed contents are junk, not answers: parse_error, no verifier call
@@ -126,7 +127,7 @@ def has_box_marker(text: str) -> bool:
 # --------------------------------------------------------------------------------------------
 def _verify_pair(pred_latex: str, gold: str) -> str:
     """Runs in the worker: 'ok' | 'wrong' | 'parse_error'. Exceptions propagate to the caller."""
-    from math_verify import parse, verify
+    from math_verify import parse, verify  # noqa: PLC0415 -- math-verify loads in the verifier worker only
 
     gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
     if not gold_parsed:
@@ -146,7 +147,7 @@ def _worker_main() -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (import before announcing readiness)
+    import math_verify  # noqa: F401, PLC0415 -- after the fd swap, before announcing readiness
 
     out.write('"ready"\n')
     out.flush()
@@ -276,7 +277,7 @@ class MathReward:
 
     def score_many(self, completions: list[str], answers: list[str]) -> list[RewardResult]:
         _check_lengths(completions, answers)
-        return [self.score(c, a) for c, a in zip(completions, answers)]
+        return [self.score(c, a) for c, a in zip(completions, answers, strict=True)]
 
     @property
     def restarts(self) -> int:
@@ -333,7 +334,7 @@ class ArithmeticReward:
 
     def score_many(self, completions: list[str], answers: list[str]) -> list[RewardResult]:
         _check_lengths(completions, answers)
-        return [self.score(c, a) for c, a in zip(completions, answers)]
+        return [self.score(c, a) for c, a in zip(completions, answers, strict=True)]
 
     def close(self) -> None:
         pass

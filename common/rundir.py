@@ -9,6 +9,7 @@ JSON file: every write goes to a temporary file that is renamed into place.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -62,8 +63,6 @@ def logs_dir(run_dir: str | Path) -> Path:
 
 def setup_logging(name: str) -> None:
     """One line per record, tagged with the process name (logs of `up` are per process anyway)."""
-    import logging
-
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True
     )

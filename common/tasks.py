@@ -78,7 +78,7 @@ class TaskSpec:
             raise ValueError(f"eval_fraction={self.eval_fraction} must lie strictly between 0 and 1")
 
     @classmethod
-    def from_config(cls, cfg) -> "TaskSpec":
+    def from_config(cls, cfg) -> TaskSpec:
         """From a common.config.DataConfig."""
         return cls(
             shape=cfg.task,
@@ -109,7 +109,7 @@ def make_problem(operands: tuple[int, ...], ops: tuple[str, ...]) -> Problem:
     expr = str(operands[0])
     acc = operands[0]
     steps = []
-    for k, (op, y) in enumerate(zip(ops, operands[1:])):
+    for k, (op, y) in enumerate(zip(ops, operands[1:], strict=True)):
         expr = f"{expr}{op}{y}" if k == 0 else f"({expr}){op}{y}"
         text, acc = _step(acc, op, y)
         steps.append(text)

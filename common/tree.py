@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -91,8 +92,9 @@ class Node:
 
     @classmethod
     def trusted(
-        cls, parent: int, token_ids: np.ndarray, logprobs: np.ndarray, version: int, finish: Finish, reward: float | None
-    ) -> "Node":
+        cls, parent: int, token_ids: np.ndarray, logprobs: np.ndarray, version: int, finish: Finish,
+        reward: float | None,
+    ) -> Node:
         """A node from arrays that already are int32 / float32 (no conversion, no checks)."""
         node = _new_object(cls)
         node.parent, node.token_ids, node.logprobs = parent, token_ids, logprobs
@@ -180,7 +182,7 @@ class ReasoningTree:
         return total[self.is_leaf()]
 
     # -- validation --------------------------------------------------------------------------
-    def validate(self, vocab_size: int | None = None) -> "ReasoningTree":
+    def validate(self, vocab_size: int | None = None) -> ReasoningTree:
         """Raise TreeError naming the node and field of the first broken invariant; return self.
 
         Two passes: the types of every node's fields (lowest node first, plain attribute checks),
@@ -397,10 +399,12 @@ def _raise_value_error(
         (_first(parents[1:] < parents[:-1], 1), "order",
          lambda i: f"nodes[{i}].parent = {show('parent', i)} after a node with parent {show('parent', i - 1)}: "
          "nodes must be in breadth-first order"),
-        (owner(bad_id), "token_range", lambda i: _bad_ids_message(f"nodes[{i}].token_ids", tokens[span(i)], vocab_size)),
+        (owner(bad_id), "token_range",
+         lambda i: _bad_ids_message(f"nodes[{i}].token_ids", tokens[span(i)], vocab_size)),
         (empty, "empty_segment", lambda i: f"nodes[{i}].token_ids is empty: a segment holds at least one token"),
         (owner(~np.isfinite(logprobs)), "non_finite", lambda i: f"nodes[{i}].logprobs holds a non-finite value"),
-        (_first(versions < 0), "version", lambda i: f"nodes[{i}].version = {show('version', i)!r}: must be an int >= 0"),
+        (_first(versions < 0), "version",
+         lambda i: f"nodes[{i}].version = {show('version', i)!r}: must be an int >= 0"),
         (_first(finish >= len(FINISH_REASONS)), "finish",
          lambda i: f"nodes[{i}].finish = {show('finish', i)!r}: must be one of {FINISH_REASONS}"),
     ]
@@ -415,7 +419,8 @@ def _raise_structure_error(
     if bad_reward is None or (bad_finish is not None and bad_finish <= bad_reward):
         i = bad_finish
         if has_child[i]:
-            raise TreeError(f"nodes[{i}] has children, so its finish must be 'segment', not {show('finish', i)!r}", "structure")
+            raise TreeError(f"nodes[{i}] has children, so its finish must be 'segment', not {show('finish', i)!r}",
+                            "structure")
         raise TreeError(f"nodes[{i}] is a leaf, so its finish must be 'stop' or 'length', not 'segment'", "structure")
     i = bad_reward
     if has_child[i]:

@@ -36,14 +36,15 @@ import atexit
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any
 
+import torch
+import torch.distributed as dist
 import xxhash
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 SYNC_ERROR_REASONS: tuple[str, ...] = ("timeout", "peer_lost", "rendezvous", "invalid_announce", "load", "error")
 """Why one side's part of a sync failed (`WeightSyncError.reason`, usable as a metric label)."""
@@ -116,9 +117,7 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-def torch_dtype(name: str) -> "torch.dtype":
-    import torch
-
+def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPE_NAMES:
         raise ValueError(f"dtype {name!r} cannot be synced; supported: {DTYPE_NAMES}")
     return getattr(torch, name)
@@ -253,7 +252,7 @@ def check_layout(names: Sequence[str], shapes: Sequence[Sequence[int]], dtypes: 
 # --------------------------------------------------------------------------------------------
 # Flatten / unflatten
 # --------------------------------------------------------------------------------------------
-def flatten_into(buf: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> "torch.Tensor":
+def flatten_into(buf: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Copy tensors one after another into the 1-D buffer buf (same dtype); returns buf."""
     total = sum(t.numel() for t in tensors)
     if total != buf.numel():
@@ -266,7 +265,7 @@ def flatten_into(buf: "torch.Tensor", tensors: Sequence["torch.Tensor"]) -> "tor
     return buf
 
 
-def unflatten(buf: "torch.Tensor", shapes: Sequence[Sequence[int]]) -> list["torch.Tensor"]:
+def unflatten(buf: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """Views of the 1-D buffer buf, one per shape, in order (no copy)."""
     out, off = [], 0
     for shape in shapes:
@@ -281,10 +280,8 @@ def unflatten(buf: "torch.Tensor", shapes: Sequence[Sequence[int]]) -> list["tor
 # --------------------------------------------------------------------------------------------
 # Checksum
 # --------------------------------------------------------------------------------------------
-def tensor_digest(t: "torch.Tensor") -> bytes:
+def tensor_digest(t: torch.Tensor) -> bytes:
     """XXH3-128 of the tensor's raw bytes (moved to CPU, made contiguous; dtype untouched)."""
-    import torch
-
     flat = t.detach().reshape(-1)
     if flat.device.type != "cpu":
         flat = flat.cpu()
@@ -299,13 +296,11 @@ class Digests:
     A tensor handed to `add` must not change until `result()` returns."""
 
     def __init__(self, enabled: bool, workers: int = 2):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.enabled = enabled
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="weightsync-digest") if enabled else None
         self._futures: dict[str, Any] = {}
 
-    def add(self, name: str, tensor: "torch.Tensor") -> None:
+    def add(self, name: str, tensor: torch.Tensor) -> None:
         self._futures[name] = self._pool.submit(tensor_digest, tensor) if self._pool is not None else None
 
     def __contains__(self, name: str) -> bool:
@@ -331,7 +326,7 @@ def combine_digests(entries: Iterable[tuple[str, str, Sequence[int], bytes]]) ->
     return h.hexdigest()
 
 
-def tensor_checksum(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
+def tensor_checksum(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     """Bit-exact, order-independent checksum of named tensors (see the module docstring)."""
     return combine_digests(
         (name, dtype_name(t.dtype), list(t.shape), tensor_digest(t)) for name, t in named_tensors
@@ -343,8 +338,6 @@ def tensor_checksum(named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> str:
 # --------------------------------------------------------------------------------------------
 def resolve_backend(backend: str, all_have_cuda: bool) -> str:
     """'nccl' when asked (or auto) and every member has CUDA, else 'gloo'."""
-    import torch
-
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"weights.backend must be auto, gloo or nccl, got {backend!r}")
     cuda = torch.cuda.is_available() and all_have_cuda
@@ -353,16 +346,12 @@ def resolve_backend(backend: str, all_have_cuda: bool) -> str:
     return "nccl" if backend == "nccl" or (backend == "auto" and cuda) else "gloo"
 
 
-def bucket_device(backend: str) -> "torch.device":
-    import torch
-
+def bucket_device(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def connect_store(host: str, port: int, timeout_s: float, *, is_master: bool = False) -> Any:
     """A TCPStore master (is_master: binds host:port, port 0 = ephemeral, see `.port`) or client."""
-    import torch.distributed as dist
-
     try:
         return dist.TCPStore(host, int(port), None, is_master, timedelta(seconds=timeout_s),
                              wait_for_workers=False)
@@ -377,8 +366,6 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
     """A process group of `world_size` ranks on a fresh PrefixStore `group_name` of the TCPStore at
     host:port (or `store`, e.g. the learner's master). Blocks until every rank joined (gloo) or
     timeout_s passed (WeightSyncError('rendezvous'/'timeout')). Drop the group to end it."""
-    import torch.distributed as dist
-
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a group of {world_size}")
     if store is None:
@@ -450,10 +437,8 @@ def wait_group_drops(timeout_s: float = DROP_EXIT_WAIT_S) -> bool:
 atexit.register(wait_group_drops)
 
 
-def broadcast_bucket(pg: Any, buf: "torch.Tensor", deadline: Deadline, what: str) -> Any:
+def broadcast_bucket(pg: Any, buf: torch.Tensor, deadline: Deadline, what: str) -> Any:
     """Start broadcasting buf from rank 0 (async); wait on the result with `wait_work`."""
-    import torch.distributed as dist
-
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
@@ -466,8 +451,6 @@ def wait_work(work: Any, deadline: Deadline, backend: str, what: str, pg: Any = 
     broken peer. NCCL never raises on a dead peer, so it is polled and its group aborted at the deadline."""
     try:
         if backend == "nccl":
-            import torch
-
             while not work.is_completed():
                 if deadline.expired():
                     if pg is not None:

@@ -240,7 +240,8 @@ TREE_ARRAYS: dict[str, np.dtype] = {
 }
 _TREE_BODY_KEYS = ("tree_id", "prompt_id", "actor_id", "meta", "arrays")
 _ARRAY_DTYPE_STRS = tuple((name, dtype.str) for name, dtype in TREE_ARRAYS.items())
-_DT_PROMPT, _DT_TOKENS, _DT_LOGPROBS, _DT_LENGTHS, _DT_PARENTS, _DT_VERSIONS, _DT_FINISH, _DT_REWARDS = TREE_ARRAYS.values()
+(_DT_PROMPT, _DT_TOKENS, _DT_LOGPROBS, _DT_LENGTHS,
+ _DT_PARENTS, _DT_VERSIONS, _DT_FINISH, _DT_REWARDS) = TREE_ARRAYS.values()
 _NO_IDS, _NO_LOGPROBS = np.zeros(0, dtype=_DT_TOKENS), np.zeros(0, dtype=_DT_LOGPROBS)
 _PADDING = tuple(bytes(k) for k in range(_ALIGN))
 
@@ -284,7 +285,7 @@ def encode_tree(tree: ReasoningTree, *, limits: WireLimits = DEFAULT_LIMITS) -> 
         "prompt_id": tree.prompt_id,
         "actor_id": tree.actor_id,
         "meta": msgpack.packb(tree.meta, use_bin_type=True),
-        "arrays": {name: [dstr, [a.shape[0]]] for (name, dstr), a in zip(_ARRAY_DTYPE_STRS, arrays)},
+        "arrays": {name: [dstr, [a.shape[0]]] for (name, dstr), a in zip(_ARRAY_DTYPE_STRS, arrays, strict=True)},
     }
     header = _pack_header(TREE_KIND, body)
     parts: list[Any] = [header, _PADDING[-len(header) % _ALIGN]]
@@ -385,10 +386,11 @@ def _build_nodes(a: dict[str, np.ndarray]) -> list[Node]:
     nodes = []
     lo = 0
     for hi, parent, version, code, reward in zip(
-        ends, a["parents"].tolist(), a["versions"].tolist(), a["finish"].tolist(), a["rewards"].tolist()
+        ends, a["parents"].tolist(), a["versions"].tolist(), a["finish"].tolist(), a["rewards"].tolist(), strict=True
     ):
         # NaN encodes "no reward"
-        nodes.append(trusted(parent, tokens[lo:hi], logprobs[lo:hi], version, reasons[code], None if reward != reward else reward))
+        nodes.append(trusted(parent, tokens[lo:hi], logprobs[lo:hi], version, reasons[code],
+                             None if reward != reward else reward))
         lo = hi
     return nodes
 

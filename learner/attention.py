@@ -70,7 +70,7 @@ class SpanPlan:
     length: int  # T
     work: int  # Σ G · Lq · Lk: scores computed per head (the dense mask computes B · T²)
 
-    def to(self, device: torch.device | str) -> "SpanPlan":
+    def to(self, device: torch.device | str) -> SpanPlan:
         groups = [SpanGroup(g.q_index.to(device), g.k_index.to(device), g.mask.to(device), g.size, g.q_len, g.k_len)
                   for g in self.groups]
         return SpanPlan(groups, self.inverse.to(device), self.batch, self.length, self.work)
@@ -130,7 +130,7 @@ def _ragged_to_padded(lengths: np.ndarray, flat: np.ndarray, width: int):
     return out, rows, cols
 
 
-def span_plan(batch: "PackedBatch", device: torch.device | str | None = None) -> SpanPlan:
+def span_plan(batch: PackedBatch, device: torch.device | str | None = None) -> SpanPlan:
     """The span-by-span attention plan of a tree-packed batch (host numpy work, O(S·T + Σ |keys(s)|))."""
     if batch.span_ancestors is None:
         raise ValueError("span_plan needs a tree-packed batch (span_ancestors is None: causal rows need no plan)")
@@ -203,7 +203,8 @@ def span_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 def span_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, treerpo_spans: SpanPlan | None = None, **kwargs):
     """transformers AttentionInterface entry: span attention with a plan, transformers' sdpa without."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    # transformers loads with the model (learner/trainer.py), not when this module is imported
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: PLC0415
 
     if treerpo_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -218,8 +219,9 @@ def span_attention_forward(module, query, key, value, attention_mask, dropout: f
 
 def register_span_attention() -> None:
     """Register "treerpo_span" with transformers (idempotent); call before from_pretrained uses it."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    # transformers loads with the model (learner/trainer.py), not when this module is imported
+    from transformers import AttentionInterface  # noqa: PLC0415
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: PLC0415
 
     AttentionInterface.register(SPAN_ATTENTION, span_attention_forward)
     AttentionMaskInterface.register(SPAN_ATTENTION, sdpa_mask)

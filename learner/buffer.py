@@ -359,7 +359,9 @@ class ReplayBuffer:
         """Restore remembered ids; the buffer keeps its own (new) incarnation."""
         remembered = state.get("remembered")
         if not isinstance(remembered, list):
-            raise ValueError("buffer state lacks a 'remembered' list of tree ids: was it made by ReplayBuffer.state_dict?")
+            raise ValueError(
+                "buffer state lacks a 'remembered' list of tree ids: was it made by ReplayBuffer.state_dict?"
+            )
         with self._cond:
             for tree_id in remembered:
                 self._remember(str(tree_id))

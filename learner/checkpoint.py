@@ -41,6 +41,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from common.config import dump_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from learner.trainer import Trainer
@@ -103,7 +107,7 @@ def find_latest(run_dir: str | Path) -> Path | None:
 # Save
 # ----------------------------------------------------------------------------------------------
 def save_checkpoint(
-    trainer: "Trainer",
+    trainer: Trainer,
     run_dir: str | Path,
     state: LearnerState,
     *,
@@ -125,7 +129,6 @@ def save_checkpoint(
     trainer.save_deepspeed_state(tmp)
     if export_hf:
         trainer.export_hf(tmp / "hf")
-    from common.config import dump_config
 
     dump_config(trainer.cfg, tmp / "config.yaml")
     state.trainer = trainer.state_dict()
@@ -226,8 +229,6 @@ def _join_arrays(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
-    import torch
-
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     out = {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
@@ -240,8 +241,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
@@ -251,9 +250,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.from_numpy(np.asarray(s, dtype=np.uint8).copy()) for s in state["cuda"]])
 
 
-def _write_state(directory: Path, state: LearnerState, trainer: "Trainer") -> None:
-    from safetensors.numpy import save_file
-
+def _write_state(directory: Path, state: LearnerState, trainer: Trainer) -> None:
     arrays: dict[str, np.ndarray] = {}
     doc = {
         "format": FORMAT,
@@ -269,8 +266,6 @@ def _write_state(directory: Path, state: LearnerState, trainer: "Trainer") -> No
 
 def read_learner_state(path: str | Path) -> tuple[LearnerState, dict[str, Any], dict[str, Any]]:
     """(learner state, rng state, header: format/world_size/zero_stage/saved_at) of a checkpoint."""
-    from safetensors.numpy import load_file
-
     path = Path(path)
     try:
         doc = json.loads((path / STATE_JSON).read_text())
@@ -287,7 +282,7 @@ def read_learner_state(path: str | Path) -> tuple[LearnerState, dict[str, Any], 
 # ----------------------------------------------------------------------------------------------
 # Load
 # ----------------------------------------------------------------------------------------------
-def load_checkpoint(trainer: "Trainer", path: str | Path) -> LearnerState:
+def load_checkpoint(trainer: Trainer, path: str | Path) -> LearnerState:
     """Restore weights, optimizer, scheduler, trainer counters and RNG from `path`. Rank 0.
 
     The caller continues with version = state.version, step = state.step and a new incarnation.

@@ -59,13 +59,13 @@ class ControlPlane:
         self.metrics = metrics
         self.poll_s = poll_s
         self.lock = threading.Lock()
-        self.acks: "queue.Queue[WeightAck]" = queue.Queue()
-        self._out: "queue.Queue[tuple[str, Any]]" = queue.Queue()
+        self.acks: queue.Queue[WeightAck] = queue.Queue()
+        self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
 
     # -- other threads ---------------------------------------------------------------------
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         self._thread.start()
         return self
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask
 
 from learner.attention import SPAN_ATTENTION, no_masks, span_plan, use_span_attention
 
@@ -49,10 +50,8 @@ def _attn_implementation(model) -> str:
     return str(getattr(config, "_attn_implementation", None) or "sdpa")
 
 
-def flex_block_mask(batch: "PackedBatch", device: torch.device):
+def flex_block_mask(batch: PackedBatch, device: torch.device):
     """FlexAttention BlockMask equal to `batch.allowed()`, built from span ids (no T x T tensor)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     span = batch.span_ids.to(device)  # (B, T)
     ancestors = batch.span_ancestors.to(device)  # (B, S, S)
     B, T = span.shape
@@ -63,7 +62,7 @@ def flex_block_mask(batch: "PackedBatch", device: torch.device):
     return create_block_mask(tree_mask, B, None, T, T, device=device)
 
 
-def attention_mask_for(model, batch: "PackedBatch"):
+def attention_mask_for(model, batch: PackedBatch):
     """The mask object the model's attention implementation wants, or None for causal rows."""
     if batch.span_ancestors is None:
         return None
@@ -91,7 +90,7 @@ def resolve_tree_attention(model, tree_attention: TreeAttention = "auto") -> str
     return "span" if impl == SPAN_ATTENTION or (impl == "sdpa" and device.type == "cpu") else "mask"
 
 
-def attention_inputs(model, batch: "PackedBatch", tree_attention: TreeAttention = "auto") -> dict:
+def attention_inputs(model, batch: PackedBatch, tree_attention: TreeAttention = "auto") -> dict:
     """The attention keywords of the forward: `attention_mask` (and `treerpo_spans` for span attention).
 
     Span attention switches `model` to attn_implementation "treerpo_span" for good (idempotent;
@@ -109,7 +108,7 @@ def attention_inputs(model, batch: "PackedBatch", tree_attention: TreeAttention 
 
 def token_logprobs(
     model,
-    batch: "PackedBatch",
+    batch: PackedBatch,
     temperature: float = 1.0,
     *,
     return_entropy: bool = False,

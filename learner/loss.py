@@ -176,4 +176,4 @@ def _metrics(inputs, cfg, mask, count, ratio, is_weight, is_weight_raw, logratio
         stale = inputs.staleness.float()
         values += [(stale * mf).sum() / denom, torch.where(mask, stale, 0.0).max() if mask.numel() else denom * 0]
     flat = torch.stack([v.reshape(()).float().to(mf.device) for v in values]).tolist()  # one host sync
-    return dict(zip(names, flat))
+    return dict(zip(names, flat, strict=True))

@@ -28,7 +28,15 @@ import time
 from pathlib import Path
 
 from common.config import JobConfig, dump_config, load_config
+from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new_registry
 from common.rundir import ENDPOINTS, require_model_path, setup_logging, write_json_atomic
+from common.transport import LearnerEndpoints
+from common.wire import WireError, decode_tree
+from learner.buffer import ReplayBuffer
+from learner.checkpoint import LearnerState, checkpoint_due, find_latest, load_checkpoint, save_checkpoint
+from learner.control import ControlPlane, ControlState
+from learner.trainer import Trainer
+from learner.weights import WeightPublisher
 
 log = logging.getLogger("treerpo.learner")
 ACK_GRACE_S = 5.0  # after the last bucket: time for members to load, checksum and ack
@@ -43,14 +51,6 @@ def advertised_host(bind_host: str) -> str:
 
 class Learner:
     def __init__(self, cfg: JobConfig, run_dir: Path, resume: str) -> None:
-        from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new_registry
-        from common.transport import LearnerEndpoints
-        from learner.buffer import ReplayBuffer
-        from learner.checkpoint import LearnerState, find_latest, load_checkpoint
-        from learner.control import ControlPlane, ControlState
-        from learner.trainer import Trainer
-        from learner.weights import WeightPublisher
-
         self.cfg, self.run_dir = cfg, run_dir
         self.stop_requested = threading.Event()
         self.trainer = Trainer(cfg, require_model_path(cfg))
@@ -93,8 +93,6 @@ class Learner:
 
     # -- threads ---------------------------------------------------------------------------
     def _ingest_loop(self) -> None:
-        from common.wire import WireError, decode_tree
-
         vocab = self.trainer.vocab_size
         while not self.stop_requested.is_set():
             try:
@@ -139,7 +137,7 @@ class Learner:
         version = self.state.version
         plan = self.publisher.plan(self.trainer.parameter_specs(), version)
         prepared = self.publisher.prepare(plan, members, self.control.all_have_cuda(members))
-        for actor_id, announce in zip(prepared.members, prepared.announcements):
+        for actor_id, announce in zip(prepared.members, prepared.announcements, strict=True):
             self.control.send(actor_id, announce)
         # one deadline for the whole sync (rendezvous, buckets, acks), with a short grace for the
         # acks of actors that received everything at the last moment
@@ -184,7 +182,6 @@ class Learner:
         if self.rank != 0:
             self.trainer.follow()
             return 0
-        from learner.checkpoint import checkpoint_due
 
         cfg, lc = self.cfg, self.cfg.learner
         self.control.start()
@@ -245,8 +242,6 @@ class Learner:
                  m.get("leaf_reward_mean", 0.0), m.get("loss", 0.0), m.get("grad_norm", 0.0))
 
     def checkpoint(self) -> None:
-        from learner.checkpoint import save_checkpoint
-
         self.state.buffer = self.buffer.state_dict()
         path = save_checkpoint(self.trainer, self.run_dir, self.state)
         log.info("checkpoint %s", path)

@@ -24,8 +24,9 @@ Guarantees (tests/unit/test_packing.py checks them):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ class PackedBatch:
     behaviour_logprobs: torch.Tensor  # (B, T) float32
     staleness: torch.Tensor  # (B, T) int64: learner_version − node.version
     span_ids: torch.Tensor  # (B, T) int64: row-local span (prompt / segment / padding) of each token
-    span_ancestors: torch.Tensor | None  # (B, S, S) bool: [b, i, j] = span j is span i or its ancestor; None = causal rows
+    # (B, S, S) bool: [b, i, j] = span j is span i or its ancestor; None = causal rows
+    span_ancestors: torch.Tensor | None
     tree_index: torch.Tensor  # (B, T) int64: index into pack_trees' `trees`, −1 padding
     node_index: torch.Tensor  # (B, T) int64: node of the tree, −1 prompt/padding
     token_index: torch.Tensor  # (B, T) int64: index in the tree's token_advantages layout, −1 none
@@ -87,7 +89,7 @@ class PackedBatch:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)  # (B, 1, T, T)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         async_copy = torch.device(device).type == "cuda"  # host -> device only; never read back early
         for name, value in moved.items():
@@ -232,7 +234,7 @@ def _row_arrays(row: list[_Unit], trees: Sequence[ReasoningTree], toks: list[_Tr
         tree, tt = trees[unit.tree], toks[unit.tree]
         base = len(span_parents)
         start, pos0, length = [], [], []  # per unit span: row start, first position, length
-        for s, (node, parent) in enumerate(zip(unit.nodes, unit.parents)):
+        for s, (node, parent) in enumerate(zip(unit.nodes, unit.parents, strict=True)):
             ids = tree.prompt_token_ids if node < 0 else tree.nodes[node].token_ids
             L = len(ids)
             p0 = 0 if parent < 0 else pos0[parent] + length[parent]

@@ -37,8 +37,11 @@ import gc
 import secrets
 import time
 import traceback
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
+
+import torch
 
 from common.config import WeightsConfig
 from common.weightsync import (
@@ -47,8 +50,8 @@ from common.weightsync import (
     InFlight,
     SyncPlan,
     WeightSyncError,
-    bucket_device,
     broadcast_bucket,
+    bucket_device,
     combine_digests,
     connect_store,
     drop_group_later,
@@ -59,6 +62,7 @@ from common.weightsync import (
     tensor_digest,
     torch_dtype,
 )
+from common.wire import WeightAnnounce
 
 REPORT_GRACE_S = 2.0  # after a failure: how long members get to say "alive, but failed" via the store
 POOLED_IN_FLIGHT = 2  # flattened buckets on the wire at once (bounds the learner's extra memory)
@@ -119,8 +123,6 @@ class WeightPublisher:
     def _take_buffer(self, count: int, dtype: str, device: Any) -> Any:
         """A 1-D buffer of `count` elements, a view of a pooled one when one is large enough
         (fresh memory costs page faults that are several times the copy itself)."""
-        import torch
-
         free = self._pool.setdefault((dtype, str(device)), [])
         for k, buf in enumerate(free):
             if buf.numel() >= count:
@@ -141,8 +143,6 @@ class WeightPublisher:
 
     def prepare(self, plan: SyncPlan, members: Sequence[str], all_have_cuda: bool = False) -> PreparedSync:
         """Allocate a sync id and group, and build one WeightAnnounce per member (rank = index + 1)."""
-        from common.wire import WeightAnnounce
-
         if len(set(members)) != len(members):
             raise ValueError(f"duplicate sync members: {list(members)}")
         sync_id = self._next_sync_id

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
+
 
 def _run_config(args: argparse.Namespace) -> int:
-    from common.config import dump_config, load_config
+    from common.config import dump_config, load_config  # noqa: PLC0415 -- pydantic stays off the --help path
 
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(dump_config(cfg))
@@ -21,37 +22,37 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 def _run_learner(args: argparse.Namespace) -> int:
-    from learner.main import run
+    from learner.main import run  # noqa: PLC0415 -- imported after parsing: torch/DeepSpeed stay off --help
 
     return run(args)
 
 
 def _run_actor(args: argparse.Namespace) -> int:
-    from actor.main import run
+    from actor.main import run  # noqa: PLC0415 -- imported after parsing: torch stays off --help
 
     return run(args)
 
 
 def _run_up(args: argparse.Namespace) -> int:
-    from treerpo.supervisor import run_up
+    from treerpo.supervisor import run_up  # noqa: PLC0415 -- imported after parsing: --help stays instant
 
     return run_up(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from treerpo.demo import run
+    from treerpo.demo import run  # noqa: PLC0415 -- imported after parsing: --help stays instant
 
     return run(args)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from treerpo.eval import run
+    from treerpo.eval import run  # noqa: PLC0415 -- imported after parsing: torch stays off --help
 
     return run(args)
 
 
 def _run_warmup(args: argparse.Namespace) -> int:
-    from treerpo.warmup import run
+    from treerpo.warmup import run  # noqa: PLC0415 -- imported after parsing: --help stays instant
 
     return run(args)
 
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runner, _, _ = SUBCOMMANDS[args.command]
-    from common.config import ConfigError
+    from common.config import ConfigError  # noqa: PLC0415 -- pydantic stays off the --help path
 
     try:
         return int(runner(args) or 0)

@@ -21,7 +21,6 @@ PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,7 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from common.config import dump_config, load_config
 from common.metrics import series
+from treerpo.supervisor import Supervisor, _die_with_parent, treerpo_command
 
 # the series the live table and the summary read (names from common/metrics.py's table)
 SYNCS = series("weight_sync", "duration_seconds", "count")
@@ -63,8 +68,6 @@ def child_env() -> dict[str, str]:
 
 
 def start_child(argv: list[str], log_path: Path) -> subprocess.Popen:
-    from treerpo.supervisor import _die_with_parent
-
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab", buffering=0) as log:
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -198,8 +201,6 @@ class Progress:
 
 
 def progress_table(progress: Progress):
-    from rich.table import Table
-
     table = Table(title="treerpo demo: asynchronous TreeRPO (learner + actors, CPU)", title_justify="left")
     cells = progress.line()
     for key in cells:
@@ -224,10 +225,10 @@ def latest_hf_export(run_dir: Path) -> Path:
 
 def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path) -> None:
     """Two panels against step: mean leaf reward; leaf accuracy with held-out pass@1 before/after."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 -- matplotlib loads for the final plot only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 -- after matplotlib.use("Agg")
 
     steps = [r["step"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
@@ -257,8 +258,6 @@ def smooth(ys: list[float], alpha: float = 0.2) -> list[float]:
 
 
 def result_table(before: dict[str, Any], after: dict[str, Any], k: int):
-    from rich.table import Table
-
     table = Table(title=f"held-out problems: {before['num_problems']} x {k} samples", title_justify="left")
     table.add_column("")
     table.add_column("before", justify="right")
@@ -291,8 +290,6 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 
 def demo_config(args, model_path: str):
-    from common.config import load_config
-
     cfg = load_config(args.config or ["demo"], args.overrides)
     cfg.model.path = model_path
     cfg.run_dir = str(args.run_dir)
@@ -311,8 +308,6 @@ def demo_config(args, model_path: str):
 
 def warmup_argv(args, cfg) -> list[str]:
     """The warm-up uses the task's operand range, so its examples match the RL prompts."""
-    from treerpo.supervisor import treerpo_command
-
     argv = treerpo_command("warmup", "--json", "--operand-min", str(cfg.data.operand_min),
                            "--operand-max", str(cfg.data.operand_max))
     for flag, value in (("--cache-dir", args.cache_dir), ("--steps", args.warmup_steps),
@@ -323,19 +318,12 @@ def warmup_argv(args, cfg) -> list[str]:
 
 
 def eval_argv(args, model: str, out: Path, config_path: Path) -> list[str]:
-    from treerpo.supervisor import treerpo_command
-
     return treerpo_command("eval", "--model", model, "--task", "arithmetic", "-k", str(args.k),
                            "--num-problems", str(args.eval_problems), "--seed", str(args.seed),
                            "--out", str(out), "--quiet", "--config", str(config_path))
 
 
 def run(args) -> int:
-    from rich.console import Console
-
-    from common.config import dump_config
-    from treerpo.supervisor import Supervisor
-
     console = Console(width=None if sys.stdout.isatty() else 150)  # a log: one line per update
     started = time.monotonic()
     run_dir = Path(args.run_dir)
@@ -430,8 +418,6 @@ def run(args) -> int:
 
 def follow(sup, progress: Progress, learner_url: str | None, console, plain: bool, stopping) -> int | None:
     """Supervise and display until the learner exits (its code) or a signal arrives (None)."""
-    from rich.live import Live
-
     live = None if plain or not console.is_terminal else Live(progress_table(progress), console=console,
                                                                   refresh_per_second=2)
     last_print = 0.0

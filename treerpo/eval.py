@@ -23,13 +23,22 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
 
+from actor.engine import GenerationRequest
+from actor.engines import make_engine
 from common.config import JobConfig, load_config
+from common.data import PromptSource
+from common.rewards import make_reward
+from common.rundir import setup_logging
 
 log = logging.getLogger("treerpo.eval")
 DEFAULT_TASK_PROBLEMS = 200
@@ -92,18 +101,14 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def load_prompts(cfg: JobConfig, tokenizer, num_problems: int | None) -> list:
     """The problems of the eval as `common.data.Prompt`s (pool order)."""
-    from common.data import PromptSource
-
     source = PromptSource(cfg.data, tokenizer)
     prompts = source.all_prompts()
     return prompts[:num_problems] if num_problems else prompts
 
 
-def evaluate(engine, prompts: Sequence, reward, *, k: int, temperature: float, max_tokens: int,
-             top_p: float = 1.0, batch_prompts: int = 64, seed: int = 0) -> tuple[list[list[float]], list[list[int]], Counter]:
+def evaluate(engine, prompts: Sequence, reward, *, k: int, temperature: float, max_tokens: int, top_p: float = 1.0,
+             batch_prompts: int = 64, seed: int = 0) -> tuple[list[list[float]], list[list[int]], Counter]:
     """(rewards (P, k), response lengths (P, k), reason counts): k samples per prompt."""
-    from actor.engine import GenerationRequest
-
     rewards: list[list[float]] = []
     lengths: list[list[int]] = []
     reasons: Counter[str] = Counter()
@@ -115,7 +120,7 @@ def evaluate(engine, prompts: Sequence, reward, *, k: int, temperature: float, m
                     for j, p in enumerate(chunk)]
         results = engine.generate(requests)
         texts, answers = [], []
-        for p, samples in zip(chunk, results):
+        for p, samples in zip(chunk, results, strict=True):
             lengths.append([int(len(s.token_ids)) for s in samples])
             for s in samples:
                 texts.append(engine.tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True))
@@ -127,13 +132,14 @@ def evaluate(engine, prompts: Sequence, reward, *, k: int, temperature: float, m
     return rewards, lengths, reasons
 
 
-def summarise(prompts: Sequence, rewards: list[list[float]], lengths: list[list[int]], k: int) -> tuple[dict, float, list]:
+def summarise(prompts: Sequence, rewards: list[list[float]], lengths: list[list[int]],
+              k: int) -> tuple[dict, float, list]:
     """(pass_at {"1": ..}, mean response tokens, per-problem rows)."""
     correct = [int(sum(1 for r in row if r >= 1.0)) for row in rewards]
     pass_at = {str(j): float(np.mean([pass_at_k(k, c, j) for c in correct])) if correct else 0.0
                for j in ks_to_report(k)}
     mean_len = float(np.mean([x for row in lengths for x in row])) if lengths else 0.0
-    per_problem = [{"id": p.prompt_id, "correct": c} for p, c in zip(prompts, correct)]
+    per_problem = [{"id": p.prompt_id, "correct": c} for p, c in zip(prompts, correct, strict=True)]
     return pass_at, mean_len, per_problem
 
 
@@ -155,11 +161,6 @@ def eval_config(args) -> JobConfig:
 
 
 def run_eval(args) -> EvalReport:
-    import torch
-
-    from actor.engines import make_engine
-    from common.rewards import make_reward
-
     if args.k < 1:
         raise SystemExit(f"-k {args.k}: need at least one sample per problem")
     if args.threads > 0:
@@ -189,9 +190,6 @@ def run_eval(args) -> EvalReport:
 
 
 def print_table(report: EvalReport) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"treerpo eval: {report.task} ({report.num_problems} problems x {report.samples_per_problem})")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -204,8 +202,6 @@ def print_table(report: EvalReport) -> None:
 
 
 def run(args) -> int:
-    from common.rundir import setup_logging
-
     setup_logging("eval")
     report = run_eval(args)
     if args.out:

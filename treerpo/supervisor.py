@@ -28,11 +28,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from common.config import JobConfig, dump_config
+from common.config import JobConfig, dump_config, load_config
 from common.rundir import ENDPOINTS, actor_info_path, logs_dir, read_json, wait_for_json
 
 PR_SET_PDEATHSIG = 1
@@ -299,8 +299,6 @@ def _wait(child: Child, timeout_s: float) -> int | None:
 
 
 def run_up(args) -> int:
-    from common.config import load_config
-
     cfg = load_config(args.config or ["demo"], args.overrides)
     run_dir = Path(args.run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)

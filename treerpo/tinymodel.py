@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
 ALPHABET = list("0123456789+-*/()=;:.,? \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ[]{}\\^_!'\"<>|&%$#@~`")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -17,8 +19,7 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 def build_char_tokenizer(path: str | Path | None = None):
     """A char-level `PreTrainedTokenizerFast`: one id per character, <pad>/<bos>/<eos> first."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 -- transformers loads on use
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ALPHABET)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
@@ -44,8 +45,8 @@ def build_tiny_model(
     seed: int = 0,
 ) -> Path:
     """Build, save (safetensors + config + tokenizer) and return the folder of a tiny Qwen2."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import torch  # noqa: PLC0415 -- treerpo.warmup imports this module; its cached path loads no torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: PLC0415 -- transformers loads on use
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

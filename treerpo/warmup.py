@@ -31,6 +31,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.config import DataConfig
+from common.data import format_prompt
+from common.rundir import setup_logging
+from common.tasks import TaskSpec, warmup_examples
+from treerpo.tinymodel import build_tiny_model
+
 log = logging.getLogger("treerpo.warmup")
 
 WARMUP_FORMAT = 1  # bump when the recipe changes in a way the settings do not show
@@ -80,10 +86,6 @@ def cached_model(settings: WarmupSettings, cache_dir: str | Path) -> Path | None
 # --------------------------------------------------------------------------------------------
 def encode_examples(settings: WarmupSettings, tokenizer) -> list[tuple[list[int], int]]:
     """(ids, prompt_len) per example: prompt ids as the actors make them, then completion + EOS."""
-    from common.config import DataConfig
-    from common.data import format_prompt
-    from common.tasks import TaskSpec, warmup_examples
-
     data_cfg = DataConfig(operand_min=settings.operand_min, operand_max=settings.operand_max)
     spec = TaskSpec.from_config(data_cfg)
     out = []
@@ -96,7 +98,7 @@ def encode_examples(settings: WarmupSettings, tokenizer) -> list[tuple[list[int]
 
 def make_batch(rows: list[tuple[list[int], int]], pad_id: int):
     """Right-padded (input_ids, labels, attention_mask), each (B, T); labels -100 off the completion."""
-    import torch
+    import torch  # noqa: PLC0415 -- a cached warm-up never loads torch
 
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
@@ -114,10 +116,8 @@ def make_batch(rows: list[tuple[list[int], int]], pad_id: int):
 # --------------------------------------------------------------------------------------------
 def train(settings: WarmupSettings, out_dir: Path, on_step=None) -> dict:
     """Build the tiny model in out_dir, run the supervised phase, save it back (HF format)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from treerpo.tinymodel import build_tiny_model
+    import torch  # noqa: PLC0415 -- a cached warm-up never loads torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 -- not on a cached warm-up
 
     build_tiny_model(out_dir, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
                      num_heads=settings.num_heads, num_kv_heads=settings.num_kv_heads,
@@ -169,7 +169,7 @@ def ensure_warm_model(settings: WarmupSettings, cache_dir: str | Path, threads: 
     found = cached_model(settings, cache_dir)
     if found is not None:
         return found, dict(json.loads((found / MARKER).read_text()), cached=True)
-    import torch
+    import torch  # noqa: PLC0415 -- a cached warm-up never loads torch
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -203,7 +203,8 @@ def settings_from_args(args) -> WarmupSettings:
         hidden_size=hidden, num_layers=pick("layers", d.num_layers), num_heads=heads,
         num_kv_heads=d.num_kv_heads if heads == d.num_heads else 1,
         intermediate_size=pick("intermediate", d.intermediate_size * hidden // d.hidden_size),
-        examples=pick("examples", d.examples), steps=pick("steps", d.steps), batch_size=pick("batch_size", d.batch_size),
+        examples=pick("examples", d.examples), steps=pick("steps", d.steps),
+        batch_size=pick("batch_size", d.batch_size),
         lr=pick("lr", d.lr), right_fraction=pick("right_fraction", d.right_fraction), seed=pick("seed", d.seed),
         operand_min=pick("operand_min", d.operand_min), operand_max=pick("operand_max", d.operand_max),
     )
@@ -217,8 +218,6 @@ def settings_from_args(args) -> WarmupSettings:
 
 
 def run(args) -> int:
-    from common.rundir import setup_logging
-
     setup_logging("warmup")
     settings = settings_from_args(args)
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import sys
 
 import pytest
 import yaml
@@ -28,7 +29,7 @@ CRD_KINDS = {"PodMonitor", "PrometheusRule"}
 # --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render(overlay: str) -> tuple[dict, ...]:
     kubectl = require_tool("kubectl")
     out = run([kubectl, "kustomize", str(K8S / overlay)])
@@ -162,7 +163,6 @@ def test_ports_and_endpoints_match_the_config(overlay):
 
 def test_multi_node_exec_probes_check_node_zero_only():
     # Run the overlay's probe command for real against a MetricsServer (its port swapped in).
-    import sys
 
     job = one(render("overlays/multi-node"), "Job", "treerpo-learner")
     c = container(job)
@@ -337,4 +337,5 @@ def test_dockerfile():
     entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))
     assert entry[-1] == "treerpo"
     learner_cmd = container(one(render("base"), "Job", "treerpo-learner"))["command"][0]
-    assert learner_cmd == "/opt/treerpo/scripts/launch_learner.sh" and "COPY deploy/scripts /opt/treerpo/scripts" in text
+    assert learner_cmd == "/opt/treerpo/scripts/launch_learner.sh"
+    assert "COPY deploy/scripts /opt/treerpo/scripts" in text

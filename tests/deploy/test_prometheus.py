@@ -46,7 +46,7 @@ class FakeRun:
         self.learner = LearnerMetrics(self.learner_reg)
         self.sync = WeightSyncMetrics(self.learner_reg)
         self.actor_regs = [new_registry() for _ in actor_ids]
-        self.actors = [ActorMetrics(r, a) for r, a in zip(self.actor_regs, actor_ids)]
+        self.actors = [ActorMetrics(r, a) for r, a in zip(self.actor_regs, actor_ids, strict=True)]
         self.servers = [MetricsServer("127.0.0.1", 0, r).start() for r in [self.learner_reg, *self.actor_regs]]
         self.stop_event = threading.Event()
         self.version = 0
@@ -91,7 +91,7 @@ class FakeRun:
         self.stop_event.set()
         self.thread.join(timeout=5)
 
-    def __enter__(self) -> "FakeRun":
+    def __enter__(self) -> FakeRun:
         self.tick()
         self.thread.start()
         return self

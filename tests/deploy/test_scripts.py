@@ -34,7 +34,8 @@ def launch(script: str, env: dict[str, str], *args: str) -> subprocess.Completed
 
 
 def test_launch_learner_commands():
-    base = {"TREERPO_CONFIG": "/etc/treerpo/config.yaml /etc/treerpo/overlay.yaml", "TREERPO_SET": "tree.depth=1 tree.branching=[8]"}
+    base = {"TREERPO_CONFIG": "/etc/treerpo/config.yaml /etc/treerpo/overlay.yaml",
+            "TREERPO_SET": "tree.depth=1 tree.branching=[8]"}
     single = launch("launch_learner.sh", base, "--extra")
     assert single.returncode == 0, single.stderr
     assert single.stdout.split() == ["treerpo", "learner", "--config", "/etc/treerpo/config.yaml", "--config",

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.config import JobConfig
 from learner.checkpoint import (
@@ -78,7 +79,7 @@ def test_resume_restores_weights_optimizer_schedule_and_state(tiny_model_dir, tm
         assert torch.equal(b.module.get_parameter(name), p), name
     opt_a, opt_b = optimizer_tensors(a), optimizer_tensors(b)
     assert len(opt_a) == len(opt_b) > 0
-    assert all(torch.equal(x, y) for x, y in zip(opt_a, opt_b))
+    assert all(torch.equal(x, y) for x, y in zip(opt_a, opt_b, strict=True))
     assert b.current_lr() == a.current_lr() == pytest.approx(1e-3)  # warm-up step 3 of 3
 
     # both continue identically: same update (optimizer moments + LR schedule restored)
@@ -91,8 +92,6 @@ def test_resume_restores_weights_optimizer_schedule_and_state(tiny_model_dir, tm
 
 
 def test_hf_export_sits_beside_each_checkpoint(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     trainer = make_trainer(tiny_model_dir, 0)
     trainer.train_step(make_trees(0, trainer.vocab_size), 0)
     path = save_checkpoint(trainer, tmp_path, LearnerState(version=1, step=1))

@@ -16,8 +16,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer
+
 from tests.support.paths import REPO
 from treerpo.demo import parse_prometheus
+from treerpo.warmup import MARKER, WarmupSettings, encode_examples, ensure_warm_model
 
 
 def _alive(pid: int) -> bool:
@@ -116,10 +120,6 @@ def test_short_demo_end_to_end(tmp_path):
 
 
 def test_warmup_is_cached_by_settings(tmp_path):
-    import torch
-
-    from treerpo.warmup import MARKER, WarmupSettings, ensure_warm_model, encode_examples
-
     torch.set_num_threads(1)
     small = WarmupSettings(hidden_size=16, num_layers=1, intermediate_size=32, examples=50, steps=2, batch_size=4)
     path, info = ensure_warm_model(small, tmp_path)
@@ -131,7 +131,6 @@ def test_warmup_is_cached_by_settings(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, other.name])  # no temp folders left
 
     # supervised rows: prompt ids as the actors make them, completion + EOS after them
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     ids, prompt_len = encode_examples(small, tok)[0]

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
+from common.metrics import promql_metric_names
 from common.weightsync import tensor_checksum
+from learner.checkpoint import find_latest, read_learner_state
 from learner.main import ACK_GRACE_S
 from tests.support.monitoring import dashboard_queries, is_vllm, rule_exprs
 from tests.support.prom_stack import PromStack
@@ -115,9 +118,6 @@ def test_every_sync_is_bit_exact_and_versions_agree(run):
         for actor_id in r["confirmed"]:
             assert r["acks"][actor_id] == {"problem": None, "checksum": r["checksum"]}
     # the learner's checksum is of what it trained: the final checkpoint's HF export (same version) agrees
-    from safetensors.torch import load_file
-
-    from learner.checkpoint import find_latest, read_learner_state
 
     final = find_latest(s.run_dir)
     state = read_learner_state(final)[0]
@@ -143,8 +143,6 @@ def test_late_joiner_gets_current_weights_before_its_first_tree(run):
 
 
 def test_metrics_exported_by_real_processes_cover_dashboard_and_rules(run):
-    from common.metrics import promql_metric_names
-
     exported = set()
     for text in [run.learner_text, *run.actor_texts.values()]:
         for line in text.splitlines():

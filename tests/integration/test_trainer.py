@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from common.config import AdvantageConfig, JobConfig
 from common.metrics import STEP_RECORD
 from common.tree import Node, ReasoningTree, new_tree_id
 from common.treerpo import step_advantages
 from learner.trainer import Trainer
+from tests.support.ds_worker import job_config
+from tests.support.ds_worker import make_trees as worker_trees
 from tests.support.paths import REPO
 from tests.support.treegen import random_tree, tree_from_parents
 
@@ -145,8 +150,6 @@ def test_non_finite_step_is_skipped(tiny_model_dir, zero_stage):
 
 
 def test_sync_and_export_under_zero3(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     trainer = Trainer(make_cfg(zero_stage=3), tiny_model_dir)
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     synced = dict(trainer.named_parameters_for_sync())
@@ -167,19 +170,12 @@ def test_sync_and_export_under_zero3(tiny_model_dir, tmp_path):
 # Two ranks
 # ----------------------------------------------------------------------------------------------
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def test_two_rank_zero2_matches_one_rank(tiny_model_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    from tests.support.ds_worker import job_config
-    from tests.support.ds_worker import make_trees as worker_trees
-
     out = tmp_path / "w2"
     out.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

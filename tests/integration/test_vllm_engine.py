@@ -8,8 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
-from actor.engine import EngineError, GenerationRequest
+from actor.engine import EngineError, GenerationRequest, processed_logprobs
 from actor.engines import make_engine
 from common.config import ActorConfig, ModelConfig
 from tests.support.paths import REPO
@@ -19,8 +21,8 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 def test_module_imports_without_vllm_and_factory_says_how_to_fix(tmp_path):
     # A fresh interpreter: importing the engines and the sampler must not import vllm.
-    code = ("import sys, actor.engine, actor.engines, actor.vllm_engine, actor.hf_engine, actor.hf_stream, actor.sampler; "
-            "print('vllm' in sys.modules)")
+    code = ("import sys, actor.engine, actor.engines, actor.vllm_engine, actor.hf_engine, actor.hf_stream, "
+            "actor.sampler; print('vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(REPO))
     assert out.stdout.strip() == "False"
@@ -31,8 +33,6 @@ def test_module_imports_without_vllm_and_factory_says_how_to_fix(tmp_path):
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -42,8 +42,6 @@ def test_vllm_generation_and_weight_update(tiny_model_dir, make_tiny_model):
     pytest.importorskip("vllm")
     if not _cuda():
         pytest.skip("needs CUDA")
-    import torch
-    from transformers import AutoModelForCausalLM
 
     path = tiny_model_dir
     eng = make_engine(ModelConfig(path=str(path)), ActorConfig(engine="vllm", gpu_memory_utilization=0.3,
@@ -53,7 +51,6 @@ def test_vllm_generation_and_weight_update(tiny_model_dir, make_tiny_model):
     out = eng.generate(reqs)
     assert len(out[0]) == 4
     ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).cuda().eval()
-    from actor.engine import processed_logprobs
 
     for s in out[0]:
         assert s.finish in ("stop", "length", "delimiter") and len(s.token_ids) >= 1

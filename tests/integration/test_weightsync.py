@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zmq
+from transformers import AutoModelForCausalLM
 
+from actor.engine import EngineError, GenerationRequest
+from actor.engines import make_engine
+from actor.weights import WeightReceiver
+from common.config import ActorConfig, ModelConfig, WeightsConfig
 from common.weightsync import WeightSyncError, tensor_checksum
+from common.wire import Register, Shutdown, WeightAck, decode_message, encode_message
+from learner.weights import WeightPublisher
 from tests.support.models import hf_engine
 from tests.support.paths import REPO
 
@@ -36,12 +44,6 @@ class Learner:
     """Publisher + ROUTER, driving announce -> broadcast -> ack as the learner process will."""
 
     def __init__(self, model_dir: Path, bucket_mb: float, timeout_s: float):
-        import zmq
-        from transformers import AutoModelForCausalLM
-
-        from common.config import WeightsConfig
-        from learner.weights import WeightPublisher
-
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir))
         self.version = 0
         cfg = WeightsConfig(backend="gloo", rendezvous_port=0, bucket_mb=bucket_mb, timeout_s=timeout_s)
@@ -54,16 +56,12 @@ class Learner:
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def recv(self, timeout_s: float):
-        from common.wire import decode_message
-
         if not self.router.poll(int(timeout_s * 1000)):
             return None
         identity, payload = self.router.recv_multipart()
         return identity.decode(), decode_message(payload)
 
     def wait_registered(self, ids: set[str]) -> None:
-        from common.wire import Register
-
         seen: set[str] = set()
         end = time.monotonic() + TEST_TIMEOUT_S
         while seen != ids and time.monotonic() < end:
@@ -73,8 +71,6 @@ class Learner:
         assert seen == ids, f"registered {seen}, expected {ids}"
 
     def send(self, actor_id: str, msg) -> None:
-        from common.wire import encode_message
-
         self.router.send_multipart([actor_id.encode(), encode_message(msg)])
 
     def train_step(self) -> None:
@@ -88,10 +84,8 @@ class Learner:
         """Announce, broadcast, collect acks; returns (PreparedSync, SyncResult, {actor: WeightAck}).
 
         pause: (k, fn) calls fn() before the k-th tensor is handed over (a slow ZeRO-3 gather)."""
-        from common.wire import WeightAck
-
         sync = self.pub.prepare(self.pub.plan(self.model.named_parameters(), self.version), members)
-        for actor_id, announce in zip(sync.members, sync.announcements):
+        for actor_id, announce in zip(sync.members, sync.announcements, strict=True):
             self.send(actor_id, announce)
 
         def tensors():
@@ -170,8 +164,6 @@ def test_sync_two_actors_bit_exact(models, tmp_path):
         for a in ("a0", "a1"):
             _assert_actor_equals(out, a, 1, expected)
     finally:
-        from common.wire import Shutdown
-
         for a in ("a0", "a1"):
             learner.send(a, Shutdown(reason="test done"))
         _end(procs)
@@ -227,8 +219,6 @@ def test_sync_survives_sigkill_and_restarted_actor_catches_up(models, tmp_path):
         assert acks["a1"].checksum == tensor_checksum(learner.model.named_parameters())
         _assert_actor_equals(out, "a1", 2, _learner_params(learner))
     finally:
-        from common.wire import Shutdown
-
         for a in ("a0", "a1"):
             try:
                 learner.send(a, Shutdown(reason="test done"))
@@ -243,9 +233,6 @@ def test_sync_survives_sigkill_and_restarted_actor_catches_up(models, tmp_path):
 # Zero-copy install (HFEngine.swap_in): learner and receiver in threads of this process, real gloo
 # ============================================================================================
 def _publisher(**kw):
-    from common.config import WeightsConfig
-    from learner.weights import WeightPublisher
-
     # 4 KiB buckets and solo >= 8 KiB: the 64x64 and larger matrices (16 KiB+) go straight from
     # their own memory, norms and biases are flattened together: both learner paths run.
     cfg = WeightsConfig(backend="gloo", rendezvous_port=0, bucket_mb=4 / 1024, timeout_s=kw.pop("timeout_s", 30.0))
@@ -289,10 +276,6 @@ def _step(model, scale: float = 0.01) -> None:
 
 
 def test_swap_install_bit_exact_zero_copy_ping_pong_and_tied(models):
-    from transformers import AutoModelForCausalLM
-
-    from actor.weights import WeightReceiver
-
     torch.set_num_threads(1)
     learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
     engine = hf_engine(models["a0"])
@@ -305,7 +288,7 @@ def test_swap_install_bit_exact_zero_copy_ping_pong_and_tied(models):
         seen = []
         # Mid-sync (after each bucket), the engine still holds exactly the previous version: a
         # sync never writes into the buffer set the engine adopted from the last one.
-        receiver.on_bucket = lambda b, n: seen.append(tensor_checksum(engine.named_parameters_for_sync()))
+        receiver.on_bucket = lambda b, n, seen=seen: seen.append(tensor_checksum(engine.named_parameters_for_sync()))
         result, (checksum, _) = _sync_threads(pub, learner, receiver, engine, version)
         assert result.ok and receiver.last_swapped and engine.version == version
         assert seen and set(seen) == {before}
@@ -324,10 +307,6 @@ def test_swap_install_bit_exact_zero_copy_ping_pong_and_tied(models):
 
 
 def test_swap_failed_sync_leaves_engine_untouched_then_recovers(models):
-    from transformers import AutoModelForCausalLM
-
-    from actor.weights import WeightReceiver
-
     torch.set_num_threads(1)
     learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
     engine = hf_engine(models["a0"])
@@ -361,13 +340,6 @@ def test_swap_failed_sync_leaves_engine_untouched_then_recovers(models):
 
 
 def test_swap_declined_falls_back_to_copy_and_swap_error_is_a_load_failure(models, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from actor.engine import EngineError
-    from actor.engines import make_engine
-    from actor.weights import WeightReceiver
-    from common.config import ActorConfig, ModelConfig
-
     torch.set_num_threads(1)
     learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
     _step(learner)
@@ -422,11 +394,6 @@ def test_stream_across_swap_matches_stream_across_copy(models):
     """Two engines with the same init and seed run the same continuous-batching stream; between
     steps one installs new weights by swap (through a real sync), the other by load_weights
     (copy). Every sample must be identical: a swap between steps is a weight load like any other."""
-    from transformers import AutoModelForCausalLM
-
-    from actor.engine import GenerationRequest
-    from actor.weights import WeightReceiver
-
     torch.set_num_threads(1)
     learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
     _step(learner, 0.05)
@@ -450,7 +417,7 @@ def test_stream_across_swap_matches_stream_across_copy(models):
         for k, stream in enumerate(streams):
             outs[k] += stream.step()
     assert len(outs[0]) == len(outs[1]) == 4
-    for x, y in zip(*outs):
+    for x, y in zip(*outs, strict=True):
         assert (x.tag, x.index, x.version, x.sample.finish) == (y.tag, y.index, y.version, y.sample.finish)
         assert np.array_equal(x.sample.token_ids, y.sample.token_ids)
         assert np.array_equal(x.sample.logprobs.view(np.int32), y.sample.logprobs.view(np.int32))
@@ -459,7 +426,7 @@ def test_stream_across_swap_matches_stream_across_copy(models):
     seeded = GenerationRequest(context=swapped.tokenizer.encode("7-5="), n=3, max_tokens=10, seed=5)
     a, b = swapped.generate([seeded])[0], copied.generate([seeded])[0]
     assert len(a) == len(b) == 3
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x.token_ids, y.token_ids) and np.array_equal(x.logprobs, y.logprobs)
 
 

@@ -16,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+
+from common.config import JobConfig
+from learner.checkpoint import LearnerState, load_checkpoint, save_checkpoint
+from learner.trainer import Trainer
+from tests.support.treegen import random_tree
 
 
 def make_trees(seed: int, count: int, vocab_size: int):
-    from tests.support.treegen import random_tree
-
     rng = np.random.default_rng(seed)
     return [random_tree(rng, vocab_size=vocab_size, max_depth=3, max_branch=3) for _ in range(count)]
 
@@ -34,8 +38,6 @@ def param_hash(trainer) -> str:
 
 
 def job_config(zero_stage: int, run_dir: str):
-    from common.config import JobConfig
-
     return JobConfig.model_validate({
         "run_dir": run_dir,
         "learner": {"lr": 1e-3, "zero_stage": zero_stage, "micro_batch_tokens": 48, "warmup_steps": 1},
@@ -53,15 +55,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from learner.checkpoint import LearnerState, load_checkpoint, save_checkpoint
-    from learner.trainer import Trainer
-
     out = Path(args.out)
     trainer = Trainer(job_config(args.zero_stage, str(out / "run")), args.model)
     hashes = {"start": param_hash(trainer)}
     if trainer.rank == 0:
-        from safetensors.torch import save_file
-
         metrics = []
         for step in range(args.steps):
             trees = make_trees(args.seed + step, args.trees, trainer.vocab_size)

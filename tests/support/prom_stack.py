@@ -68,7 +68,7 @@ class PromStack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 60.0) -> "PromStack":
+    def start(self, timeout_s: float = 60.0) -> PromStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "prometheus.yml"
         config.write_text(yaml.safe_dump(render_scrape_config(self.targets, self.interval), sort_keys=False))
@@ -107,7 +107,8 @@ class PromStack:
             with urllib.request.urlopen(url, timeout=10) as r:
                 body = json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise RuntimeError(f"prometheus {path} {params}: HTTP {e.code}: {e.read().decode(errors='replace')}") from None
+            detail = e.read().decode(errors="replace")
+            raise RuntimeError(f"prometheus {path} {params}: HTTP {e.code}: {detail}") from None
         if body.get("status") != "success":
             raise RuntimeError(f"prometheus {path} {params}: {body}")
         return body["data"]
@@ -142,7 +143,7 @@ class PromStack:
                 self.proc.wait(timeout=5)
         self.proc = None
 
-    def __enter__(self) -> "PromStack":
+    def __enter__(self) -> PromStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

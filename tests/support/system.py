@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from common.config import load_config
-from treerpo.supervisor import Child, Supervisor, treerpo_command
 from common.rundir import logs_dir
 from tests.support.paths import REPO
+from treerpo.supervisor import Child, Supervisor, treerpo_command
 
 BASE_OVERRIDES = [
     "tree.depth=2", "tree.branching=[2,2]", "tree.split=step", "tree.segment_tokens=8", "tree.max_tokens=24",
@@ -38,8 +39,6 @@ def free_port() -> int:
     """A free port below Linux's ephemeral range (32768+), never handed out twice: a port the
     kernel assigns later (a process binding port 0, e.g. the learner's own torch.distributed
     store) cannot take it between this choice and the bind."""
-    import random
-
     rng = random.Random()
     for _ in range(1000):
         port = rng.randrange(20000, 32000)
@@ -114,7 +113,7 @@ class System:
         self.cfg = cfg
         self.pids: list[int] = []
 
-    def start(self) -> "System":
+    def start(self) -> System:
         try:
             self.sup.start(startup_timeout_s=300)
         except (RuntimeError, TimeoutError) as e:

@@ -24,11 +24,14 @@ def make_tree(
     seg_len: int = 3,
 ) -> ReasoningTree:
     """A root child (versions[0]) with len(versions)-1 leaf children."""
-    nodes = [Node(parent=-1, token_ids=np.full(seg_len, 5), logprobs=np.full(seg_len, -1.0), version=versions[0], finish="segment")]
+    nodes = [Node(parent=-1, token_ids=np.full(seg_len, 5), logprobs=np.full(seg_len, -1.0), version=versions[0],
+                  finish="segment")]
     for v in versions[1:]:
-        nodes.append(Node(parent=0, token_ids=np.full(seg_len, 6), logprobs=np.full(seg_len, -1.0), version=v, finish="stop", reward=1.0))
+        nodes.append(Node(parent=0, token_ids=np.full(seg_len, 6), logprobs=np.full(seg_len, -1.0), version=v,
+                          finish="stop", reward=1.0))
     meta = {} if incarnation is None else {"incarnation": incarnation}
-    tree = ReasoningTree(tree_id=tree_id, prompt_id="p", actor_id=actor, prompt_token_ids=np.full(prompt_len, 7), nodes=nodes, meta=meta)
+    tree = ReasoningTree(tree_id=tree_id, prompt_id="p", actor_id=actor, prompt_token_ids=np.full(prompt_len, 7),
+                         nodes=nodes, meta=meta)
     return tree.validate()
 
 

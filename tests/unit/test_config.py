@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from pydantic import ValidationError
 
 from common.config import (
     AdvantageConfig,
@@ -13,6 +16,7 @@ from common.config import (
     load_config,
     preset_names,
 )
+from tests.support.paths import REPO
 
 
 def test_unknown_key_fails_naming_it(tmp_path):
@@ -86,7 +90,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 def test_advantage_config_contract():
     cfg = AdvantageConfig(norm="none", eps=1e-6, min_group_std=0.1)
     assert (cfg.norm, cfg.eps, cfg.min_group_std) == ("none", 1e-6, 0.1)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         AdvantageConfig(norm="batch")
 
 
@@ -97,10 +101,6 @@ def test_presets_validate(name):
 
 
 def test_common_never_imports_actor_or_learner():
-    import re
-
-    from tests.support.paths import REPO
-
     root = REPO / "common"
     pattern = re.compile(r"^\s*(from|import)\s+(actor|learner)\b", re.M)
     offenders = [p.name for p in root.rglob("*.py") if pattern.search(p.read_text())]

@@ -48,7 +48,8 @@ def test_every_metric_in_dashboard_and_rules_is_in_the_metric_table():
     undeclared = undeclared_names(exprs)
     assert not undeclared, f"used but not in common.metrics.METRICS: {sorted(undeclared)}"
     # the extractor finds what a reader sees (a check on the helper itself)
-    assert promql_metric_names('histogram_quantile(0.95, sum by (le) (rate(a_bucket{x="y"}[5m]))) / b') == {"a_bucket", "b"}
+    expr = 'histogram_quantile(0.95, sum by (le) (rate(a_bucket{x="y"}[5m]))) / b'
+    assert promql_metric_names(expr) == {"a_bucket", "b"}
 
 
 def test_every_alert_has_a_promtool_test():

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from common.config import DataConfig
@@ -38,9 +40,6 @@ def _ids(prompts) -> list[str]:
 
 # -- loading ----------------------------------------------------------------------------------
 def test_jsonl_and_parquet_load_the_same_rows(tmp_path, tok):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rows = _rows(6)
     jsonl = _write_jsonl(tmp_path / "a.jsonl", rows)
     parquet = tmp_path / "a.parquet"
@@ -82,9 +81,6 @@ def test_bad_jsonl_row_names_file_and_line(tmp_path, tok, bad_line, message):
 
 
 def test_bad_parquet_row_names_file_and_row(tmp_path, tok):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = tmp_path / "bad.parquet"
     table = pa.table({"id": ["a", "b", "c"], "problem": ["1=", None, "3="], "answer": ["1", "2", "3"]})
     pq.write_table(table, path)
@@ -210,5 +206,6 @@ def test_synthetic_source(tok):
     assert p.meta["task"] == "add_mul" and p.meta["source"] == "synthetic:train"
     held = PromptSource(DataConfig(source="synthetic", split="eval", num_eval_problems=200, seed=1), tok)
     assert len(held) == 200
-    train_texts = {q.text for q in PromptSource(DataConfig(source="synthetic", num_problems=3000, seed=1), tok).all_prompts()}
+    train = PromptSource(DataConfig(source="synthetic", num_problems=3000, seed=1), tok)
+    train_texts = {q.text for q in train.all_prompts()}
     assert train_texts.isdisjoint({q.text for q in held.all_prompts()})

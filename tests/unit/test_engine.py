@@ -87,14 +87,14 @@ def test_behaviour_logprobs_match_teacher_forcing(engine, temperature, top_k, to
     # Contexts of different lengths (left padding), n > 1 (cache expansion), and a chunked call.
     contexts = [ctx(engine, "12+34="), ctx(engine, "7*8=?;"), ctx(engine, "(1+2)*3-4/5=")]
     reqs = [GenerationRequest(c, n, 24, temperature=temperature, top_k=top_k, top_p=top_p, seed=i)
-            for i, (c, n) in enumerate(zip(contexts, [3, 1, 2]))]
+            for i, (c, n) in enumerate(zip(contexts, [3, 1, 2], strict=True))]
     old_rows = engine.max_batch_rows
     try:
         for rows in (256, 2):
             engine.max_batch_rows = rows
             out = engine.generate(reqs)
             assert [len(o) for o in out] == [3, 1, 2]
-            for req, samples in zip(reqs, out):
+            for req, samples in zip(reqs, out, strict=True):
                 for s in samples:
                     ref = teacher_forced(engine.model, req.context, s, temperature, top_k, top_p)
                     assert np.all(np.isfinite(s.logprobs))
@@ -104,9 +104,11 @@ def test_behaviour_logprobs_match_teacher_forcing(engine, temperature, top_k, to
 
 
 def test_seeded_calls_reproduce(engine):
+    def flat(out):
+        return [s.token_ids.tolist() for o in out for s in o]
+
     reqs = [GenerationRequest(ctx(engine, "3+4="), 4, 16, seed=11), GenerationRequest(ctx(engine, "9="), 2, 8, seed=12)]
     a, b = engine.generate(reqs), engine.generate(reqs)
-    flat = lambda out: [s.token_ids.tolist() for o in out for s in o]
     assert flat(a) == flat(b)
     np.testing.assert_array_equal(a[0][0].logprobs, b[0][0].logprobs)
     reqs[0].seed = 13
@@ -129,7 +131,8 @@ def test_finish_reasons_eos_and_length(tmp_path, tiny_model_dir):
     # a request's own stop token id ends a sample just like EOS
     stop_id = int(eng.tokenizer.convert_tokens_to_ids("a"))
     eng2 = hf_engine(bias_tokens(tiny_model_dir, tmp_path / "a", {stop_id: 0.3, EOS_ID: -5.0}))
-    out = eng2.generate([GenerationRequest(np.array([5, 6], dtype=np.int32), 20, 30, stop_token_ids=(stop_id,), seed=1)])[0]
+    req = GenerationRequest(np.array([5, 6], dtype=np.int32), 20, 30, stop_token_ids=(stop_id,), seed=1)
+    out = eng2.generate([req])[0]
     assert any(s.finish == "stop" for s in out)
     assert all(s.token_ids[-1] == stop_id for s in out if s.finish == "stop")
 
@@ -236,13 +239,17 @@ def test_stream_forks_fidelity_and_no_reprefill(engine, rows):
     for context, f in out:
         np.testing.assert_allclose(f.sample.logprobs, teacher_forced(engine.model, context, f.sample),
                                    atol=1e-4, rtol=0)
-        assert f.sample.finish in ("stop", "length") and (f.sample.finish == "stop") == (f.sample.token_ids[-1] == EOS_ID)
+        assert f.sample.finish in ("stop", "length")
+        assert (f.sample.finish == "stop") == (f.sample.token_ids[-1] == EOS_ID)
 
 
 def test_stream_seeded_and_versions(engine):
     roots = [(ctx(engine, "3+4="), 3, 4), (ctx(engine, "9="), 2, 6)]
     extend = lambda context, s: (2, 3) if len(context) < 8 else None  # noqa: E731
-    key = lambda out: [(repr(f.tag), f.index, f.sample.token_ids.tolist(), f.sample.logprobs.tolist()) for _, f in out]
+
+    def key(out):
+        return [(repr(f.tag), f.index, f.sample.token_ids.tolist(), f.sample.logprobs.tolist()) for _, f in out]
+
     a = run_stream(engine.open_stream(seed=7), roots, extend)
     b = run_stream(engine.open_stream(seed=7), roots, extend)
     c = run_stream(engine.open_stream(seed=8), roots, extend)

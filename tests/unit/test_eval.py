@@ -8,9 +8,11 @@ import math
 
 import pytest
 
-from treerpo.eval import ks_to_report, pass_at_k, resolve_model_dir, summarise
-from treerpo.cli import build_parser
+from common.config import DataConfig, load_config
+from common.data import read_rows
 from common.tasks import TaskSpec, eval_problems
+from treerpo.cli import build_parser
+from treerpo.eval import ks_to_report, pass_at_k, resolve_model_dir, run, summarise
 
 
 def test_pass_at_k_hand_values():
@@ -60,9 +62,6 @@ def test_summarise_and_ks():
 
 
 def test_benchmark_rows_load(benchmarks_dir):
-    from common.config import DataConfig
-    from common.data import read_rows
-
     paths = [str(benchmarks_dir / "math500.jsonl"), str(benchmarks_dir / "aime24.jsonl")]
     cfg = DataConfig(source="files", paths=paths, reward="math")
     rows = read_rows(cfg.paths, cfg)
@@ -79,8 +78,6 @@ SMALL = {"hidden_size": 32, "num_layers": 1}  # the tiny model's variant used he
 
 
 def test_eval_on_tiny_model_writes_a_report(make_tiny_model, tmp_path):
-    from treerpo.eval import run
-
     tiny_model = make_tiny_model(**SMALL)
     out = tmp_path / "report.json"
     args = _eval_args("--model", str(tiny_model), "-k", "3", "--num-problems", "5", "--max-tokens", "12",
@@ -93,7 +90,6 @@ def test_eval_on_tiny_model_writes_a_report(make_tiny_model, tmp_path):
     assert sum(report["reasons"].values()) == 15  # one reason per sample
     assert 1.0 <= report["mean_response_tokens"] <= 12.0
     assert report["generated_tokens"] == pytest.approx(report["mean_response_tokens"] * 15)
-    from common.config import load_config
 
     held_out = eval_problems(TaskSpec.from_config(load_config("demo").data), 5)  # the demo preset's task
     assert [p["id"] for p in report["per_problem"]] == [p.problem_id for p in held_out]
@@ -106,8 +102,6 @@ def test_eval_on_tiny_model_writes_a_report(make_tiny_model, tmp_path):
 
 
 def test_eval_scores_benchmark_files_with_math_reward(make_tiny_model, tmp_path):
-    from treerpo.eval import run
-
     tiny_model = make_tiny_model(**SMALL)
     data = tmp_path / "bench.jsonl"
     data.write_text("\n".join(json.dumps({"id": f"q{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)})

@@ -12,10 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.metrics import (
     ACTOR_LOST_REASONS,
     DROP_REASONS,
-    REWARD_ERROR_REASONS,
-    SYNC_FAILURE_REASONS,
     METRICS,
+    REWARD_ERROR_REASONS,
     STEP_RECORD,
+    SYNC_FAILURE_REASONS,
     WIRE_ERROR_REASONS,
     ActorMetrics,
     LearnerMetrics,
@@ -123,7 +123,8 @@ def test_learner_server_over_http():
         # staleness 0, 1, 3: sum 4, count 3; buckets le=0 -> 1, le=1 -> 2, le=2 -> 2, le=3 -> 3
         assert after[("treerpo_learner_staleness_sum", ())] == 4
         assert after[("treerpo_learner_staleness_count", ())] == 3
-        assert [after[("treerpo_learner_staleness_bucket", (("le", le),))] for le in ("0.0", "1.0", "2.0", "3.0")] == [1, 2, 2, 3]
+        buckets = [after[("treerpo_learner_staleness_bucket", (("le", le),))] for le in ("0.0", "1.0", "2.0", "3.0")]
+        assert buckets == [1, 2, 2, 3]
         # step durations 0.5 and 2.0
         assert after[("treerpo_learner_step_duration_seconds_sum", ())] == 2.5
         assert after[("treerpo_learner_trees_dropped_total", (("reason", "stale"),))] == 3

@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from common.config import AdvantageConfig, LossConfig
 from common.treerpo import node_token_offsets, step_advantages, token_advantages
-from learner.loss import LossInputs, treerpo_loss
 from learner.attention import SPAN_ATTENTION, register_span_attention, span_attention, span_plan
 from learner.logprobs import token_logprobs
+from learner.loss import LossInputs, treerpo_loss
 from learner.packing import pack_trees
 from tests.support.treegen import random_tree, tree_from_parents
 
@@ -31,8 +32,6 @@ torch.set_num_threads(1)
 
 
 def _load(make_tiny_model, attn: str):
-    from transformers import AutoModelForCausalLM
-
     if attn == SPAN_ATTENTION:
         register_span_attention()
     model = AutoModelForCausalLM.from_pretrained(str(make_tiny_model(**SMALL)), dtype=torch.float32,
@@ -81,9 +80,10 @@ def _naive_layout(model, trees):
 def _scatter_to_layout(batches, lps, trees):
     """Every (tree, token) occurrence in the batches -> list of values, in layout order."""
     seen = [[[] for _ in range(node_token_offsets(t)[-1])] for t in trees]
-    for b, lp in zip(batches, lps):
+    for b, lp in zip(batches, lps, strict=True):
         where = b.token_index >= 0
-        for ti, tok, v in zip(b.tree_index[where].tolist(), b.token_index[where].tolist(), lp[where].tolist()):
+        for ti, tok, v in zip(b.tree_index[where].tolist(), b.token_index[where].tolist(), lp[where].tolist(),
+                              strict=True):
             seen[ti][tok].append(v)
     return seen
 
@@ -163,7 +163,7 @@ def test_tree_flat_naive_equivalence(make_tiny_model, attn, tree_attention):
     for mode, kw in (("tree", {}), ("flat", {}), ("tree", {"max_batch_rows": 3, "pad_multiple": 8})):
         batches, lps, grads[(mode, len(kw))] = _packed_grads(model, trees, mode, budget, prox, tree_attention, **kw)
         seen = _scatter_to_layout(batches, lps, trees)
-        for ti, tree in enumerate(trees):
+        for ti in range(len(trees)):
             for tok, values in enumerate(seen[ti]):
                 assert values, f"{mode}: tree {ti} token {tok} missing"
                 for v in values:
@@ -182,15 +182,15 @@ def test_each_node_counted_once(mode, budget):
     want = 0
     for tree in trees:
         _, trainable = step_advantages(tree, AdvantageConfig(min_group_std=0.3))
-        want += sum(len(n) for n, tr in zip(tree.nodes, trainable) if tr)
+        want += sum(len(n) for n, tr in zip(tree.nodes, trainable, strict=True) if tr)
     assert sum(b.num_trainable_tokens for b in batches) == want
     counted = [np.zeros(node_token_offsets(t)[-1], dtype=int) for t in trees]
     for b in batches:
         assert b.input_ids.shape[1] <= budget
         assert b.num_trainable_tokens == int(b.loss_mask.sum())
-        for ti, tok in zip(b.tree_index[b.loss_mask].tolist(), b.token_index[b.loss_mask].tolist()):
+        for ti, tok in zip(b.tree_index[b.loss_mask].tolist(), b.token_index[b.loss_mask].tolist(), strict=True):
             counted[ti][tok] += 1
-    for tree, c in zip(trees, counted):
+    for tree, c in zip(trees, counted, strict=True):
         assert np.array_equal(c, token_advantages(tree, AdvantageConfig(min_group_std=0.3))[1].astype(int))
 
 
@@ -208,7 +208,7 @@ def test_tree_split_below_the_root(make_tiny_model, tree_attention):
         naive = _naive_layout(model, [tree])[0]
         lps = [token_logprobs(model, b, TEMP, tree_attention=tree_attention) for b in batches]
     owned = np.zeros(24, dtype=int)
-    for b, lp in zip(batches, lps):
+    for b, lp in zip(batches, lps, strict=True):
         where = b.token_index >= 0
         torch.testing.assert_close(lp[where], naive[b.token_index[where]], rtol=0, atol=1e-5)
         np.add.at(owned, b.token_index[b.loss_mask].numpy(), 1)
@@ -358,7 +358,7 @@ def test_span_attention_matches_dense_sdpa(heads):
         ref = ref.transpose(1, 2)  # (B, T, H, D)
         ref_grads = torch.autograd.grad((ref * up).sum(), (q, k, v))
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-        for a, b in zip(grads, ref_grads):
+        for a, b in zip(grads, ref_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import pytest
 
-from common.rewards import MAX_BOXED_DEPTH, REWARD_REASONS, MathReward, RewardResult, brace_depth, arithmetic_final_answer, last_boxed, make_reward
+from common.rewards import (
+    MAX_BOXED_DEPTH,
+    REWARD_REASONS,
+    MathReward,
+    RewardResult,
+    arithmetic_final_answer,
+    brace_depth,
+    last_boxed,
+    make_reward,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +69,7 @@ def test_math_scores_gold_solutions(math_reward, math500):
     correct = sum(r.reward == 1.0 for r in results)
     fraction = correct / len(rows)
     print(f"\nmath reward on MATH500 gold solutions: {correct}/{len(rows)} = {fraction:.4f}")
-    failures = [(row["id"], res.reason) for row, res in zip(rows, results) if res.reward != 1.0]
+    failures = [(row["id"], res.reason) for row, res in zip(rows, results, strict=True) if res.reward != 1.0]
     assert fraction >= 0.99, failures[:20]
 
 
@@ -188,7 +198,8 @@ def test_arithmetic_final_answer_extraction():
 def test_arithmetic_never_raises_on_random_strings():
     scorer = make_reward("arithmetic")
     rng = random.Random(7)
-    completions = ["".join(chr(rng.randint(0, 0x2FF)) for _ in range(rng.randint(0, 30))) + rng.choice(["", "#", "#12"]) for _ in range(10_000)]
+    completions = ["".join(chr(rng.randint(0, 0x2FF)) for _ in range(rng.randint(0, 30))) + rng.choice(["", "#", "#12"])
+                   for _ in range(10_000)]
     results = scorer.score_many(completions, ["12"] * len(completions))
     assert all(r.reason in REWARD_REASONS for r in results)
     assert all((r.reward == 1.0) == (r.reason == "ok") for r in results)
@@ -196,7 +207,6 @@ def test_arithmetic_never_raises_on_random_strings():
 
 def test_math_works_from_a_non_main_thread(math_reward):
     # math-verify's own signal-based timeouts would raise here; the worker process avoids them
-    import threading
 
     out = []
     worker = threading.Thread(target=lambda: out.extend(math_reward.score_many([r"\boxed{\frac{2}{4}}"], ["1/2"])))

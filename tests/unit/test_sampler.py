@@ -93,10 +93,10 @@ def test_tree_shapes_and_bfs_order(no_eos_engine, branching):
                 expected_parents += [p] * branching[d]
             start += per_level[d - 1]
         assert tree.parents.tolist() == expected_parents
-        assert all(n.finish == "segment" for n, d in zip(tree.nodes, depths) if d < 3)
-        assert all(len(n) == 4 for n, d in zip(tree.nodes, depths) if d < 3)  # cut at segment_tokens
+        assert all(n.finish == "segment" for n, d in zip(tree.nodes, depths, strict=True) if d < 3)
+        assert all(len(n) == 4 for n, d in zip(tree.nodes, depths, strict=True) if d < 3)  # cut at segment_tokens
         # last level runs to the rest of the budget: 20 - 2 * 4 = 12
-        assert all(n.finish == "length" and len(n) == 12 for n, d in zip(tree.nodes, depths) if d == 3)
+        assert all(n.finish == "length" and len(n) == 12 for n, d in zip(tree.nodes, depths, strict=True) if d == 3)
         assert tree.path_lengths().tolist() == [20] * int(per_level[-1])
         assert tree.meta["task"] == "demo" and tree.actor_id == "actor-0"
 
@@ -133,9 +133,11 @@ def test_depth_one_is_grpo(engine):
 
 
 def test_seeded_sampler_reproduces(engine):
+    def key(trees):
+        return [(n.parent, n.finish, n.token_ids.tolist(), n.logprobs.tolist()) for t in trees for n in t.nodes]
+
     cfg = tree_cfg(branching=[2, 1, 2])
     ps = prompts(engine)
-    key = lambda trees: [(n.parent, n.finish, n.token_ids.tolist(), n.logprobs.tolist()) for t in trees for n in t.nodes]
     a = TreeSampler(engine, cfg, PathTextReward(), "a", seed=5).sample(ps)
     b = TreeSampler(engine, cfg, PathTextReward(), "a", seed=5).sample(ps)
     c = TreeSampler(engine, cfg, PathTextReward(), "a", seed=6).sample(ps)
@@ -159,7 +161,8 @@ def test_step_split_keeps_delimiter(tiny_model_dir, tmp_path):
                 assert ";" not in text[:-1]  # cut at the first delimiter, which is kept
                 cut_at_delim += text.endswith(";")
             else:  # the last level ignores the delimiter and runs to the budget
-                assert node.finish == "length" and len(tree.context_ids(i)) - len(tree.prompt_token_ids) + len(node) == 24
+                assert node.finish == "length"
+                assert len(tree.context_ids(i)) - len(tree.prompt_token_ids) + len(node) == 24
     assert cut_at_delim >= 10
 
 
@@ -232,7 +235,8 @@ def check_shapes(tree, branching, max_tokens, segment_tokens):
             expected_parents += [p] * branching[d]
         start += per_level[d - 1]
     assert tree.parents.tolist() == expected_parents
-    assert all(len(n) == segment_tokens and n.finish == "segment" for n, d in zip(tree.nodes, depths) if d < len(branching))
+    assert all(len(n) == segment_tokens and n.finish == "segment"
+               for n, d in zip(tree.nodes, depths, strict=True) if d < len(branching))
     assert tree.path_lengths().tolist() == [max_tokens] * int(per_level[-1])
 
 
@@ -281,7 +285,8 @@ def test_generate_fallback_one_call_per_level(engine):
         assert tree.meta["engine_steps"] == 3
         check_fidelity(engine, tree, cfg)
     again = TreeSampler(GenerateOnly(engine), cfg, PathTextReward(), "a", seed=3).sample(prompts(engine))
-    assert [n.token_ids.tolist() for t in trees for n in t.nodes] == [n.token_ids.tolist() for t in again for n in t.nodes]
+    ids = [n.token_ids.tolist() for t in trees for n in t.nodes]
+    assert ids == [n.token_ids.tolist() for t in again for n in t.nodes]
 
 
 class BumpingEngine:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common.tree import Node, ReasoningTree, TreeError, validate_flat
-from tests.support.treegen import mutate, tree_from_parents
+from tests.support.treegen import mutate, random_tree, tree_from_parents
 
 
 def _tree(changes=None):
@@ -42,7 +42,8 @@ def test_keyword_construction_and_helpers():
         ({(2, "logprobs"): np.array([-1.0, np.inf], dtype=np.float32)}, r"nodes\[2\]\.logprobs holds a non-finite"),
         ({(2, "logprobs"): np.array([-1.0, -1.0])}, r"nodes\[2\]\.logprobs must be a 1-D float32"),
         ({(2, "token_ids"): np.array([1, 2], dtype=np.int64)}, r"nodes\[2\]\.token_ids must be a 1-D int32"),
-        ({(2, "token_ids"): np.array([], dtype=np.int32), (2, "logprobs"): np.array([], dtype=np.float32)}, r"nodes\[2\]\.token_ids is empty"),
+        ({(2, "token_ids"): np.array([], dtype=np.int32), (2, "logprobs"): np.array([], dtype=np.float32)},
+         r"nodes\[2\]\.token_ids is empty"),
         ({(2, "version"): -1}, r"nodes\[2\]\.version = -1"),
         ({(2, "finish"): "eos"}, r"nodes\[2\]\.finish = 'eos'"),
     ],
@@ -98,7 +99,8 @@ def _reference_validate(tree: ReasoningTree, vocab_size=None) -> None:
         if not isinstance(nd.parent, (int, np.integer)) or not -1 <= nd.parent < i:
             raise TreeError(f"{w}.parent = {nd.parent!r}: must satisfy -1 <= parent < {i}")
         if nd.parent < last:
-            raise TreeError(f"{w}.parent = {nd.parent} after a node with parent {last}: nodes must be in breadth-first order")
+            raise TreeError(f"{w}.parent = {nd.parent} after a node with parent {last}: "
+                            "nodes must be in breadth-first order")
         last = nd.parent
         if nd.parent >= 0:
             has_child[nd.parent] = True
@@ -142,8 +144,6 @@ def _outcome(fn, tree):
 
 def test_validate_matches_the_per_node_reference_on_single_edits():
     """2000 random trees, each with one random edit: same verdict and the same message."""
-    from tests.support.treegen import random_tree
-
     rng = np.random.default_rng(7)
     raised = 0
     for _ in range(2000):

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from actor.engine import EngineError
 from common.weightsync import (
     WeightSyncError,
     check_layout,
@@ -78,7 +79,7 @@ def test_flatten_unflatten_round_trip_bit_exact():
                torch.randn(2, 1, 5, generator=g).to(torch.bfloat16), torch.zeros(0, 3, dtype=torch.bfloat16)]
     buf = flatten_into(torch.empty(12 + 7 + 10, dtype=torch.bfloat16), tensors)
     views = unflatten(buf, [list(t.shape) for t in tensors])
-    for t, v in zip(tensors, views):
+    for t, v in zip(tensors, views, strict=True):
         assert v.shape == t.shape and torch.equal(v.view(torch.int16), t.view(torch.int16))
     assert views[1].data_ptr() == buf.data_ptr() + 12 * 2  # views, not copies
     with pytest.raises(ValueError):
@@ -109,8 +110,6 @@ def _bits(named) -> dict[str, torch.Tensor]:
 
 
 def test_swap_in_validates_all_before_changing_anything(make_tiny_model):
-    from actor.engine import EngineError
-
     torch.set_num_threads(1)
     engine = hf_engine(make_tiny_model(seed=1, max_position_embeddings=64))
     held = _bits(engine.named_parameters_for_sync())

@@ -77,7 +77,7 @@ def _assert_same(a: ReasoningTree, b: ReasoningTree) -> None:
     assert (a.tree_id, a.prompt_id, a.actor_id, a.meta) == (b.tree_id, b.prompt_id, b.actor_id, b.meta)
     assert b.prompt_token_ids.dtype == np.int32 and np.array_equal(a.prompt_token_ids, b.prompt_token_ids)
     assert len(a.nodes) == len(b.nodes)
-    for x, y in zip(a.nodes, b.nodes):
+    for x, y in zip(a.nodes, b.nodes, strict=True):
         assert (x.parent, x.version, x.finish, x.reward) == (y.parent, y.version, y.finish, y.reward)
         assert type(y.parent) is int and type(y.version) is int
         assert y.token_ids.dtype == np.int32 and np.array_equal(x.token_ids, y.token_ids)
