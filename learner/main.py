@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common.config import JobConfig, dump_config, load_config
 from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new_registry
-from common.rundir import ENDPOINTS, require_model_path, setup_logging, write_json_atomic
+from common.rundir import ENDPOINTS, read_json, require_model_path, setup_logging, write_json_atomic
 from common.transport import LearnerEndpoints
 from common.wire import WireError, decode_tree
 from learner.buffer import ReplayBuffer
@@ -49,6 +49,15 @@ def advertised_host(bind_host: str) -> str:
     return bind_host
 
 
+def previous_incarnation(run_dir: Path) -> int | None:
+    """The incarnation a previous learner of this run dir announced in its endpoints.json, if any."""
+    try:
+        value = read_json(run_dir / ENDPOINTS).get("incarnation")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value >= 0 else None
+
+
 class Learner:
     def __init__(self, cfg: JobConfig, run_dir: Path, resume: str) -> None:
         self.cfg, self.run_dir = cfg, run_dir
@@ -63,6 +72,13 @@ class Learner:
             state = load_checkpoint(self.trainer, latest)
             state.incarnation += 1
             log.info("resumed %s: step %d, version %d, incarnation %d", latest.name, state.step, state.version,
+                     state.incarnation)
+        previous = previous_incarnation(run_dir)
+        if previous is not None and state.incarnation <= previous:
+            # a learner of this run dir died before (or without) a checkpoint: the actors still hold
+            # its incarnation, so this one must differ or they would keep sending against lost weights
+            state.incarnation = previous + 1
+            log.info("a previous learner (incarnation %d) ran here: this is incarnation %d", previous,
                      state.incarnation)
         self.state = state
         self.registry = new_registry()

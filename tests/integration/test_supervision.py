@@ -96,19 +96,21 @@ def test_up_stops_when_an_actor_can_never_start(tiny_model_dir, tmp_path):
     assert out.count("actor-0 exited with code") == 2
 
 
-def test_learner_sigkill_under_up_resumes_and_actors_stay(make_tiny_model, tmp_path):
+@pytest.mark.parametrize("checkpoint_every", [2, 0], ids=["from-checkpoint", "no-checkpoint-yet"])
+def test_learner_sigkill_under_up_resumes_and_actors_stay(make_tiny_model, tmp_path, checkpoint_every):
     """SIGKILL the learner of a supervised job (ports chosen by the OS): `up` restarts it from its
-    latest checkpoint as a new incarnation on the same ports; the actors stay up (same pids),
-    re-register and train again; no tree is trained twice."""
-    overrides = ["learner.checkpoint_every=2", "transport.data_port=0", "transport.control_port=0",
-                 "weights.rendezvous_port=0", "up.backoff_s=0.5"]
+    latest checkpoint (or afresh, when it died before its first one) as a new incarnation on the
+    same ports; the actors stay up (same pids), re-register and train again; no tree is trained
+    twice, and trees made for the dead incarnation are not trained."""
+    overrides = [f"learner.checkpoint_every={checkpoint_every}", "transport.data_port=0",
+                 "transport.control_port=0", "weights.rendezvous_port=0", "up.backoff_s=0.5"]
     system = System(tmp_path / "job", make_tiny_model(**SYSTEM_MODEL), overrides, num_actors=2)
     run_dir = system.run_dir
     try:
         system.start()
         first_endpoints = dict(system.sup.endpoints)
-        system.wait(lambda: (run_dir / "checkpoints" / "latest").exists() and len(system.steps()) >= 3, 300,
-                    "a checkpoint and 3 steps")
+        has_checkpoint = (lambda: (run_dir / "checkpoints" / "latest").exists()) if checkpoint_every else (lambda: True)
+        system.wait(lambda: has_checkpoint() and len(system.steps()) >= 3, 300, "3 steps (and a checkpoint)")
         actor_pids = [a.proc.pid for a in system.sup.actors]
         victim = system.sup.learner.proc.pid
         os.kill(victim, signal.SIGKILL)
@@ -128,8 +130,11 @@ def test_learner_sigkill_under_up_resumes_and_actors_stay(make_tiny_model, tmp_p
         for key in ("data", "control", "rendezvous", "metrics"):
             assert endpoints[key] == first_endpoints[key], f"{key} moved across the restart"
         assert endpoints["incarnation"] > first_endpoints["incarnation"]
-        after = [t for t in system.trees() if t["time"] > kill_time and t["verdict"] == "accepted"]
-        assert all(t["incarnation"] == endpoints["incarnation"] for t in after)
+        after = [t for t in system.trees() if t["time"] > kill_time]
+        assert all(t["incarnation"] == endpoints["incarnation"] for t in after if t["verdict"] == "accepted")
+        assert all(t["verdict"] == "incarnation" for t in after if t["incarnation"] != endpoints["incarnation"])
+        first_step_after = system.steps()[steps_before]
+        assert first_step_after["step"] == (1 if not checkpoint_every else first_step_after["step"])
         assert system.stop() == 0
     finally:
         system.stop()
