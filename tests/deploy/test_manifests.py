@@ -72,7 +72,7 @@ def job_config(docs: list[dict]):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kustomize_renders(overlay):
     kinds = {d["kind"] for d in render(overlay)}
-    assert {"ConfigMap", "Secret", "Service", "Job", "StatefulSet", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
+    assert {"ConfigMap", "Service", "Job", "StatefulSet", "PersistentVolumeClaim", "NetworkPolicy"} <= kinds
     if overlay != "base":
         assert {"Namespace", "PodMonitor", "PrometheusRule"} <= kinds
         assert all(d["metadata"].get("namespace") == "treerpo" for d in render(overlay) if d["kind"] != "Namespace")
@@ -201,6 +201,24 @@ def test_workloads_match_the_topology(overlay):
     # multi-node checkpoints need storage every node can write
     pvc = one(docs, "PersistentVolumeClaim", "treerpo-run")
     assert pvc["spec"]["accessModes"] == (["ReadWriteMany"] if nnodes > 1 else ["ReadWriteOnce"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_learner_comes_back_by_itself_and_the_keys_survive_reapply(overlay):
+    """A dead learner is restarted by the Job and resumes (design §7); `kubectl apply -k` carries
+    no `treerpo-curve` Secret, so re-applying never empties the keys applied out of band."""
+    docs = render(overlay)
+    _, cfg = job_config(docs)
+    job, actors = one(docs, "Job", "treerpo-learner"), one(docs, "StatefulSet", "treerpo-actor")
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert job["spec"]["backoffLimit"] >= 1
+    assert cfg.learner.resume == "auto" and cfg.run_dir.startswith("/data")  # checkpoints on the run volume
+    mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
+    assert mounts["/data"] == "run" or any(cfg.run_dir.startswith(path) for path in mounts)
+    assert not any(d["kind"] == "Secret" for d in docs), "a Secret in the kustomization is re-applied empty"
+    for workload in (job, actors):
+        vol = next(v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == "curve")
+        assert vol["secret"]["secretName"] == "treerpo-curve" and not vol["secret"].get("optional", False)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
