@@ -16,7 +16,8 @@ Guarantees:
 * a node's finish comes from its sample's by one table, `node_finish`: a segment ending in EOS
   (or a stop token) is a leaf "stop" at any level; a segment of the last level, or one that uses
   up the total budget, is a leaf "length"; any other segment is an inner node "segment";
-* every node records `engine.version` read when its generation started (the engine reports it);
+* every node records the oldest weights that touched it: `engine.version` read when its
+  generation started (the engine reports it), never newer than its parent's (design §4.3);
 * nodes are stored breadth-first: by level, then parent, then sibling index (the order does not
   depend on which node finished first);
 * a whole call is reproducible: `sample` / `stream` with the same seed, prompts and source
@@ -192,8 +193,11 @@ class TreeSampler:
             path_ends = (level == self.cfg.depth - 1
                          or group.used + len(f.sample.token_ids) >= self.cfg.max_tokens)
             finish = node_finish(f.sample.finish, path_ends)
+            # a child attends to its ancestors' KV: its version is the oldest weights that touched
+            # its context or its tokens (design §4.3), never the newer one it was admitted under
+            version = int(f.version) if group.parent < 0 else min(int(f.version), tree.raw[group.parent][3].version)
             node = Node(parent=-1, token_ids=f.sample.token_ids, logprobs=f.sample.logprobs,
-                        version=int(f.version), finish=finish)
+                        version=version, finish=finish)
             tree.raw.append((group.parent, level, f.index, node))
             tree.pending -= 1
             if finish == "segment":

@@ -314,15 +314,23 @@ class BumpingEngine:
         return getattr(self._engine, name)
 
 
-def test_stream_versions_read_at_node_start(no_eos_engine):
-    # first segments are 4 tokens (steps 1-4); a version bump before step 5 leaves level 1 at
-    # version 0 and gives every node started afterwards (levels 2 and 3) version 1
+def test_stream_versions_are_the_oldest_weights_a_node_saw(no_eos_engine):
+    # first segments are 4 tokens (steps 1-4); a version bump before step 5 (a weight load) comes
+    # after level 1 finished at version 0. Levels 2 and 3 sample their tokens with version 1 but
+    # attend to level 1's KV, written by version 0: a node's version is the oldest weights that
+    # touched its context or its tokens (design §4.3), so every node of these trees is version 0.
     cfg = tree_cfg(branching=[2, 2, 1])
     try:
         trees = TreeSampler(BumpingEngine(no_eos_engine, 5), cfg, PathTextReward(), "a", seed=2).sample(
+            prompts(no_eos_engine))
+        assert no_eos_engine.version == 1
+        # a bump before the first step: every node, roots included, is version 1
+        fresh = TreeSampler(BumpingEngine(no_eos_engine, 1), cfg, PathTextReward(), "a", seed=2).sample(
             prompts(no_eos_engine))
     finally:
         no_eos_engine.version = 0
     assert len(trees) == 3
     for tree in trees:
-        assert [n.version for n in tree.nodes] == [0 if d == 1 else 1 for d in tree.depths()]
+        assert [n.version for n in tree.nodes] == [0] * len(tree.nodes)
+    for tree in fresh:
+        assert [n.version for n in tree.nodes] == [2] * len(tree.nodes)
