@@ -227,10 +227,12 @@ class Learner:
                 self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
                 continue
             self.train_one(trees)
+            # the version counts optimizer steps, published or not, so staleness is in steps even
+            # when weights go out only every sync_every steps (design §4.3)
+            self.state.version += 1
+            self.control.set_version(self.state.version)
+            self.metrics.version.set(self.state.version)
             if self.state.step % cfg.weights.sync_every == 0:
-                self.state.version += 1
-                self.control.set_version(self.state.version)
-                self.metrics.version.set(self.state.version)
                 self.sync(self.control.member_ids())
             if checkpoint_due(self.state.step, lc.checkpoint_every):
                 self.checkpoint()
