@@ -44,6 +44,7 @@ import torch
 
 from common.config import JobConfig, LearnerConfig
 from common.device import resolve_device_dtype
+from common.errors import ModelError, one_line
 from common.tree import ReasoningTree
 from learner.logprobs import token_logprobs
 from learner.loss import LossInputs, treerpo_loss
@@ -127,6 +128,21 @@ def tree_metrics(trees: Sequence[ReasoningTree]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Zero every dropout of `model` (nn.Dropout modules and attention-probability dropout that
+    transformers reads from `module.attention_dropout` in train mode); returns how many it zeroed."""
+    zeroed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, zeroed = 0.0, zeroed + 1
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout, zeroed = 0.0, zeroed + 1
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+    return zeroed
+
+
 class Trainer:
     """An HF causal LM wrapped by DeepSpeed (`self.ds`), trained with the TreeRPO loss."""
 
@@ -152,9 +168,12 @@ class Trainer:
                                                            trust_remote_code=cfg.model.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(self.model_path, **load)
         except OSError as e:
-            raise RuntimeError(f"cannot load the policy from {self.model_path!r}: {e}") from e
+            raise ModelError(f"cannot load the policy from {self.model_path!r}: {one_line(e)}") from e
         model.config.use_cache = False
+        # train mode (gradient checkpointing needs it) with every dropout at 0: θ, proximal and
+        # reference log-probs must be the policy the actors sampled from (design §4.1)
         model.to(self.device).train()
+        disable_dropout(model)
         self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else 0)

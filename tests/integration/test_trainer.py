@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -119,6 +120,24 @@ def test_proximal_recompute_equals_behaviour_for_the_models_own_logprobs(tiny_mo
     assert m["approx_kl_behaviour"] == pytest.approx(0.0, abs=1e-9)
     # θ vs p: ratio 1 whether p is stop-grad(θ) or a separate no-grad forward
     assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert m["approx_kl_proximal"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_log_prob_forwards_run_without_dropout(tiny_model_dir, tmp_path):
+    # a policy whose config has dropout: in train mode θ and p would be noisy draws (on-policy
+    # IS weights spread around 1); every log-prob forward must be the deterministic policy
+    model_dir = tmp_path / "dropout-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["attention_dropout"] = 0.5
+    (model_dir / "config.json").write_text(json.dumps(config))
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # b: dropout off, as an actor samples
+    trainer = Trainer(make_cfg(proximal_forward=True, micro_batch_tokens=40), model_dir)
+    assert trainer.module.training  # train mode kept (gradient checkpointing needs it), dropout zeroed
+    trees = [with_own_logprobs(t, reference) for t in make_trees(1, vocab_size=trainer.vocab_size)]
+    m = trainer.train_step(trees, learner_version=0)
+    assert m["is_weight_max"] == pytest.approx(1.0, abs=1e-5)  # p == b
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # θ == p
     assert m["approx_kl_proximal"] == pytest.approx(0.0, abs=1e-10)
 
 
