@@ -27,7 +27,9 @@ finishes (a `StreamResult`) with the engine version read when its request was ad
 request may name a `parent` sample (reported by the latest step) whose context + tokens are its
 context: an engine may continue that sample's state instead of prefilling (the HF engine forks
 the row's KV cache).
-Engines without a native stream (vLLM today) get `GenerateStream`: each `step()` is one
+Both engines have native streams (HF: actor/hf_stream.py; vLLM: `VLLMStream` over AsyncLLM, which
+caps a child's version at its parent's since it may reuse the parent's KV blocks). An engine
+without one gets `GenerateStream`: each `step()` is one
 `generate` call over every request queued so far.
 
 This module imports no concrete engine: `actor.engines.make_engine` builds the engine named by
@@ -43,11 +45,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from common.errors import EngineError  # defined with its exit code there; engines import it from here
+
 SampleFinish = Literal["stop", "length", "delimiter"]  # why an engine ended a sample (module docstring)
-
-
-class EngineError(RuntimeError):
-    """An engine that cannot be built or a request it cannot serve; the message says the fix."""
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The contract (actor/engine.py) knows no concrete engine; this module is the one place that
 maps a name to one ('hf' -> `HFEngine`, 'vllm' -> `VLLMEngine`). Importing it imports torch but
 neither transformers nor vLLM: building an HF engine imports transformers, building a vLLM engine
-imports vLLM (after `require_vllm` has checked it and CUDA are there).
+imports vLLM (after `require_vllm` has checked that it can run here: CUDA, or vLLM's CPU backend).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def make_engine(cfg: JobConfig | ModelConfig, actor: ActorConfig | None = None, 
     """
     if isinstance(cfg, tuple):
         cfg, actor = cfg
+    checksum = True
     if isinstance(cfg, JobConfig):
-        model_cfg, actor = cfg.model, actor or cfg.actor
+        model_cfg, actor, checksum = cfg.model, actor or cfg.actor, cfg.weights.checksum
     elif isinstance(cfg, ModelConfig):
         model_cfg = cfg
         if actor is None:
@@ -46,5 +47,5 @@ def make_engine(cfg: JobConfig | ModelConfig, actor: ActorConfig | None = None, 
         return HFEngine(model_cfg, actor, seed=seed)
     if actor.engine == "vllm":
         require_vllm()
-        return VLLMEngine(model_cfg, actor, seed=seed)
+        return VLLMEngine(model_cfg, actor, seed=seed, checksum=checksum)
     raise EngineError(f"actor.engine = {actor.engine!r}: must be 'hf' or 'vllm'")

@@ -36,7 +36,9 @@ import torch
 from actor.decoding import DecodeRow, sample_rows
 from actor.engine import EngineError, GenerationRequest, Sample, collect_eos_ids
 from actor.hf_stream import HFStream
-from common.device import DeviceError, resolve_device_dtype
+from common.device import resolve_device_dtype
+from common.errors import ModelError, one_line
+from common.rundir import check_model_folder
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.config import ActorConfig, ModelConfig
@@ -48,10 +50,8 @@ class HFEngine:
     def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, *, seed: int = 0) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 -- loads with a model
 
-        try:
-            self.device, self.dtype = resolve_device_dtype(model_cfg)
-        except DeviceError as e:
-            raise EngineError(str(e)) from e
+        self.device, self.dtype = resolve_device_dtype(model_cfg)  # DeviceError names the fix
+        check_model_folder(model_cfg.path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_cfg.path,
                                                            trust_remote_code=model_cfg.trust_remote_code)
@@ -62,7 +62,7 @@ class HFEngine:
                 trust_remote_code=model_cfg.trust_remote_code,
             )
         except OSError as e:
-            raise EngineError(f"cannot load model.path={model_cfg.path!r}: {e}") from e
+            raise ModelError(f"cannot load model.path={model_cfg.path!r}: {one_line(e)}") from e
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.max_batch_rows = actor_cfg.max_batch_rows

@@ -10,7 +10,10 @@ Guarantees:
   registration the actor waits for a sync);
 * every generated tree is either handed to ZeroMQ for a live learner or counted in
   `treerpo_actor_trees_lost_total{reason}` (send_timeout, incarnation, shutdown);
-* the actor stays up while the learner is away: it keeps re-registering with backoff;
+* the actor stays up while the learner is away: it keeps re-registering with backoff, and says
+  where it is looking once every `transport.peer_timeout_s` while no learner answers (a learner
+  that cannot be reached is not an error: actors may start first, and wait); with ephemeral
+  ports (0) it first waits for the learner's endpoints.json the same way;
 * SIGTERM/SIGINT: finish the current engine call, say Shutdown, exit 0; a Shutdown from the
   learner (training finished) also exits 0.
 """
@@ -29,12 +32,12 @@ from pathlib import Path
 from actor.engines import make_engine
 from actor.sampler import TreeSampler
 from actor.weights import WeightReceiver
-from common.config import JobConfig, load_config
+from common.config import ConfigError, JobConfig, load_config
 from common.data import PromptSource
 from common.metrics import ActorMetrics, MetricsServer, new_registry
 from common.rewards import make_reward
 from common.rundir import ENDPOINTS, actor_info_path, read_json, require_model_path, setup_logging, write_json_atomic
-from common.transport import ActorEndpoints
+from common.transport import ActorEndpoints, check_ports_free
 from common.weightsync import WeightSyncError
 from common.wire import (
     Credit,
@@ -85,7 +88,8 @@ class Actor:
         if cfg.metrics.enabled:
             # vLLM registers its own `vllm:` metrics in prometheus_client's global registry
             self.server = MetricsServer(cfg.metrics.host, cfg.metrics.actor_port, self.registry,
-                                        include_default_registry=cfg.actor.engine == "vllm").start()
+                                        include_default_registry=cfg.actor.engine == "vllm",
+                                        port_key="metrics.actor_port").start()
             write_json_atomic(actor_info_path(run_dir, actor_id), {"metrics": self.server.url, "pid": os.getpid()})
         self.net = ActorEndpoints(cfg.transport, actor_id, data_endpoint=endpoints.get("data"),
                                   control_endpoint=endpoints.get("control"))
@@ -106,9 +110,19 @@ class Actor:
         next_register = 0.0
         next_heartbeat = 0.0
         backoff = 0.5
+        waiting_since = time.monotonic()  # no registration since (the learner did not answer)
+        next_wait_log = waiting_since + tc.peer_timeout_s
+        log.info("registering with the learner at %s", self.net.control_endpoint)
         while not self.stop.is_set():
             now = time.monotonic()
             registered = self.incarnation >= 0 and now - self.last_contact < tc.peer_timeout_s
+            if registered:
+                waiting_since, next_wait_log = now, now + tc.peer_timeout_s
+            elif now >= next_wait_log:
+                log.warning("no answer from the learner at %s for %.0f s: is it running, and are "
+                            "transport.learner_host and the ports (or its endpoints.json) right? Still trying",
+                            self.net.control_endpoint, now - waiting_since)
+                next_wait_log = now + tc.peer_timeout_s
             if not registered and now >= next_register:
                 if self.incarnation >= 0:
                     # no socket reconnect: ZeroMQ redials by itself, and the main thread may be
@@ -149,6 +163,9 @@ class Actor:
                 self.incarnation, self.credits = msg.incarnation, msg.credits
             self.weights_ready.clear()
             self.receiver.reset()  # a (re)registration may mean a new learner with a new store
+            reset_transfer = getattr(self.engine, "reset_weight_transfer", None)
+            if reset_transfer is not None:  # vLLM: its worker's transfer engine holds the store
+                reset_transfer()
             self.metrics.connected.set(1)
             self.metrics.credits.set(msg.credits)
             log.info("registered with learner incarnation %d (version %d, %d credits)", msg.incarnation,
@@ -192,11 +209,16 @@ class Actor:
             return self.engine.swap_in(named, version)
 
     def _receive_weights(self, announce):
-        """Receive into fresh buffers (no lock held: generation goes on), load under the engine lock."""
+        """Receive into fresh buffers (no lock held: generation goes on), load under the engine lock.
+
+        vLLM: its worker joins the group itself and the update lands in flight (generation paused,
+        not drained: actor/vllm_engine.py); the pause is measured per sync."""
         try:
-            if hasattr(self.engine, "receive_weights"):  # vLLM: its worker joins the group itself
-                with self.lock:  # vllm.LLM is not thread-safe: no generation during the receive
-                    checksum, seconds = self.engine.receive_weights(announce)
+            if hasattr(self.engine, "receive_weights"):
+                checksum, seconds = self.engine.receive_weights(announce)
+                self.metrics.weight_pause_seconds.observe(self.engine.last_pause_s)
+                log.info("weights v%d landed in flight: generation paused %.1f ms, %d requests kept running",
+                         announce.version, 1e3 * self.engine.last_pause_s, self.engine.last_pause_requests)
             else:
                 swap = None
                 if hasattr(self.engine, "swap_in"):  # HF: adopt the received buffers, no copy
@@ -302,18 +324,40 @@ class Actor:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         self.net.close()
+        close_engine = getattr(self.engine, "close", None)
+        if close_engine is not None:  # vLLM: its engine-core and worker processes
+            close_engine()
         if self.server is not None:
             self.server.stop()
 
 
-def resolve_endpoints(args, cfg: JobConfig, run_dir: Path) -> dict[str, str]:
+def resolve_endpoints(args, cfg: JobConfig, run_dir: Path, stop: threading.Event) -> dict[str, str] | None:
+    """The learner's endpoints from --endpoints or RUN_DIR/endpoints.json; {} = the config's
+    learner_host + ports. A file named by --endpoints, or needed because the config's ports are
+    ephemeral (0), is waited for (the learner writes it once it listens), with one log line every
+    transport.peer_timeout_s; None if `stop` is set meanwhile."""
+    tc = cfg.transport
     path = Path(args.endpoints) if args.endpoints else run_dir / ENDPOINTS
-    if path.exists():
+    if not path.exists() and not args.endpoints and tc.data_port and tc.control_port:
+        return {}
+    started = time.monotonic()
+    next_log = started
+    while not path.exists():
+        if time.monotonic() >= next_log:
+            how = ("--endpoints names it" if args.endpoints else "transport.data_port/control_port are 0 "
+                   "(ephemeral), so only the learner's endpoints.json knows them")
+            log.warning("waiting for the learner: %s does not exist yet (%s; the learner writes it once it listens: "
+                        "start `treerpo learner --run-dir %s`, or set fixed ports); waited %.0f s", path, how,
+                        path.parent, time.monotonic() - started)
+            next_log = time.monotonic() + tc.peer_timeout_s
+        if stop.wait(0.2):
+            return None
+    try:
         info = read_json(path)
         return {"data": info["data"], "control": info["control"]}
-    if args.endpoints:
-        raise SystemExit(f"--endpoints {path} does not exist")
-    return {}  # the config's learner_host + ports
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not a learner's endpoints.json ({e!r}): give the file the learner wrote "
+                          "(RUN_DIR/endpoints.json)") from None
 
 
 def actor_index(actor_id: str, given: int | None) -> int:
@@ -331,9 +375,17 @@ def run(args) -> int:
     actor_id = args.actor_id or f"{socket.gethostname()}-{os.getpid()}"
     setup_logging(actor_id)
     require_model_path(cfg)
+    if cfg.metrics.enabled:
+        check_ports_free([(cfg.metrics.host, cfg.metrics.actor_port, "metrics.actor_port")])  # before the model loads
     num_actors = args.num_actors or cfg.actor.num_actors
+    stop = threading.Event()  # a signal while waiting for the learner's endpoints
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    endpoints = resolve_endpoints(args, cfg, run_dir, stop)
+    if endpoints is None:
+        return 0
     actor = Actor(cfg, run_dir, actor_id, actor_index(actor_id, args.actor_index) % num_actors, num_actors,
-                  resolve_endpoints(args, cfg, run_dir))
+                  endpoints)
     signal.signal(signal.SIGTERM, lambda *_: actor.stop.set())
     signal.signal(signal.SIGINT, lambda *_: actor.stop.set())
     try:

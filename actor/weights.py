@@ -9,6 +9,12 @@ Guarantees:
   not hold (ping-pong), so a live parameter is never written by a later sync. Memory: one
   staging copy of the weights besides the engine's, as with copying. `swap_fn` returning False
   (cannot adopt, e.g. dtype or device differ) means it changed nothing; `load_fn` then copies.
+* One group per membership: a successful sync keeps its group, and the next announcement that
+  names the same group (the learner reuses it while the members are unchanged) is received on
+  it, so an NCCL communicator is created once, not per sync; a new name or a failure drops it.
+* Bounded device memory (`stage_on_host`, the vLLM worker on a GPU): buckets arrive in a ring
+  of at most `MAX_IN_FLIGHT` device buffers and are staged in host memory, so the receive never
+  holds a second copy of the model on the device.
 * Bounded: the whole receive (rendezvous + buckets) ends by the announcement's `timeout_s`.
   Up to `MAX_IN_FLIGHT` bucket broadcasts are posted at once, completed in order (`on_bucket`
   runs after each, in order). On a dead learner, a deadline or a bad announcement it raises
@@ -43,6 +49,7 @@ from typing import Any
 import torch
 
 from common.weightsync import (
+    MAX_IN_FLIGHT,
     Deadline,
     Digests,
     InFlight,
@@ -52,8 +59,10 @@ from common.weightsync import (
     check_layout,
     combine_digests,
     connect_store,
-    drop_group_later,
+    keep_group,
     make_group,
+    release_group,
+    take_group,
     tensor_checksum,
     torch_dtype,
     unflatten,
@@ -68,8 +77,15 @@ class WeightReceiver:
     """Receives announced weight syncs; keeps one client connection to the rendezvous store."""
 
     def __init__(self, *, checksum: bool = True, reuse_buffers: bool = True,
-                 on_bucket: Callable[[int, int], None] | None = None):
+                 on_bucket: Callable[[int, int], None] | None = None, stage_on_host: bool = False,
+                 ring: bool | None = None):
         self.checksum = checksum
+        # stage_on_host: the staging buffers live in host memory; buckets on another device (NCCL)
+        # pass through a ring of MAX_IN_FLIGHT device buffers (ring=None: whenever the bucket device
+        # is not the CPU; True forces the ring, e.g. to test it on CPU)
+        self.stage_on_host = stage_on_host
+        self.ring = ring
+        self._ring: dict[tuple[int, str], Any] = {}  # (slot, dtype) -> device buffer
         # Keep the staging buffers between syncs (fresh memory costs page faults several times the
         # copy). Set False where memory is scarcer than time.
         self.reuse_buffers = reuse_buffers
@@ -78,11 +94,23 @@ class WeightReceiver:
         self.on_bucket = on_bucket  # (bucket index, bucket count) after each bucket arrived; tests, progress
         self._store: Any = None
         self._store_addr: tuple[str, int] | None = None
+        self._group: tuple[str, list] | None = None  # (name, keep_group holder) kept for the next sync in it
         self.last_swapped = False  # did the last successful receive install by swap (else by copy)?
 
     def reset(self) -> None:
-        """Forget the store connection (the learner restarted: its store is a new one)."""
+        """Forget the store connection and the kept group (the learner restarted: its store is a new one)."""
         self._store, self._store_addr = None, None
+        self._drop_group()
+
+    def close(self) -> None:
+        """Release everything held between syncs (store connection, group, buffers)."""
+        self.reset()
+        self._sets, self._live, self._ring = [{}, {}], None, {}
+
+    def _drop_group(self) -> None:
+        if self._group is not None:
+            holder, self._group = self._group[1], None
+            release_group(holder)
 
     def _client(self, host: str, port: int, timeout_s: float) -> Any:
         if self._store is None or self._store_addr != (host, port):
@@ -161,15 +189,19 @@ class WeightReceiver:
     def _receive_buckets(self, store: Any, announce: Any, plan: Any, deadline: Deadline, target: int,
                          early: bool) -> tuple[list[tuple[str, Any]], dict[str, bytes]]:
         """Receive every bucket into buffer set `target`; (named views in layout order, digests if early)."""
-        pg = make_group(announce.rendezvous_host, announce.rendezvous_port, announce.group, announce.rank,
-                        announce.world_size, deadline.check("rendezvous"), announce.backend, store=store)
+        if self._group is not None and self._group[0] == announce.group:
+            pg = take_group(self._group[1])  # the learner reuses the last sync's group (same members)
+            self._group = None
+        else:
+            self._drop_group()
+            pg = make_group(announce.rendezvous_host, announce.rendezvous_port, announce.group, announce.rank,
+                            announce.world_size, deadline.check("rendezvous"), announce.backend, store=store)
         try:
             out = self._receive_into(pg, announce, plan, deadline, target, early)
         except BaseException:
             del pg  # at once (the caller clears the frames below that hold it): the learner fails now
             raise
-        holder, pg = [pg], None
-        drop_group_later(holder)  # everything arrived: its teardown need not delay the install
+        self._group = (announce.group, keep_group(pg))  # everything arrived: kept for the next sync in it
         return out
 
     def _receive_into(self, pg: Any, announce: Any, plan: Any, deadline: Deadline, target: int,
@@ -185,9 +217,14 @@ class WeightReceiver:
     def _receive_all(self, wire: InFlight, pg: Any, announce: Any, plan: Any, deadline: Deadline, target: int,
                      named: list[tuple[str, Any]], digests: Digests) -> dict[str, bytes]:
         device = bucket_device(announce.backend)
+        stage = torch.device("cpu") if self.stage_on_host else device
+        ring = self.ring if self.ring is not None else (self.stage_on_host and device.type != "cpu")
+        posted = 0
 
         def arrive(done: list[tuple[int, Any]]) -> None:
-            for b, views in done:
+            for b, (views, buf, wire_buf) in done:
+                if wire_buf is not buf:
+                    buf.copy_(wire_buf)  # ring slot -> host staging (the collective has completed)
                 if self.on_bucket is not None:
                     self.on_bucket(b, len(plan.buckets))
                 if digests.enabled:
@@ -195,26 +232,41 @@ class WeightReceiver:
                         digests.add(n, v)
 
         for b, (first, end, count) in enumerate(plan.buckets):
-            buf = self._buffer(target, b, count, plan.dtypes[first], device)
+            buf = self._buffer(target, b, count, plan.dtypes[first], stage)
             views = list(zip(plan.names[first:end], unflatten(buf, plan.shapes[first:end]), strict=True))
             named.extend(views)
             if count:
                 done = wire.room()
-                wire.post(b, broadcast_bucket(pg, buf, deadline, f"bucket {b}"), views)
+                if ring:  # the slot this post takes was held by the bucket `room()` just completed
+                    arrive(done)
+                    done = []
+                    wire_buf = self._ring_slot(posted % MAX_IN_FLIGHT, count, plan.dtypes[first], device)
+                else:
+                    wire_buf = buf
+                wire.post(b, broadcast_bucket(pg, wire_buf, deadline, f"bucket {b}"), (views, buf, wire_buf))
+                posted += 1
                 arrive(done)
             else:
-                arrive(wire.drain() + [(b, views)])  # keep on_bucket in bucket order
+                arrive(wire.drain() + [(b, (views, buf, buf))])  # keep on_bucket in bucket order
         arrive(wire.drain())
         return digests.result()
 
+    def _ring_slot(self, slot: int, count: int, dtype: str, device: Any) -> Any:
+        """Device buffer `slot` of the ring (one per dtype, grown to the largest bucket seen)."""
+        buf = self._ring.get((slot, dtype))
+        if buf is None or buf.numel() < count:
+            buf = self._ring[(slot, dtype)] = torch.empty(count, dtype=torch_dtype(dtype), device=device)
+        return buf[:count]
+
     def _buffer(self, target: int, b: int, count: int, dtype: str, device: Any) -> Any:
+        pin = self.stage_on_host and device.type == "cpu" and torch.cuda.is_available()  # fast copies from the ring
         if not self.reuse_buffers:
-            return torch.empty(count, dtype=torch_dtype(dtype), device=device)
+            return torch.empty(count, dtype=torch_dtype(dtype), device=device, pin_memory=pin)
         key = (dtype, b, str(device))
         buffers = self._sets[target]
         buf = buffers.get(key)
         if buf is None or buf.numel() < count:
-            buf = buffers[key] = torch.empty(count, dtype=torch_dtype(dtype), device=device)
+            buf = buffers[key] = torch.empty(count, dtype=torch_dtype(dtype), device=device, pin_memory=pin)
         return buf[:count]
 
     def _report_failure(self, store: Any, announce: Any, err: WeightSyncError) -> None:

@@ -1,6 +1,7 @@
 """Tree sampler throughput against flat (GRPO) sampling of the same number of leaves.
 
-Both run through `TreeSampler` on the same HF engine and tiny model in the same process:
+Both run through `TreeSampler` on the same engine (`--engine hf`, default, or `vllm`: vLLM's
+AsyncLLM, CUDA or its CPU backend) and tiny model in the same process:
 tree = depth D with branching b; flat = depth 1 with branching [prod(b)] and the same total
 budget. Two measurements, each alternating tree and flat windows so load from other processes
 hits both alike:
@@ -18,6 +19,7 @@ hits both alike:
 Tokens: each node's tokens counted once; tokens per leaf are reported (the tree shares prefixes).
 
     python bench/sampler.py [--prompts 8] [--branching 2,2,2] [--segment-tokens 32] [--max-tokens 128] [--json]
+    python bench/sampler.py --engine vllm     # in the vLLM environment (README: vLLM actors)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -41,7 +44,7 @@ from actor.sampler import TreeSampler  # noqa: E402
 from common.config import ActorConfig, ModelConfig, TreeConfig  # noqa: E402
 from common.data import Prompt  # noqa: E402
 from common.rewards import make_reward  # noqa: E402
-from treerpo.tinymodel import build_tiny_model  # noqa: E402
+from treerpo.tinymodel import VLLM_CPU_TINY, build_tiny_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=5, help="timed (tree, flat) window pairs / call pairs")
     ap.add_argument("--hidden", type=int, default=64, help="tiny model hidden size")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                    help="hf, or vllm (AsyncLLM; the tiny model gets head_dim 64 for vLLM's CPU kernels)")
     ap.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     return ap.parse_args(argv)
 
@@ -78,29 +83,49 @@ def run_calls(engine, cfgs: dict, prompts, reward, repeats: int) -> dict:
             "ratio": statistics.median(ratios)}
 
 
-def run_streams(engine, cfgs: dict, prompts, reward, rows: int, window: int, repeats: int) -> dict:
-    """Keep one stream per mode open; alternate timed windows of `window` completed trees."""
+def run_streams(engine, cfgs: dict, prompts, reward, rows: int, window: int, repeats: int,
+                fresh: bool = False) -> dict:
+    """Alternate timed windows of `window` completed trees per mode.
+
+    HF: one stream per mode stays open (a stream advances only when stepped). `fresh` (vLLM, whose
+    engine runs the requests of every open stream at once): each window opens its stream, warms it
+    up with `window` untimed trees, times `window` trees, and closes it (aborting what is in flight)."""
     engine.max_batch_rows = rows
     streams, per_leaf = {}, {n: [] for n in cfgs}
-    for name, cfg in cfgs.items():
+
+    def open_mode(name: str):
         endless = itertools.cycle(prompts)
         source = lambda k, it=endless: [next(it) for _ in range(k)]  # noqa: E731
-        streams[name] = TreeSampler(engine, cfg, reward, "bench", seed=0).stream(source, max_trees_in_flight=4 * rows)
+        streams[name] = TreeSampler(engine, cfgs[name], reward, "bench", seed=0).stream(
+            source, max_trees_in_flight=4 * rows)
+
+    if not fresh:
+        for name in cfgs:
+            open_mode(name)
 
     def take(name: str, count: int) -> tuple[float, int]:
-        tokens0, t0 = engine.stats["generated_tokens"], time.perf_counter()
+        """(seconds, tokens) for `count` trees: the engine's generated tokens in that time (HF), or
+        (fresh, vLLM: its engine counts a sample when it finishes, in bursts) the trees' own tokens."""
+        tokens0, t0, own = engine.stats["generated_tokens"], time.perf_counter(), 0
         for _ in range(count):
             _, tree = next(streams[name])
+            own += tree.num_tokens()
             per_leaf[name].append(tree.num_tokens() / len(tree.leaves()))
-        return time.perf_counter() - t0, engine.stats["generated_tokens"] - tokens0
+        return time.perf_counter() - t0, own if fresh else engine.stats["generated_tokens"] - tokens0
 
-    for name in cfgs:
-        take(name, 2 * window)  # warm-up: fill the batch, desynchronise the trees
+    if not fresh:
+        for name in cfgs:
+            take(name, 2 * window)  # warm-up: fill the batch, desynchronise the trees
     rates, ratios = {n: [] for n in cfgs}, []
     for _ in range(repeats):
         for name in cfgs:
+            if fresh:
+                open_mode(name)
+                take(name, window)  # warm-up: fill the batch, desynchronise the trees
             seconds, tokens = take(name, window)
             rates[name].append(tokens / seconds)
+            if fresh:
+                streams.pop(name).close()
         ratios.append(rates["tree"][-1] / rates["flat"][-1])
     for gen in streams.values():
         gen.close()
@@ -122,17 +147,28 @@ def main(argv=None) -> dict:
             "flat": TreeConfig(depth=1, branching=[leaves], segment_tokens=args.segment_tokens,
                                max_tokens=args.max_tokens)}
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_model(Path(tmp) / "tiny", hidden_size=args.hidden)
-        engine = make_engine(ModelConfig(path=str(path), device="cpu"), ActorConfig())
+        if args.engine == "vllm":  # the batch cap is vLLM's max_num_seqs; CPU: small KV cache, blocks of 32
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            path = build_tiny_model(Path(tmp) / "tiny", **VLLM_CPU_TINY)
+            actor = ActorConfig(engine="vllm", enforce_eager=True, vllm_block_size=32, vllm_max_num_seqs=rows,
+                                max_model_len=max(256, 2 * args.max_tokens))
+        else:
+            path = build_tiny_model(Path(tmp) / "tiny", hidden_size=args.hidden)
+            actor = ActorConfig()
+        engine = make_engine(ModelConfig(path=str(path), device="cpu" if args.engine == "hf" else "auto"), actor)
         prompts = [_prompt(i, f"{10 + i}+{20 + 2 * i}=", engine.tokenizer) for i in range(max(args.prompts, 8))]
         reward = make_reward("arithmetic")
         try:
             call = run_calls(engine, cfgs, prompts[:args.prompts], reward, args.repeats)
-            stream = run_streams(engine, cfgs, prompts, reward, rows, args.window_trees, args.repeats)
+            stream = run_streams(engine, cfgs, prompts, reward, rows, args.window_trees, args.repeats,
+                                 fresh=args.engine == "vllm")
         finally:
             reward.close()
+            if hasattr(engine, "close"):
+                engine.close()
     result = {
-        "bench": "sampler", "prompts": args.prompts, "branching": branching, "leaves_per_tree": leaves,
+        "bench": "sampler", "engine": args.engine, "prompts": args.prompts, "branching": branching,
+        "leaves_per_tree": leaves,
         "segment_tokens": args.segment_tokens, "max_tokens": args.max_tokens, "rows": rows,
         "tree_tok_s": round(stream["tok_s"]["tree"], 1), "flat_tok_s": round(stream["tok_s"]["flat"], 1),
         "tree_tokens_per_leaf": round(stream["tokens_per_leaf"]["tree"], 2),

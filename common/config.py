@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config that cannot be loaded; the message says which key and how to fix it."""
+from common.errors import ConfigError  # defined with its exit code there; callers import it from here too
 
 
 class Section(BaseModel):
@@ -262,6 +261,12 @@ class ActorConfig(Section):
         None, ge=16, description="vLLM: context window (prompt + generation); None = the model's."
     )
     enforce_eager: bool = Field(False, description="vLLM: disable CUDA graphs (faster start, slower decode).")
+    vllm_max_num_seqs: int = Field(256, ge=1, le=100_000, description="vLLM: most sequences decoded together.")
+    vllm_block_size: int | None = Field(
+        None, ge=1, le=1024,
+        description="vLLM: KV-cache block size in tokens (prefix caching shares full blocks only); None = vLLM's "
+                    "default (16 on CUDA, 128 on CPU, where it must be a multiple of 32).",
+    )
 
 
 class LearnerConfig(Section):
@@ -290,7 +295,16 @@ class LearnerConfig(Section):
         description="loss.proximal='recompute': get p from a separate no-grad forward instead of stop-grad(theta) "
         "of the training forward (the same weights with one optimizer step per batch; costs a forward).",
     )
+    minibatches: int = Field(
+        1, ge=1, le=64,
+        description="Optimizer steps per batch (k). k > 1 splits the batch's trees into k minibatches and takes "
+        "one step on each, with proximal log-probs from one no-grad forward before the first step, so the "
+        "decoupled-PPO clip is live (AReaL); k = 1 takes p = stop-grad(theta) (no second forward).",
+    )
     checkpoint_hf: bool = Field(True, description="Write an HF-format export (save_pretrained) inside each checkpoint.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the decoder layers' activations in the backward (less memory, ~1/3 more compute)."
+    )
     follower_timeout_s: float = Field(
         86400.0, gt=0.0, description="Multi-rank: how long ranks > 0 wait for rank 0's next command."
     )
@@ -333,6 +347,24 @@ class SupervisorConfig(Section):
     backoff_s: float = Field(1.0, gt=0, le=600, description="First restart delay; doubles per restart of a child.")
     max_backoff_s: float = Field(30.0, gt=0, le=3600, description="Longest restart delay.")
     grace_s: float = Field(60.0, gt=0, le=3600, description="SIGTERM-to-SIGKILL grace when stopping a child.")
+    devices: Literal["auto", "inherit"] | list[str] = Field(
+        "auto",
+        description="GPUs per child, as CUDA_VISIBLE_DEVICES: 'auto' = of the visible GPUs, the learner gets the "
+                    "first and the actors the others round-robin (all share it when there is one); 'inherit' = "
+                    "children see what `up` sees; a list = [learner, actor-0, actor-1, ...] (actors cycle over "
+                    "their entries; '' = no GPU).",
+    )
+
+    @model_validator(mode="after")
+    def _check_devices(self) -> SupervisorConfig:
+        if isinstance(self.devices, list):
+            if len(self.devices) < 2:
+                raise ValueError(f"up.devices={self.devices}: give the learner's entry and at least one actor's, "
+                                 "e.g. ['0', '1'], or use 'auto'")
+            bad = [d for d in self.devices if not re.fullmatch(r"[\w-]+(,[\w-]+)*|", d)]
+            if bad:
+                raise ValueError(f"up.devices: {bad} are not CUDA_VISIBLE_DEVICES values (e.g. '0', '1,2' or '')")
+        return self
 
 
 class JobConfig(Section):

@@ -27,10 +27,7 @@ from typing import Any
 import numpy as np
 
 from common import tasks
-
-
-class DataError(ValueError):
-    """Unreadable prompt data; the message names the file and line/row and how to fix it."""
+from common.errors import DataError  # defined with its exit code there; callers import it from here too
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from common.errors import DeviceError  # defined with its exit code there; callers import it from here too
+
 if TYPE_CHECKING:  # pragma: no cover
     from common.config import ModelConfig
 
 # ModelConfig.dtype -> attribute of torch
 _TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-class DeviceError(RuntimeError):
-    """The configured device is not available here."""
 
 
 def resolve_device_dtype(model_cfg: ModelConfig,

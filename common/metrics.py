@@ -44,6 +44,7 @@ Which process exports what (``exported_names(process)`` lists the exposed sample
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import threading
@@ -64,6 +65,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from common.errors import PortInUse
 from common.rewards import REWARD_REASONS
 from common.wire import WIRE_ERROR_REASONS
 
@@ -84,6 +86,11 @@ incarnation, shutdown, error), or handed over but lost with the learner that die
 
 SYNC_FAILURE_REASONS: tuple[str, ...] = ("timeout", "actor_lost", "checksum", "version", "error")
 """Why one weight sync (or one actor's part of it) failed."""
+
+CHECKPOINT_FAILURE_REASONS: tuple[str, ...] = ("no_space", "io_error", "error")
+"""Why a checkpoint was not written (design §7.1): the filesystem is (or would be) full, another
+OS error (permissions, EIO, a file-size limit), or anything else. The one definition:
+learner/checkpoint.py classifies its failures under these."""
 
 CLIP_SIDES: tuple[str, ...] = ("low", "high")
 
@@ -163,6 +170,12 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_L, "trees_in_flight", "gauge", "Credits granted to actors and not yet used.", "trees"),
     MetricSpec(_L, "max_staleness", "gauge", "Configured staleness bound eta, in versions.", "versions"),
     MetricSpec(_L, "incarnation", "gauge", "Learner incarnation (restarts)."),
+    # -- learner: checkpoints (design §7.1) ---------------------------------------------------------
+    MetricSpec(_L, "checkpoints", "counter", "Checkpoints written completely (each then named by `latest`)."),
+    MetricSpec(_L, "checkpoint_failures", "counter", "Checkpoint saves that failed, by reason; the previous "
+               "checkpoint stays the latest.", "", ("reason",), CHECKPOINT_FAILURE_REASONS),
+    MetricSpec(_L, "last_checkpoint_timestamp_seconds", "gauge", "Unix time of this process's last complete "
+               "checkpoint (0 = none yet).", "seconds"),
     # -- learner: training (written by the trainer / the loss, recorded per step) ----------------
     MetricSpec(_L, "step_duration_seconds", "histogram", "Wall time of one optimizer step.", "seconds",
                buckets=STEP_SECONDS_BUCKETS, step=True),
@@ -202,6 +215,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_L, "step_applied", "record", "1 if the optimizer step was applied, 0 if the collapse guard "
                "skipped it (non-finite loss or gradient)."),
     MetricSpec(_L, "micro_batches", "record", "Micro-batches per rank in the step (the most any rank ran)."),
+    MetricSpec(_L, "optimizer_steps", "record", "Optimizer steps the record's batch took (learner.minibatches)."),
     MetricSpec(_L, "forward_tokens", "record", "Non-padding tokens the training forwards processed, all ranks.",
                "tokens"),
     MetricSpec(_L, "ratio_mean", "record", "Mean policy ratio exp(logprob - proximal logprob), trainable tokens."),
@@ -239,6 +253,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_A, "weight_load_duration_seconds", "histogram", "Time to receive and load one weight update.",
                "seconds", _ACTOR, buckets=SYNC_SECONDS_BUCKETS),
     MetricSpec(_A, "weight_load_last_seconds", "gauge", "Duration of the last weight load.", "seconds", _ACTOR),
+    MetricSpec(_A, "weight_pause_seconds", "histogram", "Generation paused by one in-flight weight update (vLLM "
+               "actors: pause_generation(keep) to resume_generation).", "seconds", _ACTOR,
+               buckets=SYNC_SECONDS_BUCKETS),
     MetricSpec(_A, "reward_errors", "counter", "Leaves whose scoring failed, by reason.", "", ("actor_id", "reason"),
                REWARD_ERROR_REASONS),
     MetricSpec(_A, "trees_lost", "counter", "Trees generated but not handed to the learner, by reason.", "trees",
@@ -396,9 +413,16 @@ class LearnerMetrics(_FromTable):
     def wire_error(self, reason: str) -> None:
         self.wire_errors.labels(_check_reason(reason, WIRE_ERROR_REASONS, "wire error")).inc()
 
+    def checkpoint_failed(self, reason: str) -> None:
+        self.checkpoint_failures.labels(_check_reason(reason, CHECKPOINT_FAILURE_REASONS, "checkpoint failure")).inc()
+
+    def checkpoint_written(self, now: float | None = None) -> None:
+        self.checkpoints.inc()
+        self.last_checkpoint_timestamp_seconds.set(time.time() if now is None else now)
+
     def record_step(self, record: Mapping[str, object], *, staleness: Iterable[int] = (),
                     now: float | None = None) -> None:
-        """Record one optimizer step from its step record (keys: STEP_RECORD) and its trees' staleness.
+        """Record one batch's step record (keys: STEP_RECORD; `optimizer_steps` of them) and its trees' staleness.
 
         Gauges are set, counters advance by the record's value, histograms observe it; a key the
         record lacks (or holds as None) leaves its metric as is. A key not in the table raises.
@@ -406,7 +430,7 @@ class LearnerMetrics(_FromTable):
         unknown = sorted(set(record) - set(STEP_RECORD))
         if unknown:
             raise ValueError(f"unknown step-record key(s) {unknown}: add a row to common.metrics.METRICS")
-        self.steps.inc()
+        self.steps.inc(float(record.get("optimizer_steps") or 1))
         for key, value in record.items():
             spec = STEP_RECORD[key]
             if spec.kind == "record" or value is None:
@@ -510,8 +534,10 @@ class MetricsServer:
     """
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 ready_fn: Callable[[], bool] | None = None, include_default_registry: bool = False):
+                 ready_fn: Callable[[], bool] | None = None, include_default_registry: bool = False,
+                 port_key: str = "metrics.learner_port/actor_port"):
         self.host, self.requested_port, self.registry = host, port, registry
+        self.port_key = port_key  # the config key of `port`, for the error of a busy port
         self._ready_flag = threading.Event()
         self.ready_fn = ready_fn or self._ready_flag.is_set
         self.registries = [registry] + ([REGISTRY] if include_default_registry else [])
@@ -573,9 +599,11 @@ class MetricsServer:
         try:
             self._httpd = server_cls((self.host, self.requested_port), Handler)
         except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse.at(self.host, self.requested_port, self.port_key) from None
             raise OSError(
                 e.errno, f"metrics server cannot bind {self.host}:{self.requested_port} ({e.strerror}); "
-                "set metrics.learner_port/actor_port to a free port or 0"
+                f"check metrics.host, set {self.port_key} to a free port or 0"
             ) from None
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.errors import ModelError
+
 ENDPOINTS = "endpoints.json"
 
 
@@ -68,7 +70,30 @@ def setup_logging(name: str) -> None:
     )
 
 
+def check_model_folder(path: str, key: str = "model.path") -> None:
+    """ModelError unless `path` is an HF model folder (has config.json), or could be a hub id.
+
+    A path that looks local (absolute, starting with '.' or '~', two or more '/', or existing) must
+    be a folder with config.json; `name` and `org/name` that do not exist here are left to
+    `from_pretrained` (hub ids resolved from the local HF cache)."""
+    folder = Path(path).expanduser()
+    if not (path.startswith(("/", ".", "~")) or path.count("/") > 1 or folder.exists()):
+        return
+    fix = f"set {key} to an HF model folder (config.json + weights); `treerpo warmup` builds the demo's model"
+    if not folder.exists():
+        raise ModelError(f"no model folder at {path}: {fix}")
+    if not folder.is_dir():
+        raise ModelError(f"{key}={path} is a file, not a model folder: {fix}")
+    if not (folder / "config.json").is_file():
+        if (folder / "hf" / "config.json").is_file():
+            raise ModelError(f"{path} is a treerpo checkpoint: its model is {folder / 'hf'}; set {key} to that")
+        raise ModelError(f"{path} holds no config.json, so it is not an HF model folder: {fix}")
+
+
 def require_model_path(cfg) -> str:
+    """cfg.model.path, checked by `check_model_folder` (ModelError naming the fix)."""
     if not cfg.model.path:
-        raise SystemExit("model.path is empty: set it to an HF model folder (`treerpo demo` builds its own)")
+        raise ModelError("model.path is empty: set it to an HF model folder (`treerpo demo` builds its own; "
+                         "`treerpo warmup` prints the path of the demo's model)")
+    check_model_folder(cfg.model.path)
     return cfg.model.path

@@ -29,9 +29,11 @@ Every socket has a finite linger, so `close()` never hangs.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -41,12 +43,13 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from common.config import TransportConfig
+from common.errors import ConfigError, PortInUse
 from common.wire import WireError, WireLimits, decode_message, encode_message
 
 _COPY_THRESHOLD = 64 * 2**10  # smaller frames are copied by pyzmq anyway
 
 
-class TransportError(RuntimeError):
+class TransportError(ConfigError):
     """A transport that cannot be set up as configured; the message says how to fix it."""
 
 
@@ -79,6 +82,26 @@ def _load_pair(path: Path, what: str) -> tuple[bytes, bytes | None]:
     if not path.exists():
         raise TransportError(f"missing {what} key file {path}: create keys with common.transport.generate_keys")
     return zmq.auth.load_certificate(str(path))
+
+
+def check_ports_free(ports: list[tuple[str, int, str]]) -> None:
+    """PortInUse for the first (host, port, config key) that is taken (port 0 = ephemeral: skipped).
+
+    Binds each port as its server will (SO_REUSEADDR, like ZeroMQ, the TCPStore and the HTTP
+    server), then lets it go, so a process can say so before a slow start (a model load); errors
+    other than EADDRINUSE are left to the real bind to report."""
+    for host, port, key in ports:
+        if not port:
+            continue
+        address = "" if host in ("*", "0.0.0.0") else host.strip("[]")
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((address, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise PortInUse.at(host, port, key) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -200,8 +223,8 @@ class LearnerEndpoints(_Endpoints):
             self._control = self._socket(zmq.ROUTER, curve)
             self._control.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> error, not a drop
             self._control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting actor takes its id back
-            self.data_endpoint = self._bind(self._data, cfg.data_port)
-            self.control_endpoint = self._bind(self._control, cfg.control_port)
+            self.data_endpoint = self._bind(self._data, cfg.data_port, "transport.data_port")
+            self.control_endpoint = self._bind(self._control, cfg.control_port, "transport.control_port")
         except BaseException:
             self.close()
             raise
@@ -217,11 +240,14 @@ class LearnerEndpoints(_Endpoints):
         self._auth.configure_curve(domain="*", location=str(allow))
         return {zmq.CURVE_SERVER: 1, zmq.CURVE_PUBLICKEY: public, zmq.CURVE_SECRETKEY: secret}
 
-    def _bind(self, sock: zmq.Socket, port: int) -> str:
+    def _bind(self, sock: zmq.Socket, port: int, key: str) -> str:
         try:
             sock.bind(tcp_endpoint(self.cfg.bind_host, port))
         except zmq.ZMQError as e:
-            raise TransportError(f"cannot bind {self.cfg.bind_host}:{port}: {e}; pick another port or 0") from None
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse.at(self.cfg.bind_host, port, key) from None
+            raise TransportError(f"cannot bind {self.cfg.bind_host}:{port} ({key}): {e}; "
+                                 "check transport.bind_host, pick another port or 0") from None
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     @property

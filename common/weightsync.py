@@ -15,17 +15,24 @@ Guarantees:
   XXH3-128 is an integrity hash, not a cryptographic one (peers are authenticated by CURVE, the
   checksum proves what was loaded): ~9 GB/s per core here against sha256's ~1.4 GB/s.
   `Digests` computes the h_i in worker threads while buckets are on the wire.
-* **A sync group never outlives its sync.** `make_group` builds a fresh gloo (or NCCL) process
-  group on a `PrefixStore` named after the sync, separate from any DeepSpeed world; callers drop
-  it afterwards (dropping a gloo group closes its sockets, so peers blocked on it fail at once).
-  After a failure they drop it at once; after a success `drop_group_later` drops it in a daemon
+* **A sync group lives while its membership does.** `make_group` builds a gloo (or NCCL)
+  process group on a `PrefixStore` named by the learner, separate from any DeepSpeed world. A
+  side may keep it after a successful sync for the next sync of the same members (`keep_group`);
+  it drops it when the membership changes and at once after a failure (dropping a gloo group
+  closes its sockets, so peers blocked on it fail at once). `drop_group_later` drops in a daemon
   thread (the first side to close a gloo group waits ~20 ms for its peer; nobody waits on it),
-  except the exiting interpreter: it joins pending drops (`wait_group_drops`, at exit), since a
-  group still alive when the interpreter finalizes aborts the process (std::terminate).
+  except the exiting interpreter: it drops the kept groups and joins pending drops (at exit),
+  since a group still alive when the interpreter finalizes aborts the process (std::terminate).
 * **Every wait has a deadline.** `Deadline` hands each collective the time left of the whole sync.
   `InFlight` keeps at most `MAX_IN_FLIGHT` collectives posted (= the gloo group's worker threads,
   so a posted collective starts at once and its timeout, counted from its start, still ends by
   the deadline) and completes them in posting order.
+* **NCCL never outlives Python's deadline.** Before an NCCL group is built every member meets at
+  the store within the deadline (`meet`; NCCL creates its communicator lazily at the first
+  collective, where a missing peer would block without a bound); the communicator is
+  non-blocking, every NCCL op is polled and its group aborted by Python at the deadline, and
+  NCCL's own timeout (whose watchdog kills the whole process) is the deadline plus
+  `NCCL_WATCHDOG_MARGIN_S`, so Python always aborts first.
 
 Nothing here imports actor/ or learner/; torch is imported inside functions only.
 """
@@ -56,6 +63,10 @@ DTYPE_NAMES: tuple[str, ...] = (
 
 GLOO_THREADS = 4
 """Worker threads of every gloo sync group (torch's default is 2; see MAX_IN_FLIGHT)."""
+
+NCCL_WATCHDOG_MARGIN_S = 60.0
+"""NCCL's own timeout is the sync deadline plus this: its watchdog, which tears down the whole
+process (learner or vLLM engine core) on a timed-out op, must never fire before Python's abort."""
 
 MAX_IN_FLIGHT = GLOO_THREADS
 """Collectives a side keeps posted at once: hides the per-collective latency between buckets and
@@ -361,11 +372,44 @@ def connect_store(host: str, port: int, timeout_s: float, *, is_master: bool = F
                               f"({e}); check weights.rendezvous_port / the learner's endpoints.json") from e
 
 
+def meet(store: Any, rank: int, world_size: int, timeout_s: float, what: str = "group") -> None:
+    """Every rank checks in at `store` (a group's PrefixStore) and waits for all the others, within
+    timeout_s; else WeightSyncError('timeout') naming the ranks that never came."""
+    store.set(f"meet/{rank}", "1")
+    keys = [f"meet/{r}" for r in range(world_size)]
+    try:
+        store.wait(keys, timedelta(seconds=max(0.05, timeout_s)))
+    except Exception as e:  # noqa: BLE001 - the store raises DistStoreError / RuntimeError on timeout
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise WeightSyncError("timeout", f"{what}: ranks {missing} did not reach the store within "
+                              f"{timeout_s:.1f}s ({str(e)[:200]})") from e
+
+
+def nccl_options(timeout_s: float) -> Any:
+    """ProcessGroupNCCL options: a non-blocking communicator (abortable while it forms) whose own
+    timeout outlasts the sync deadline by NCCL_WATCHDOG_MARGIN_S (Python aborts first)."""
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timedelta(seconds=max(0.05, timeout_s) + NCCL_WATCHDOG_MARGIN_S)
+    config = getattr(opts, "config", None)
+    if config is not None and hasattr(config, "blocking"):
+        config.blocking = 0
+    return opts
+
+
+def op_timeout(deadline: Deadline, backend: str, what: str) -> timedelta:
+    """The timeout of one collective: the time left (gloo); that plus the watchdog margin (NCCL,
+    which Python polls and aborts at the deadline itself, `wait_work`)."""
+    if backend == "nccl":
+        return timedelta(seconds=deadline.check(what) + NCCL_WATCHDOG_MARGIN_S)
+    return deadline.timedelta(what)
+
+
 def make_group(host: str, port: int, group_name: str, rank: int, world_size: int, timeout_s: float,
                backend: str = "gloo", *, store: Any = None) -> Any:
     """A process group of `world_size` ranks on a fresh PrefixStore `group_name` of the TCPStore at
-    host:port (or `store`, e.g. the learner's master). Blocks until every rank joined (gloo) or
-    timeout_s passed (WeightSyncError('rendezvous'/'timeout')). Drop the group to end it."""
+    host:port (or `store`, e.g. the learner's master). Blocks until every rank joined (gloo: its
+    own rendezvous; NCCL: `meet` at the store) or timeout_s passed (WeightSyncError('rendezvous'/
+    'timeout')). Drop the group to end it."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a group of {world_size}")
     if store is None:
@@ -374,9 +418,8 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
     td = timedelta(seconds=max(0.05, timeout_s))
     try:
         if backend == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = td
-            return dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+            meet(prefixed, rank, world_size, timeout_s, f"NCCL group {group_name!r}")
+            return dist.ProcessGroupNCCL(prefixed, rank, world_size, nccl_options(timeout_s))
         if backend != "gloo":
             raise ValueError(f"make_group: backend must be gloo or nccl, got {backend!r}")
         opts = dist.ProcessGroupGloo._Options()
@@ -394,6 +437,7 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
 
 _DROPS: set[threading.Thread] = set()  # drop_group_later threads still running
 _DROPS_LOCK = threading.Lock()
+_KEPT: dict[int, list] = {}  # id(holder) -> [group]: groups kept between syncs (`keep_group`)
 DROP_EXIT_WAIT_S = 10.0
 """How long an exiting interpreter waits for pending group teardowns (gloo's take ~20 ms)."""
 
@@ -408,6 +452,32 @@ def drop_group_later(holder: list) -> None:
         thread.start()
 
 
+def keep_group(group: Any) -> list:
+    """Keep a finished sync's group for the next sync of the same members: returns its holder
+    (the only reference to keep). `release_group(holder)` drops it; the exiting interpreter
+    drops whatever is still kept."""
+    holder = [group]
+    with _DROPS_LOCK:
+        _KEPT[id(holder)] = holder
+    return holder
+
+
+def take_group(holder: list) -> Any:
+    """Take a kept group back for a sync (the holder is emptied; keep it again afterwards)."""
+    with _DROPS_LOCK:
+        _KEPT.pop(id(holder), None)
+    return holder.pop()
+
+
+def release_group(holder: list | None) -> None:
+    """Drop a kept group (in a daemon thread, `drop_group_later`); None does nothing."""
+    if holder is None:
+        return
+    with _DROPS_LOCK:
+        _KEPT.pop(id(holder), None)
+    drop_group_later(holder)
+
+
 def _drop(holder: list) -> None:
     try:
         holder.clear()
@@ -419,7 +489,7 @@ def _drop(holder: list) -> None:
 def wait_group_drops(timeout_s: float = DROP_EXIT_WAIT_S) -> bool:
     """Join the pending `drop_group_later` teardowns, within timeout_s; True if none is left.
 
-    Registered with atexit: a daemon thread is frozen mid-teardown when the interpreter
+    Run at exit (after the kept groups are dropped): a daemon thread is frozen mid-teardown when the interpreter
     finalizes, and a gloo group destroyed then (its worker threads still joinable) makes the
     C++ runtime call std::terminate -- a clean exit turned into SIGABRT."""
     deadline = time.monotonic() + timeout_s
@@ -434,7 +504,15 @@ def wait_group_drops(timeout_s: float = DROP_EXIT_WAIT_S) -> bool:
         pending.join(left)
 
 
-atexit.register(wait_group_drops)
+def _at_exit() -> None:
+    with _DROPS_LOCK:
+        kept = list(_KEPT.values())
+    for holder in kept:
+        release_group(holder)
+    wait_group_drops()
+
+
+atexit.register(_at_exit)
 
 
 def broadcast_bucket(pg: Any, buf: torch.Tensor, deadline: Deadline, what: str) -> Any:
@@ -442,7 +520,7 @@ def broadcast_bucket(pg: Any, buf: torch.Tensor, deadline: Deadline, what: str) 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
-    opts.timeout = deadline.timedelta(what)
+    opts.timeout = op_timeout(deadline, "nccl" if buf.is_cuda else "gloo", what)
     return pg.broadcast([buf], opts)
 
 

@@ -71,7 +71,8 @@ class ControlPlane:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():  # never started: nothing to join
+            self._thread.join(timeout_s)
 
     def send(self, actor_id: str, msg: Any) -> None:
         self._out.put((actor_id, msg))
@@ -97,6 +98,12 @@ class ControlPlane:
     def all_have_cuda(self, ids: list[str]) -> bool:
         with self.lock:
             return all(self.state.members[a].has_cuda for a in ids if a in self.state.members)
+
+    def membership(self, ids: list[str]) -> tuple:
+        """Who `ids` are right now: (actor_id, registered_at) each; changes when any re-registers
+        (a sync group is reused only while this stays the same)."""
+        with self.lock:
+            return tuple((a, self.state.members[a].registered_at if a in self.state.members else None) for a in ids)
 
     def set_version(self, version: int) -> None:
         with self.lock:

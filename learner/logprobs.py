@@ -3,8 +3,16 @@
     logprob[b, t] = log_softmax(logits[b, pred_index[b, t]] / temperature)[input_ids[b, t]]
 
 for every generated token (pred_index >= 0), 0 elsewhere. Only the positions some token is
-predicted from go through the LM head (`logits_to_keep`), so prompts and padding cost no vocab
-projection. Tree-packed rows are attended in one of two ways (`tree_attention`):
+predicted from go through the LM head, so prompts and padding cost no vocab projection.
+
+Memory: the full-vocabulary logits are never held for all positions at once. The decoder's last
+hidden states of the kept positions go through the LM head in chunks of `chunk` positions; each
+chunk's logits, float32 copy, log-softmax and entropy temporaries live only inside that chunk and
+(with grad) are recomputed in the backward (`torch.utils.checkpoint`), so the peak is a few
+chunk x vocab tensors instead of several kept-positions x vocab ones (the paper preset, ~16k kept
+positions x 151,936 vocab, would hold ~10 GB per float32 copy).
+
+Tree-packed rows are attended in one of two ways (`tree_attention`):
 
 * `span` (learner/attention.py): each span against its visible keys only, exact and
   block-sparse; the model is switched to attn_implementation "treerpo_span" (transformers' sdpa
@@ -28,10 +36,12 @@ Layering inside learner/: packing (batches, no model) <- attention (the span ker
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask
+from torch.utils.checkpoint import checkpoint
 
 from learner.attention import SPAN_ATTENTION, no_masks, span_plan, use_span_attention
 
@@ -50,6 +60,13 @@ def _attn_implementation(model) -> str:
     return str(getattr(config, "_attn_implementation", None) or "sdpa")
 
 
+@functools.cache
+def _create_block_mask():
+    """`create_block_mask` under torch.compile: evaluated eagerly it vmaps the mask function over
+    every (q, kv) pair, a dense (B, 1, T, T) tensor; compiled, it works block by block."""
+    return torch.compile(create_block_mask, dynamic=True)
+
+
 def flex_block_mask(batch: PackedBatch, device: torch.device):
     """FlexAttention BlockMask equal to `batch.allowed()`, built from span ids (no T x T tensor)."""
     span = batch.span_ids.to(device)  # (B, T)
@@ -59,7 +76,7 @@ def flex_block_mask(batch: PackedBatch, device: torch.device):
     def tree_mask(b, h, q, kv):
         return (kv <= q) & ancestors[b, span[b, q], span[b, kv]]
 
-    return create_block_mask(tree_mask, B, None, T, T, device=device)
+    return _create_block_mask()(tree_mask, B, None, T, T, device=device)
 
 
 def attention_mask_for(model, batch: PackedBatch):
@@ -106,6 +123,33 @@ def attention_inputs(model, batch: PackedBatch, tree_attention: TreeAttention = 
     return {"attention_mask": no_masks(), "treerpo_spans": span_plan(batch, device)}  # planned on the host
 
 
+LOGPROB_CHUNK = 2048
+"""Kept positions per LM-head chunk of `token_logprobs` (2048 x 151,936 float32 = 1.2 GB)."""
+
+
+def _split_head(model):
+    """(decoder, lm_head) when the model is a plain decoder + linear LM head, else None (then the
+    model's own forward computes the logits, all kept positions at once)."""
+    get_decoder, head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or head is None:
+        return None
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None  # the model transforms its logits beyond the head
+    decoder, lm_head = get_decoder(), head()
+    if decoder is None or not isinstance(lm_head, torch.nn.Linear):
+        return None
+    return decoder, lm_head
+
+
+def _chunk_logprobs(lm_head, temperature: float, hidden: torch.Tensor, row: torch.Tensor, token: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of `token` under the rows `row` of this chunk's logits, and each row's entropy."""
+    logp = torch.log_softmax(lm_head(hidden).float() / temperature, dim=-1)  # (C, V)
+    entropy = -(logp.exp() * logp).sum(-1).detach()  # (C,)
+    return logp[row, token], entropy
+
+
 def token_logprobs(
     model,
     batch: PackedBatch,
@@ -113,14 +157,18 @@ def token_logprobs(
     *,
     return_entropy: bool = False,
     tree_attention: TreeAttention = "auto",
+    chunk: int = LOGPROB_CHUNK,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probs of the generated tokens (0 elsewhere); with grad if grad is enabled.
 
     With `return_entropy`, also the (B, T) entropy of the predicting distribution (detached).
     `tree_attention` chooses how tree-packed rows are attended (module doc; learner.tree_attention).
+    `chunk`: kept positions per LM-head chunk (module doc).
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0 (use the sampling temperature)")
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
     device, _ = _model_device_dtype(model)
     attention = attention_inputs(model, batch, tree_attention)  # before the move: plans read host tensors
     batch = batch.to(device)
@@ -128,22 +176,43 @@ def token_logprobs(
     pred = batch.pred_index  # (B, T)
     generated = pred >= 0  # (B, T)
     keep = torch.unique(pred[generated])  # (K,) sorted positions whose logits are needed
-    out = model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        **attention,
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    logits = out.logits.float() / temperature  # (B, K, V)
-    logp = torch.log_softmax(logits, dim=-1)  # (B, K, V)
-    k = torch.searchsorted(keep, pred.clamp(min=0))  # (B, T) index into K
-    rows = torch.arange(B, device=device)[:, None].expand(B, T)  # (B, T)
-    target = logp[rows, k.clamp(max=keep.numel() - 1), batch.input_ids]  # (B, T)
-    target = torch.where(generated, target, 0.0)
+    K = keep.numel()
+    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, **attention, use_cache=False)
+    split = _split_head(model)
+    if split is None:
+        out = model(**inputs, logits_to_keep=keep)
+        logits, out = out.logits, None  # (B, K, V)
+        hidden, lm_head = None, None
+    else:
+        decoder, lm_head = split
+        hidden = decoder(**inputs).last_hidden_state[:, keep].reshape(B * K, -1)  # (B*K, H)
+    # every generated token: its predicting row (b, k) of the kept positions, and its id
+    b_idx, t_idx = generated.nonzero(as_tuple=True)  # (M,)
+    row = b_idx * K + torch.searchsorted(keep, pred[b_idx, t_idx])  # (M,) into B*K
+    token = batch.input_ids[b_idx, t_idx]  # (M,)
+    order = torch.argsort(row)
+    row, token, b_idx, t_idx = row[order], token[order], b_idx[order], t_idx[order]
+    values, entropies = [], []
+    for start in range(0, B * K, chunk):
+        end = min(start + chunk, B * K)
+        lo, hi = (int(i) for i in torch.searchsorted(row, torch.tensor([start, end], device=device)))
+        if hidden is None:
+            rows_logits = logits.reshape(B * K, -1)[start:end]  # (C, V)
+            logp = torch.log_softmax(rows_logits.float() / temperature, dim=-1)
+            value, entropy = logp[row[lo:hi] - start, token[lo:hi]], -(logp.exp() * logp).sum(-1).detach()
+            del logp
+        elif torch.is_grad_enabled():  # the chunk's logits are recomputed in the backward, not kept
+            value, entropy = checkpoint(_chunk_logprobs, lm_head, temperature, hidden[start:end], row[lo:hi] - start,
+                                        token[lo:hi], use_reentrant=False)
+        else:
+            value, entropy = _chunk_logprobs(lm_head, temperature, hidden[start:end], row[lo:hi] - start, token[lo:hi])
+        values.append(value)
+        entropies.append(entropy)
+    target = torch.zeros(B, T, dtype=torch.float32, device=device)
+    target = target.index_put((b_idx, t_idx), torch.cat(values))  # (B, T), differentiable
     if not return_entropy:
         return target
     with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)  # (B, K)
-        entropy = torch.where(generated, entropy[rows, k.clamp(max=keep.numel() - 1)], 0.0)  # (B, T)
+        entropy = torch.zeros(B, T, dtype=torch.float32, device=device)
+        entropy[b_idx, t_idx] = torch.cat(entropies)[row]  # (B, T)
     return target, entropy

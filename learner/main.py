@@ -11,6 +11,11 @@ Guarantees:
   `weights.timeout_s` deadline, and training goes on;
 * SIGTERM/SIGINT finish the current step, write a checkpoint and exit 0; reaching
   `learner.max_steps` does the same and tells the actors to shut down;
+* a periodic checkpoint that fails (a full disk) is counted in
+  `treerpo_learner_checkpoint_failures_total{reason}` and logged, and training goes on (the
+  previous checkpoint stays the restart point); the final one failing (on stop or at `learner.max_steps`) ends
+  the learner with CheckpointError (exit 9), since the run's end state is not on disk (design §7.1);
+* a fixed port that is taken is reported before the model loads (PortInUse, exit 8);
 * each optimizer step appends one record to RUN_DIR/metrics.jsonl and updates /metrics from the
   same record; its keys are rows of common.metrics.METRICS (one name per quantity in both).
 """
@@ -28,12 +33,21 @@ import time
 from pathlib import Path
 
 from common.config import JobConfig, dump_config, load_config
+from common.errors import CheckpointError, PortInUse
 from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new_registry
 from common.rundir import ENDPOINTS, read_json, require_model_path, setup_logging, write_json_atomic
-from common.transport import LearnerEndpoints
+from common.transport import LearnerEndpoints, check_ports_free
+from common.weightsync import WeightSyncError
 from common.wire import WireError, decode_tree
 from learner.buffer import ReplayBuffer
-from learner.checkpoint import LearnerState, checkpoint_due, find_latest, load_checkpoint, save_checkpoint
+from learner.checkpoint import (
+    LearnerState,
+    checkpoint_due,
+    find_latest,
+    load_checkpoint,
+    recover_checkpoints,
+    save_checkpoint,
+)
 from learner.control import ControlPlane, ControlState
 from learner.trainer import Trainer
 from learner.weights import WeightPublisher
@@ -49,6 +63,17 @@ def advertised_host(bind_host: str) -> str:
     return bind_host
 
 
+def learner_ports(cfg: JobConfig) -> list[tuple[str, int, str]]:
+    """(host, port, config key) of every fixed port rank 0 binds (port 0 = ephemeral, never taken)."""
+    tc = cfg.transport
+    ports = [(tc.bind_host, tc.data_port, "transport.data_port"),
+             (tc.bind_host, tc.control_port, "transport.control_port"),
+             (tc.bind_host, cfg.weights.rendezvous_port, "weights.rendezvous_port")]
+    if cfg.metrics.enabled:
+        ports.append((cfg.metrics.host, cfg.metrics.learner_port, "metrics.learner_port"))
+    return [p for p in ports if p[1]]
+
+
 def previous_incarnation(run_dir: Path) -> int | None:
     """The incarnation a previous learner of this run dir announced in its endpoints.json, if any."""
     try:
@@ -62,10 +87,15 @@ class Learner:
     def __init__(self, cfg: JobConfig, run_dir: Path, resume: str) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.stop_requested = threading.Event()
-        self.trainer = Trainer(cfg, require_model_path(cfg))
+        model_path = require_model_path(cfg)
+        if int(os.environ.get("RANK", "0")) == 0:
+            check_ports_free(learner_ports(cfg))  # before the (slow) model load
+        self.trainer = Trainer(cfg, model_path)
         self.rank = self.trainer.rank
         if self.rank != 0:
             return
+        for done in recover_checkpoints(run_dir):  # what a killed save left behind
+            log.info("checkpoints: %s", done)
         state = LearnerState()
         latest = find_latest(run_dir) if resume == "auto" else None
         if latest is not None:
@@ -95,7 +125,13 @@ class Learner:
             self.buffer.load_state_dict(state.buffer)
         self.endpoints = LearnerEndpoints(cfg.transport)
         host = advertised_host(cfg.transport.bind_host)
-        self.publisher = WeightPublisher(cfg.weights, cfg.transport.bind_host)
+        try:
+            self.publisher = WeightPublisher(cfg.weights, cfg.transport.bind_host)
+        except WeightSyncError as e:
+            if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+                raise PortInUse.at(cfg.transport.bind_host, cfg.weights.rendezvous_port,
+                                   "weights.rendezvous_port") from e
+            raise
         self.control = ControlPlane(
             self.endpoints, self.buffer,
             ControlState(state.incarnation, state.version, cfg.replay.max_staleness, host, self.publisher.port),
@@ -103,7 +139,8 @@ class Learner:
         )
         self.server = None
         if cfg.metrics.enabled:
-            self.server = MetricsServer(cfg.metrics.host, cfg.metrics.learner_port, self.registry).start()
+            self.server = MetricsServer(cfg.metrics.host, cfg.metrics.learner_port, self.registry,
+                                        port_key="metrics.learner_port").start()
         self._ingest = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
         self.longest_allowed = cfg.learner.micro_batch_tokens
 
@@ -152,7 +189,8 @@ class Learner:
             return
         version = self.state.version
         plan = self.publisher.plan(self.trainer.parameter_specs(), version)
-        prepared = self.publisher.prepare(plan, members, self.control.all_have_cuda(members))
+        prepared = self.publisher.prepare(plan, members, self.control.all_have_cuda(members),
+                                          epoch=self.control.membership(members))
         for actor_id, announce in zip(prepared.members, prepared.announcements, strict=True):
             self.control.send(actor_id, announce)
         # one deadline for the whole sync (rendezvous, buckets, acks), with a short grace for the
@@ -226,24 +264,25 @@ class Learner:
             if not trees:
                 self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
                 continue
-            self.train_one(trees)
+            optimizer_steps = self.train_one(trees)
             # the version counts optimizer steps, published or not, so staleness is in steps even
             # when weights go out only every sync_every steps (design §4.3)
-            self.state.version += 1
+            self.state.version += optimizer_steps
             self.control.set_version(self.state.version)
             self.metrics.version.set(self.state.version)
             if self.state.step % cfg.weights.sync_every == 0:
                 self.sync(self.control.member_ids())
             if checkpoint_due(self.state.step, lc.checkpoint_every):
                 self.checkpoint()
-        self.checkpoint()
+        self.checkpoint(final=True)
         if finished:
             self.control.broadcast_shutdown("learner reached learner.max_steps")
             self.control.flush()
         return 0
 
-    def train_one(self, trees) -> None:
-        """One optimizer step; its record (keys: common.metrics.STEP_RECORD) goes to metrics.jsonl and Prometheus."""
+    def train_one(self, trees) -> int:
+        """One batch (learner.minibatches optimizer steps); its record (keys: common.metrics.STEP_RECORD)
+        goes to metrics.jsonl and Prometheus. Returns the optimizer steps taken."""
         version = self.state.version
         m = self.trainer.train_step(trees, version)
         self.state.step += 1
@@ -258,10 +297,24 @@ class Learner:
             f.write(json.dumps(record) + "\n")
         log.info("step %d v%d trees %d reward %.3f loss %.4f grad %.3f", self.state.step, version, len(trees),
                  m.get("leaf_reward_mean", 0.0), m.get("loss", 0.0), m.get("grad_norm", 0.0))
+        return int(m.get("optimizer_steps", 1))
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, *, final: bool = False) -> None:
+        """Save one; a failure is counted and logged and training goes on, unless it is the final
+        checkpoint or one after which the ranks may be out of step (CheckpointError, exit 9)."""
         self.state.buffer = self.buffer.state_dict()
-        path = save_checkpoint(self.trainer, self.run_dir, self.state)
+        try:
+            path = save_checkpoint(self.trainer, self.run_dir, self.state)
+        except CheckpointError as e:
+            self.metrics.checkpoint_failed(e.reason)
+            if final:
+                raise CheckpointError(f"final checkpoint at step {self.state.step} failed, the run's end state is "
+                                      f"not on disk: {e}", e.reason, recoverable=False) from e
+            if not e.recoverable:
+                raise
+            log.error("%s; training goes on", e)
+            return
+        self.metrics.checkpoint_written()
         log.info("checkpoint %s", path)
 
     def write_endpoints(self) -> None:
@@ -283,7 +336,8 @@ class Learner:
         self.trainer.stop_followers()
         self.buffer.drain_for_shutdown()
         self.control.stop()
-        self._ingest.join(2.0)
+        if self._ingest.is_alive():  # not started when run() was never reached
+            self._ingest.join(2.0)
         self.endpoints.close()
         if self.server is not None:
             self.server.stop()

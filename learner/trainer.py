@@ -1,7 +1,9 @@
 """DeepSpeed trainer: one optimizer step per batch of reasoning trees (design §4.4, §6.2, §7).
 
 Guarantees
-* One `train_step(trees, v)` is one optimizer step. The trees are packed (`learner.packing`) into
+* One `train_step(trees, v)` is `learner.minibatches` = k optimizer steps (default 1): the trees
+  are split into k minibatches of about equal token cost, one step each. For each step the trees
+  are packed (`learner.packing`) into
   micro-batches of at most `micro_batch_rows` rows of `micro_batch_tokens` tokens, their gradients
   accumulated, and every micro-batch loss divided by the step's GLOBAL trainable-token count N
   (summed over micro-batches and ranks), so the step minimises the token mean
@@ -15,10 +17,12 @@ Guarantees
   guarantees). All ranks run the same number of micro-batches (a rank short of data runs
   zero-loss dummies), so ZeRO's per-micro-batch collectives stay matched. Ranks > 0 sit in
   `follow()`, executing rank 0's commands (train, save, load, gather) until `stop_followers()`.
-* Proximal log-probs (`loss.proximal='recompute'`) come from the pre-step weights. Nothing steps
-  between micro-batches, so those are the weights the gradient is taken at: by default
-  p = stop-grad(θ) of the training forward; `learner.proximal_forward` recomputes them in a separate
-  no-grad forward over the same packing (same numbers, one more forward).
+* Proximal log-probs (`loss.proximal='recompute'`) come from the weights in force when the batch
+  was drawn. With k = 1 nothing steps between micro-batches, so those are the weights the
+  gradient is taken at: by default p = stop-grad(θ) of the training forward (ratio 1, the clip
+  inert); `learner.proximal_forward` recomputes them in a separate no-grad forward over the same
+  packing (same numbers, one more forward). With k > 1 one no-grad forward over every minibatch
+  before the first step gives p, so steps 2..k see ratios away from 1 and the clip is live.
 * Collapse guard: a step whose loss (on any rank) or gradient norm is not finite is skipped: no
   update, gradients cleared, LR schedule not advanced; reported as `step_applied` = 0 and counted
   in `Trainer.skipped_steps`.
@@ -128,6 +132,28 @@ def tree_metrics(trees: Sequence[ReasoningTree]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
+def combine_minibatch_metrics(results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The metrics of k optimizer steps on one batch as one step record: loss and grad norm are
+    means over the steps, counts add up, the loss terms are trainable-token-weighted (_max/_min:
+    max/min), `step_applied` is 1 only if every step was applied, the LR is the first step's."""
+    totals = ("trainable_tokens", "forward_tokens", "micro_batches", "optimizer_steps")
+    per_step = ("loss", "grad_norm")
+    special = {*totals, *per_step, "learning_rate", "step_applied", "trainable_token_fraction",
+               "step_duration_seconds"}
+    stats = MetricSum()
+    for r in results:
+        stats.add({key: value for key, value in r.items() if key not in special}, r["trainable_tokens"])
+    out = stats.result()
+    out.update({key: float(sum(r[key] for r in results)) for key in totals})
+    out.update({key: float(np.mean([r[key] for r in results])) for key in per_step})
+    generated = sum(r["trainable_tokens"] / r["trainable_token_fraction"] for r in results
+                    if r["trainable_token_fraction"] > 0)
+    out["trainable_token_fraction"] = out["trainable_tokens"] / generated if generated > 0 else 0.0
+    out["learning_rate"] = results[0]["learning_rate"]
+    out["step_applied"] = float(min(r["step_applied"] for r in results))
+    return out
+
+
 def disable_dropout(model: torch.nn.Module) -> int:
     """Zero every dropout of `model` (nn.Dropout modules and attention-probability dropout that
     transformers reads from `module.attention_dropout` in train mode); returns how many it zeroed."""
@@ -170,6 +196,8 @@ class Trainer:
         except OSError as e:
             raise ModelError(f"cannot load the policy from {self.model_path!r}: {one_line(e)}") from e
         model.config.use_cache = False
+        if lc.gradient_checkpointing:  # activations of the decoder layers recomputed in the backward
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # train mode (gradient checkpointing needs it) with every dropout at 0: θ, proximal and
         # reference log-probs must be the policy the actors sampled from (design §4.1)
         model.to(self.device).train()
@@ -312,9 +340,41 @@ class Trainer:
                 raise ValueError(f"tree {t.tree_id} has node versions above learner_version={learner_version}")
 
     def _train(self, trees: list[ReasoningTree], learner_version: int) -> dict[str, float]:
+        """k = learner.minibatches optimizer steps on this rank's trees (every rank runs k steps)."""
         lc = self.cfg.learner
-        batches = (pack_trees(trees, self.cfg.advantage, lc.packing, lc.micro_batch_tokens, learner_version,
-                              max_batch_rows=lc.micro_batch_rows) if trees else [])
+        k = lc.minibatches
+        if k == 1:
+            return self._minibatch_step(self._pack(trees, learner_version), None)
+        shares = split_by_tokens(trees, k, lc.packing)
+        minibatches = [self._pack([trees[i] for i in share], learner_version) for share in shares]
+        counts = self.ranks.all_gather_ints([len(b) for b in minibatches])  # (W, k) micro-batches
+        live = [j for j in range(k) if counts[:, j].sum() > 0]  # a minibatch empty on every rank: no step
+        proximal: list[list[torch.Tensor]] | None = None
+        if self.cfg.loss.proximal == "recompute":  # the weights in force when the batch was drawn
+            proximal = [[] for _ in range(k)]
+            with torch.no_grad():
+                for j in live:
+                    for i in range(int(counts[:, j].max())):  # every rank runs as many forwards (ZeRO-3)
+                        if i < len(minibatches[j]):
+                            proximal[j].append(self._logprobs(self.module, minibatches[j][i]))
+                        else:
+                            self._dummy_forward(self.module)
+        results = [self._minibatch_step(minibatches[j], proximal[j] if proximal else None) for j in live]
+        if self.rank != 0:
+            return {}
+        return combine_minibatch_metrics(results)
+
+    def _pack(self, trees: list[ReasoningTree], learner_version: int) -> list:
+        lc = self.cfg.learner
+        return (pack_trees(trees, self.cfg.advantage, lc.packing, lc.micro_batch_tokens, learner_version,
+                           max_batch_rows=lc.micro_batch_rows) if trees else [])
+
+    def _logprobs(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        return token_logprobs(model, batch.to(self.device), self.cfg.tree.temperature,
+                              tree_attention=self.cfg.learner.tree_attention)  # (B, T)
+
+    def _minibatch_step(self, batches: list, proximal: list[torch.Tensor] | None) -> dict[str, float]:
+        """One optimizer step over this rank's packed micro-batches (proximal: precomputed p per batch)."""
         local = [sum(b.num_trainable_tokens for b in batches), len(batches),
                  sum(b.num_tokens for b in batches), sum(int(b.generated.sum()) for b in batches)]
         per_rank = self.ranks.all_gather_ints(local)  # (W, 4)
@@ -327,7 +387,7 @@ class Trainer:
             last = i == n_micro - 1
             self.ds.set_gradient_accumulation_boundary(last)
             if i < len(batches):
-                loss, m = self._micro_loss(batches[i], global_tokens)
+                loss, m = self._micro_loss(batches[i], global_tokens, proximal[i] if proximal else None)
                 stats.add(m, float(batches[i].num_trainable_tokens))
             else:
                 loss = self._dummy_loss()
@@ -353,17 +413,22 @@ class Trainer:
             "trainable_token_fraction": global_tokens / max(1, int(per_rank[:, 3].sum())),
             "forward_tokens": float(per_rank[:, 2].sum()),
             "micro_batches": float(n_micro),
+            "optimizer_steps": 1.0,
         })
         return out
 
-    def _micro_loss(self, batch, normalizer: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(self, batch, normalizer: int,
+                    proximal: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         batch = batch.to(self.device)
         temperature = self.cfg.tree.temperature
         attention = self.cfg.learner.tree_attention
         logprobs, entropy = token_logprobs(self.module, batch, temperature, return_entropy=True,
                                            tree_attention=attention)  # (B, T)
-        proximal = None
-        if self.cfg.loss.proximal == "recompute":
+        if self.cfg.loss.proximal != "recompute":
+            proximal = None
+        elif proximal is not None:
+            proximal = proximal.to(self.device)  # k > 1: from the no-grad forward before the first step
+        else:
             if self.cfg.learner.proximal_forward:
                 with torch.no_grad():
                     proximal = token_logprobs(self.module, batch, temperature, tree_attention=attention)  # (B, T)
@@ -380,13 +445,18 @@ class Trainer:
         )
         return treerpo_loss(inputs, self.cfg.loss)
 
+    def _dummy_forward(self, model: torch.nn.Module) -> torch.Tensor:
+        ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)  # (1, 1)
+        return model(input_ids=ids, use_cache=False).logits  # (1, 1, V)
+
     def _dummy_loss(self) -> torch.Tensor:
         """Zero loss through the same forwards as a real micro-batch (matches ZeRO's collectives)."""
         ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)  # (1, 1)
-        logits = self.module(input_ids=ids, use_cache=False).logits  # (1, 1, V)
+        logits = self._dummy_forward(self.module)  # (1, 1, V)
         with torch.no_grad():
-            if self.cfg.loss.proximal == "recompute" and self.cfg.learner.proximal_forward:
-                self.module(input_ids=ids, use_cache=False)
+            second = self.cfg.learner.minibatches == 1 and self.cfg.learner.proximal_forward
+            if self.cfg.loss.proximal == "recompute" and second:
+                self._dummy_forward(self.module)
             if self.ref_model is not None:
                 self.ref_model(input_ids=ids, use_cache=False)
         return logits.float().sum() * 0.0

@@ -2,9 +2,12 @@
 
 Guarantees:
 * One rendezvous TCPStore lives as long as the publisher (bound on `weights.rendezvous_port`,
-  0 = ephemeral; `.port` is the bound port). Each sync builds a fresh group on the prefix
+  0 = ephemeral; `.port` is the bound port). A sync builds a group on the prefix
   ``ws<nonce>-<sync_id>``: learner rank 0, members rank 1..k in the order given, so a rebuilt
-  group never meets an old one. Members registered after `prepare` join at the next sync.
+  group never meets an old one. A successful sync's group is kept and reused by the next sync
+  whose members and membership `epoch` (who registered when) are the same, so an NCCL
+  communicator is built once per membership, not per sync; any change or failure drops it.
+  Members registered after `prepare` join at the next sync.
 * `broadcast` returns by the deadline (`weights.timeout_s` for rendezvous + every bucket), whatever
   the members do: a dead member makes gloo raise, a stalled one trips the deadline. It never
   raises for a member's fault; it reports `SyncResult(ok=False, ...)`. It raises only for the
@@ -56,9 +59,12 @@ from common.weightsync import (
     connect_store,
     drop_group_later,
     dtype_name,
+    keep_group,
     make_group,
     plan_layout,
+    release_group,
     resolve_backend,
+    take_group,
     tensor_digest,
     torch_dtype,
 )
@@ -80,6 +86,8 @@ class PreparedSync:
     plan: SyncPlan
     members: list[str]
     announcements: list[Any]  # common.wire.WeightAnnounce
+    epoch: Any = None  # the membership it was prepared for (None: never reuse its group)
+    reuse: bool = False  # runs on the group kept from the previous sync
 
 
 @dataclass
@@ -119,6 +127,8 @@ class WeightPublisher:
         self._nonce = secrets.token_hex(3)
         self._next_sync_id = 0
         self._pool: dict[tuple[str, str], list[Any]] = {}  # (dtype, device) -> free bucket buffers
+        # the last sync's group, kept for the next one: (group, members, backend, epoch, keep_group holder)
+        self._kept: tuple[str, tuple[str, ...], str, Any, list] | None = None
 
     def _take_buffer(self, count: int, dtype: str, device: Any) -> Any:
         """A 1-D buffer of `count` elements, a view of a pooled one when one is large enough
@@ -141,14 +151,20 @@ class WeightPublisher:
         bucket_bytes = max(1, int(self.cfg.bucket_mb * (1 << 20)))
         return plan_layout((_meta_of(x) for x in named), bucket_bytes, version, solo_bytes=self.solo_bytes)
 
-    def prepare(self, plan: SyncPlan, members: Sequence[str], all_have_cuda: bool = False) -> PreparedSync:
-        """Allocate a sync id and group, and build one WeightAnnounce per member (rank = index + 1)."""
+    def prepare(self, plan: SyncPlan, members: Sequence[str], all_have_cuda: bool = False,
+                epoch: Any = None) -> PreparedSync:
+        """Allocate a sync id and group, and build one WeightAnnounce per member (rank = index + 1).
+
+        `epoch` names the membership (e.g. each member's registration time): the group kept from
+        the previous sync is reused when members, backend and epoch are the same (None: never)."""
         if len(set(members)) != len(members):
             raise ValueError(f"duplicate sync members: {list(members)}")
         sync_id = self._next_sync_id
         self._next_sync_id += 1
         backend = resolve_backend(self.cfg.backend, all_have_cuda)
-        group = f"ws{self._nonce}-{sync_id}"
+        kept = self._kept
+        reuse = epoch is not None and kept is not None and kept[1:4] == (tuple(members), backend, epoch)
+        group = kept[0] if reuse else f"ws{self._nonce}-{sync_id}"
         world = len(members) + 1
         announcements = [
             WeightAnnounce(sync_id=sync_id, version=plan.version, group=group, rank=i + 1, world_size=world,
@@ -158,7 +174,7 @@ class WeightPublisher:
                            buckets=[list(b) for b in plan.buckets])
             for i in range(len(members))
         ]
-        return PreparedSync(sync_id, group, backend, plan, list(members), announcements)
+        return PreparedSync(sync_id, group, backend, plan, list(members), announcements, epoch, reuse)
 
     # ---------------------------------------------------------------- the broadcast
     def broadcast(self, sync: PreparedSync, named_tensors: Iterable[tuple[str, Any]]) -> SyncResult:
@@ -171,12 +187,21 @@ class WeightPublisher:
         pg = None
         try:
             self.store.set_timeout(deadline.timedelta("rendezvous"))
-            pg = make_group(self.host, self.port, sync.group, 0, len(sync.members) + 1, deadline.remaining(),
-                            sync.backend, store=self.store)
+            if sync.reuse and self._kept is not None and self._kept[0] == sync.group:
+                pg = take_group(self._kept[4])  # the members hold it too: no rendezvous, no new communicator
+                self._kept = None
+            else:
+                self.release_kept()
+                pg = make_group(self.host, self.port, sync.group, 0, len(sync.members) + 1, deadline.remaining(),
+                                sync.backend, store=self.store)
             result.checksum, result.bytes = self._send_all(pg, sync, named_tensors, deadline)
             result.ok, result.ok_members = True, list(sync.members)
-            holder, pg = [pg], None
-            drop_group_later(holder)  # every member has it all: its teardown need not delay us
+            if sync.epoch is not None:  # kept for the next sync of the same membership
+                self._kept = (sync.group, tuple(sync.members), sync.backend, sync.epoch, keep_group(pg))
+                pg = None
+            else:
+                holder, pg = [pg], None
+                drop_group_later(holder)  # every member has it all: its teardown need not delay us
         except WeightSyncError as e:
             traceback.clear_frames(e.__traceback__)  # the frames below hold the group
             result.reason = "timeout" if e.reason == "timeout" else "actor_lost"
@@ -292,6 +317,13 @@ class WeightPublisher:
             return "checksum"
         return None
 
+    def release_kept(self) -> None:
+        """Drop the group kept from the last sync (the next sync builds a new one)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            release_group(kept[4])
+
     def close(self) -> None:
-        """Stop hosting the rendezvous store."""
+        """Drop the kept group and stop hosting the rendezvous store."""
+        self.release_kept()
         self.store = None

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.paths import find_shared
-from treerpo.tinymodel import build_tiny_model
+from treerpo.tinymodel import VLLM_CPU_TINY, build_tiny_model
 
 TESTS = Path(__file__).resolve().parent
 TIER_MARKERS = ("integration", "deploy")  # tests/unit gets none: "not integration and not deploy"
@@ -53,6 +53,29 @@ def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
 def tiny_model_dir(make_tiny_model: Callable[..., Path]) -> Path:
     """The tiny model with build_tiny_model's defaults (read-only, shared by the session)."""
     return make_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(make_tiny_model: Callable[..., Path]) -> Path:
+    """A tiny model vLLM's CPU backend can run (head_dim 64)."""
+    return make_tiny_model(**VLLM_CPU_TINY)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_model_dir: Path):
+    """ONE vLLM engine for the session (starting one takes ~40-60 s on CPU); skips without vLLM.
+
+    Tests share it: each one that compares against a reference first loads the weights it
+    compares with (`engine.load_weights`), whatever an earlier test left."""
+    from tests.support.vllm import VLLM_ACTOR, require_vllm_here  # noqa: PLC0415 -- only for vllm tests
+
+    require_vllm_here()
+    from actor.engines import make_engine  # noqa: PLC0415 -- torch/vLLM load with the engine
+    from common.config import ActorConfig, ModelConfig  # noqa: PLC0415 -- pydantic loads with it
+
+    engine = make_engine(ModelConfig(path=str(vllm_model_dir)), ActorConfig(**VLLM_ACTOR))
+    yield engine
+    engine.close()
 
 
 # -- shared data outside the checkout ----------------------------------------------------------

@@ -4,6 +4,10 @@ The application floor dispatches down to `actor`, `learner` and its own modules.
 imports its module inside the function (torch, DeepSpeed and transformers load behind them), so
 `treerpo --help` stays instant; the imports are plain `from x import y` statements, visible to
 the import-graph check (tests/unit/test_layering.py).
+
+A known failure (`common.errors.TreerpoError`: config, model folder, data, engine limits, device,
+busy port, checkpoint) ends the command with one line on stderr, `treerpo <command>: <what is
+wrong and the fix>`, and that class's exit code (the table in `--help`); a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+
+from common.errors import EXIT_INTERRUPTED, TreerpoError, exit_code_table, one_line  # no imports: --help stays instant
 
 
 def _run_config(args: argparse.Namespace) -> int:
@@ -172,28 +178,39 @@ SUBCOMMANDS: dict[str, tuple[Runner, str, Callable[[argparse.ArgumentParser], No
 }
 
 
+def exit_codes_epilog() -> str:
+    """The --help epilog: every exit code and what it means (common.errors)."""
+    rows = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in exit_code_table())
+    return ("exit codes (a known failure prints one line, `treerpo COMMAND: problem: fix`; "
+            f"a traceback is a bug):\n{rows}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    epilog = exit_codes_epilog()
     parser = argparse.ArgumentParser(
         prog="treerpo",
         description="Asynchronous actor-learner TreeRPO for LLM reasoning.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (_, help_text, add_arguments) in SUBCOMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runner, _, _ = SUBCOMMANDS[args.command]
-    from common.config import ConfigError  # noqa: PLC0415 -- pydantic stays off the --help path
-
     try:
         return int(runner(args) or 0)
-    except ConfigError as e:
-        print(f"treerpo {args.command}: {e}", file=sys.stderr)
-        return 2
+    except TreerpoError as e:
+        print(f"treerpo {args.command}: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"treerpo {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from common.config import dump_config, load_config
+from common.config import ConfigError, dump_config, load_config
 from common.metrics import series
 from treerpo.supervisor import Supervisor, _die_with_parent, treerpo_command
 
@@ -279,7 +279,7 @@ def prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     others = [p.name for p in run_dir.iterdir() if p.name not in DEMO_ARTIFACTS and not p.name.startswith(".")]
     if others:
-        raise SystemExit(f"--run-dir {run_dir} holds files the demo did not write ({others[:5]}): "
+        raise ConfigError(f"--run-dir {run_dir} holds files the demo did not write ({others[:5]}): "
                          "choose an empty or new folder")
     for name in DEMO_ARTIFACTS:
         path = run_dir / name
@@ -302,7 +302,7 @@ def demo_config(args, model_path: str):
         cfg.actor.num_actors = args.actors
     cfg.learner.min_actors = cfg.actor.num_actors  # every actor takes part from the first step
     if cfg.learner.max_steps < 1:
-        raise SystemExit("the demo needs learner.max_steps >= 1 (--steps)")
+        raise ConfigError("the demo needs learner.max_steps >= 1 (--steps)")
     return cfg
 
 

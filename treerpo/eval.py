@@ -13,7 +13,10 @@ Guarantees:
   (the HF engine prefills a prompt once for its k samples); sampling is seeded;
 * completions are scored by the reward registry (`math`: last \\boxed{} under math-verify;
   `arithmetic`: the '#' answer), and the report counts every sample's reason;
-* `--model` takes an HF folder or a checkpoint folder holding `hf/` (the learner's export).
+* `--model` takes an HF folder or a checkpoint folder holding `hf/` (the learner's export);
+* a problem whose prompt + max_tokens exceeds the model's positions is skipped and counted
+  (`skipped`, with its id in `skipped_ids`): pass@k is over the problems evaluated, and the table
+  says how many were skipped; if every problem would be skipped, EngineError (one line, exit 6).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from rich.table import Table
 from actor.engine import GenerationRequest
 from actor.engines import make_engine
 from common.config import JobConfig, load_config
-from common.data import PromptSource
+from common.data import PromptSource, read_rows
+from common.errors import ConfigError, EngineError, ModelError
 from common.rewards import make_reward
 from common.rundir import setup_logging
 
@@ -76,6 +80,8 @@ class EvalReport:
     seconds: float
     generated_tokens: int
     per_problem: list[dict[str, Any]] = field(default_factory=list)  # id, correct (of k)
+    skipped: int = 0  # problems not evaluated: prompt + max_tokens > the model's positions
+    skipped_ids: list[str] = field(default_factory=list)
 
     @property
     def pass_at_1(self) -> float:
@@ -95,8 +101,16 @@ def resolve_model_dir(path: str | Path) -> Path:
         return path
     if (path / "hf" / "config.json").exists():
         return path / "hf"
-    raise SystemExit(f"--model {path}: no config.json there or in {path / 'hf'}; give an HF model folder "
+    raise ModelError(f"--model {path}: no config.json there or in {path / 'hf'}; give an HF model folder "
                      "or a checkpoint folder (RUN_DIR/checkpoints/step-N)")
+
+
+def split_fitting(prompts: Sequence, max_positions: int | None, max_tokens: int) -> tuple[list, list]:
+    """(prompts whose context + max_tokens fits the model's positions, the others); None = no limit."""
+    if not max_positions:
+        return list(prompts), []
+    fits = [p for p in prompts if len(p.token_ids) + max_tokens <= max_positions]
+    return fits, [p for p in prompts if len(p.token_ids) + max_tokens > max_positions]
 
 
 def load_prompts(cfg: JobConfig, tokenizer, num_problems: int | None) -> list:
@@ -162,15 +176,28 @@ def eval_config(args) -> JobConfig:
 
 def run_eval(args) -> EvalReport:
     if args.k < 1:
-        raise SystemExit(f"-k {args.k}: need at least one sample per problem")
+        raise ConfigError(f"-k {args.k}: need at least one sample per problem")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     cfg = eval_config(args)
     temperature = args.temperature if args.temperature is not None else cfg.tree.temperature
     top_p = args.top_p if args.top_p is not None else cfg.tree.top_p
     max_tokens = args.max_tokens or cfg.tree.max_tokens
+    if cfg.data.source == "files":
+        read_rows(cfg.data.paths, cfg.data)  # a bad row fails now (DataError), not after the model loaded
     engine = make_engine(cfg, seed=args.seed)
     prompts = load_prompts(cfg, engine.tokenizer, args.num_problems)
+    max_positions = getattr(engine, "max_positions", None)
+    prompts, too_long = split_fitting(prompts, max_positions, max_tokens)
+    if too_long:
+        longest = max(len(p.token_ids) for p in too_long)
+        if not prompts:
+            raise EngineError(f"no problem fits: every one of the {len(too_long)} prompts + max_tokens {max_tokens} "
+                              f"exceeds the model's {max_positions} positions (longest prompt {longest} tokens); "
+                              "use a model with a longer context or lower --max-tokens")
+        log.warning("skipped %d of %d problems: prompt + max_tokens %d exceeds the model's %d positions (longest "
+                    "prompt %d tokens); lower --max-tokens or use a longer-context model to evaluate them",
+                    len(too_long), len(too_long) + len(prompts), max_tokens, max_positions, longest)
     reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
     started = time.perf_counter()
     try:
@@ -186,6 +213,7 @@ def run_eval(args) -> EvalReport:
         num_problems=len(prompts), samples_per_problem=args.k, temperature=temperature, max_tokens=max_tokens,
         seed=args.seed, pass_at=pass_at, mean_response_tokens=mean_len, reasons=dict(reasons), seconds=seconds,
         generated_tokens=int(sum(sum(row) for row in lengths)), per_problem=per_problem,
+        skipped=len(too_long), skipped_ids=[p.prompt_id for p in too_long],
     )
 
 
@@ -196,6 +224,8 @@ def print_table(report: EvalReport) -> None:
     for j, v in report.pass_at.items():
         table.add_row(f"pass@{j}", f"{100 * v:.1f}%")
     table.add_row("mean response tokens", f"{report.mean_response_tokens:.1f}")
+    if report.skipped:
+        table.add_row("skipped (prompt + max_tokens > positions)", str(report.skipped))
     table.add_row("reasons", ", ".join(f"{r} {n}" for r, n in sorted(report.reasons.items())))
     table.add_row("time", f"{report.seconds:.1f} s ({report.generated_tokens / max(report.seconds, 1e-9):.0f} tok/s)")
     Console().print(table)
@@ -211,6 +241,7 @@ def run(args) -> int:
         tmp.replace(args.out)
     if not args.quiet:
         print_table(report)
-    log.info("pass@1 %.4f over %d problems x %d samples (%s)", report.pass_at_1, report.num_problems,
-             report.samples_per_problem, report.model)
+    log.info("pass@1 %.4f over %d problems x %d samples (%s)%s", report.pass_at_1, report.num_problems,
+             report.samples_per_problem, report.model,
+             f"; {report.skipped} problems skipped (too long for the model)" if report.skipped else "")
     return 0 if math.isfinite(report.pass_at_1) else 1

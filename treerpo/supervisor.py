@@ -17,7 +17,10 @@ Guarantees:
   child's last error line and exit code EXIT_CHILD_FAILED; so does a learner whose first start
   fails (the actors need its endpoints);
 * SIGINT/SIGTERM stop the learner first (it writes a final checkpoint), then the actors:
-  SIGTERM, a grace period, then SIGKILL -- always by pid, never by name.
+  SIGTERM, a grace period, then SIGKILL -- always by pid, never by name;
+* each child sees its own GPUs (`up.devices`, as CUDA_VISIBLE_DEVICES; `plan_devices`): by
+  default the learner gets the first visible GPU and the actors the others round-robin, so a
+  vLLM actor never lands on the learner's GPU while another is free.
 """
 
 from __future__ import annotations
@@ -55,6 +58,38 @@ def child_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in DIST_ENV}
 
 
+def visible_gpus(env: dict[str, str], proc_root: Path = Path("/proc/driver/nvidia/gpus")) -> list[str]:
+    """The GPUs `up` may hand out: CUDA_VISIBLE_DEVICES's entries when set, else every GPU the
+    NVIDIA driver lists (none without one). No CUDA library is loaded."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        entries = [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",")]
+        out = []
+        for d in entries:
+            if not d or d == "-1":  # CUDA stops at the first invalid entry
+                break
+            out.append(d)
+        return out
+    try:
+        return [str(i) for i in range(sum(1 for _ in proc_root.iterdir()))]
+    except OSError:
+        return []
+
+
+def plan_devices(devices: str | list[str], visible: list[str], num_actors: int) -> tuple[str | None, list[str | None]]:
+    """(learner, [actor i]) CUDA_VISIBLE_DEVICES values; None = inherit `up`'s environment.
+
+    'auto': no GPU -> inherit; one GPU -> everyone shares it; G >= 2 -> the learner gets the
+    first, actor i the (1 + i mod (G - 1))-th. A list: [learner, actors...], actors cycling."""
+    if devices == "inherit" or (devices == "auto" and not visible):
+        return None, [None] * num_actors
+    if devices == "auto":
+        if len(visible) == 1:
+            return visible[0], [visible[0]] * num_actors
+        return visible[0], [visible[1 + i % (len(visible) - 1)] for i in range(num_actors)]
+    learner, actors = devices[0], list(devices[1:])
+    return learner, [actors[i % len(actors)] for i in range(num_actors)]
+
+
 def treerpo_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "treerpo", *args]
 
@@ -64,7 +99,8 @@ _ERROR_WORDS = ("Error", "error:", "Exception", "Traceback", "SystemExit", "Kill
 
 
 def last_error_line(log_path: Path, max_bytes: int = 65536) -> str:
-    """The last line of the child's latest start that reads like an error (else its last line)."""
+    """The child's one-line known failure (`treerpo <command>: ...`, treerpo.cli) of its latest start,
+    else the last line that reads like an error, else its last line."""
     try:
         with open(log_path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -74,6 +110,9 @@ def last_error_line(log_path: Path, max_bytes: int = 65536) -> str:
         return ""
     text = text.rsplit("\n=== start ", 1)[-1]
     lines = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("treerpo ") and ": " in line:
+            return line
     for line in reversed(lines):
         if any(word in line for word in _ERROR_WORDS):
             return line
@@ -167,14 +206,32 @@ class Supervisor:
         root = str(Path(__file__).resolve().parents[1])
         self.env["PYTHONPATH"] = root + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
 
+    def devices(self, num_actors: int) -> tuple[str | None, list[str | None]]:
+        """CUDA_VISIBLE_DEVICES of the learner and of actors 0..num_actors-1 (`plan_devices`)."""
+        return plan_devices(self.cfg.up.devices, visible_gpus(self.env), num_actors)
+
+    def child_env(self, name: str) -> dict[str, str]:
+        """The environment a child starts with: `up`'s, with the child's GPUs."""
+        env = dict(self.env)
+        index = 0 if name == "learner" else int(name.rsplit("-", 1)[-1]) + 1
+        learner, actors = self.devices(max(self.num_actors, index))
+        device = learner if name == "learner" else actors[index - 1]
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        return env
+
     def start(self, startup_timeout_s: float = 600.0) -> dict:
         logs = logs_dir(self.run_dir)
+        learner_gpu, actor_gpus = self.devices(self.num_actors)
+        if learner_gpu is not None:
+            self.on_event(f"GPUs (CUDA_VISIBLE_DEVICES): learner {learner_gpu!r}, "
+                          + ", ".join(f"actor-{i} {d!r}" for i, d in enumerate(actor_gpus)))
         (self.run_dir / ENDPOINTS).unlink(missing_ok=True)
         self.learner = Child(
             "learner", treerpo_command("learner", "--config", str(self.config_path), "--run-dir", str(self.run_dir)),
             logs / "learner.log", restartable=self.cfg.up.learner_restarts > 0, ready_file=self.run_dir / ENDPOINTS,
         )
-        self.learner.start(self.env)
+        self.learner.start(self.child_env("learner"))
         self.on_event(f"learner pid {self.learner.proc.pid}, log {self.learner.log_path}")
         try:
             self.endpoints = wait_for_json(self.run_dir / ENDPOINTS, startup_timeout_s, alive=self.learner.alive)
@@ -198,7 +255,7 @@ class Supervisor:
             argv += ["--set", f"metrics.actor_port={self.cfg.metrics.actor_port + i}"]
         child = Child(actor_id, argv, logs_dir(self.run_dir) / f"{actor_id}.log", restartable=True,
                       ready_file=actor_info_path(self.run_dir, actor_id))
-        child.start({**self.env, **(env or {})})
+        child.start({**self.child_env(actor_id), **(env or {})})
         self.actors.append(child)
         self.on_event(f"{child.name} pid {child.proc.pid}, log {child.log_path}")
         return child
@@ -257,10 +314,10 @@ class Supervisor:
             child.restarts += 1
             child.next_start = 0.0
             if child is self.learner:
-                child.start(self.env, self.learner_restart_argv())
+                child.start(self.child_env("learner"), self.learner_restart_argv())
                 self.on_event(f"learner restarted (#{child.restarts}, --resume auto), pid {child.proc.pid}")
             else:
-                child.start(self.env)
+                child.start(self.child_env(child.name))
                 self.on_event(f"{child.name} restarted (#{child.restarts}), pid {child.proc.pid}")
 
     def stop(self) -> int | None:

@@ -15,6 +15,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>"]
 ALPHABET = list("0123456789+-*/()=;:.,? \nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ[]{}\\^_!'\"<>|&%$#@~`")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+VLLM_CPU_TINY = {"hidden_size": 128, "num_heads": 2}
+"""`build_tiny_model` kwargs for vLLM's CPU backend, whose attention kernels need head_dim 64."""
 
 
 def build_char_tokenizer(path: str | Path | None = None):

@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.config import DataConfig
+from common.config import ConfigError, DataConfig
 from common.data import format_prompt
 from common.rundir import setup_logging
 from common.tasks import TaskSpec, warmup_examples
@@ -209,11 +209,11 @@ def settings_from_args(args) -> WarmupSettings:
         operand_min=pick("operand_min", d.operand_min), operand_max=pick("operand_max", d.operand_max),
     )
     if not 0 <= settings.operand_min <= settings.operand_max:
-        raise SystemExit(f"operand range [{settings.operand_min}, {settings.operand_max}] is empty or negative")
+        raise ConfigError(f"operand range [{settings.operand_min}, {settings.operand_max}] is empty or negative")
     if not 0.0 <= settings.right_fraction <= 1.0:
-        raise SystemExit(f"--right-fraction={settings.right_fraction} must lie in [0, 1]")
+        raise ConfigError(f"--right-fraction={settings.right_fraction} must lie in [0, 1]")
     if min(settings.steps, settings.batch_size, settings.examples, settings.hidden_size, settings.num_layers) < 1:
-        raise SystemExit("--steps, --batch-size, --examples, --hidden and --layers must be >= 1")
+        raise ConfigError("--steps, --batch-size, --examples, --hidden and --layers must be >= 1")
     return settings
 
 

@@ -97,6 +97,9 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], str]]]] = [
         ("Decode errors by reason", "ops", [
             (f"sum by (reason) (rate({L('wire_errors')}[{RI}]))", "{{reason}}"),
         ], "Messages the learner could not decode."),
+        ("Checkpoint failures by reason", "none", [
+            (f"sum by (reason) (increase({L('checkpoint_failures')}[1h]))", "{{reason}}"),
+        ], "Checkpoint saves that failed in the last hour; the previous checkpoint stays the latest."),
         ("Trees lost by actors", "ops", [
             (f"sum by (reason) (rate({A('trees_lost')}[{RI}]))", "{{reason}}"),
         ], "Trees generated but never handed to the learner."),

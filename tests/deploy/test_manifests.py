@@ -292,6 +292,7 @@ def test_network_policies(overlay):
         assert selects(policy["spec"]["podSelector"], labels[role])
         assert not selects(policy["spec"]["podSelector"], labels["actor" if role == "learner" else "learner"])
         reach: dict[str, set[str]] = {}  # named port -> which peers may reach it
+        collectives: set[str] = set()  # who may open the collectives' ephemeral connections
         for rule in policy["spec"]["ingress"]:
             peers = set()
             for peer in rule["from"]:
@@ -314,6 +315,10 @@ def test_network_policies(overlay):
                 else:  # the collectives' ephemeral range, only between learner and actors
                     assert p["port"] >= 32768 and p.get("endPort") == 60999
                     assert peers <= {"learner", "actor"}
+                    collectives |= peers
+        # the sync group is learner + every actor: gloo's full mesh and NCCL's bootstrap ring
+        # connect actors to each other too, so with >= 2 actors they must accept one another
+        assert collectives == ({"actor"} if role == "learner" else {"learner", "actor"}), (role, collectives)
         assert reach.pop("metrics") == {"prometheus"}
         if role == "learner":
             assert reach == {"data": {"actor"}, "control": {"actor"}, "rendezvous": {"actor"}}

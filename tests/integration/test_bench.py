@@ -28,11 +28,16 @@ SMALL_ARGS = {
                 "--hidden-size", "32", "--layers", "1", "--reps", "1", "--threads", "1"],
     "weights": ["--vocab", "512", "--hidden", "64", "--layers", "1", "--ffn", "128", "--reps", "1",
                 "--warmup", "1"],
+    "load": ["--tiny"],  # a real learner + 1 synthetic actor over CURVE, a 4 s window (~25 s)
 }
 
 
+# not benchmarks with a same-run ratio, each with its own test
+CHECKS = {"gpu_check": "tests/integration/test_gpu_check.py"}
+
+
 def test_every_bench_script_is_covered():
-    assert sorted(p.stem for p in BENCH.glob("*.py")) == sorted(SMALL_ARGS)
+    assert sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in CHECKS) == sorted(SMALL_ARGS)
 
 
 def run_bench(name: str, tmp_path: Path) -> dict:
@@ -56,3 +61,6 @@ def test_bench_prints_design_json(name, tmp_path):
         assert out["c_max_ratio"] is not None or out["c_unavailable"]
     if name == "wire":
         assert out["nodes"] == 14 and out["tokens"] == 512 + 14 * 384
+    if name == "load":  # the accounting is a correctness property, not a timing: it must hold exactly
+        level = out["levels"][0]
+        assert level["sent"] > 0 and level["exact"] and out["all_exact"], level

@@ -20,6 +20,7 @@ from common.config import AdvantageConfig, JobConfig
 from common.metrics import STEP_RECORD
 from common.tree import Node, ReasoningTree, new_tree_id
 from common.treerpo import step_advantages
+from learner.ranks import split_by_tokens
 from learner.trainer import Trainer
 from tests.support.ds_worker import job_config
 from tests.support.ds_worker import make_trees as worker_trees
@@ -141,6 +142,36 @@ def test_log_prob_forwards_run_without_dropout(tiny_model_dir, tmp_path):
     assert m["approx_kl_proximal"] == pytest.approx(0.0, abs=1e-10)
 
 
+def test_minibatches_equal_successive_steps_on_the_shares_when_p_is_behaviour(tiny_model_dir):
+    # with loss.proximal = behaviour nothing is recomputed, so k = 2 minibatches are exactly two
+    # k = 1 steps on the same two shares (split_by_tokens), in order
+    trees = make_trees(3, count=6)
+    cfg_k2 = make_cfg(minibatches=2)
+    cfg_k2.loss.proximal = "behaviour"
+    cfg_k1 = make_cfg()
+    cfg_k1.loss.proximal = "behaviour"
+    together, apart = Trainer(cfg_k2, tiny_model_dir), Trainer(cfg_k1, tiny_model_dir)
+    m = together.train_step(trees, learner_version=0)
+    for share in split_by_tokens(trees, 2, cfg_k1.learner.packing):
+        apart.train_step([trees[i] for i in share], learner_version=0)
+    assert m["optimizer_steps"] == 2.0 and together.steps == apart.steps == 2
+    for (name, a), (_, b) in zip(params(together).items(), params(apart).items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+
+
+def test_minibatches_make_the_trust_region_live(tiny_model_dir):
+    # k = 1: p = stop-grad(θ), ratio 1, nothing to clip. k = 2: the second step's θ moved away
+    # from p (the pre-batch weights), so the ratio leaves 1 and the proximal KL is positive
+    trees = [with_own_logprobs(t, AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+             for t in make_trees(4, count=6)]
+    one = Trainer(make_cfg(lr=5e-2), tiny_model_dir).train_step(trees, learner_version=0)
+    two = Trainer(make_cfg(lr=5e-2, minibatches=2), tiny_model_dir).train_step(trees, learner_version=0)
+    assert one["approx_kl_proximal"] == pytest.approx(0.0, abs=1e-10) and one["ratio_mean"] == pytest.approx(1.0)
+    assert two["approx_kl_proximal"] > 1e-6
+    assert abs(two["ratio_mean"] - 1.0) > 1e-5
+    assert two["optimizer_steps"] == 2.0 and two["micro_batches"] >= 2
+
+
 def test_kl_reference_is_zero_before_the_first_update(tiny_model_dir):
     cfg = make_cfg(lr=1e-2)
     cfg.loss.kl_coef = 0.1
@@ -194,15 +225,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_rank_zero2_matches_one_rank(tiny_model_dir, tmp_path):
-    out = tmp_path / "w2"
+def run_two_ranks(model_dir, out, zero_stage: int, minibatches: int = 1) -> tuple[dict, dict, list]:
     out.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(REPO / "tests" / "support" / "ds_worker.py"),
-           "--model", tiny_model_dir, "--out", str(out), "--steps", "3", "--zero-stage", "2"]
+           "--model", model_dir, "--out", str(out), "--steps", "3", "--zero-stage", str(zero_stage),
+           "--minibatches", str(minibatches)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log, _ = proc.communicate(timeout=540)
@@ -213,12 +244,26 @@ def test_two_rank_zero2_matches_one_rank(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, log[-4000:]
     r0 = json.loads((out / "rank0.json").read_text())
     r1 = json.loads((out / "rank1.json").read_text())
+    return r0, r1, json.loads((out / "metrics.json").read_text())
+
+
+def test_two_rank_zero3_minibatches_keep_the_ranks_in_step(tiny_model_dir, tmp_path):
+    # k = 2 on two ranks under ZeRO-3: every forward gathers parameters, so each rank must run as
+    # many proximal forwards and steps as the other (dummies where its share is short)
+    r0, r1, metrics = run_two_ranks(tiny_model_dir, tmp_path / "w2", zero_stage=3, minibatches=2)
+    assert r0["start"] == r1["start"] and r0["trained"] != r0["start"]
+    assert r1["final"] == r0["reloaded"]  # both ranks end identical
+    assert all(m["optimizer_steps"] == 2.0 and m["step_applied"] == 1.0 for m in metrics)
+
+
+def test_two_rank_zero2_matches_one_rank(tiny_model_dir, tmp_path):
+    out = tmp_path / "w2"
+    r0, r1, metrics = run_two_ranks(tiny_model_dir, out, zero_stage=2)
     assert r0["start"] == r1["start"]
     assert r0["trained"] != r0["start"]  # training moved the weights
     assert r0["moved"] != r0["trained"]  # ... and one more step after the checkpoint moved them again
     assert r0["reloaded"] == r0["trained"] and r0["reloaded_step"] == 3  # the checkpoint brought them back
     assert r1["final"] == r0["reloaded"]  # both ranks end identical
-    metrics = json.loads((out / "metrics.json").read_text())
     assert all(m["step_applied"] == 1.0 for m in metrics)
 
     # the same step-1 trees on one rank: same global token-mean normaliser, same update

@@ -452,3 +452,61 @@ def test_exiting_interpreter_joins_pending_group_drops(tmp_path):
                           timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert marker.read_text() == "torn down"
+
+
+def _receive_thread(pub, model, receiver, version: int, epoch):
+    """One sync with `epoch` (group reuse); the receiver stages only. (prepared, result, (checksum, s), staged)."""
+    sync = pub.prepare(pub.plan(model.named_parameters(), version), ["a"], epoch=epoch)
+    got: dict[str, object] = {}
+    staged: list = []
+    thread = threading.Thread(target=lambda: got.update(ok=receiver.receive(
+        sync.announcements[0], staged.extend, checksum_received=True)), daemon=True)
+    thread.start()
+    result = pub.broadcast(sync, model.named_parameters())
+    thread.join(TEST_TIMEOUT_S)
+    return sync, result, got.get("ok"), staged
+
+
+def test_group_is_reused_while_membership_is_unchanged(models):
+    """One communicator per membership, not per sync: the same members and epoch reuse the last
+    sync's group on both sides (no rendezvous); a new epoch (a member re-registered) builds a new one."""
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    pub, receiver = _publisher(), WeightReceiver()
+    groups, kept = [], []
+    for version, epoch in ((1, "e1"), (2, "e1"), (3, "e1"), (4, "e2"), (5, "e2")):
+        sync, result, (checksum, _), _ = _receive_thread(pub, learner, receiver, version, epoch)
+        assert result.ok and checksum == result.checksum
+        groups.append((sync.group, sync.reuse))
+        kept.append(receiver._group[1][0])  # the process group object the receiver keeps
+    assert [reuse for _, reuse in groups] == [False, True, True, False, True]
+    assert groups[0][0] == groups[1][0] == groups[2][0] != groups[3][0] == groups[4][0]
+    assert kept[0] is kept[1] is kept[2] and kept[3] is kept[4] and kept[2] is not kept[3]
+    # without an epoch (as before): a fresh group every sync
+    a, b = (_receive_thread(pub, learner, receiver, v, None)[0] for v in (6, 7))
+    assert not a.reuse and not b.reuse and a.group != b.group
+    pub.close()
+    receiver.close()
+
+
+def test_bounded_device_ring_stages_on_host(models):
+    """`stage_on_host` (the vLLM worker on a GPU): buckets pass through a ring of at most
+    MAX_IN_FLIGHT wire buffers and are staged in host memory; the checksum is of what arrived.
+    On CPU the ring is forced (`ring=True`): the same code path as over NCCL."""
+    from common.weightsync import MAX_IN_FLIGHT  # noqa: PLC0415 -- one constant for this test
+
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    pub, receiver = _publisher(), WeightReceiver(stage_on_host=True, ring=True)
+    for version in (1, 2):
+        _step(learner)
+        sync, result, (checksum, _), staged = _receive_thread(pub, learner, receiver, version, "e")
+        assert result.ok and len(sync.plan.buckets) > 2 * MAX_IN_FLIGHT
+        assert checksum == result.checksum == tensor_checksum(learner.named_parameters())
+        assert tensor_checksum(staged) == checksum  # the staged copies are bit-exact
+        slots = {slot for slot, _ in receiver._ring}
+        assert slots <= set(range(MAX_IN_FLIGHT))  # bounded: never a buffer per bucket on the wire device
+        ring_ptrs = {buf.untyped_storage().data_ptr() for buf in receiver._ring.values()}
+        assert not ring_ptrs & {t.untyped_storage().data_ptr() for _, t in staged}  # staged apart from the ring
+    pub.close()
+    receiver.close()

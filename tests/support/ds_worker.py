@@ -37,10 +37,11 @@ def param_hash(trainer) -> str:
     return h.hexdigest()
 
 
-def job_config(zero_stage: int, run_dir: str):
+def job_config(zero_stage: int, run_dir: str, minibatches: int = 1):
     return JobConfig.model_validate({
         "run_dir": run_dir,
-        "learner": {"lr": 1e-3, "zero_stage": zero_stage, "micro_batch_tokens": 48, "warmup_steps": 1},
+        "learner": {"lr": 1e-3, "zero_stage": zero_stage, "micro_batch_tokens": 48, "warmup_steps": 1,
+                    "minibatches": minibatches},
     })
 
 
@@ -52,11 +53,12 @@ def main() -> None:
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--trees", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minibatches", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     out = Path(args.out)
-    trainer = Trainer(job_config(args.zero_stage, str(out / "run")), args.model)
+    trainer = Trainer(job_config(args.zero_stage, str(out / "run"), args.minibatches), args.model)
     hashes = {"start": param_hash(trainer)}
     if trainer.rank == 0:
         metrics = []

@@ -10,9 +10,10 @@ import pytest
 
 from common.config import DataConfig, load_config
 from common.data import read_rows
+from common.errors import EngineError, ModelError
 from common.tasks import TaskSpec, eval_problems
 from treerpo.cli import build_parser
-from treerpo.eval import ks_to_report, pass_at_k, resolve_model_dir, run, summarise
+from treerpo.eval import ks_to_report, pass_at_k, resolve_model_dir, run, split_fitting, summarise
 
 
 def test_pass_at_k_hand_values():
@@ -125,5 +126,34 @@ def test_resolve_model_dir_accepts_checkpoint_folders(make_tiny_model, tmp_path)
     (ckpt / "hf").mkdir(parents=True)
     (ckpt / "hf" / "config.json").write_text("{}")
     assert resolve_model_dir(ckpt) == ckpt / "hf"
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(ModelError, match="no config.json"):
         resolve_model_dir(tmp_path / "nowhere")
+
+
+def test_split_fitting_keeps_prompts_within_the_positions():
+    class P:
+        def __init__(self, n):
+            self.token_ids = [0] * n
+
+    a, b, c = P(10), P(20), P(21)
+    assert split_fitting([a, b, c], 60, 40) == ([a, b], [c])  # 20 + 40 = 60 fits, 21 + 40 does not
+    assert split_fitting([a, c], None, 10**6) == ([a, c], [])  # no known limit: nothing skipped
+
+
+def test_eval_skips_and_counts_problems_too_long_for_the_model(make_tiny_model, tmp_path):
+    tiny_model = make_tiny_model(max_position_embeddings=96, **SMALL)
+    data = tmp_path / "bench.jsonl"
+    rows = [{"id": "short", "problem": "1+1?", "answer": "2"},
+            {"id": "long", "problem": "Compute " + "1+" * 60 + "1.", "answer": "61"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "report.json"
+    args = _eval_args("--model", str(tiny_model), "--data", str(data), "-k", "1", "--max-tokens", "8",
+                      "--out", str(out), "--quiet")
+    assert run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["num_problems"] == 1 and [p["id"] for p in report["per_problem"]] == ["short"]
+    assert report["skipped"] == 1 and report["skipped_ids"] == ["long"]
+
+    data.write_text(json.dumps(rows[1]) + "\n")  # nothing fits: one line, the fix named
+    with pytest.raises(EngineError, match="no problem fits.*96 positions.*lower --max-tokens"):
+        run(args)

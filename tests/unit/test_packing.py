@@ -385,3 +385,28 @@ def test_span_errors_name_the_fix(make_tiny_model):
     flat = pack_trees([tree], ADV, "flat", 5, learner_version=0)[0]  # one 5-token path per row: causal
     with pytest.raises(ValueError, match="causal rows need no plan"):
         span_plan(flat)
+
+
+def test_chunked_lm_head_equals_the_model_forward(make_tiny_model):
+    """The LM head in chunks of a few positions (each recomputed in the backward) gives the log-probs,
+    entropies and gradients of the model's own forward over all kept positions at once."""
+    model = _load(make_tiny_model, "sdpa")
+    batches = pack_trees(_trees(3, n=4), ADV, "tree", 64, learner_version=2, max_batch_rows=2)
+
+    def run(split: bool, chunk: int):
+        model.zero_grad(set_to_none=True)
+        if not split:  # no get_decoder: the model's own forward (logits of every kept position at once)
+            model.get_decoder = None
+        try:
+            outs = [token_logprobs(model, b, TEMP, return_entropy=True, chunk=chunk) for b in batches]
+        finally:
+            model.__dict__.pop("get_decoder", None)
+        sum((lp * b.loss_mask).sum() for (lp, _), b in zip(outs, batches, strict=True)).backward()
+        return outs, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    (whole, g_whole), (chunked, g_chunked) = run(False, 1 << 20), run(True, 3)
+    assert any(int((b.pred_index >= 0).sum()) > 3 for b in batches)  # several chunks per batch
+    for (lp_a, ent_a), (lp_b, ent_b) in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(lp_b, lp_a, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent_b, ent_a, rtol=0, atol=1e-5)
+    _assert_grads_close(g_chunked, g_whole)

@@ -6,23 +6,34 @@ tests/integration/test_weightsync.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from actor.engine import EngineError
 from common.weightsync import (
+    NCCL_WATCHDOG_MARGIN_S,
+    Deadline,
     WeightSyncError,
     check_layout,
+    connect_store,
     drop_group_later,
     flatten_into,
+    meet,
+    nccl_options,
+    op_timeout,
     plan_layout,
     tensor_checksum,
     unflatten,
     wait_group_drops,
 )
 from tests.support.models import hf_engine
+from tests.support.paths import REPO
 
 
 def test_layout_groups_by_dtype_and_splits_by_size():
@@ -143,3 +154,45 @@ def test_wait_group_drops_joins_and_reports_leftovers():
     assert wait_group_drops(0.2) is False  # still tearing down: reported, not waited on forever
     release.set()
     assert wait_group_drops(10) is True and done == [True]
+
+
+# -- NCCL's deadline (what a CPU can show: the store barrier and the timeouts handed to NCCL) ------
+def _store():
+    return connect_store("127.0.0.1", 0, 10.0, is_master=True)  # port 0: see .port
+
+
+def test_meet_passes_when_every_rank_comes_and_fails_by_the_deadline_naming_the_missing():
+    store = _store()
+    peer = connect_store("127.0.0.1", store.port, 10.0)  # the other rank's own connection
+    other = threading.Thread(target=lambda: (time.sleep(0.2), meet(dist.PrefixStore("g1", peer), 1, 2, 5.0)))
+    other.start()
+    meet(dist.PrefixStore("g1", store), 0, 2, 5.0)  # returns once rank 1 checked in
+    other.join(5)
+    # a peer that never comes (dead): rank 0 fails by the deadline, not whenever NCCL would notice
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"\[timeout\].*ranks \[1, 2\] did not reach the store"):
+        meet(dist.PrefixStore("g2", store), 0, 3, 0.5)
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_nccl_timeouts_leave_python_the_first_abort():
+    # NCCL's watchdog kills the whole process when an op outlives NCCL's own timeout: that timeout
+    # must end after the deadline Python polls and aborts at, never at the same instant
+    deadline = Deadline(10.0)
+    assert op_timeout(deadline, "gloo", "x").total_seconds() <= 10.0
+    nccl = op_timeout(deadline, "nccl", "x").total_seconds()
+    assert deadline.remaining() + NCCL_WATCHDOG_MARGIN_S - 1 < nccl <= 10.0 + NCCL_WATCHDOG_MARGIN_S
+    if not hasattr(dist, "ProcessGroupNCCL"):
+        pytest.skip("this torch build has no NCCL: the ProcessGroupNCCL options cannot be built")
+    opts = nccl_options(10.0)
+    assert opts._timeout.total_seconds() == 10.0 + NCCL_WATCHDOG_MARGIN_S
+    assert opts.config.blocking == 0  # non-blocking communicator: abortable while it forms
+
+
+def test_a_kept_group_is_dropped_at_exit_not_left_to_abort_the_interpreter():
+    # a group still alive when the interpreter finalizes makes it call std::terminate (SIGABRT)
+    code = ("import torch.distributed as dist; from common.weightsync import connect_store, keep_group, make_group;"
+            "store = connect_store('127.0.0.1', 0, 10.0, is_master=True);"
+            "h = keep_group(make_group('127.0.0.1', store.port, 'g', 0, 1, 10.0, store=store)); print('kept')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    assert out.returncode == 0 and "kept" in out.stdout, out.stderr[-2000:]
