@@ -45,7 +45,9 @@ LEGACY = re.compile("|".join([r"DESIGN" + r"[ \t]+§", "INTER" + "FACES", "desig
 def _files() -> list[Path]:
     out = []
     for folder, dirs, names in os.walk(ROOT):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info"))
+        # hidden folders (.venv-vllm, caches) hold no design references of ours
+        dirs[:] = sorted(d for d in dirs
+                         if d not in SKIP_DIRS and not d.startswith(".") and not d.endswith(".egg-info"))
         out += [Path(folder) / n for n in sorted(names) if Path(n).suffix in SUFFIXES or n in NAMES]
     return out
 
