@@ -1,9 +1,10 @@
 """`treerpo actor`: register, receive weights, sample trees, stream them to the learner.
 
-Two threads. The *control* thread owns the DEALER socket: it registers (and re-registers when
-the learner restarts or goes silent), heartbeats, takes credits, and receives weight syncs into
-the engine between engine calls (the engine lock). The *main* thread loops prompts -> trees ->
-PUSH, never holding more trees in flight than its credits allow.
+Three threads. The *control* thread owns the DEALER socket: it registers (and re-registers when
+the learner restarts or goes silent), heartbeats and takes credits. The *weights* thread receives
+the syncs it announces: into the HF engine between engine calls (the engine lock), into the vLLM
+engine in flight (generation paused, not drained; actor/vllm_engine.py). The *main* thread loops
+prompts -> trees -> PUSH, never holding more trees in flight than its credits allow.
 
 Guarantees:
 * no tree is generated before the learner's current weights are loaded (after every
