@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import JobConfig, dump_config, load_config
+from common.errors import EXIT_CHILD_FAILED
 from common.rundir import ENDPOINTS, actor_info_path, logs_dir, read_json, wait_for_json
 
 PR_SET_PDEATHSIG = 1
@@ -94,7 +95,6 @@ def treerpo_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "treerpo", *args]
 
 
-EXIT_CHILD_FAILED = 3  # a child can never start, or the learner ran out of restarts
 _ERROR_WORDS = ("Error", "error:", "Exception", "Traceback", "SystemExit", "Killed", "refused", "cannot", "failed")
 
 
