@@ -87,6 +87,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from wire import level_parents  # noqa: E402 -- bench/ is on sys.path: this script runs from it
+
 from actor.weights import WeightReceiver  # noqa: E402
 from common.config import TransportConfig  # noqa: E402
 from common.transport import ActorEndpoints, generate_keys  # noqa: E402
@@ -123,14 +125,7 @@ def paper_tree(seed: int, vocab: int, actor_id: str, prompt_len: int = 512, bran
     def ids(n: int) -> np.ndarray:
         return by_rank[np.minimum(rng.zipf(1.3, n), len(by_rank)) - 1]
 
-    parents, level = [], [-1]  # BFS order: every node of a level, then the next level
-    for b in branching:
-        nxt = []
-        for p in level:
-            for _ in range(b):
-                parents.append(p)
-                nxt.append(len(parents) - 1)
-        level = nxt
+    parents = level_parents(branching)  # BFS order: every node of a level, then the next level
     inner = {p for p in parents if p >= 0}
     nodes = [Node(parent=p, token_ids=ids(seg_len), logprobs=-rng.gamma(0.5, 1.0, seg_len).astype(np.float32),
                   version=0, finish="segment" if i in inner else "stop",

@@ -33,6 +33,8 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+from wire import level_parents  # noqa: E402 -- bench/ is on sys.path: this script runs from it
+
 from common.config import AdvantageConfig, LossConfig  # noqa: E402
 from common.tree import Node, ReasoningTree, new_tree_id  # noqa: E402
 from learner.logprobs import attention_inputs, resolve_tree_attention, token_logprobs  # noqa: E402
@@ -42,14 +44,7 @@ from treerpo.tinymodel import build_tiny_model  # noqa: E402
 
 
 def make_tree(rng, prompt_tokens: int, segment_tokens: int, branching: list[int], vocab: int):
-    parents, level = [], [-1]
-    for b in branching:
-        nxt = []
-        for p in level:
-            for _ in range(b):
-                parents.append(p)
-                nxt.append(len(parents) - 1)
-        level = nxt
+    parents = level_parents(branching)
     has_child = {p for p in parents if p >= 0}
     nodes = [
         Node(parent=p, token_ids=rng.integers(3, vocab, segment_tokens).astype(np.int32),

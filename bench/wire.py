@@ -38,8 +38,8 @@ TARGET = 0.2
 VOCAB = 151_936  # Qwen2 vocabulary
 
 
-def realistic_tree(seed: int = 0, prompt_len: int = 512, branching=(2, 2, 2), seg_len: int = 384) -> ReasoningTree:
-    rng = np.random.default_rng(seed)
+def level_parents(branching) -> list[int]:
+    """Parent index of every node of a full tree with per-level `branching`, breadth-first (-1: the root)."""
     parents, level = [], [-1]
     for b in branching:
         nxt = []
@@ -48,6 +48,12 @@ def realistic_tree(seed: int = 0, prompt_len: int = 512, branching=(2, 2, 2), se
                 parents.append(p)
                 nxt.append(len(parents) - 1)
         level = nxt
+    return parents
+
+
+def realistic_tree(seed: int = 0, prompt_len: int = 512, branching=(2, 2, 2), seg_len: int = 384) -> ReasoningTree:
+    rng = np.random.default_rng(seed)
+    parents = level_parents(branching)
     inner = {p for p in parents if p >= 0}
     nodes = [
         Node(
