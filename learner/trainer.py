@@ -456,14 +456,13 @@ class Trainer:
 
     def _dummy_loss(self) -> torch.Tensor:
         """Zero loss through the same forwards as a real micro-batch (matches ZeRO's collectives)."""
-        ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)  # (1, 1)
         logits = self._dummy_forward(self.module)  # (1, 1, V)
         with torch.no_grad():
             second = self.cfg.learner.minibatches == 1 and self.cfg.learner.proximal_forward
             if self.cfg.loss.proximal == "recompute" and second:
                 self._dummy_forward(self.module)
             if self.ref_model is not None:
-                self.ref_model(input_ids=ids, use_cache=False)
+                self._dummy_forward(self.ref_model)
         return logits.float().sum() * 0.0
 
     def _optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
