@@ -1,7 +1,7 @@
 """Token-by-token decoding shared by `HFEngine.generate` and `HFStream`: one implementation.
 
 A `DecodeRow` is one sample in progress. `sample_rows` draws one token for every row of a batch
-from the distribution of actor/engine.py's contract (`processed_logprobs`), records the token and
+from the distribution of actor/engine.py's contract (common/sampling.py `processed_logprobs`), records the token and
 its log-prob under that distribution on every row still running, and sets the row's `finish`
 by `finish_reason`: a stop token id is "stop", a stop string ending inside the new token's text
 is "delimiter", the request's `max_tokens` reached is "length" (checked in that order). A row
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from actor.engine import GenerationRequest, Sample, SampleFinish, processed_logprobs
+from actor.engine import GenerationRequest, Sample, SampleFinish
+from common.sampling import processed_logprobs
 
 Decode = Callable[[list[int]], str]  # token ids -> text (the tokenizer's decode)
 

@@ -12,8 +12,8 @@ and stop rules) into `Sample`s. Guarantees every engine gives:
       z' = z with every token outside top-k, then outside the top-p nucleus, set to -inf
       logprob = log_softmax(z')[token]
 
-  (top-k keeps tokens whose logit is >= the k-th largest; top-p keeps the highest-probability
-  tokens until their mass reaches p, at least one; the same semantics as vLLM's sampler);
+  (common/sampling.py `processed_logprobs`, the one definition the learner recomputes too; the
+  same semantics as vLLM's sampler);
 * `Sample.finish` (`SampleFinish`: why the ENGINE stopped) is "stop" (EOS or a stop token id),
   "delimiter" (a stop string) or "length" (the request's `max_tokens` reached), checked in that
   order after each token. It is not a tree node's finish (common/tree.py `Finish`: "segment",
@@ -181,33 +181,6 @@ def open_stream(engine: Engine, seed: int | None = None) -> EngineStream:
     if callable(native):
         return native(seed)
     return GenerateStream(engine)
-
-
-def processed_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                       top_p: torch.Tensor) -> torch.Tensor:
-    """Log-probs of the distribution sampled from (see the module docstring), float32.
-
-    logits (B, V); temperature (B,) float > 0; top_k (B,) int, 0 = off; top_p (B,) float, 1 = off.
-    Returns (B, V) with -inf outside the kept set. Used by the HF engine and by tests; a learner
-    that samples with truncation recomputes the same function.
-    """
-    z = logits.float() / temperature.float().unsqueeze(1)  # (B, V)
-    vocab = z.shape[1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    need_k = bool((k < vocab).any())
-    need_p = bool((top_p < 1.0).any())
-    if need_k or need_p:
-        z_sorted, order = z.sort(dim=-1, descending=False)  # (B, V) ascending
-        if need_k:
-            kth = z_sorted.gather(1, (vocab - k).long().unsqueeze(1))  # (B, 1) k-th largest
-            z_sorted = z_sorted.masked_fill(z_sorted < kth, float("-inf"))
-        if need_p:
-            cum = z_sorted.softmax(dim=-1).cumsum(dim=-1)  # (B, V) mass from the tail up
-            drop = cum <= (1.0 - top_p.float()).unsqueeze(1)
-            drop[:, -1] = False  # the most likely token always stays
-            z_sorted = z_sorted.masked_fill(drop, float("-inf"))
-        z = torch.empty_like(z).scatter_(1, order, z_sorted)
-    return torch.log_softmax(z, dim=-1)
 
 
 def collect_eos_ids(*sources) -> tuple[int, ...]:

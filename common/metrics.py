@@ -194,6 +194,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_L, "is_weight_max", "gauge", "Max truncated IS weight, last step.", step=True),
     MetricSpec(_L, "is_weight_capped_fraction", "gauge", "Fraction of trainable tokens whose IS weight hit the cap.",
                step=True),
+    MetricSpec(_L, "truncated_token_fraction", "gauge", "Fraction of trainable tokens outside the learner's "
+               "top-k/top-p kept set (masked out of the loss), last step.", step=True),
     MetricSpec(_L, "entropy", "gauge", "Mean token entropy of the policy (nats), last step.", "nats", step=True),
     MetricSpec(_L, "advantage_mean", "gauge", "Mean advantage of trainable tokens.", step=True),
     MetricSpec(_L, "advantage_std", "gauge", "Std of the advantage of trainable tokens.", step=True),

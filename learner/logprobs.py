@@ -1,8 +1,11 @@
 """Per-token log-probs of a packed batch under an HF causal LM (the learner's forward).
 
-    logprob[b, t] = log_softmax(logits[b, pred_index[b, t]] / temperature)[input_ids[b, t]]
+    logprob[b, t] = processed_logprobs(logits[b, pred_index[b, t]], temperature, top_k, top_p)[input_ids[b, t]]
 
-for every generated token (pred_index >= 0), 0 elsewhere. Only the positions some token is
+for every generated token (pred_index >= 0), 0 elsewhere: the distribution the actors sampled from
+(common/sampling.py, the one definition the engines use; with top_k 0 and top_p 1 a plain
+log_softmax of logits / temperature). Under truncation a token outside the kept set of these
+logits gets -inf; the trainer masks such tokens out of the loss. Only the positions some token is
 predicted from go through the LM head, so prompts and padding cost no vocab projection.
 
 Memory: the full-vocabulary logits are never held for all positions at once. The decoder's last
@@ -43,6 +46,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 
+from common.sampling import entropy_of, processed_logprobs_uniform
 from learner.attention import SPAN_ATTENTION, no_masks, span_plan, use_span_attention
 
 if TYPE_CHECKING:
@@ -142,11 +146,14 @@ def _split_head(model):
     return decoder, lm_head
 
 
-def _chunk_logprobs(lm_head, temperature: float, hidden: torch.Tensor, row: torch.Tensor, token: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of `token` under the rows `row` of this chunk's logits, and each row's entropy."""
-    logp = torch.log_softmax(lm_head(hidden).float() / temperature, dim=-1)  # (C, V)
-    entropy = -(logp.exp() * logp).sum(-1).detach()  # (C,)
+def _chunk_logprobs(lm_head, sampling: tuple[float, int, float], hidden: torch.Tensor, row: torch.Tensor,
+                    token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of `token` under the rows `row` of this chunk's logits, and each row's entropy.
+
+    `lm_head` is None when `hidden` already holds the chunk's logits."""
+    logits = hidden if lm_head is None else lm_head(hidden)  # (C, V)
+    logp = processed_logprobs_uniform(logits, *sampling)  # (C, V)
+    entropy = entropy_of(logp.detach())  # (C,)
     return logp[row, token], entropy
 
 
@@ -154,6 +161,8 @@ def token_logprobs(
     model,
     batch: PackedBatch,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     *,
     return_entropy: bool = False,
     tree_attention: TreeAttention = "auto",
@@ -161,6 +170,8 @@ def token_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, T) log-probs of the generated tokens (0 elsewhere); with grad if grad is enabled.
 
+    `temperature`, `top_k`, `top_p`: the actors' sampling parameters (tree.*); -inf marks a token
+    outside the kept set when they truncate.
     With `return_entropy`, also the (B, T) entropy of the predicting distribution (detached).
     `tree_attention` chooses how tree-packed rows are attended (module doc; learner.tree_attention).
     `chunk`: kept positions per LM-head chunk (module doc).
@@ -169,6 +180,9 @@ def token_logprobs(
         raise ValueError(f"temperature={temperature} must be > 0 (use the sampling temperature)")
     if chunk < 1:
         raise ValueError(f"chunk={chunk} must be >= 1")
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_k={top_k}, top_p={top_p}: need top_k >= 0 and 0 < top_p <= 1")
+    sampling = (temperature, top_k, top_p)
     device, _ = _model_device_dtype(model)
     attention = attention_inputs(model, batch, tree_attention)  # before the move: plans read host tensors
     batch = batch.to(device)
@@ -198,14 +212,12 @@ def token_logprobs(
         lo, hi = (int(i) for i in torch.searchsorted(row, torch.tensor([start, end], device=device)))
         if hidden is None:
             rows_logits = logits.reshape(B * K, -1)[start:end]  # (C, V)
-            logp = torch.log_softmax(rows_logits.float() / temperature, dim=-1)
-            value, entropy = logp[row[lo:hi] - start, token[lo:hi]], -(logp.exp() * logp).sum(-1).detach()
-            del logp
+            value, entropy = _chunk_logprobs(None, sampling, rows_logits, row[lo:hi] - start, token[lo:hi])
         elif torch.is_grad_enabled():  # the chunk's logits are recomputed in the backward, not kept
-            value, entropy = checkpoint(_chunk_logprobs, lm_head, temperature, hidden[start:end], row[lo:hi] - start,
+            value, entropy = checkpoint(_chunk_logprobs, lm_head, sampling, hidden[start:end], row[lo:hi] - start,
                                         token[lo:hi], use_reentrant=False)
         else:
-            value, entropy = _chunk_logprobs(lm_head, temperature, hidden[start:end], row[lo:hi] - start, token[lo:hi])
+            value, entropy = _chunk_logprobs(lm_head, sampling, hidden[start:end], row[lo:hi] - start, token[lo:hi])
         values.append(value)
         entropies.append(entropy)
     target = torch.zeros(B, T, dtype=torch.float32, device=device)

@@ -23,6 +23,11 @@ Guarantees
   inert); `learner.proximal_forward` recomputes them in a separate no-grad forward over the same
   packing (same numbers, one more forward). With k > 1 one no-grad forward over every minibatch
   before the first step gives p, so steps 2..k see ratios away from 1 and the clip is live.
+* Truncated sampling (tree.top_k / tree.top_p): θ, proximal and reference log-probs are of the
+  distribution the actors sampled from (common/sampling.py, design §4.1). A trainable token outside
+  the learner's kept set under any of them leaves the loss (its share is
+  `truncated_token_fraction`); it still counts in the step's normaliser N, which is fixed before
+  the forwards.
 * Collapse guard: a step whose loss (on any rank) or gradient norm is not finite is skipped: no
   update, gradients cleared, LR schedule not advanced; reported as `step_applied` = 0 and counted
   in `Trainer.skipped_steps`.
@@ -374,9 +379,11 @@ class Trainer:
         return (pack_trees(trees, self.cfg.advantage, lc.packing, lc.micro_batch_tokens, learner_version,
                            max_batch_rows=lc.micro_batch_rows) if trees else [])
 
-    def _logprobs(self, model: torch.nn.Module, batch) -> torch.Tensor:
-        return token_logprobs(model, batch.to(self.device), self.cfg.tree.temperature,
-                              tree_attention=self.cfg.learner.tree_attention)  # (B, T)
+    def _logprobs(self, model: torch.nn.Module, batch, *, return_entropy: bool = False):
+        """(B, T) log-probs of the batch's tokens under the actors' sampling distribution (tree.*)."""
+        tc = self.cfg.tree
+        return token_logprobs(model, batch.to(self.device), tc.temperature, tc.top_k, tc.top_p,
+                              return_entropy=return_entropy, tree_attention=self.cfg.learner.tree_attention)
 
     def _minibatch_step(self, batches: list, proximal: list[torch.Tensor] | None) -> dict[str, float]:
         """One optimizer step over this rank's packed micro-batches (proximal: precomputed p per batch)."""
@@ -425,10 +432,7 @@ class Trainer:
     def _micro_loss(self, batch, normalizer: int,
                     proximal: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         batch = batch.to(self.device)
-        temperature = self.cfg.tree.temperature
-        attention = self.cfg.learner.tree_attention
-        logprobs, entropy = token_logprobs(self.module, batch, temperature, return_entropy=True,
-                                           tree_attention=attention)  # (B, T)
+        logprobs, entropy = self._logprobs(self.module, batch, return_entropy=True)  # (B, T)
         if self.cfg.loss.proximal != "recompute":
             proximal = None
         elif proximal is not None:
@@ -436,19 +440,28 @@ class Trainer:
         else:
             if self.cfg.learner.proximal_forward:
                 with torch.no_grad():
-                    proximal = token_logprobs(self.module, batch, temperature, tree_attention=attention)  # (B, T)
+                    proximal = self._logprobs(self.module, batch)  # (B, T)
             else:
                 proximal = logprobs.detach()
         ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref = token_logprobs(self.ref_model, batch, temperature, tree_attention=attention)  # (B, T)
+                ref = self._logprobs(self.ref_model, batch)  # (B, T)
+        # top-k/top-p: a token outside the learner's kept set (-inf under θ, p or ref) leaves the loss
+        kept = torch.isfinite(logprobs.detach())
+        for other in (proximal, ref):
+            if other is not None:
+                kept &= torch.isfinite(other)
+        mask = batch.loss_mask & kept  # (B, T)
         inputs = LossInputs(
             logprobs=logprobs, proximal_logprobs=proximal, behaviour_logprobs=batch.behaviour_logprobs,
-            advantages=batch.advantages, mask=batch.loss_mask, ref_logprobs=ref, staleness=batch.staleness,
+            advantages=batch.advantages, mask=mask, ref_logprobs=ref, staleness=batch.staleness,
             normalizer=float(normalizer), entropy=entropy, valid=batch.generated,
         )
-        return treerpo_loss(inputs, self.cfg.loss)
+        loss, metrics = treerpo_loss(inputs, self.cfg.loss)
+        cut = int((batch.loss_mask & ~kept).sum())
+        metrics["truncated_token_fraction"] = cut / max(1, batch.num_trainable_tokens)
+        return loss, metrics
 
     def _dummy_forward(self, model: torch.nn.Module) -> torch.Tensor:
         ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)  # (1, 1)

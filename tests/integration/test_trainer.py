@@ -16,14 +16,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from common.config import AdvantageConfig, JobConfig
+from actor.sampler import TreeSampler
+from common.config import AdvantageConfig, JobConfig, TreeConfig
+from common.data import Prompt
 from common.metrics import STEP_RECORD
+from common.rewards import make_reward
 from common.tree import Node, ReasoningTree, new_tree_id
 from common.treerpo import step_advantages
 from learner.ranks import split_by_tokens
 from learner.trainer import Trainer
 from tests.support.ds_worker import job_config
 from tests.support.ds_worker import make_trees as worker_trees
+from tests.support.models import hf_engine
 from tests.support.paths import REPO
 from tests.support.treegen import random_tree, tree_from_parents
 
@@ -122,6 +126,56 @@ def test_proximal_recompute_equals_behaviour_for_the_models_own_logprobs(tiny_mo
     # θ vs p: ratio 1 whether p is stop-grad(θ) or a separate no-grad forward
     assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert m["approx_kl_proximal"] == pytest.approx(0.0, abs=1e-10)
+
+
+def _truncated_trees(model_dir, tree_cfg) -> list[ReasoningTree]:
+    """Trees the HF engine samples with the config's temperature / top-k / top-p."""
+    engine = hf_engine(model_dir)
+    tok = engine.tokenizer
+    prompts = [Prompt(f"p{i}", text, "0", np.array(tok.encode(text), dtype=np.int32))
+               for i, text in enumerate(["12+34=", "7*8=", "(3+4)*5="])]
+    return TreeSampler(engine, tree_cfg, make_reward("arithmetic", 5.0), "a", seed=3).sample(prompts)
+
+
+def test_learner_recomputes_the_truncated_distribution_the_engine_sampled(tiny_model_dir):
+    # the issue's setting: T = 0.8, top_k = 10, top_p = 0.9; without the learner-side truncation
+    # the on-policy IS weights exp(p - b) average ~0.44 instead of 1
+    cfg = make_cfg(micro_batch_tokens=64)
+    cfg.tree = TreeConfig(depth=2, branching=[3, 2], segment_tokens=6, max_tokens=12, temperature=0.8,
+                          top_k=10, top_p=0.9)
+    trees = _truncated_trees(tiny_model_dir, cfg.tree)
+    trainer = Trainer(cfg, tiny_model_dir)
+    m = trainer.train_step(trees, learner_version=0)
+    assert m["trainable_tokens"] > 50
+    assert m["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert m["is_weight_max"] == pytest.approx(1.0, abs=1e-5)
+    assert m["approx_kl_behaviour"] == pytest.approx(0.0, abs=1e-9)
+    assert m["truncated_token_fraction"] == 0.0  # every sampled token lies in the learner's kept set
+
+
+def test_tokens_outside_the_learners_kept_set_leave_the_loss(tiny_model_dir):
+    # sampled with top_k = 10, trained as if top_k = 1: only each position's most likely token is kept
+    sample_cfg = TreeConfig(depth=2, branching=[3, 2], segment_tokens=6, max_tokens=12, top_k=10)
+    trees = _truncated_trees(tiny_model_dir, sample_cfg)
+    cfg = make_cfg(micro_batch_tokens=64)
+    cfg.tree = sample_cfg.model_copy(update={"top_k": 1})
+    trainer = Trainer(cfg, tiny_model_dir)
+    # hand count: trainable tokens that are not the argmax of a plain forward over their context
+    argmax_ok, total = 0, 0
+    with torch.no_grad():
+        for tree in trees:
+            trainable = step_advantages(tree, cfg.advantage)[1]
+            for i in np.flatnonzero(trainable):
+                node, ctx = tree.nodes[i], tree.context_ids(i)
+                ids = torch.from_numpy(np.concatenate([ctx, node.token_ids]).astype(np.int64))[None]
+                best = trainer.module(input_ids=ids).logits[0, len(ctx) - 1:-1].argmax(-1)  # (L,)
+                argmax_ok += int((best == ids[0, len(ctx):]).sum())
+                total += len(node)
+    m = trainer.train_step(trees, learner_version=0)
+    assert m["trainable_tokens"] == total and 0 < argmax_ok < total
+    assert m["truncated_token_fraction"] == pytest.approx(1 - argmax_ok / total, abs=1e-6)
+    assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m["step_applied"] == 1.0
+    assert all(torch.isfinite(p).all() for p in params(trainer).values())
 
 
 def test_log_prob_forwards_run_without_dropout(tiny_model_dir, tmp_path):

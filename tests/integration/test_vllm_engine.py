@@ -137,14 +137,14 @@ def test_stream_reports_each_sibling_and_caps_a_childs_version(vllm_engine, vllm
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_tree_logprobs_match_the_learner_recompute(vllm_engine, vllm_model_dir, temperature):
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.8, 10, 0.9)])
+def test_tree_logprobs_match_the_learner_recompute(vllm_engine, vllm_model_dir, temperature, top_k, top_p):
     """vLLM's processed_logprobs of every node of sampled trees against the learner's token_logprobs
-    (tree-packed, one forward per micro-batch) on the same weights."""
+    (tree-packed, one forward per micro-batch) on the same weights, truncation included."""
     model = _hf(vllm_model_dir)
     _install(vllm_engine, model, version=0)
     cfg = TreeConfig(depth=3, branching=[3, 2, 2], split="step", step_delimiter=";", segment_tokens=10,
-                     max_tokens=40, temperature=temperature)
+                     max_tokens=40, temperature=temperature, top_k=top_k, top_p=top_p)
     tok = vllm_engine.tokenizer
     prompts = [Prompt(f"p{i}", text, "0", np.array(tok.encode(text), dtype=np.int32))
                for i, text in enumerate(["12+34=", "7*8=", "(3+4)*5=", "100-1="])]
@@ -153,14 +153,14 @@ def test_tree_logprobs_match_the_learner_recompute(vllm_engine, vllm_model_dir, 
     diffs, tokens = [], 0
     for batch in batches:
         with torch.no_grad():
-            lp = token_logprobs(model, batch, temperature)  # (B, T)
+            lp = token_logprobs(model, batch, temperature, top_k, top_p)  # (B, T)
         where = batch.generated
         tokens += int(where.sum())
         diffs.append((lp - batch.behaviour_logprobs)[where].abs().max().item())
     assert tokens == sum(t.num_tokens() for t in trees)  # every node's tokens compared, once
     assert sum(len(t.nodes) for t in trees) > len(trees) * 3  # real trees, not just roots
-    print(f"\nvLLM vs learner log-probs, T={temperature}: max |diff| = {max(diffs):.2e} over {tokens} tokens "
-          f"of {sum(len(t.nodes) for t in trees)} nodes")
+    print(f"\nvLLM vs learner log-probs, T={temperature} top_k={top_k} top_p={top_p}: "
+          f"max |diff| = {max(diffs):.2e} over {tokens} tokens of {sum(len(t.nodes) for t in trees)} nodes")
     assert max(diffs) <= FIDELITY_TOL
 
 

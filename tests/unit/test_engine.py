@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from actor.engine import EngineError, GenerateStream, GenerationRequest, open_stream, processed_logprobs
+from actor.engine import EngineError, GenerateStream, GenerationRequest, open_stream
 from actor.engines import make_engine
 from actor.hf_stream import HFStream
 from common.config import JobConfig, ModelConfig
+from common.sampling import processed_logprobs
 from tests.support.models import bias_tokens, hf_engine
 from treerpo.tinymodel import EOS_ID
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from actor.engine import processed_logprobs
 from actor.sampler import TreeSampler
 from common.config import TreeConfig
 from common.data import Prompt
 from common.rewards import RewardResult, make_reward
+from common.sampling import processed_logprobs
 from tests.support.models import bias_tokens, hf_engine
 from treerpo.tinymodel import EOS_ID
 
