@@ -308,7 +308,18 @@ class LearnerConfig(Section):
     follower_timeout_s: float = Field(
         86400.0, gt=0.0, description="Multi-rank: how long ranks > 0 wait for rank 0's next command."
     )
+    mode: Literal["async", "sync"] = Field(
+        "async",
+        description="'async': actors generate while the learner trains (bounded by replay.max_staleness); "
+        "'sync': the classic on-policy loop, each batch made entirely by the weights of the last sync while the "
+        "learner waits, and the actors wait while it trains.",
+    )
     max_steps: int = Field(1000, ge=0, description="Optimizer steps before the learner stops (0 = forever).")
+    max_generated_tokens: int = Field(
+        0, ge=0,
+        description="Stop once the trees trained hold this many generated tokens in all (a token budget, as in "
+        "bench/study.py; 0 = none). With max_steps, whichever comes first.",
+    )
     seed: int = Field(0, ge=0, description="Learner RNG seed.")
     checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = only on stop).")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Checkpoints kept.")
@@ -383,6 +394,18 @@ class JobConfig(Section):
     actor: ActorConfig = Field(default_factory=ActorConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     up: SupervisorConfig = Field(default_factory=SupervisorConfig)
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> JobConfig:
+        if self.learner.mode == "sync":
+            if self.weights.sync_every != 1:
+                raise ValueError("learner.mode='sync' publishes the weights after every batch: set "
+                                 f"weights.sync_every=1 (it is {self.weights.sync_every})")
+            if self.replay.batch_trees > self.replay.credits_per_actor:
+                raise ValueError(f"learner.mode='sync': replay.batch_trees={self.replay.batch_trees} exceeds "
+                                 f"replay.credits_per_actor={self.replay.credits_per_actor}; a round must fit one "
+                                 "actor's credits (raise credits_per_actor)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

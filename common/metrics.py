@@ -181,6 +181,8 @@ METRICS: tuple[MetricSpec, ...] = (
                buckets=STEP_SECONDS_BUCKETS, step=True),
     MetricSpec(_L, "trainable_tokens", "counter", "Trainable tokens consumed by optimizer steps (all ranks).",
                "tokens", step=True),
+    MetricSpec(_L, "generated_tokens", "counter", "Generated (non-prompt) tokens of the trees trained "
+               "(learner.max_generated_tokens counts these).", "tokens", step=True),
     MetricSpec(_L, "loss", "gauge", "Total loss of the last step.", step=True),
     MetricSpec(_L, "pg_loss", "gauge", "Clipped policy-gradient term w*max(-A*r, -A*clip(r)), last step.", step=True),
     MetricSpec(_L, "kl_ref", "gauge", "k3 KL of the policy to the reference model, last step (absent without one).",

@@ -18,6 +18,11 @@ Guarantees:
 * Credits: actor ``a`` has at most ``credits_per_actor`` trees in flight, counted as
   ``granted (unconsumed) + held in the buffer``. ``grant_credits(a)`` hands out the difference;
   a received tree consumes one credit; a tree leaving the buffer (trained or dropped) frees one.
+* Rounds (``learner.mode: sync``): once ``top_up_round`` was called, grants are further bounded
+  by each actor's allowance for the current round, and the allowances of the live actors plus
+  the trees already buffered add up to the round's target (one batch): no actor starts a tree
+  beyond it, so every tree of a round is made by the weights the round was opened with.
+  ``top_up_round`` re-grants what was lost (a dropped tree, an actor that left).
 
 Metrics: ``stats()`` and an optional ``on_drop(DropEvent)`` callback (called outside the lock);
 the buffer updates no metric itself. Its drop reasons are ``common.metrics.DROP_REASONS``, the
@@ -109,6 +114,7 @@ class ReplayBuffer:
         self._closed = False
         self._granted: dict[str, int] = {}
         self._held: dict[str, int] = {}
+        self._round: dict[str, int] | None = None  # sync mode: trees each actor may still be granted
 
     # -- ingest -----------------------------------------------------------------------------
     def add(self, tree: ReasoningTree, learner_version: int) -> AddResult:
@@ -267,6 +273,31 @@ class ReplayBuffer:
     def forget_actor(self, actor_id: str) -> None:
         with self._cond:
             self._granted.pop(actor_id, None)
+            if self._round is not None:
+                self._round.pop(actor_id, None)
+
+    def top_up_round(self, actors: list[str], target: int) -> int:
+        """Sync mode: make the round's allowances of `actors` plus their granted credits plus the
+        buffered trees add up to `target`, the shortfall spread over the actors holding the least;
+        returns the trees added to allowances. Call it only while `actors` hold the weights the
+        round's trees must be made with (after the sync)."""
+        if target < 1:
+            raise ValueError(f"top_up_round(target={target}) must be >= 1")
+        with self._cond:
+            if self._round is None:
+                self._round = {}
+            for gone in set(self._round) - set(actors):
+                del self._round[gone]
+            live = [a for a in actors if a in self._granted]
+            if not live:
+                return 0
+            outstanding = {a: self._round.get(a, 0) + self._granted[a] for a in live}
+            short = target - len(self._entries) - sum(outstanding.values())
+            for _ in range(max(0, short)):
+                a = min(live, key=lambda x: (outstanding[x], live.index(x)))
+                outstanding[a] += 1
+                self._round[a] = self._round.get(a, 0) + 1
+            return max(0, short)
 
     def grant_credits(self, actor_id: str) -> int:
         """New credits to send `actor_id` now (recorded as granted); 0 if it has its full share."""
@@ -287,6 +318,10 @@ class ReplayBuffer:
         if actor_id not in self._granted or self._closed:
             return 0
         n = max(0, self.cfg.credits_per_actor - self._granted[actor_id] - self._held.get(actor_id, 0))
+        if self._round is not None:
+            n = min(n, self._round.get(actor_id, 0))
+            if n:
+                self._round[actor_id] -= n
         self._granted[actor_id] += n
         return n
 

@@ -77,6 +77,7 @@ class LearnerState:
     version: int = 0  # published weight version
     incarnation: int = 0  # learner incarnation that wrote the checkpoint
     step: int = 0  # optimizer steps done
+    generated_tokens: int = 0  # generated (non-prompt) tokens of every tree trained (learner.max_generated_tokens)
     data: dict[str, Any] = field(default_factory=dict)  # data-source state (JSON-like; arrays allowed)
     buffer: dict[str, Any] = field(default_factory=dict)  # replay-buffer state (JSON-like; arrays allowed)
     trainer: dict[str, Any] = field(default_factory=dict)  # Trainer.state_dict(), filled on save

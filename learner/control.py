@@ -62,6 +62,7 @@ class ControlPlane:
         self.acks: queue.Queue[WeightAck] = queue.Queue()
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stop = threading.Event()
+        self._grant_soon = threading.Event()
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
 
     # -- other threads ---------------------------------------------------------------------
@@ -77,6 +78,10 @@ class ControlPlane:
     def send(self, actor_id: str, msg: Any) -> None:
         self._out.put((actor_id, msg))
 
+    def grant_soon(self) -> None:
+        """Hand the confirmed members their credits at the next poll instead of the next sweep."""
+        self._grant_soon.set()
+
     def broadcast_shutdown(self, reason: str) -> None:
         for actor_id in self.member_ids():
             self.send(actor_id, Shutdown(reason=reason))
@@ -86,6 +91,11 @@ class ControlPlane:
         deadline = time.monotonic() + timeout_s
         while not self._out.empty() and time.monotonic() < deadline:
             time.sleep(self.poll_s)
+
+    def confirmed(self) -> list[str]:
+        """Members that hold the current weights (not pending)."""
+        with self.lock:
+            return [a for a, m in self.state.members.items() if not m.pending]
 
     def member_ids(self) -> list[str]:
         with self.lock:
@@ -147,6 +157,9 @@ class ControlPlane:
             if now - last_sweep > 0.5:
                 last_sweep = now
                 self._sweep(now)
+            elif self._grant_soon.is_set():
+                self._grant_soon.clear()
+                self._grant_ready()
         self._drain_outgoing()
 
     def _drain_outgoing(self) -> None:
@@ -209,6 +222,10 @@ class ControlPlane:
             silent = [a for a, m in self.state.members.items() if now - m.last_seen > self.peer_timeout_s]
         for actor_id in silent:
             self.drop(actor_id, f"silent for more than {self.peer_timeout_s:.0f} s")
+        self._grant_ready()
+        self._update_gauges()
+
+    def _grant_ready(self) -> None:
         with self.lock:
             st = self.state
             ready = [a for a, m in st.members.items() if not m.pending]
@@ -216,7 +233,6 @@ class ControlPlane:
             n = self.buffer.grant_credits(actor_id)
             if n > 0:
                 self._send_now(actor_id, Credit(incarnation=st.incarnation, version=st.version, credits=n))
-        self._update_gauges()
 
     def _update_gauges(self) -> None:
         if self.metrics is not None:

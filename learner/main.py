@@ -9,8 +9,12 @@ Guarantees:
 * an actor's trees count only after it confirmed the current weights (a sync runs for new
   actors between steps); a failed sync drops the actors that failed it, never blocks past the
   `weights.timeout_s` deadline, and training goes on;
+* `learner.mode: sync` trains one round of `replay.batch_trees` trees per version, every one made
+  by the weights just synced (the buffer's rounds bound the credits); `async` (default) lets
+  actors run ahead by their credits, bounded by `replay.max_staleness`;
 * SIGTERM/SIGINT finish the current step, write a checkpoint and exit 0; reaching
-  `learner.max_steps` does the same and tells the actors to shut down;
+  `learner.max_steps` or the token budget `learner.max_generated_tokens` does the same and tells
+  the actors to shut down;
 * a periodic checkpoint that fails (a full disk) is counted in
   `treerpo_learner_checkpoint_failures_total{reason}` and logged, and training goes on (the
   previous checkpoint stays the restart point); the final one failing (on stop or at `learner.max_steps`) ends
@@ -243,9 +247,10 @@ class Learner:
         self.write_endpoints()
         if self.server is not None:
             self.server.set_ready(True)
-        finished = False
+        finished, done = False, ""
         while not self.stop_requested.is_set():
-            if lc.max_steps and self.state.step >= lc.max_steps:
+            done = self.finished()
+            if done:
                 finished = True
                 break
             self.sync(self.control.pending())
@@ -254,9 +259,16 @@ class Learner:
                 time.sleep(0.2)  # e.g. the demo: every actor takes part from the first step
                 self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
                 continue
-            # the live actors can hold at most members x credits trees: never wait for more
-            reachable = len(self.control.member_ids()) * cfg.replay.credits_per_actor
-            min_trees = max(1, min(cfg.replay.batch_trees, reachable))
+            if lc.mode == "sync":
+                # the classic on-policy loop: one batch of trees per version, all made by the
+                # weights every confirmed actor now holds; actors idle while the learner trains
+                if self.buffer.top_up_round(self.control.confirmed(), cfg.replay.batch_trees):
+                    self.control.grant_soon()
+                min_trees = cfg.replay.batch_trees
+            else:
+                # the live actors can hold at most members x credits trees: never wait for more
+                reachable = len(self.control.member_ids()) * cfg.replay.credits_per_actor
+                min_trees = max(1, min(cfg.replay.batch_trees, reachable))
             trees = self.buffer.take(self.state.version, min_trees=min_trees, timeout_s=0.5)
             self.metrics.buffer_trees.set(len(self.buffer))
             self.metrics.buffer_oldest_age_seconds.set(self.buffer.oldest_age_s())
@@ -276,9 +288,18 @@ class Learner:
                 self.checkpoint()
         self.checkpoint(final=True)
         if finished:
-            self.control.broadcast_shutdown("learner reached learner.max_steps")
+            self.control.broadcast_shutdown(f"learner reached {done}")
             self.control.flush()
         return 0
+
+    def finished(self) -> str:
+        """The limit the run has reached ('' while it goes on)."""
+        lc = self.cfg.learner
+        if lc.max_steps and self.state.step >= lc.max_steps:
+            return "learner.max_steps"
+        if lc.max_generated_tokens and self.state.generated_tokens >= lc.max_generated_tokens:
+            return "learner.max_generated_tokens"
+        return ""
 
     def train_one(self, trees) -> int:
         """One batch (learner.minibatches optimizer steps); its record (keys: common.metrics.STEP_RECORD)
@@ -286,11 +307,14 @@ class Learner:
         version = self.state.version
         m = self.trainer.train_step(trees, version)
         self.state.step += 1
+        generated = sum(t.num_tokens() for t in trees)
+        self.state.generated_tokens += generated
         staleness = [version - t.min_version() for t in trees]
         leaves = [r for t in trees for r in t.leaf_rewards()]
         record = {"step": self.state.step, "version": version, "time": time.time(),
                   "accuracy": sum(1 for r in leaves if r >= 1.0) / max(1, len(leaves)),  # leaves judged correct
                   "staleness_mean": sum(staleness) / len(trees), "buffer_trees": len(self.buffer),
+                  "generated_tokens": float(generated),
                   "tree_ids": [t.tree_id for t in trees], **{k: float(v) for k, v in m.items()}}
         self.metrics.record_step(record, staleness=staleness)  # refuses a key the table lacks
         with open(self.run_dir / "metrics.jsonl", "a") as f:

@@ -276,3 +276,28 @@ def test_concurrent_add_and_take_lose_nothing():
     assert set(s.drops) == set(DROP_REASONS)
     print(f"\nconcurrent run: taken {s.taken}, drops {s.drops}")
     assert len(taken) > 0 and s.drops["duplicate"] > 0
+
+
+def test_sync_rounds_bound_the_grants_to_one_batch():
+    buf = ReplayBuffer(cfg(credits_per_actor=8, capacity=100))
+    assert buf.register_actor("a0") == 8 and buf.register_actor("a1") == 8  # async until a round opens
+    buf2 = ReplayBuffer(cfg(credits_per_actor=8, capacity=100))
+    assert buf2.top_up_round([], 5) == 0  # nobody to give it to
+    assert buf2.register_actor("a0") == 0 and buf2.register_actor("a1") == 0  # a round bounds even Welcome
+    assert buf2.top_up_round(["a0", "a1"], 5) == 5
+    assert buf2.pending_grants() == {"a0": 3, "a1": 2}  # the shortfall spread, first actor first
+    assert buf2.pending_grants() == {}  # nothing beyond the round, although credits_per_actor is 8
+    for i in range(3):
+        buf2.add(make_tree(f"x{i}", actor="a0"), 0)
+    buf2.add(make_tree("x0", actor="a1"), 0)  # a duplicate: dropped, one tree short now
+    # a0: 3 sent, 0 outstanding; a1: 1 credit left -> the lost tree goes to a0
+    assert buf2.top_up_round(["a0", "a1"], 5) == 1 and buf2.pending_grants() == {"a0": 1}
+    buf2.forget_actor("a1")  # a1 left holding its last credit: it goes to a0
+    assert buf2.top_up_round(["a0"], 5) == 1 and buf2.pending_grants() == {"a0": 1}
+    buf2.add(make_tree("x3", actor="a0"), 0)
+    buf2.add(make_tree("x4", actor="a0"), 0)
+    assert buf2.top_up_round(["a0"], 5) == 0  # the round is complete
+    assert len(buf2.take(0, max_trees=5, min_trees=5)) == 5
+    assert buf2.top_up_round(["a0"], 5) == 5 and buf2.pending_grants() == {"a0": 5}  # the next round
+    with pytest.raises(ValueError, match="target"):
+        buf2.top_up_round(["a0"], 0)
