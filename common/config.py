@@ -366,8 +366,22 @@ class SupervisorConfig(Section):
                     "their entries; '' = no GPU).",
     )
 
+    cpus: list[str] | None = Field(
+        None,
+        description="CPU cores per child (taskset lists such as '0-3,8'): [learner, actor-0, actor-1, ...], actors "
+                    "cycling over their entries; None = no pinning. E.g. keep the learner and the actors off each "
+                    "other's cores (bench/async.py).",
+    )
+
     @model_validator(mode="after")
     def _check_devices(self) -> SupervisorConfig:
+        if self.cpus is not None:
+            if len(self.cpus) < 2:
+                raise ValueError(f"up.cpus={self.cpus}: give the learner's entry and at least one actor's, e.g. "
+                                 "['0', '1']")
+            bad = [c for c in self.cpus if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", c)]
+            if bad:
+                raise ValueError(f"up.cpus: {bad} are not CPU lists (e.g. '0', '2-3' or '0,4-7')")
         if isinstance(self.devices, list):
             if len(self.devices) < 2:
                 raise ValueError(f"up.devices={self.devices}: give the learner's entry and at least one actor's, "

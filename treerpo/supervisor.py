@@ -18,6 +18,8 @@ Guarantees:
   fails (the actors need its endpoints);
 * SIGINT/SIGTERM stop the learner first (it writes a final checkpoint), then the actors:
   SIGTERM, a grace period, then SIGKILL -- always by pid, never by name;
+* each child runs on its own CPU cores when `up.cpus` names them (`plan_cpus`, set between fork
+  and exec so every thread inherits it);
 * each child sees its own GPUs (`up.devices`, as CUDA_VISIBLE_DEVICES; `plan_devices`): by
   default the learner gets the first visible GPU and the actors the others round-robin, so a
   vLLM actor never lands on the learner's GPU while another is free.
@@ -91,6 +93,23 @@ def plan_devices(devices: str | list[str], visible: list[str], num_actors: int) 
     return learner, [actors[i % len(actors)] for i in range(num_actors)]
 
 
+def parse_cpus(spec: str) -> frozenset[int]:
+    """'0-3,8' -> {0, 1, 2, 3, 8} (the taskset list format)."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(out)
+
+
+def plan_cpus(cpus: list[str] | None, num_actors: int) -> tuple[frozenset[int] | None, list[frozenset[int] | None]]:
+    """(learner, [actor i]) CPU sets from `up.cpus` ([learner, actors...], actors cycling); None = no pinning."""
+    if cpus is None:
+        return None, [None] * num_actors
+    actors = [parse_cpus(c) for c in cpus[1:]]
+    return parse_cpus(cpus[0]), [actors[i % len(actors)] for i in range(num_actors)]
+
+
 def treerpo_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "treerpo", *args]
 
@@ -140,15 +159,23 @@ class Child:
     next_start: float = 0.0
     done: bool = False  # exited 0 or given up on
     start_failures: int = 0  # exits before becoming ready, in a row
+    cpus: frozenset[int] | None = None  # pinned to these cores (up.cpus), every thread of it
 
     def start(self, env: dict[str, str], argv: list[str] | None = None) -> None:
         env = child_env(env)
         argv = argv or self.argv
         log = open(self.log_path, "ab", buffering=0)
         log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(argv)}\n".encode())
+        cpus = self.cpus
+
+        def in_child() -> None:  # between fork and exec: the threads it starts inherit the mask
+            _die_with_parent()
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True, preexec_fn=_die_with_parent,
+            env=env, start_new_session=True, preexec_fn=in_child,
         )
         log.close()
 
@@ -227,9 +254,14 @@ class Supervisor:
             self.on_event(f"GPUs (CUDA_VISIBLE_DEVICES): learner {learner_gpu!r}, "
                           + ", ".join(f"actor-{i} {d!r}" for i, d in enumerate(actor_gpus)))
         (self.run_dir / ENDPOINTS).unlink(missing_ok=True)
+        learner_cpus, actor_cpus = plan_cpus(self.cfg.up.cpus, self.num_actors)
+        if learner_cpus is not None:
+            self.on_event(f"CPUs: learner {sorted(learner_cpus)}, "
+                          + ", ".join(f"actor-{i} {sorted(c)}" for i, c in enumerate(actor_cpus)))
         self.learner = Child(
             "learner", treerpo_command("learner", "--config", str(self.config_path), "--run-dir", str(self.run_dir)),
             logs / "learner.log", restartable=self.cfg.up.learner_restarts > 0, ready_file=self.run_dir / ENDPOINTS,
+            cpus=learner_cpus,
         )
         self.learner.start(self.child_env("learner"))
         self.on_event(f"learner pid {self.learner.proc.pid}, log {self.learner.log_path}")
@@ -254,7 +286,8 @@ class Supervisor:
         if self.cfg.metrics.actor_port:  # actor i serves metrics on actor_port + i (deploy/prometheus)
             argv += ["--set", f"metrics.actor_port={self.cfg.metrics.actor_port + i}"]
         child = Child(actor_id, argv, logs_dir(self.run_dir) / f"{actor_id}.log", restartable=True,
-                      ready_file=actor_info_path(self.run_dir, actor_id))
+                      ready_file=actor_info_path(self.run_dir, actor_id),
+                      cpus=plan_cpus(self.cfg.up.cpus, i + 1)[1][i])
         child.start({**self.child_env(actor_id), **(env or {})})
         self.actors.append(child)
         self.on_event(f"{child.name} pid {child.proc.pid}, log {child.log_path}")

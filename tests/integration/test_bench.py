@@ -29,11 +29,12 @@ SMALL_ARGS = {
     "weights": ["--vocab", "512", "--hidden", "64", "--layers", "1", "--ffn", "128", "--reps", "1",
                 "--warmup", "1"],
     "load": ["--tiny"],  # a real learner + 1 synthetic actor over CURVE, a 4 s window (~25 s)
+    "async": ["--tiny"],  # `treerpo up` in sync then async mode, 8 steps each on a random tiny model (~75 s)
 }
 
 
 # not benchmarks with a same-run ratio, each with its own test
-CHECKS = {"gpu_check": "tests/integration/test_gpu_check.py"}
+CHECKS = {"gpu_check": "tests/integration/test_gpu_check.py", "study": "tests/integration/test_study.py"}
 
 
 def test_every_bench_script_is_covered():
@@ -61,6 +62,8 @@ def test_bench_prints_design_json(name, tmp_path):
         assert out["c_max_ratio"] is not None or out["c_unavailable"]
     if name == "wire":
         assert out["nodes"] == 14 and out["tokens"] == 512 + 14 * 384
+    if name == "async":  # sync mode trains every tree on the weights that made it
+        assert out["sync_staleness_mean"] == 0.0 and out["sync_trees_per_s"] > 0 and out["async_trees_per_s"] > 0
     if name == "load":  # the accounting is a correctness property, not a timing: it must hold exactly
         level = out["levels"][0]
         assert level["sent"] > 0 and level["exact"] and out["all_exact"], level

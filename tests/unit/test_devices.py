@@ -1,11 +1,14 @@
-"""`treerpo up` hands each child its GPUs (CUDA_VISIBLE_DEVICES): the plan, tested without a GPU."""
+"""`treerpo up` hands each child its GPUs (CUDA_VISIBLE_DEVICES), tested without a GPU, and its CPU cores (up.cpus)."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import pytest
 
 from common.config import ConfigError, load_config
-from treerpo.supervisor import Supervisor, plan_devices, visible_gpus
+from treerpo.supervisor import Child, Supervisor, parse_cpus, plan_cpus, plan_devices, visible_gpus
 
 
 def test_visible_gpus_from_cuda_visible_devices_or_the_driver(tmp_path):
@@ -49,3 +52,26 @@ def test_devices_config_is_checked():
         load_config("demo", ["up.devices=['0']"])
     with pytest.raises(ConfigError, match="not CUDA_VISIBLE_DEVICES values"):
         load_config("demo", ["up.devices=['0', '1 2']"])
+
+
+def test_cpu_plan_and_its_config_checks():
+    assert plan_cpus(None, 2) == (None, [None, None])
+    learner, actors = plan_cpus(["0", "1-2,5"], 3)
+    assert learner == {0} and actors == [{1, 2, 5}] * 3  # actors cycle over their entries
+    assert parse_cpus("0-3,8") == {0, 1, 2, 3, 8}
+    with pytest.raises(ConfigError, match="at least one actor"):
+        load_config("demo", ["up.cpus=['0']"])
+    with pytest.raises(ConfigError, match="not CPU lists"):
+        load_config("demo", ["up.cpus=['0', 'one']"])
+
+
+def test_a_pinned_child_and_every_thread_it_starts_run_on_its_cores(tmp_path):
+    # a real process: its main thread and a thread started after exec report the mask
+    script = ("import os, threading; out = []; "
+              "t = threading.Thread(target=lambda: out.append(os.sched_getaffinity(0))); t.start(); t.join(); "
+              "print(sorted(os.sched_getaffinity(0)), sorted(out[0]))")
+    child = Child("probe", [sys.executable, "-c", script], tmp_path / "probe.log", restartable=False,
+                  cpus=frozenset({0}))
+    child.start(dict(os.environ))
+    assert child.proc.wait(30) == 0
+    assert (tmp_path / "probe.log").read_text().strip().splitlines()[-1] == "[0] [0]"

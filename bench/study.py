@@ -1,0 +1,318 @@
+"""TreeRPO against GRPO at an equal budget of generated tokens, through the real system.
+
+Every run is a `treerpo up` job (learner + 2 HF actors, ZeroMQ, gloo syncs) on the CPU demo's
+tiny model, stopped by `learner.max_generated_tokens` (the same budget of generated tokens for
+every method), checkpointed at about `--points` places along the way; each checkpoint's HF
+export is then evaluated on the same held-out problems (pass@1 over k samples). One result
+file per run (`OUT/runs/<run>/result.json`), so an interrupted study resumes where it stopped.
+
+The task is harder than the demo's so that neither method saturates within the budget: operands
+2-20 (the warm model's arithmetic is right only part of the time) on the demo's `(a+b)*c`,
+whose first step picks the plan that decides the answer.
+
+    python bench/study.py sweep                 # methods x learning rates x seeds
+    python bench/study.py variants --lr 1e-4    # the TreeRPO variants at one learning rate
+    python bench/study.py report                # docs/benchmarks.md + plots from every result
+
+Figures: final held-out pass@1 (mean +- std over seeds), the area under the pass@1-vs-tokens
+curve (normalised by the budget), mean response length at the end, wall time, trees dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from common.config import load_config  # noqa: E402
+from learner.checkpoint import list_checkpoints  # noqa: E402
+from treerpo.demo import child_env, read_metrics  # noqa: E402
+from treerpo.supervisor import Supervisor  # noqa: E402
+from treerpo.tinymodel import build_tiny_model  # noqa: E402
+from treerpo.warmup import WarmupSettings, default_cache_dir, ensure_warm_model  # noqa: E402
+
+TASK = ["data.operand_min=2", "data.operand_max=20"]
+RESPONSE_TOKENS = 22  # mean response length of the warm model on the task (eval), for the checkpoint spacing
+METHODS = {
+    "treerpo": [],  # the demo preset: D = 3, [2,2,2], one reasoning step per level
+    "grpo": ["tree.depth=1", "tree.branching=[8]", "tree.split=tokens", "tree.segment_tokens=40"],
+}
+VARIANTS = {  # TreeRPO variants, each against the `treerpo` runs at the same learning rate
+    "tree-split-tokens": ["tree.split=tokens", "tree.segment_tokens=8"],
+    "tree-421": ["tree.branching=[4,2,1]"],
+    "tree-norm-none": ["advantage.norm=none"],
+    "tree-norm-tree": ["advantage.norm=tree"],
+    "tree-tau0.1": ["advantage.min_group_std=0.1"],
+    "tree-k2": ["learner.minibatches=2"],
+    "tree-stale0": ["replay.max_staleness=0"],
+    "tree-stale1": ["replay.max_staleness=1"],
+    "tree-sync": ["learner.mode=sync"],
+}
+ALL = {**METHODS, **VARIANTS}
+
+
+def run_name(name: str, lr: float, seed: int) -> str:
+    return f"{name}-lr{lr:g}-s{seed}"
+
+
+def job_overrides(name: str) -> list[str]:
+    return [*TASK, *ALL[name]]
+
+
+def tokens_per_tree(cfg) -> float:
+    """Rough generated tokens of one tree (nodes x the response length split over the levels)."""
+    nodes, width = 0, 1
+    for b in cfg.tree.branching:
+        width *= b
+        nodes += width
+    return nodes * RESPONSE_TOKENS / cfg.tree.depth
+
+
+def warm_model(a) -> Path:
+    """The study's starting model: the warm-up on the study task (cached); --tiny: a random tiny model."""
+    if a.tiny:
+        path = Path(a.out) / "tiny-model"
+        if not (path / "config.json").exists():
+            build_tiny_model(path, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                             max_position_embeddings=256)
+        return path
+    settings = WarmupSettings(operand_min=2, operand_max=20)
+    cache = Path(a.cache_dir)
+    path, _ = ensure_warm_model(settings, cache, threads=max(1, min(4, os.cpu_count() or 1)))
+    return Path(path)
+
+
+def evaluate(model: Path, problems: int, k: int) -> dict:
+    """Held-out pass@1 of an HF folder on the study task (the same problems and seed for every model)."""
+    from treerpo.cli import add_eval_args  # noqa: PLC0415 -- heavy: only when evaluating
+    from treerpo.eval import run_eval  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser()
+    add_eval_args(parser)
+    args = parser.parse_args(["--model", str(model), "--task", "arithmetic", "-k", str(k), "--num-problems",
+                              str(problems), "--seed", "0", "--quiet", *sum((["--set", o] for o in TASK), [])])
+    report = run_eval(args)
+    return {"pass_at_1": report.pass_at_1, "mean_response_tokens": report.mean_response_tokens}
+
+
+def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
+    run_dir = out / "runs" / run_name(name, lr, seed)
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)
+    warm = warm_model(a)
+    base = load_config(["demo"], [*job_overrides(name), f"model.path={warm}"])
+    est_steps = a.budget / (base.replay.batch_trees * tokens_per_tree(base))
+    every = 1 if a.tiny else max(1, round(est_steps / a.points))  # tiny: a random model's trees are far longer
+    cfg = load_config(["demo"], [
+        *job_overrides(name), f"model.path={warm}", f"run_dir={run_dir}", f"learner.lr={lr}",
+        f"learner.seed={seed}", f"actor.seed={seed}", "learner.max_steps=0", f"learner.max_generated_tokens={a.budget}",
+        f"learner.checkpoint_every={every}", "learner.keep_checkpoints=1000", "learner.resume=never",
+        f"learner.min_actors={base.actor.num_actors}",
+    ])
+    print(f"[study] {run_dir.name}: checkpoint every {every} steps (~{est_steps:.0f} steps)", flush=True)
+    sup = Supervisor(cfg, run_dir, cfg.actor.num_actors, env=child_env(), grace_s=60.0, on_event=lambda m: None)
+    t0 = time.time()
+    try:
+        sup.start()
+        deadline = time.monotonic() + a.run_timeout_s
+        code = None
+        while code is None and time.monotonic() < deadline:
+            time.sleep(1.0)
+            code = sup.poll()
+    finally:
+        sup.stop()
+    if code != 0:
+        raise RuntimeError(f"{run_dir.name}: the learner ended with {code} (see {run_dir / 'logs'})")
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    tokens, cumulative = {}, 0.0
+    for r in rows:
+        cumulative += r["generated_tokens"]
+        tokens[r["step"]] = (cumulative, r["time"] - t0)
+    points = [{"step": 0, "tokens": 0.0, "wall_s": 0.0, **evaluate(warm, a.eval_problems, a.k)}]
+    for ckpt in list_checkpoints(run_dir):
+        step = int(ckpt.name.split("-")[-1])
+        if step in tokens:
+            tok, wall = tokens[step]
+            points.append({"step": step, "tokens": tok, "wall_s": wall, **evaluate(ckpt / "hf", a.eval_problems, a.k)})
+    drops = json.loads((run_dir / "drops.json").read_text()) if (run_dir / "drops.json").exists() else None
+    result = {
+        "run": run_dir.name, "name": name, "lr": lr, "seed": seed, "budget": a.budget, "overrides": ALL[name],
+        "points": points, "steps": len(rows), "wall_s": rows[-1]["time"] - t0 if rows else 0.0,
+        "train_accuracy": [[r["step"], r["accuracy"]] for r in rows],
+        "response_tokens_train": rows[-1]["response_tokens_mean"] if rows else None,
+        "staleness_mean": sum(r["staleness_mean"] for r in rows) / max(1, len(rows)),
+        "drops": drops, "eval_problems": a.eval_problems, "k": a.k,
+    }
+    for ckpt in list_checkpoints(run_dir):  # the exports were evaluated: keep the disk small
+        shutil.rmtree(ckpt, ignore_errors=True)
+    result_path.write_text(json.dumps(result, indent=1))
+    last = points[-1]
+    print(f"[study] {run_dir.name}: pass@1 {points[0]['pass_at_1']:.3f} -> {last['pass_at_1']:.3f} at "
+          f"{last['tokens']:.0f} tokens, {len(rows)} steps, {result['wall_s']:.0f} s", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+def load_results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
+
+
+def curve_on_grid(result: dict, grid: list[float], key: str = "tokens") -> list[float]:
+    """pass@1 linearly interpolated at the grid's x values (held flat past the last point)."""
+    xs = [p[key] for p in result["points"]]
+    ys = [p["pass_at_1"] for p in result["points"]]
+    out = []
+    for x in grid:
+        if x >= xs[-1]:
+            out.append(ys[-1])
+            continue
+        i = max(j for j in range(len(xs)) if xs[j] <= x)
+        t = (x - xs[i]) / (xs[i + 1] - xs[i]) if xs[i + 1] > xs[i] else 0.0
+        out.append(ys[i] + t * (ys[i + 1] - ys[i]))
+    return out
+
+
+def auc(result: dict) -> float:
+    """Mean pass@1 over the budget (trapezoid on the token axis, normalised by the budget)."""
+    grid = [result["budget"] * i / 100 for i in range(101)]
+    ys = curve_on_grid(result, grid)
+    return sum((ys[i] + ys[i + 1]) / 2 for i in range(100)) / 100
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["name"], r["lr"]), []).append(r)
+    rows = []
+    for (name, lr), rs in sorted(groups.items()):
+        final = [r["points"][-1]["pass_at_1"] for r in rs]
+        rows.append({
+            "name": name, "lr": lr, "seeds": sorted(r["seed"] for r in rs),
+            "final": mean_std(final), "auc": mean_std([auc(r) for r in rs]),
+            "start": rs[0]["points"][0]["pass_at_1"],
+            "length": mean_std([r["points"][-1]["mean_response_tokens"] for r in rs]),
+            "wall": mean_std([r["wall_s"] for r in rs]), "steps": mean_std([r["steps"] for r in rs]),
+            "staleness": mean_std([r["staleness_mean"] for r in rs]),
+        })
+    return rows
+
+
+def best_lr(rows: list[dict], name: str) -> float | None:
+    mine = [r for r in rows if r["name"] == name and len(r["seeds"]) >= 2]
+    return max(mine, key=lambda r: r["final"][0])["lr"] if mine else None
+
+
+def plot(results: list[dict], picks: list[tuple[str, float]], path: Path, key: str, label: str) -> None:
+    import matplotlib  # noqa: PLC0415 -- plotting only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, lr in picks:
+        rs = [r for r in results if r["name"] == name and r["lr"] == lr]
+        if not rs:
+            continue
+        top = min(max(p[key] for p in r["points"]) for r in rs)
+        grid = [top * i / 50 for i in range(51)]
+        curves = [curve_on_grid(r, grid, key) for r in rs]
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(grid))]
+        lo = [min(c[i] for c in curves) for i in range(len(grid))]
+        hi = [max(c[i] for c in curves) for i in range(len(grid))]
+        scale = 1e3 if key == "tokens" else 1.0
+        xs = [x / scale for x in grid]
+        ax.plot(xs, mean, label=f"{name} (lr {lr:g}, {len(rs)} seeds)")
+        ax.fill_between(xs, lo, hi, alpha=0.2)
+    ax.set_xlabel(label)
+    ax.set_ylabel("held-out pass@1")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(out: Path, docs: Path) -> list[dict]:
+    results = load_results(out)
+    rows = summarise(results)
+    docs.mkdir(parents=True, exist_ok=True)
+    picks = [(n, best_lr(rows, n)) for n in METHODS]
+    picks = [(n, lr) for n, lr in picks if lr is not None]
+    tree_lr = dict(picks).get("treerpo")
+    plot(results, picks, docs / "study_tokens.png", "tokens", "generated tokens (thousands)")
+    plot(results, picks, docs / "study_wall.png", "wall_s", "wall time (s)")
+    variant_picks = [("treerpo", tree_lr)] + [(n, tree_lr) for n in VARIANTS] if tree_lr is not None else []
+    if variant_picks:
+        plot(results, variant_picks, docs / "study_variants.png", "tokens", "generated tokens (thousands)")
+    (docs / "study_results.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| run | lr | seeds | pass@1 start | final pass@1 (mean ± std) | AUC | response tokens | steps | "
+             "wall s | staleness |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['lr']:g} | {len(r['seeds'])} | {r['start']:.3f} | {r['final'][0]:.3f} ± "
+            f"{r['final'][1]:.3f} | {r['auc'][0]:.3f} ± {r['auc'][1]:.3f} | {r['length'][0]:.1f} | "
+            f"{r['steps'][0]:.0f} | {r['wall'][0]:.0f} | {r['staleness'][0]:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["sweep", "variants", "report"])
+    p.add_argument("--out", default="runs/study", help="study folder (one sub-folder per run)")
+    p.add_argument("--docs", default=str(ROOT / "docs"), help="where report writes the plots and results")
+    p.add_argument("--budget", type=int, default=150_000, help="generated tokens per run")
+    p.add_argument("--points", type=int, default=4, help="evaluated checkpoints per run (about)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4], help="sweep learning rates")
+    p.add_argument("--lr", type=float, default=1e-4, help="variants: the learning rate")
+    p.add_argument("--names", nargs="+", default=None, help="restrict to these methods / variants")
+    p.add_argument("--eval-problems", type=int, default=200)
+    p.add_argument("-k", type=int, default=4, help="samples per held-out problem")
+    p.add_argument("--run-timeout-s", type=float, default=1800.0)
+    p.add_argument("--cache-dir", default=str(default_cache_dir()))
+    p.add_argument("--pause-file", default=None, help="wait before each run while this file exists")
+    p.add_argument("--tiny", action="store_true", help="a random tiny model instead of the warm one (the test)")
+    a = p.parse_args()
+    out = Path(a.out)
+    if a.what == "report":
+        rows = report(out, Path(a.docs))
+        print(table(rows))
+        return 0
+    names = a.names or (list(METHODS) if a.what == "sweep" else list(VARIANTS))
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        print(f"unknown names {unknown}; choose from {sorted(ALL)}", file=sys.stderr)
+        return 2
+    lrs = a.lrs if a.what == "sweep" else [a.lr]
+    for seed in a.seeds:  # seeds outermost: every configuration gets its first seed early
+        for lr in lrs:
+            for name in names:
+                while a.pause_file and Path(a.pause_file).exists():  # e.g. while a timing bench runs
+                    time.sleep(5.0)
+                run_one(out, name, lr, seed, a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
