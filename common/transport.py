@@ -176,6 +176,10 @@ class _Endpoints:
 
 
 def _recv_frames(sock: zmq.Socket, timeout_s: float | None, copy: bool) -> list | None:
+    try:  # a message already queued needs no poll (the ingest loop's common case under load)
+        return sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+    except zmq.Again:
+        pass
     timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
     if not sock.poll(timeout_ms, zmq.POLLIN):
         return None

@@ -176,10 +176,14 @@ class ReasoningTree:
 
     def path_lengths(self) -> np.ndarray:
         """int64[n_leaves]: generated tokens on each root-to-leaf path (the response length)."""
-        total = np.zeros(len(self.nodes), dtype=np.int64)
-        for i, node in enumerate(self.nodes):
-            total[i] = len(node) + (total[node.parent] if node.parent >= 0 else 0)
-        return total[self.is_leaf()]
+        total: list[int] = []  # plain lists: one numpy element access per node cost more than the sum
+        leaf = [True] * len(self.nodes)
+        for node in self.nodes:
+            parent = node.parent
+            total.append(len(node.token_ids) + (total[parent] if parent >= 0 else 0))
+            if parent >= 0:
+                leaf[parent] = False
+        return np.array([t for t, is_leaf in zip(total, leaf, strict=True) if is_leaf], dtype=np.int64)
 
     # -- validation --------------------------------------------------------------------------
     def validate(self, vocab_size: int | None = None) -> ReasoningTree:

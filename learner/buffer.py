@@ -115,6 +115,7 @@ class ReplayBuffer:
         self._granted: dict[str, int] = {}
         self._held: dict[str, int] = {}
         self._round: dict[str, int] | None = None  # sync mode: trees each actor may still be granted
+        self._waiting_for = 1  # trees a waiting take() needs before an add is worth waking it for
 
     # -- ingest -----------------------------------------------------------------------------
     def add(self, tree: ReasoningTree, learner_version: int) -> AddResult:
@@ -127,7 +128,8 @@ class ReplayBuffer:
                 self._count(reason, tree, events)
             else:
                 self._insert(tree, events)
-                self._cond.notify_all()
+                if len(self._entries) >= self._waiting_for:  # wake a take() only once it can return
+                    self._cond.notify_all()
         self._emit(events)
         return AddResult(reason is None, reason)
 
@@ -208,7 +210,11 @@ class ReplayBuffer:
                 left = deadline - self._clock()
                 if left <= 0:
                     break
-                self._cond.wait(left)
+                self._waiting_for = min_trees
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting_for = 1
             batch = [] if self._closed or len(self._entries) < min_trees else self._pick(max_trees, max_tokens)
             for entry in batch:
                 del self._entries[entry.tree.tree_id]

@@ -30,6 +30,7 @@ SMALL_ARGS = {
                 "--warmup", "1"],
     "load": ["--tiny"],  # a real learner + 1 synthetic actor over CURVE, a 4 s window (~25 s)
     "async": ["--tiny"],  # `treerpo up` in sync then async mode, 8 steps each on a random tiny model (~75 s)
+    "transport": ["--tiny"],  # the learner's ingest path + 1 actor process over CURVE, 300 trees (~15 s)
 }
 
 
@@ -67,3 +68,5 @@ def test_bench_prints_design_json(name, tmp_path):
     if name == "load":  # the accounting is a correctness property, not a timing: it must hold exactly
         level = out["levels"][0]
         assert level["sent"] > 0 and level["exact"] and out["all_exact"], level
+    if name == "transport":  # every tree queued was accepted into the buffer, none dropped
+        assert out["sent"] >= out["measured_trees"] >= 300 and out["exact"], out
