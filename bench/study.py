@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -45,7 +46,7 @@ METHODS = {
     "treerpo": [],  # the demo preset: D = 3, [2,2,2], one reasoning step per level
     "grpo": ["tree.depth=1", "tree.branching=[8]", "tree.split=tokens", "tree.segment_tokens=40"],
 }
-VARIANTS = {  # TreeRPO variants, each against the `treerpo` runs at the same learning rate
+VARIANTS = {  # variants (TreeRPO unless named grpo-), each against its method at the same learning rate
     "tree-split-tokens": ["tree.split=tokens", "tree.segment_tokens=8"],
     "tree-421": ["tree.branching=[4,2,1]"],
     "tree-norm-none": ["advantage.norm=none"],
@@ -55,6 +56,7 @@ VARIANTS = {  # TreeRPO variants, each against the `treerpo` runs at the same le
     "tree-stale0": ["replay.max_staleness=0"],
     "tree-stale1": ["replay.max_staleness=1"],
     "tree-sync": ["learner.mode=sync"],
+    "grpo-tau0.1": [*METHODS["grpo"], "advantage.min_group_std=0.1"],  # τ for the baseline too (fairness)
 }
 ALL = {**METHODS, **VARIANTS}
 
@@ -160,6 +162,75 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
     print(f"[study] {run_dir.name}: pass@1 {points[0]['pass_at_1']:.3f} -> {last['pass_at_1']:.3f} at "
           f"{last['tokens']:.0f} tokens, {len(rows)} steps, {result['wall_s']:.0f} s", flush=True)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# signal: what each tree shape tells the plan-choosing first step, per generated token
+# ----------------------------------------------------------------------------------------------
+PLAN = re.compile(r"^\((\d+)\+(\d+)\)\*(\d+)=$")
+
+
+def plan_of(prompt_text: str, first_step: str) -> str:
+    """'right' if the response starts with a+b= (the plan that can reach the answer), else 'wrong'."""
+    m = PLAN.match(prompt_text)
+    if m is None:
+        raise ValueError(f"not an (a+b)*c prompt: {prompt_text!r}")
+    a, b, _ = m.groups()
+    return "right" if first_step.startswith(f"{a}+{b}=") else "wrong"
+
+
+def signal(a) -> list[dict]:
+    """Sample trees of each shape from the study's warm model on the same prompts and measure how
+    much advantage points the plan decisions (first-level nodes) the right way per 1,000 generated
+    tokens (sum over them of +A for the right plan, -A for a wrong one), how many first-level
+    groups carry any signal, and the share of trainable tokens whose advantage is 0 (they dilute
+    the token-mean loss: the step's normaliser counts them)."""
+    import numpy as np  # noqa: PLC0415 -- analysis only
+    import torch  # noqa: PLC0415
+
+    from actor.engines import make_engine  # noqa: PLC0415
+    from actor.sampler import TreeSampler  # noqa: PLC0415
+    from common.data import PromptSource  # noqa: PLC0415
+    from common.rewards import make_reward  # noqa: PLC0415
+    from common.treerpo import step_advantages  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    warm = warm_model(a)
+    out = []
+    for name in a.names or ["treerpo", "tree-421", "grpo"]:
+        cfg = load_config(["demo"], [*job_overrides(name), f"model.path={warm}", f"actor.seed={a.seeds[0]}"])
+        engine = make_engine(cfg, seed=a.seeds[0])
+        prompts = PromptSource(cfg.data, engine.tokenizer).next_batch(a.prompts)
+        reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
+        try:
+            trees = TreeSampler(engine, cfg.tree, reward, "signal", seed=a.seeds[0]).sample(prompts)
+        finally:
+            reward.close()
+        tokens = sum(t.num_tokens() for t in trees)
+        push, informative, zero_tokens, trainable_tokens, right = 0.0, 0, 0, 0, []
+        for prompt, tree in zip(prompts, trees, strict=True):
+            adv, trainable = step_advantages(tree, cfg.advantage)
+            lengths = np.array([len(n) for n in tree.nodes])
+            trainable_tokens += int(lengths[trainable].sum())
+            zero_tokens += int(lengths[trainable & (adv == 0)].sum())
+            first = [i for i, n in enumerate(tree.nodes) if n.parent < 0]
+            plans = []
+            for i in first:
+                text = engine.tokenizer.decode(tree.nodes[i].token_ids.tolist(), skip_special_tokens=True)
+                plans.append(plan_of(prompt.text, text))
+                sign = 1.0 if plans[-1] == "right" else -1.0
+                push += sign * float(adv[i]) if trainable[i] else 0.0  # one plan decision per first-level node
+            right += [p == "right" for p in plans]
+            informative += int(len(set(float(adv[i]) for i in first)) > 1)
+        leaves = [r for t in trees for r in t.leaf_rewards()]
+        row = {"name": name, "branching": cfg.tree.branching, "trees": len(trees),
+               "tokens_per_tree": tokens / len(trees), "leaf_accuracy": float(np.mean([r >= 1 for r in leaves])),
+               "right_plan_share": float(np.mean(right)), "plan_groups_informative": informative / len(trees),
+               "plan_push_per_1k_tokens": 1000 * push / tokens,
+               "zero_advantage_token_share": zero_tokens / max(1, trainable_tokens)}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,7 +349,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["sweep", "variants", "report"])
+    p.add_argument("what", choices=["sweep", "variants", "report", "signal"])
     p.add_argument("--out", default="runs/study", help="study folder (one sub-folder per run)")
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where report writes the plots and results")
     p.add_argument("--budget", type=int, default=150_000, help="generated tokens per run")
@@ -292,9 +363,15 @@ def main() -> int:
     p.add_argument("--run-timeout-s", type=float, default=1800.0)
     p.add_argument("--cache-dir", default=str(default_cache_dir()))
     p.add_argument("--pause-file", default=None, help="wait before each run while this file exists")
+    p.add_argument("--prompts", type=int, default=128, help="signal: prompts sampled per tree shape")
     p.add_argument("--tiny", action="store_true", help="a random tiny model instead of the warm one (the test)")
     a = p.parse_args()
     out = Path(a.out)
+    if a.what == "signal":
+        rows = signal(a)
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "signal.json").write_text(json.dumps(rows, indent=1))
+        return 0
     if a.what == "report":
         rows = report(out, Path(a.docs))
         print(table(rows))
