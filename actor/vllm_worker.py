@@ -15,8 +15,11 @@ Guarantees of one update (`start_weight_update` -> `update_weights` -> `finish_w
   straight onto the worker's GPU) with `actor.weights.WeightReceiver`: the announcement's
   deadline bounds the rendezvous and every bucket, a dead learner fails it, a failure is
   reported to the learner's store ("alive, but failed"), and the checksum is that of what
-  arrived (`weights.checksum`). Buckets are staged in host memory; on a GPU only a bounded ring
-  of buckets lives on the device (no whole-model copy beside vLLM's `gpu_memory_utilization`).
+  arrived (`weights.checksum`). The announcement's secret (passed through with its other
+  fields) admits only the learner: the group forms on store values MAC'd with it, and what
+  arrived must match the learner's seal before it is staged (design §6.1). Buckets are staged
+  in host memory; on a GPU only a bounded ring of buckets lives on the device (no whole-model
+  copy beside vLLM's `gpu_memory_utilization`).
   The model is not touched: a failed receive leaves the weights as they were;
 * `finish_weight_update` installs the staged tensors with vLLM's layerwise reload
   (`initialize_layerwise_reload`, the model's own `load_weights`, `finalize_layerwise_reload`),

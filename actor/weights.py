@@ -21,6 +21,12 @@ Guarantees:
   `WeightSyncError` (with a `.reason`), after telling the learner "alive, but failed" through
   the rendezvous store (key ``<group>/failed/<rank>``), so the learner keeps this actor for the
   next sync.
+* Nothing a rogue sends is installed (design §6.1): the group forms on a `SealedStore` of the
+  announcement's `secret` (a store value a member did not write fails the sync, reason
+  "forged"), and after the last bucket comes the learner's seal: the engine is touched only if
+  the seal was made with the secret and what arrived hashes to the checksum it carries (hashed
+  as it arrives; with `checksum` off here but on at the learner, hashed once it all arrived).
+  The failure report is MAC'd with the secret too.
 * The returned checksum (`tensor_checksum`) proves what the engine holds: after a copy it hashes
   the parameters read back; after a swap, the buckets were hashed as they arrived (while later
   ones were still on the wire) and every parameter read back is checked to BE the hashed tensor
@@ -47,12 +53,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from common.weightsync import (
     MAX_IN_FLIGHT,
+    SEAL_BYTES,
     Deadline,
     Digests,
     InFlight,
+    SealedStore,
     WeightSyncError,
     broadcast_bucket,
     bucket_device,
@@ -61,7 +70,9 @@ from common.weightsync import (
     connect_store,
     keep_group,
     make_group,
+    open_seal,
     release_group,
+    secret_key,
     take_group,
     tensor_checksum,
     torch_dtype,
@@ -130,8 +141,9 @@ class WeightReceiver:
         if not 1 <= announce.rank < announce.world_size:
             raise WeightSyncError("invalid_announce", f"rank {announce.rank} is not a member rank of a group "
                                   f"of {announce.world_size} (rank 0 is the learner)")
+        secret_key(announce.secret)
         target = 1 if self._live == 0 else 0
-        early = self.checksum and (checksum_received or (swap_fn is not None and read_back is not None))
+        early = self.checksum  # hashed as it arrives: checked against the seal before anything is installed
         store = None
         try:
             store = self._client(announce.rendezvous_host, announce.rendezvous_port, deadline.check("connect"))
@@ -195,7 +207,8 @@ class WeightReceiver:
         else:
             self._drop_group()
             pg = make_group(announce.rendezvous_host, announce.rendezvous_port, announce.group, announce.rank,
-                            announce.world_size, deadline.check("rendezvous"), announce.backend, store=store)
+                            announce.world_size, deadline.check("rendezvous"), announce.backend,
+                            secret=announce.secret, store=store)
         try:
             out = self._receive_into(pg, announce, plan, deadline, target, early)
         except BaseException:
@@ -210,9 +223,34 @@ class WeightReceiver:
         named: list[tuple[str, Any]] = []
         digests = Digests(early)  # XXH3 hashes in worker threads, while later buckets are on the wire
         try:
-            return named, self._receive_all(wire, pg, announce, plan, deadline, target, named, digests)
+            done = self._receive_all(wire, pg, announce, plan, deadline, target, named, digests)
+            seal = torch.empty(SEAL_BYTES, dtype=torch.uint8, device=bucket_device(announce.backend))
+            wire.post(len(plan.buckets), broadcast_bucket(pg, seal, deadline, "seal"), seal)
+            wire.drain()
         finally:
             digests.close()
+        self._check_seal(announce, plan, named, done, bytes(seal.cpu().numpy()))
+        return named, done
+
+    @staticmethod
+    def _check_seal(announce: Any, plan: Any, named: list[tuple[str, Any]], digests: dict[str, bytes],
+                    seal: bytes) -> None:
+        """WeightSyncError('forged') unless the seal is the learner's and what arrived is what it sealed."""
+        sealed = open_seal(announce.secret, announce.sync_id, announce.version, seal)
+        if not sealed:
+            return  # weights.checksum off at the learner: the seal vouches for the sender, not the bytes
+        if len(digests) != len(plan.names):  # not hashed on arrival (checksum off here): hash them now
+            hashing = Digests(True)
+            try:
+                for n, t in named:
+                    hashing.add(n, t)
+                digests = hashing.result()
+            finally:
+                hashing.close()
+        arrived = combine_digests((n, plan.dtypes[i], plan.shapes[i], digests[n]) for i, n in enumerate(plan.names))
+        if arrived != sealed:
+            raise WeightSyncError("forged", f"sync {announce.sync_id}: what arrived (checksum {arrived}) is not what "
+                                  f"the learner sealed ({sealed}): changed in transit; nothing was installed")
 
     def _receive_all(self, wire: InFlight, pg: Any, announce: Any, plan: Any, deadline: Deadline, target: int,
                      named: list[tuple[str, Any]], digests: Digests) -> dict[str, bytes]:
@@ -274,6 +312,7 @@ class WeightReceiver:
         if store is None:
             return
         try:
-            store.set(f"{announce.group}/failed/{announce.rank}", err.reason)
+            reports = SealedStore(dist.PrefixStore(announce.group, store), announce.secret)
+            reports.set(f"failed/{announce.rank}", err.reason)
         except Exception:  # noqa: BLE001 - the store died with the learner; the ack path reports it
             self._store = None

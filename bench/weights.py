@@ -83,7 +83,7 @@ def _receiver(conn, shapes, host: str, port: int) -> None:
                                                       swap_fn=None if mode == "copy" else swap)
             conn.send(("done", digest, seconds))
         elif cmd[0] == "baseline_group":
-            pg = make_group(host, port, cmd[1], 1, 2, 120.0, "gloo")
+            pg = make_group(host, port, cmd[1], 1, 2, 120.0, "gloo", secret=None)  # bare torch
             conn.send(("ready",))
         elif cmd[0] == "baseline":
             wait_work(broadcast_bucket(pg, flat, Deadline(120.0), "baseline"), Deadline(120.0), "gloo", "baseline")
@@ -137,7 +137,8 @@ def main() -> None:
     # open. The four measurements take turns, so a change of machine load hits them alike.
     flat = torch.cat([t.reshape(-1) for _, t in named])
     conn.send(("baseline_group", "baseline-0"))
-    pg = make_group("127.0.0.1", pubs[False].port, "baseline-0", 0, 2, 120.0, "gloo", store=pubs[False].store)
+    pg = make_group("127.0.0.1", pubs[False].port, "baseline-0", 0, 2, 120.0, "gloo", secret=None,
+                    store=pubs[False].store)
     assert conn.recv() == ("ready",)
 
     def baseline_once() -> float:

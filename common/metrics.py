@@ -84,7 +84,7 @@ ACTOR_LOST_REASONS: tuple[str, ...] = ("send_timeout", "incarnation", "shutdown"
 incarnation, shutdown, error), or handed over but lost with the learner that died holding it
 (learner_lost: trees sent whose credit never came back)."""
 
-SYNC_FAILURE_REASONS: tuple[str, ...] = ("timeout", "actor_lost", "checksum", "version", "error")
+SYNC_FAILURE_REASONS: tuple[str, ...] = ("timeout", "actor_lost", "checksum", "version", "forged", "error")
 """Why one weight sync (or one actor's part of it) failed."""
 
 CHECKPOINT_FAILURE_REASONS: tuple[str, ...] = ("no_space", "io_error", "error")

@@ -26,7 +26,21 @@ Guarantees:
 * **Every wait has a deadline.** `Deadline` hands each collective the time left of the whole sync.
   `InFlight` keeps at most `MAX_IN_FLIGHT` collectives posted (= the gloo group's worker threads,
   so a posted collective starts at once and its timeout, counted from its start, still ends by
-  the deadline) and completes them in posting order.
+  the deadline) and completes them in posting order. A gloo group's construction is abandoned
+  at the deadline (`_formed_within`): gloo's own rendezvous, retrying, can wait 5x its timeout for
+  a peer that wrote its address and left.
+* **Only holders of the sync's secret shape a sync** (design §6.1). The rendezvous TCPStore
+  authenticates nobody and lists its keys to any client (`list_keys`), so group names are unique,
+  not secret. What a rogue lacks is the sync's `secret` (`new_secret`, 32 random bytes the learner
+  sends in the CURVE-authenticated `WeightAnnounce`, never written to the store), and two things
+  rest on it: (1) `SealedStore` -- every value a member writes for its group (gloo's and NCCL's
+  addresses, `meet` check-ins, failure reports) carries a BLAKE2b MAC of key and value under the
+  secret, and a value without a valid one is refused (`WeightSyncError('forged')`) before gloo or
+  NCCL parse it (a rogue's short value under a gloo address key segfaults the process that reads
+  it); (2) the seal -- after the last bucket rank 0 broadcasts `SEAL_BYTES` carrying its checksum
+  of what it sent and a MAC over (sync id, version, checksum): a receiver installs nothing unless
+  the MAC is valid and what arrived hashes to that checksum (`open_seal`). With `weights.checksum`
+  off the seal still proves the sender holds the secret, but not the bytes.
 * **NCCL never outlives Python's deadline.** Before an NCCL group is built every member meets at
   the store within the deadline (`meet`; NCCL creates its communicator lazily at the first
   collective, where a missing peer would block without a bound); the communicator is
@@ -40,7 +54,11 @@ Nothing here imports actor/ or learner/; torch is imported inside functions only
 from __future__ import annotations
 
 import atexit
+import hashlib
+import hmac
 import os
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -53,7 +71,9 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-SYNC_ERROR_REASONS: tuple[str, ...] = ("timeout", "peer_lost", "rendezvous", "invalid_announce", "load", "error")
+SYNC_ERROR_REASONS: tuple[str, ...] = (
+    "timeout", "peer_lost", "rendezvous", "invalid_announce", "load", "forged", "error",
+)
 """Why one side's part of a sync failed (`WeightSyncError.reason`, usable as a metric label)."""
 
 DTYPE_NAMES: tuple[str, ...] = (
@@ -72,6 +92,16 @@ MAX_IN_FLIGHT = GLOO_THREADS
 """Collectives a side keeps posted at once: hides the per-collective latency between buckets and
 runs several transfers at once (on loopback gloo, 4 concurrent beat one flat broadcast), and no
 posted collective waits in a queue (its timeout would start late and overrun the deadline)."""
+
+
+SECRET_BYTES = 32
+"""Bytes of a sync's secret (`new_secret`; hex in `WeightAnnounce.secret`): the BLAKE2b key."""
+
+SEAL_BYTES = 64
+"""The seal rank 0 broadcasts after the last bucket: MAC (32) | checksum (16) | has-checksum (1) | 0s."""
+
+_MAC_BYTES = 32
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "*")
 
 
 class WeightSyncError(RuntimeError):
@@ -345,6 +375,111 @@ def tensor_checksum(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Authentication: the sync's secret, sealed store values, the seal
+# --------------------------------------------------------------------------------------------
+def new_secret() -> str:
+    """A sync's secret: SECRET_BYTES random bytes, hex (sent only in the CURVE-authenticated announce)."""
+    return secrets.token_hex(SECRET_BYTES)
+
+
+def new_group_name() -> str:
+    """A fresh group's PrefixStore name: unique and unguessable in advance, though not secret once
+    used (any store client can list the keys under it)."""
+    return f"ws-{secrets.token_hex(16)}"
+
+
+def secret_key(secret: str) -> bytes:
+    """The BLAKE2b key of a hex secret; WeightSyncError('invalid_announce') unless SECRET_BYTES long."""
+    try:
+        key = bytes.fromhex(secret)
+    except (TypeError, ValueError):
+        key = b""
+    if len(key) != SECRET_BYTES:
+        raise WeightSyncError("invalid_announce", f"the sync's secret must be {2 * SECRET_BYTES} hex digits")
+    return key
+
+
+def _mac(key: bytes, domain: bytes, *parts: bytes) -> bytes:
+    """BLAKE2b-256 keyed MAC over length-prefixed parts (no two part lists give the same input)."""
+    h = hashlib.blake2b(key=key, digest_size=_MAC_BYTES, person=domain)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
+
+
+class SealedStore(dist.Store):
+    """A view of a group's store (a PrefixStore) whose values only holders of the sync's secret
+    can write: `set` prepends a MAC of (key, value), `get` returns the value only when its MAC is
+    valid, else raises WeightSyncError('forged') -- so gloo and NCCL never parse a value a rogue
+    wrote (through any store call) in place of a member's. Existence (`check`, `wait`), counters
+    (`add`) and deletion are not authenticated: a rogue can delay or fail a sync, not shape it.
+
+    torch calls these methods from C++: keep this object alive as long as anything built on it
+    (`make_group` lets the group hold it)."""
+
+    def __init__(self, store: Any, secret: str):
+        super().__init__()
+        self._store, self._key = store, secret_key(secret)
+
+    def _tag(self, key: str, value: bytes) -> bytes:
+        return _mac(self._key, b"treerpo-store", key.encode(), value)
+
+    def set(self, key: str, value: Any) -> None:
+        value = value.encode() if isinstance(value, str) else bytes(value)
+        self._store.set(key, self._tag(key, value) + value)
+
+    def get(self, key: str) -> bytes:
+        raw = bytes(self._store.get(key))
+        tag, value = raw[:_MAC_BYTES], raw[_MAC_BYTES:]
+        if len(raw) < _MAC_BYTES or not hmac.compare_digest(tag, self._tag(key, value)):
+            raise WeightSyncError("forged", f"rendezvous key {key!r} holds a value that no member of this sync "
+                                  "wrote: a peer without the sync's secret writes to the store")
+        return value
+
+    def check(self, keys: list[str]) -> bool:
+        return self._store.check(keys)
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        if timeout is None:
+            self._store.wait(keys)
+        else:
+            self._store.wait(keys, timeout)
+
+    def add(self, key: str, amount: int) -> int:
+        return self._store.add(key, amount)
+
+    def delete_key(self, key: str) -> bool:
+        return self._store.delete_key(key)
+
+    def num_keys(self) -> int:
+        return self._store.num_keys()
+
+
+def _seal(key: bytes, sync_id: int, version: int, digest: bytes, flag: bytes) -> bytes:
+    mac = _mac(key, b"treerpo-seal", str(int(sync_id)).encode(), str(int(version)).encode(), digest, flag)
+    return (mac + digest + flag).ljust(SEAL_BYTES, b"\0")
+
+
+def make_seal(secret: str, sync_id: int, version: int, checksum: str) -> bytes:
+    """The SEAL_BYTES rank 0 broadcasts after the last bucket: MAC | checksum | has-checksum | zeros."""
+    digest = bytes.fromhex(checksum) if checksum else bytes(16)
+    return _seal(secret_key(secret), sync_id, version, digest, b"\x01" if checksum else b"\x00")
+
+
+def open_seal(secret: str, sync_id: int, version: int, seal: bytes) -> str:
+    """The checksum rank 0 sealed (hex, "" when it sent none), or WeightSyncError('forged') unless
+    `seal` is, to the last byte, this sync's seal made with its secret."""
+    seal = bytes(seal)
+    digest, flag = seal[_MAC_BYTES:_MAC_BYTES + 16], seal[_MAC_BYTES + 16:_MAC_BYTES + 17]
+    expect = _seal(secret_key(secret), sync_id, version, digest.ljust(16, b"\0"), flag or b"\x00")
+    if not hmac.compare_digest(seal, expect) or flag not in (b"\x00", b"\x01"):
+        raise WeightSyncError("forged", f"sync {sync_id}: the seal after the last bucket was not made with the "
+                              "sync's secret: the buckets did not come from the learner that announced it")
+    return digest.hex() if flag == b"\x01" else ""
+
+
+# --------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------
 def resolve_backend(backend: str, all_have_cuda: bool) -> str:
@@ -362,19 +497,44 @@ def bucket_device(backend: str) -> torch.device:
 
 
 def connect_store(host: str, port: int, timeout_s: float, *, is_master: bool = False) -> Any:
-    """A TCPStore master (is_master: binds host:port, port 0 = ephemeral, see `.port`) or client."""
+    """A TCPStore master (is_master: listens on host:port, port 0 = ephemeral, see `.port`) or client.
+
+    The master listens on `host` only (torch's TCPStore would listen on every interface whatever
+    host it is given); a wildcard host ("0.0.0.0", "::", "*", "") listens on all of them."""
+    listen_fd = None
     try:
+        if is_master and host not in _WILDCARD_HOSTS:
+            listen_fd, port = _listen(host, int(port))
         return dist.TCPStore(host, int(port), None, is_master, timedelta(seconds=timeout_s),
-                             wait_for_workers=False)
+                             wait_for_workers=False, master_listen_fd=listen_fd)
     except Exception as e:  # noqa: BLE001 - re-raised with the address and a hint
+        # (a listening fd handed to a TCPStore that failed is not closed here: it may own it by now)
         role = "bind" if is_master else "reach"
         raise WeightSyncError("rendezvous", f"cannot {role} the weight-sync rendezvous store at {host}:{port} "
                               f"({e}); check weights.rendezvous_port / the learner's endpoints.json") from e
 
 
+def _listen(host: str, port: int) -> tuple[int, int]:
+    """A listening TCP socket on host:port (the first address host resolves to): (fd, port).
+    The fd is handed over: the TCPStore that takes it closes it."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(512)
+        bound = int(sock.getsockname()[1])
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach(), bound
+
+
 def meet(store: Any, rank: int, world_size: int, timeout_s: float, what: str = "group") -> None:
-    """Every rank checks in at `store` (a group's PrefixStore) and waits for all the others, within
-    timeout_s; else WeightSyncError('timeout') naming the ranks that never came."""
+    """Every rank checks in at `store` (a group's PrefixStore or SealedStore) and waits for all the
+    others, within timeout_s; else WeightSyncError('timeout') naming the ranks that never came
+    (or, on a SealedStore, 'forged' when a check-in was not written by a member)."""
     store.set(f"meet/{rank}", "1")
     keys = [f"meet/{r}" for r in range(world_size)]
     try:
@@ -383,6 +543,8 @@ def meet(store: Any, rank: int, world_size: int, timeout_s: float, what: str = "
         missing = [r for r, k in enumerate(keys) if not store.check([k])]
         raise WeightSyncError("timeout", f"{what}: ranks {missing} did not reach the store within "
                               f"{timeout_s:.1f}s ({str(e)[:200]})") from e
+    for k in keys:
+        store.get(k)  # a SealedStore refuses a check-in a rogue wrote for a missing rank
 
 
 def nccl_options(timeout_s: float) -> Any:
@@ -404,22 +566,40 @@ def op_timeout(deadline: Deadline, backend: str, what: str) -> timedelta:
     return deadline.timedelta(what)
 
 
+_GROUP_CLASSES: dict[type, type] = {}
+
+
+def _holding_store(cls: type, store: Any, *args: Any) -> Any:
+    """cls(store, *args) as an instance of a subclass of cls that keeps `store` referenced: a
+    Python store (SealedStore) whose last Python reference dies is no longer callable from C++
+    (NCCL reads the store again when its communicator forms, at the first collective)."""
+    sub = _GROUP_CLASSES.get(cls)
+    if sub is None:
+        sub = _GROUP_CLASSES[cls] = type(f"Sealed{cls.__name__}", (cls,), {})
+    group = sub(store, *args)
+    group.rendezvous_store = store
+    return group
+
+
 def make_group(host: str, port: int, group_name: str, rank: int, world_size: int, timeout_s: float,
-               backend: str = "gloo", *, store: Any = None) -> Any:
+               backend: str = "gloo", *, secret: str | None, store: Any = None) -> Any:
     """A process group of `world_size` ranks on a fresh PrefixStore `group_name` of the TCPStore at
-    host:port (or `store`, e.g. the learner's master). Blocks until every rank joined (gloo: its
-    own rendezvous; NCCL: `meet` at the store) or timeout_s passed (WeightSyncError('rendezvous'/
-    'timeout')). Drop the group to end it."""
+    host:port (or `store`, e.g. the learner's master), seen through a `SealedStore` of the sync's
+    `secret` (None: unauthenticated, for benchmarks of the bare transport only). Blocks until every
+    rank joined (gloo: its own rendezvous; NCCL: `meet` at the store) or timeout_s passed
+    (WeightSyncError('rendezvous'/'timeout'/'forged')). Drop the group to end it."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a group of {world_size}")
     if store is None:
         store = connect_store(host, port, timeout_s)
     prefixed = dist.PrefixStore(group_name, store)
+    if secret is not None:
+        prefixed = SealedStore(prefixed, secret)
     td = timedelta(seconds=max(0.05, timeout_s))
     try:
         if backend == "nccl":
             meet(prefixed, rank, world_size, timeout_s, f"NCCL group {group_name!r}")
-            return dist.ProcessGroupNCCL(prefixed, rank, world_size, nccl_options(timeout_s))
+            return _holding_store(dist.ProcessGroupNCCL, prefixed, rank, world_size, nccl_options(timeout_s))
         if backend != "gloo":
             raise ValueError(f"make_group: backend must be gloo or nccl, got {backend!r}")
         opts = dist.ProcessGroupGloo._Options()
@@ -428,14 +608,58 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
         ifname = os.environ.get("GLOO_SOCKET_IFNAME")
         opts._devices = [dist.ProcessGroupGloo.create_device(interface=ifname) if ifname
                          else dist.ProcessGroupGloo.create_default_device()]
-        return dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
+        return _formed_within(lambda: _holding_store(dist.ProcessGroupGloo, prefixed, rank, world_size, opts),
+                              timeout_s, f"gloo group {group_name!r} (rank {rank} of {world_size})")
     except (RuntimeError, dist.DistError) as e:
-        reason = "timeout" if "timeout" in str(e).lower() or "timed out" in str(e).lower() else "rendezvous"
+        if isinstance(e, WeightSyncError):
+            raise
+        text = str(e)
+        reason = ("forged" if "[forged]" in text else
+                  "timeout" if "timeout" in text.lower() or "timed out" in text.lower() else "rendezvous")
         raise WeightSyncError(reason, f"group {group_name!r} (rank {rank} of {world_size}, {backend}) did not "
-                              f"form within {timeout_s:.1f}s: {str(e)[:300]}") from e
+                              f"form within {timeout_s:.1f}s: {text[:300]}") from e
 
 
-_DROPS: set[threading.Thread] = set()  # drop_group_later threads still running
+def _formed_within(build: Any, timeout_s: float, what: str) -> Any:
+    """build() -- a gloo group's construction -- or WeightSyncError('timeout') after timeout_s.
+
+    gloo bounds each connection attempt of its rendezvous by the group's timeout, but retries:
+    a peer that wrote its address and left (died, gave up, or had its key deleted by a rogue
+    before the other side read it) keeps the side that waits for its connection for 5x the
+    timeout. So the construction runs in a thread and is abandoned at the deadline; it ends by
+    itself within those 5x (the interpreter joins it at exit, as a pending drop) and drops a
+    group that formed too late."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out = ("group", build())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            out = ("error", e)
+        with lock:
+            if not state.get("abandoned"):
+                state[out[0]] = out[1]
+        del out  # abandoned: a late group is dropped here, in this thread
+        with _DROPS_LOCK:
+            _DROPS.discard(threading.current_thread())
+
+    thread = threading.Thread(target=run, name="weightsync-form-group", daemon=True)
+    with _DROPS_LOCK:
+        _DROPS.add(thread)
+        thread.start()
+    thread.join(max(0.05, timeout_s))
+    with lock:
+        if "group" in state:
+            return state.pop("group")
+        if "error" in state:
+            raise state.pop("error")
+        state["abandoned"] = True
+    raise WeightSyncError("timeout", f"{what} did not form within {timeout_s:.1f}s: a peer never came, or left "
+                          "mid-rendezvous (the construction goes on in the background until gloo gives up)")
+
+
+_DROPS: set[threading.Thread] = set()  # drop_group_later threads and abandoned formations still running
 _DROPS_LOCK = threading.Lock()
 _KEPT: dict[int, list] = {}  # id(holder) -> [group]: groups kept between syncs (`keep_group`)
 DROP_EXIT_WAIT_S = 10.0

@@ -595,6 +595,7 @@ class WeightAnnounce:
     shapes: list[list[int]] = items(1 << 16, hi=1 << 40)
     dtypes: list[str] = items(1 << 16, max_str=32)
     buckets: list[list[int]] = items(1 << 16, hi=1 << 48)  # [first, end, numel]
+    secret: str = text(64, repr=False)  # hex: keys the group's store values and the seal (common.weightsync)
 
 
 @message

@@ -130,7 +130,7 @@ class Learner:
         self.endpoints = LearnerEndpoints(cfg.transport)
         host = advertised_host(cfg.transport.bind_host)
         try:
-            self.publisher = WeightPublisher(cfg.weights, cfg.transport.bind_host)
+            self.publisher = WeightPublisher(cfg.weights, cfg.transport.bind_host, advertise=host)
         except WeightSyncError as e:
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
                 raise PortInUse.at(cfg.transport.bind_host, cfg.weights.rendezvous_port,

@@ -1,11 +1,12 @@
 """Learner side of the weight sync: plan, announce, broadcast (design §6).
 
 Guarantees:
-* One rendezvous TCPStore lives as long as the publisher (bound on `weights.rendezvous_port`,
-  0 = ephemeral; `.port` is the bound port). A sync builds a group on the prefix
-  ``ws<nonce>-<sync_id>``: learner rank 0, members rank 1..k in the order given, so a rebuilt
-  group never meets an old one. A successful sync's group is kept and reused by the next sync
-  whose members and membership `epoch` (who registered when) are the same, so an NCCL
+* One rendezvous TCPStore lives as long as the publisher, listening on `host` only (a wildcard
+  host: every interface) at `weights.rendezvous_port` (0 = ephemeral; `.port` is the bound port);
+  announcements tell members to dial `advertise` (default: `host`). A sync builds a group on a
+  fresh random prefix (`new_group_name`): learner rank 0, members rank 1..k in the order given,
+  so a rebuilt group never meets an old one. A successful sync's group is kept and reused by the
+  next sync whose members and membership `epoch` (who registered when) are the same, so an NCCL
   communicator is built once per membership, not per sync; any change or failure drops it.
   Members registered after `prepare` join at the next sync.
 * `broadcast` returns by the deadline (`weights.timeout_s` for rendezvous + every bucket), whatever
@@ -22,10 +23,16 @@ Guarantees:
   is filled (and hashed) while earlier ones are on the wire.
 * With `weights.checksum`, `SyncResult.checksum` is `tensor_checksum` of exactly what was sent;
   an actor's WeightAck must carry the same string (`check_ack`).
+* Only holders of the sync's secret shape it (design §6.1): each sync has a fresh `secret`,
+  sent to each member in its WeightAnnounce (over the CURVE-authenticated control plane) and
+  never written to the store; the group forms on a `SealedStore` of it, the last broadcast is the
+  seal (`make_seal`: the checksum of what was sent, MAC'd with the secret), and a member's "alive,
+  but failed" report counts only when MAC'd with it. A rogue store client can make a sync fail
+  (within its deadline), not change what a member installs or keep a dead member.
 
 Driving it (learner process)::
 
-    pub = WeightPublisher(cfg.weights, host)                   # once; advertise pub.port
+    pub = WeightPublisher(cfg.weights, bind_host, advertise=host)  # once; advertise host:pub.port
     plan = pub.plan(meta_or_named, version)                    # names/shapes/dtypes, no data
     sync = pub.prepare(plan, members, all_have_cuda)           # sync.announcements[i] -> members[i]
     ... send each WeightAnnounce over the control channel ...
@@ -37,20 +44,22 @@ Driving it (learner process)::
 from __future__ import annotations
 
 import gc
-import secrets
 import time
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from common.config import WeightsConfig
 from common.weightsync import (
     Deadline,
     Digests,
     InFlight,
+    SealedStore,
     SyncPlan,
     WeightSyncError,
     broadcast_bucket,
@@ -61,6 +70,9 @@ from common.weightsync import (
     dtype_name,
     keep_group,
     make_group,
+    make_seal,
+    new_group_name,
+    new_secret,
     plan_layout,
     release_group,
     resolve_backend,
@@ -88,6 +100,7 @@ class PreparedSync:
     announcements: list[Any]  # common.wire.WeightAnnounce
     epoch: Any = None  # the membership it was prepared for (None: never reuse its group)
     reuse: bool = False  # runs on the group kept from the previous sync
+    secret: str = field(default="", repr=False)  # this sync's secret (hex), sent only in the announcements
 
 
 @dataclass
@@ -100,7 +113,7 @@ class SyncResult:
     ok_members: list[str]  # received every bucket as far as the transport can tell
     failed_members: list[str]  # dead or unresponsive: drop them
     aborted_members: list[str] = field(default_factory=list)  # alive, reported the failure: keep them
-    reason: str = "ok"  # "ok" or a SYNC_FAILURE_REASONS label: timeout, actor_lost, error
+    reason: str = "ok"  # "ok" or a SYNC_FAILURE_REASONS label: timeout, actor_lost, forged, error
     error: str = ""
     seconds: float = 0.0
     bytes: int = 0
@@ -118,13 +131,14 @@ def _meta_of(item: Any) -> tuple[str, Sequence[int], Any]:
 class WeightPublisher:
     """Learner rank 0's end of the weight sync; see the module docstring for the protocol."""
 
-    def __init__(self, cfg: WeightsConfig, host: str, *, solo_bytes: int | None = SOLO_BYTES):
+    def __init__(self, cfg: WeightsConfig, host: str, *, advertise: str | None = None,
+                 solo_bytes: int | None = SOLO_BYTES):
         self.cfg = cfg
         self.solo_bytes = solo_bytes  # None: pack every tensor into buckets (always one flatten copy)
-        self.host = host
+        self.host = host  # the store listens here (a wildcard: on every interface)
+        self.advertise = advertise or host  # members dial this (learner.main: advertised_host)
         self.store = connect_store(host, cfg.rendezvous_port, cfg.timeout_s, is_master=True)
         self.port: int = int(self.store.port)
-        self._nonce = secrets.token_hex(3)
         self._next_sync_id = 0
         self._pool: dict[tuple[str, str], list[Any]] = {}  # (dtype, device) -> free bucket buffers
         # the last sync's group, kept for the next one: (group, members, backend, epoch, keep_group holder)
@@ -164,17 +178,18 @@ class WeightPublisher:
         backend = resolve_backend(self.cfg.backend, all_have_cuda)
         kept = self._kept
         reuse = epoch is not None and kept is not None and kept[1:4] == (tuple(members), backend, epoch)
-        group = kept[0] if reuse else f"ws{self._nonce}-{sync_id}"
+        group = kept[0] if reuse else new_group_name()
+        secret = new_secret()  # per sync: a kept group's next sync has a new one (for its seal and reports)
         world = len(members) + 1
         announcements = [
             WeightAnnounce(sync_id=sync_id, version=plan.version, group=group, rank=i + 1, world_size=world,
-                           backend=backend, rendezvous_host=self.host, rendezvous_port=self.port,
+                           backend=backend, rendezvous_host=self.advertise, rendezvous_port=self.port,
                            timeout_s=float(self.cfg.timeout_s), names=list(plan.names),
                            shapes=[list(s) for s in plan.shapes], dtypes=list(plan.dtypes),
-                           buckets=[list(b) for b in plan.buckets])
+                           buckets=[list(b) for b in plan.buckets], secret=secret)
             for i in range(len(members))
         ]
-        return PreparedSync(sync_id, group, backend, plan, list(members), announcements, epoch, reuse)
+        return PreparedSync(sync_id, group, backend, plan, list(members), announcements, epoch, reuse, secret)
 
     # ---------------------------------------------------------------- the broadcast
     def broadcast(self, sync: PreparedSync, named_tensors: Iterable[tuple[str, Any]]) -> SyncResult:
@@ -193,7 +208,7 @@ class WeightPublisher:
             else:
                 self.release_kept()
                 pg = make_group(self.host, self.port, sync.group, 0, len(sync.members) + 1, deadline.remaining(),
-                                sync.backend, store=self.store)
+                                sync.backend, secret=sync.secret, store=self.store)
             result.checksum, result.bytes = self._send_all(pg, sync, named_tensors, deadline)
             result.ok, result.ok_members = True, list(sync.members)
             if sync.epoch is not None:  # kept for the next sync of the same membership
@@ -204,7 +219,7 @@ class WeightPublisher:
                 drop_group_later(holder)  # every member has it all: its teardown need not delay us
         except WeightSyncError as e:
             traceback.clear_frames(e.__traceback__)  # the frames below hold the group
-            result.reason = "timeout" if e.reason == "timeout" else "actor_lost"
+            result.reason = e.reason if e.reason in ("timeout", "forged") else "actor_lost"
             result.error = str(e)
         except BaseException as e:  # the caller's mistake (ValueError) or an interrupt: re-raised,
             traceback.clear_frames(e.__traceback__)  # but first the group goes, so members fail now
@@ -278,6 +293,10 @@ class WeightPublisher:
             done = digests.result()
             checksum = combine_digests((n, plan.dtypes[i], plan.shapes[i], done[n]) for i, n in enumerate(plan.names)) \
                 if self.cfg.checksum else ""
+            seal = torch.frombuffer(bytearray(make_seal(sync.secret, sync.sync_id, plan.version, checksum)),
+                                    dtype=torch.uint8).to(device)
+            wire.post(len(plan.buckets), broadcast_bucket(pg, seal, deadline, "seal"), (seal, False))
+            wire.drain()
             return checksum, sent_bytes
         finally:
             digests.close()
@@ -292,14 +311,22 @@ class WeightPublisher:
         return combine_digests(entries)
 
     def _collect_reports(self, sync: PreparedSync, deadline: Deadline) -> list[str]:
-        """Members that wrote `<group>/failed/<rank>` (alive, they saw the sync fail) within a short grace."""
-        keys = {m: f"{sync.group}/failed/{r + 1}" for r, m in enumerate(sync.members)}
+        """Members that wrote `<group>/failed/<rank>` (alive, they saw the sync fail) with the sync's
+        secret, within a short grace; a report without a valid MAC (a rogue's) is no proof of life."""
+        reports = SealedStore(dist.PrefixStore(sync.group, self.store), sync.secret)
+        keys = {m: f"failed/{r + 1}" for r, m in enumerate(sync.members)}
         until = time.monotonic() + min(REPORT_GRACE_S, deadline.remaining())
         alive: list[str] = []
         while True:
             for m, k in keys.items():
-                if m not in alive and self.store.check([k]):
-                    alive.append(m)
+                if m not in alive and reports.check([k]):
+                    # a get never blocks past the grace, even if a rogue deletes the key after the check
+                    self.store.set_timeout(timedelta(seconds=max(0.05, until - time.monotonic())))
+                    try:
+                        reports.get(k)
+                        alive.append(m)
+                    except (RuntimeError, dist.DistError):  # forged, or deleted since the check
+                        pass
             if len(alive) == len(keys) or time.monotonic() >= until:
                 break
             time.sleep(0.02)

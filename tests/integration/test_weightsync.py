@@ -1,14 +1,18 @@
-"""Weight sync between real processes: gloo broadcasts, ZeroMQ control, a SIGKILLed actor.
+"""Weight sync between real processes: gloo broadcasts, ZeroMQ control, a SIGKILLed actor, rogue
+clients of the rendezvous store.
 
 The learner side runs in this process (WeightPublisher + a ZeroMQ ROUTER); each actor is a
 subprocess running tests/support/weightsync_actor.py (a DEALER + WeightReceiver + a tiny HF model
-loaded with from_pretrained). Announce and ack travel as common.wire control messages. The
-zero-copy install tests run learner and receiver in threads of this process, over real gloo.
+loaded with from_pretrained); a rogue is a subprocess running tests/support/rogue_store.py (a
+store client holding nothing the control plane hands out). Announce and ack travel as
+common.wire control messages. The zero-copy install and seal tests run learner and receiver in
+threads of this process, over real gloo.
 Bucket layout, checksums and swap_in validation are unit-tested in tests/unit/test_weightsync.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,13 +31,26 @@ from actor.engine import EngineError, GenerationRequest
 from actor.engines import make_engine
 from actor.weights import WeightReceiver
 from common.config import ActorConfig, ModelConfig, WeightsConfig
-from common.weightsync import WeightSyncError, tensor_checksum
+from common.weightsync import (
+    Deadline,
+    WeightSyncError,
+    broadcast_bucket,
+    connect_store,
+    flatten_into,
+    make_group,
+    make_seal,
+    new_secret,
+    tensor_checksum,
+    wait_group_drops,
+    wait_work,
+)
 from common.wire import Register, Shutdown, WeightAck, decode_message, encode_message
 from learner.weights import WeightPublisher
 from tests.support.models import hf_engine
 from tests.support.paths import REPO
 
 ACTOR_SCRIPT = REPO / "tests" / "support" / "weightsync_actor.py"
+ROGUE_SCRIPT = REPO / "tests" / "support" / "rogue_store.py"
 TEST_TIMEOUT_S = 120.0  # the test's own generous bound on any single wait
 
 
@@ -510,3 +527,243 @@ def test_bounded_device_ring_stages_on_host(models):
         assert not ring_ptrs & {t.untyped_storage().data_ptr() for _, t in staged}  # staged apart from the ring
     pub.close()
     receiver.close()
+
+
+# ============================================================================================
+# Rogue clients of the rendezvous store: they reach its port but hold nothing CURVE hands out
+# ============================================================================================
+ROGUE_TIMEOUT_S = 8.0  # the sync deadline in these tests (weights.timeout_s)
+
+
+def _spawn_rogue(mode: str, port: int, out_dir: Path, model_dir: Path | None = None):
+    cmd = [sys.executable, str(ROGUE_SCRIPT), "--mode", mode, "--port", str(port), "--out", str(out_dir),
+           "--bucket-mb", str(1 / 64)] + (["--model", str(model_dir)] if model_dir else [])
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    with open(out_dir / f"rogue_{mode}.log", "w") as log:  # torch logs every connection it drops
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _kill(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()  # by pid: only the rogue this test started
+    proc.wait()
+
+
+def _wait_for(path: Path, proc) -> None:
+    end = time.monotonic() + TEST_TIMEOUT_S
+    while not path.exists() and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.02)
+    assert path.exists(), f"{path.name} never appeared (rogue exit code {proc.poll()})"
+
+
+def _collect_acks(learner: Learner, acks: dict[int, WeightAck], sync_ids, timeout_s: float = TEST_TIMEOUT_S):
+    """Gather WeightAcks by sync id until every one of sync_ids has come (or the test's bound)."""
+    end = time.monotonic() + timeout_s
+    while not set(sync_ids) <= set(acks) and time.monotonic() < end:
+        got = learner.recv(0.5)
+        if got is not None and isinstance(got[1], WeightAck):
+            acks[got[1].sync_id] = got[1]
+    assert set(sync_ids) <= set(acks), f"acks of syncs {sorted(set(sync_ids) - set(acks))} never came"
+
+
+def _announce(learner: Learner, members: list[str]):
+    sync = learner.pub.prepare(learner.pub.plan(learner.model.named_parameters(), learner.version), members)
+    for actor_id, announce in zip(sync.members, sync.announcements, strict=True):
+        learner.send(actor_id, announce)
+    return sync
+
+
+def _assert_learners_weights_or_none(out: Path, actor_id: str, version: int, ack: WeightAck, result,
+                                     learner: Learner) -> None:
+    """The guarantee under attack: an actor installs the learner's weights, verified by checksum,
+    or nothing at all (it saves OUT/<actor>_v<version>.pt only after a successful receive)."""
+    if ack.ok:
+        assert result.ok and ack.checksum == result.checksum == tensor_checksum(learner.model.named_parameters())
+        _assert_actor_equals(out, actor_id, version, _learner_params(learner))
+    else:
+        assert not (out / f"{actor_id}_v{version}.pt").exists(), f"{actor_id} installed v{version} and failed it"
+
+
+def test_a_rogue_impersonating_the_learner_gets_nothing_installed(models, tmp_path):
+    """A rogue finds the group in the store as soon as the actor's gloo address appears, joins it as
+    rank 0 before the learner does and broadcasts weights of its own. The actor installs nothing
+    (the rogue's store values lack the sync's MAC), the learner's own part ends by its deadline
+    and keeps the actor (its failure report carries the MAC), and the next sync succeeds."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    learner = Learner(models["learner"], bucket_mb=1 / 64, timeout_s=ROGUE_TIMEOUT_S)
+    actor = _spawn_actor(learner.endpoint, "a0", models["a0"], out)
+    rogue = _spawn_rogue("impersonate", learner.pub.port, out, models["a0"])
+    acks: dict[int, WeightAck] = {}
+    try:
+        learner.wait_registered({"a0"})
+        _wait_for(out / "rogue_ready", rogue)
+        learner.train_step()
+        # the rogue has the whole stage: the learner joins only once the actor has answered
+        sync = _announce(learner, ["a0"])
+        _collect_acks(learner, acks, [sync.sync_id])
+        t0 = time.monotonic()
+        result = learner.pub.broadcast(sync, learner.model.named_parameters())
+        assert time.monotonic() - t0 < ROGUE_TIMEOUT_S + 2.0
+        _assert_learners_weights_or_none(out, "a0", 1, acks[sync.sync_id], result, learner)
+        assert not acks[sync.sync_id].ok and "[forged]" in acks[sync.sync_id].error, acks[sync.sync_id]
+        assert not result.ok and result.aborted_members == ["a0"] and result.failed_members == []
+        assert not (out / "rogue_sent").exists()  # the actor never took a bucket from it
+
+        _kill(rogue)
+        learner.train_step()
+        sync, result, got = learner.sync(["a0"])
+        assert result.ok and got["a0"].ok and got["a0"].version == 2
+        _assert_learners_weights_or_none(out, "a0", 2, got["a0"], result, learner)
+    finally:
+        _kill(rogue)
+        learner.send("a0", Shutdown(reason="test done"))
+        _end([actor])
+        learner.close()
+    assert actor.returncode == 0
+
+
+def test_a_vandal_in_the_store_can_fail_syncs_but_never_change_installed_weights(models, tmp_path):
+    """A rogue rewrites, deletes, compare_sets and adds to every key it sees, pre-seeds the names the
+    old scheme would use next, floods keys and holds idle, half-sent and blocked connections.
+    Each sync ends by its deadline with the learner's weights (checksum verified) or nothing
+    installed; once the rogue is gone the next sync succeeds."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    learner = Learner(models["learner"], bucket_mb=1 / 64, timeout_s=ROGUE_TIMEOUT_S)
+    actor = _spawn_actor(learner.endpoint, "a0", models["a0"], out)
+    rogue = _spawn_rogue("vandal", learner.pub.port, out)
+    acks: dict[int, WeightAck] = {}
+    try:
+        learner.wait_registered({"a0"})
+        _wait_for(out / "rogue_holding", rogue)
+        results, groups = {}, set()
+        for pause in (0.0, 0.5, 1.5):  # how long the actor's keys stand alone in the store
+            learner.train_step()
+            sync = _announce(learner, ["a0"])
+            groups.add(sync.group)
+            time.sleep(pause)
+            t0 = time.monotonic()
+            results[sync.sync_id] = (learner.version, learner.pub.broadcast(sync, learner.model.named_parameters()))
+            assert time.monotonic() - t0 < ROGUE_TIMEOUT_S + 2.0
+            _collect_acks(learner, acks, [sync.sync_id])  # the actor ends its part by its own deadline
+            version, result = results[sync.sync_id]
+            _assert_learners_weights_or_none(out, "a0", version, acks[sync.sync_id], result, learner)
+        assert rogue.poll() is None, "the rogue died: the attack did not run the whole time"
+        end = time.monotonic() + TEST_TIMEOUT_S  # it found every sync's group (its counts lag by <= 0.2 s)
+        while not groups <= set(json.loads((out / "vandal.json").read_text())["groups"]) and time.monotonic() < end:
+            time.sleep(0.1)
+        seen = json.loads((out / "vandal.json").read_text())
+        assert groups <= set(seen["groups"]) and seen["overwritten"] and seen["deleted"], seen
+        _kill(rogue)
+
+        learner.train_step()
+        sync, result, got = learner.sync(["a0"])
+        assert result.ok and got["a0"].ok
+        _assert_learners_weights_or_none(out, "a0", learner.version, got["a0"], result, learner)
+    finally:
+        _kill(rogue)
+        learner.send("a0", Shutdown(reason="test done"))
+        _end([actor])
+        learner.close()
+    assert actor.returncode == 0
+
+
+def test_idle_half_sent_and_waiting_store_clients_do_not_hold_up_a_sync(models, tmp_path):
+    """The store serves every connection from one event loop: clients that connect and say nothing,
+    send half a frame, or block on keys that never come do not delay the learner's rendezvous."""
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    out.mkdir()
+    learner = Learner(models["learner"], bucket_mb=1 / 64, timeout_s=ROGUE_TIMEOUT_S)
+    actor = _spawn_actor(learner.endpoint, "a0", models["a0"], out)
+    rogue = _spawn_rogue("hang", learner.pub.port, out)
+    try:
+        learner.wait_registered({"a0"})
+        _wait_for(out / "rogue_holding", rogue)
+        learner.train_step()
+        sync, result, got = learner.sync(["a0"])
+        assert result.ok and got["a0"].ok and result.seconds < ROGUE_TIMEOUT_S / 2
+        _assert_learners_weights_or_none(out, "a0", 1, got["a0"], result, learner)
+        assert rogue.poll() is None  # its connections were held the whole time
+    finally:
+        _kill(rogue)
+        learner.send("a0", Shutdown(reason="test done"))
+        _end([actor])
+        learner.close()
+    assert actor.returncode == 0
+
+
+def _rank0_in_the_middle(pub, sync, named, *, flip: bool, seal_secret: str, sealed_checksum: str) -> None:
+    """Rank 0 of sync's group as a man in the middle of a hijacked connection would be: the
+    learner's layout and (optionally bit-flipped) bytes, then a seal of its choosing."""
+    pg = make_group("127.0.0.1", pub.port, sync.group, 0, 2, 30.0, secret=sync.secret, store=pub.store)
+    params = dict(named)
+    for b, (first, end, count) in enumerate(sync.plan.buckets):
+        flat = flatten_into(torch.empty(count), [params[n].detach() for n in sync.plan.names[first:end]])
+        if flip and b == len(sync.plan.buckets) // 2:
+            flat.view(torch.int32)[count // 2] ^= 1  # one bit, changed in transit
+        wait_work(broadcast_bucket(pg, flat, Deadline(30.0), f"bucket {b}"), Deadline(30.0), "gloo", "mitm")
+    seal = torch.frombuffer(bytearray(make_seal(seal_secret, sync.sync_id, sync.plan.version, sealed_checksum)),
+                            dtype=torch.uint8)
+    wait_work(broadcast_bucket(pg, seal, Deadline(30.0), "seal"), Deadline(30.0), "gloo", "mitm")
+
+
+@pytest.mark.parametrize("receiver_checksum", [True, False])
+def test_the_seal_refuses_bytes_changed_in_transit_and_a_seal_made_without_the_secret(models, receiver_checksum):
+    """Whatever reached the group, the actor installs only what the learner sealed: one flipped bit
+    under the learner's seal, or the learner's bytes under a seal made with another secret, fail
+    the sync ('forged') with the engine untouched. The receiver hashes what arrived to check it
+    even when its own weights.checksum is off."""
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    _step(learner)
+    engine = hf_engine(models["a0"])
+    held = _bits(engine.named_parameters_for_sync())
+    pub, receiver = _publisher(), WeightReceiver(checksum=receiver_checksum)
+    genuine = tensor_checksum(learner.named_parameters())
+    for flip, seal_secret in ((True, None), (False, new_secret())):
+        sync = pub.prepare(pub.plan(learner.named_parameters(), 1), ["a"])
+        got: dict[str, object] = {}
+
+        def actor(sync=sync, got=got) -> None:
+            try:
+                got["ok"] = receiver.receive(sync.announcements[0], lambda named: engine.load_weights(named, 1),
+                                             read_back=engine.named_parameters_for_sync,
+                                             swap_fn=lambda named: engine.swap_in(named, 1))
+            except WeightSyncError as e:
+                got["err"] = e
+
+        thread = threading.Thread(target=actor, daemon=True)
+        thread.start()
+        _rank0_in_the_middle(pub, sync, learner.named_parameters(), flip=flip,
+                             seal_secret=seal_secret or sync.secret, sealed_checksum=genuine)
+        thread.join(TEST_TIMEOUT_S)
+        assert isinstance(got.get("err"), WeightSyncError) and got["err"].reason == "forged", got
+        now = _bits(engine.named_parameters_for_sync())
+        assert engine.version == 0 and all(torch.equal(now[n], held[n]) for n in held)
+    # the learner's own sync goes through, bit-exact
+    result, (checksum, _) = _sync_threads(pub, learner, receiver, engine, 1)
+    assert result.ok and engine.version == 1 and result.checksum == genuine
+    assert checksum == (genuine if receiver_checksum else "")  # the ack's proof is this side's choice
+    pub.close()
+    receiver.close()
+
+
+def test_a_peer_that_left_mid_rendezvous_costs_a_gloo_group_no_more_than_its_deadline():
+    # gloo retries its connections: a side waiting for a peer that wrote its address and then left
+    # (gave up, died, or had a key deleted under it) would wait 5x the group's timeout
+    store = connect_store("127.0.0.1", 0, 10.0, is_master=True)
+    for attempt in range(2):
+        secret, name = new_secret(), f"left{attempt}"
+        with pytest.raises(WeightSyncError):  # rank 1 writes its address and gives up
+            make_group("127.0.0.1", store.port, name, 1, 2, 0.3, secret=secret,
+                       store=connect_store("127.0.0.1", store.port, 10.0))
+        assert wait_group_drops(10.0)  # ... for good: its gloo gave up too
+        t0 = time.monotonic()
+        with pytest.raises(WeightSyncError, match=r"\[(timeout|rendezvous)\]"):
+            make_group("127.0.0.1", store.port, name, 0, 2, 0.5, secret=secret, store=store)
+        assert time.monotonic() - t0 < 1.0
+    assert wait_group_drops(10.0)  # the abandoned constructions end by themselves

@@ -1,4 +1,5 @@
-"""Weight sync units: bucket layout, flatten/unflatten, checksums, group drops, swap_in validation.
+"""Weight sync units: bucket layout, flatten/unflatten, checksums, group drops, swap_in validation,
+the sync's secret (sealed store values, the seal) and where the rendezvous store listens.
 
 The real-process syncs (gloo + ZeroMQ control, actors as subprocesses) are in
 tests/integration/test_weightsync.py.
@@ -16,22 +17,29 @@ import torch
 import torch.distributed as dist
 
 from actor.engine import EngineError
+from common.config import WeightsConfig
 from common.weightsync import (
     NCCL_WATCHDOG_MARGIN_S,
+    SEAL_BYTES,
     Deadline,
+    SealedStore,
     WeightSyncError,
     check_layout,
     connect_store,
     drop_group_later,
     flatten_into,
+    make_seal,
     meet,
     nccl_options,
+    new_secret,
     op_timeout,
+    open_seal,
     plan_layout,
     tensor_checksum,
     unflatten,
     wait_group_drops,
 )
+from learner.weights import WeightPublisher
 from tests.support.models import hf_engine
 from tests.support.paths import REPO
 
@@ -193,6 +201,108 @@ def test_a_kept_group_is_dropped_at_exit_not_left_to_abort_the_interpreter():
     # a group still alive when the interpreter finalizes makes it call std::terminate (SIGABRT)
     code = ("import torch.distributed as dist; from common.weightsync import connect_store, keep_group, make_group;"
             "store = connect_store('127.0.0.1', 0, 10.0, is_master=True);"
-            "h = keep_group(make_group('127.0.0.1', store.port, 'g', 0, 1, 10.0, store=store)); print('kept')")
+            "h = keep_group(make_group('127.0.0.1', store.port, 'g', 0, 1, 10.0, secret='ab' * 32, store=store));"
+            "print('kept')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=120)
     assert out.returncode == 0 and "kept" in out.stdout, out.stderr[-2000:]
+
+
+# -- the sync's secret: sealed store values, the seal, where the store listens ------------------
+def test_sealed_store_refuses_every_value_a_holder_of_the_secret_did_not_write():
+    store = _store()
+    rogue = connect_store("127.0.0.1", store.port, 10.0)  # reaches the port, lacks the secret
+    secret = new_secret()
+    member = SealedStore(dist.PrefixStore("g", store), secret)
+    member.set("0/0", b"\x02address-of-rank-0\x00")
+    member.set("0/1", "text values too")
+    assert member.get("0/0") == b"\x02address-of-rank-0\x00" and member.get("0/1") == b"text values too"
+    assert SealedStore(dist.PrefixStore("g", rogue), secret).get("0/0") == b"\x02address-of-rank-0\x00"
+    genuine = {k: rogue.get(f"g/{k}") for k in ("0/0", "0/1")}
+    forgeries = [b"", b"xx", bytes(SEAL_BYTES), genuine["0/1"],  # another key's genuine value
+                 genuine["0/0"][:-1] + bytes([genuine["0/0"][-1] ^ 1])]  # one bit of the value
+    for forged in forgeries:
+        rogue.set("g/0/0", forged)
+        with pytest.raises(WeightSyncError, match=r"\[forged\].*'0/0'"):
+            member.get("0/0")
+    rogue.set("g/0/0", genuine["0/0"])
+    with pytest.raises(WeightSyncError, match=r"\[forged\]"):  # genuine, but for another sync's secret
+        SealedStore(dist.PrefixStore("g", store), new_secret()).get("0/0")
+    for bad in ("", "ab" * 31, "zz" * 32):
+        with pytest.raises(WeightSyncError, match=r"\[invalid_announce\]"):
+            SealedStore(dist.PrefixStore("g", store), bad)
+    # what is not authenticated (existence, counters) still works through the view
+    assert member.check(["0/0"]) and not member.check(["nope"]) and member.add("n", 2) == 2
+    assert member.delete_key("0/1") and not member.check(["0/1"])
+
+
+def test_seal_binds_secret_sync_version_and_checksum():
+    secret, checksum = new_secret(), tensor_checksum([("w", torch.ones(3))])
+    seal = make_seal(secret, 7, 3, checksum)
+    assert len(seal) == SEAL_BYTES and open_seal(secret, 7, 3, seal) == checksum
+    assert open_seal(secret, 7, 3, make_seal(secret, 7, 3, "")) == ""  # weights.checksum off: no bytes vouched for
+    for other in ((new_secret(), 7, 3), (secret, 8, 3), (secret, 7, 4)):
+        with pytest.raises(WeightSyncError, match=r"\[forged\]"):
+            open_seal(*other, seal)
+    for i in range(SEAL_BYTES):  # any bit of it, padding included
+        bent = bytearray(seal)
+        bent[i] ^= 0x10
+        with pytest.raises(WeightSyncError, match=r"\[forged\]"):
+            open_seal(secret, 7, 3, bytes(bent))
+    with pytest.raises(WeightSyncError, match=r"\[forged\]"):
+        open_seal(secret, 7, 3, seal[:-1])
+
+
+_FORGED_GLOO_ADDRESS = """
+import sys
+from common.weightsync import WeightSyncError, connect_store, make_group, new_secret
+store = connect_store("127.0.0.1", 0, 10.0, is_master=True)
+rogue = connect_store("127.0.0.1", store.port, 10.0)
+rogue.set("g/0/1", bytes.fromhex(sys.argv[1]))  # where rank 0's gloo would read rank 1's address
+try:
+    make_group("127.0.0.1", store.port, "g", 0, 2, 5.0, secret=new_secret(), store=store)
+except WeightSyncError as e:
+    print("refused", e.reason)
+"""
+
+
+@pytest.mark.parametrize("value", ["", "7878", "00" * 4096], ids=["empty", "short", "long"])
+def test_a_rogue_gloo_address_fails_the_group_instead_of_crashing_the_process(value):
+    # unsealed, gloo parses whatever it finds there: an empty or short value segfaults the
+    # process that reads it (the learner), a long one raises ValueError/MemoryError from C++
+    out = subprocess.run([sys.executable, "-c", _FORGED_GLOO_ADDRESS, value], capture_output=True, text=True,
+                         cwd=str(REPO), timeout=120)
+    assert out.returncode == 0 and "refused forged" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses with a listening TCP socket on port (IPv4 and IPv6, from /proc/net)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(addr if len(addr) == width else "?")
+    return found
+
+
+def test_the_rendezvous_store_listens_on_its_host_only_and_announces_the_advertised_one():
+    cfg = WeightsConfig(backend="gloo", rendezvous_port=0, timeout_s=10.0)
+    pub = WeightPublisher(cfg, "127.0.0.1")
+    assert _listening(pub.port) == {"0100007F"}  # 127.0.0.1 only, not 0.0.0.0 / [::]
+    # a client still reaches it, and a second publisher cannot take the port
+    connect_store("127.0.0.1", pub.port, 10.0).set("k", "v")
+    with pytest.raises(WeightSyncError, match="(?i)address already in use"):
+        WeightPublisher(WeightsConfig(backend="gloo", rendezvous_port=pub.port), "127.0.0.1")
+    pub.close()
+    # a wildcard host listens everywhere; members are told to dial the advertised address
+    anywhere = WeightPublisher(cfg, "0.0.0.0", advertise="127.0.0.1")
+    assert _listening(anywhere.port) & {"00000000", "00000000000000000000000000000000"}
+    plan = anywhere.plan([("w", torch.zeros(2))], 1)
+    sync = anywhere.prepare(plan, ["a", "b"])
+    assert {a.rendezvous_host for a in sync.announcements} == {"127.0.0.1"}
+    assert {a.secret for a in sync.announcements} == {sync.secret} and len(sync.secret) == 64
+    assert sync.secret not in sync.group and anywhere.prepare(plan, ["a"]).secret != sync.secret
+    anywhere.close()
+

@@ -350,7 +350,7 @@ EXAMPLES = [
     WeightAnnounce(sync_id=5, version=18, group="sync-5", rank=1, world_size=3, backend="gloo",
                    rendezvous_host="127.0.0.1", rendezvous_port=29600, timeout_s=60.0,
                    names=["lm_head.weight", "model.norm.weight"], shapes=[[50, 16], [16]],
-                   dtypes=["float32", "float32"], buckets=[[0, 2, 816]]),
+                   dtypes=["float32", "float32"], buckets=[[0, 2, 816]], secret="5e" * 32),
     WeightAck(actor_id="actor-0", sync_id=5, version=18, ok=True, checksum="ab" * 32, load_seconds=0.25, error=""),
     Shutdown(reason="max_steps reached"),
     Rejoin(incarnation=2, reason="not a member of this learner"),
