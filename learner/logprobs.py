@@ -131,7 +131,7 @@ LOGPROB_CHUNK = 2048
 """Kept positions per LM-head chunk of `token_logprobs` (2048 x 151,936 float32 = 1.2 GB)."""
 
 
-def _split_head(model):
+def split_head(model):
     """(decoder, lm_head) when the model is a plain decoder + linear LM head, else None (then the
     model's own forward computes the logits, all kept positions at once)."""
     get_decoder, head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
@@ -155,6 +155,28 @@ def _chunk_logprobs(lm_head, sampling: tuple[float, int, float], hidden: torch.T
     logp = processed_logprobs_uniform(logits, *sampling)  # (C, V)
     entropy = entropy_of(logp.detach())  # (C,)
     return logp[row, token], entropy
+
+
+def dummy_logprobs(model, token_id: int) -> torch.Tensor:
+    """A zero-valued scalar (attached to the graph when grad is on) from a 1-token forward through
+    exactly the modules and checkpointing of a one-chunk `token_logprobs` call. A ZeRO-3 rank with
+    no data of its own runs it: ZeRO hooks every module call and its backward with collectives
+    (parameter gathers, gradient reduction, the top-level module's step counter), so a dummy that
+    took another path through the model than the other ranks' real forwards would hang them."""
+    device, _ = _model_device_dtype(model)
+    ids = torch.full((1, 1), int(token_id), dtype=torch.long, device=device)  # (1, 1)
+    split = split_head(model)
+    if split is None:
+        logits = model(input_ids=ids, use_cache=False, logits_to_keep=torch.zeros(1, dtype=torch.long, device=device))
+        return logits.logits.float().sum() * 0.0
+    decoder, lm_head = split
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state.reshape(1, -1)  # (1, H)
+    row, token = torch.zeros(1, dtype=torch.long, device=device), ids[0]  # (1,), (1,)
+    if torch.is_grad_enabled():
+        value, _ = checkpoint(_chunk_logprobs, lm_head, (1.0, 0, 1.0), hidden, row, token, use_reentrant=False)
+    else:
+        value, _ = _chunk_logprobs(lm_head, (1.0, 0, 1.0), hidden, row, token)
+    return value.sum() * 0.0
 
 
 def token_logprobs(
@@ -192,7 +214,7 @@ def token_logprobs(
     keep = torch.unique(pred[generated])  # (K,) sorted positions whose logits are needed
     K = keep.numel()
     inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, **attention, use_cache=False)
-    split = _split_head(model)
+    split = split_head(model)
     if split is None:
         out = model(**inputs, logits_to_keep=keep)
         logits, out = out.logits, None  # (B, K, V)

@@ -51,11 +51,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import ConfigError, JobConfig, LearnerConfig
+from common.config import JobConfig, LearnerConfig
 from common.device import resolve_device_dtype
 from common.errors import ModelError, one_line
 from common.tree import ReasoningTree
-from learner.logprobs import token_logprobs
+from learner.logprobs import dummy_logprobs, token_logprobs
 from learner.loss import LossInputs, treerpo_loss
 from learner.packing import pack_trees
 from learner.ranks import (
@@ -190,11 +190,6 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.ranks = RankGroup(lc.follower_timeout_s)
         self.rank, self.world_size = self.ranks.rank, self.ranks.world_size
-        if cfg.learner.minibatches > 1 and self.world_size > 1:
-            # the multi-rank path is written (matched proximal forwards, dummies) but a 2-rank ZeRO-3
-            # run with k = 2 did not finish in its test: refuse it until that is understood
-            raise ConfigError(f"learner.minibatches = {cfg.learner.minibatches} needs a single learner rank "
-                              f"(this world has {self.world_size}); set learner.minibatches=1")
         torch.manual_seed(lc.seed)
 
         load = dict(dtype=self.dtype, attn_implementation=cfg.model.attn_implementation,
@@ -447,11 +442,12 @@ class Trainer:
         if self.ref_model is not None:
             with torch.no_grad():
                 ref = self._logprobs(self.ref_model, batch)  # (B, T)
-        # top-k/top-p: a token outside the learner's kept set (-inf under θ, p or ref) leaves the loss
-        kept = torch.isfinite(logprobs.detach())
+        # top-k/top-p: a token outside the learner's kept set (-inf under θ, p or ref) leaves the loss;
+        # NaN stays in (a collapsed policy must reach the collapse guard, not be masked away)
+        kept = logprobs.detach() != float("-inf")
         for other in (proximal, ref):
             if other is not None:
-                kept &= torch.isfinite(other)
+                kept &= other != float("-inf")
         mask = batch.loss_mask & kept  # (B, T)
         inputs = LossInputs(
             logprobs=logprobs, proximal_logprobs=proximal, behaviour_logprobs=batch.behaviour_logprobs,
@@ -464,19 +460,19 @@ class Trainer:
         return loss, metrics
 
     def _dummy_forward(self, model: torch.nn.Module) -> torch.Tensor:
-        ids = torch.full((1, 1), self.pad_token_id, dtype=torch.long, device=self.device)  # (1, 1)
-        return model(input_ids=ids, use_cache=False).logits  # (1, 1, V)
+        """A zero scalar through the modules a real log-prob forward calls (learner.logprobs.dummy_logprobs)."""
+        return dummy_logprobs(model, self.pad_token_id)
 
     def _dummy_loss(self) -> torch.Tensor:
         """Zero loss through the same forwards as a real micro-batch (matches ZeRO's collectives)."""
-        logits = self._dummy_forward(self.module)  # (1, 1, V)
+        zero = self._dummy_forward(self.module)  # ()
         with torch.no_grad():
             second = self.cfg.learner.minibatches == 1 and self.cfg.learner.proximal_forward
             if self.cfg.loss.proximal == "recompute" and second:
                 self._dummy_forward(self.module)
             if self.ref_model is not None:
                 self._dummy_forward(self.ref_model)
-        return logits.float().sum() * 0.0
+        return zero
 
     def _optimizer_step(self, loss_finite: bool) -> tuple[float, bool]:
         """Step (or skip) the optimizer; returns (grad norm before clipping, applied)."""
