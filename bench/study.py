@@ -57,6 +57,8 @@ VARIANTS = {  # variants (TreeRPO unless named grpo-), each against its method a
     "tree-stale1": ["replay.max_staleness=1"],
     "tree-sync": ["learner.mode=sync"],
     "grpo-tau0.1": [*METHODS["grpo"], "advantage.min_group_std=0.1"],  # τ for the baseline too (fairness)
+    "grpo-k2": [*METHODS["grpo"], "learner.minibatches=2"],  # k = 2 for the baseline too
+    "tree-421-k2": ["tree.branching=[4,2,1]", "learner.minibatches=2"],  # the two best TreeRPO changes together
 }
 ALL = {**METHODS, **VARIANTS}
 
