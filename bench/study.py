@@ -331,10 +331,15 @@ def report(out: Path, docs: Path) -> list[dict]:
     tree_lr = dict(picks).get("treerpo")
     plot(results, picks, docs / "study_tokens.png", "tokens", "generated tokens (thousands)")
     plot(results, picks, docs / "study_wall.png", "wall_s", "wall time (s)")
-    variant_picks = [("treerpo", tree_lr)] + [(n, tree_lr) for n in VARIANTS] if tree_lr is not None else []
-    if variant_picks:
-        plot(results, variant_picks, docs / "study_variants.png", "tokens", "generated tokens (thousands)")
+    if tree_lr is not None:
+        shapes = ["treerpo", "tree-421", "tree-split-tokens", "tree-norm-none", "tree-norm-tree", "grpo"]
+        training = ["treerpo", "tree-k2", "tree-421-k2", "tree-tau0.1", "tree-sync", "tree-stale0", "grpo-k2"]
+        for name, group in (("study_shapes.png", shapes), ("study_training.png", training)):
+            plot(results, [(n, tree_lr) for n in group], docs / name, "tokens", "generated tokens (thousands)")
     (docs / "study_results.json").write_text(json.dumps(rows, indent=1))
+    runs = [{k: r[k] for k in ("run", "name", "lr", "seed", "budget", "overrides", "points", "steps", "wall_s",
+                               "staleness_mean")} for r in results]
+    (docs / "study_runs.json").write_text(json.dumps(runs, indent=1))
     return rows
 
 
