@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,11 +72,7 @@ def run_mode(mode: str, model: Path, work: Path, args) -> dict:
     sup = Supervisor(cfg, run_dir, args.actors, env=child_env(), grace_s=60.0, on_event=lambda m: None)
     try:
         sup.start()
-        code = None
-        deadline = time.monotonic() + 1800
-        while code is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            code = sup.poll()
+        code = sup.wait(1800)
     finally:
         sup.stop()
     if code != 0:

@@ -114,25 +114,22 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
         return json.loads(result_path.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     warm = warm_model(a)
-    base = load_config(["demo"], [*job_overrides(name), f"model.path={warm}"])
-    est_steps = a.budget / (base.replay.batch_trees * tokens_per_tree(base))
-    every = 1 if a.tiny else max(1, round(est_steps / a.points))  # tiny: a random model's trees are far longer
     cfg = load_config(["demo"], [
         *job_overrides(name), f"model.path={warm}", f"run_dir={run_dir}", f"learner.lr={lr}",
         f"learner.seed={seed}", f"actor.seed={seed}", "learner.max_steps=0", f"learner.max_generated_tokens={a.budget}",
-        f"learner.checkpoint_every={every}", "learner.keep_checkpoints=1000", "learner.resume=never",
-        f"learner.min_actors={base.actor.num_actors}",
+        "learner.keep_checkpoints=1000", "learner.resume=never",
     ])
+    cfg.learner.min_actors = cfg.actor.num_actors  # every actor takes part from the first step
+    est_steps = a.budget / (cfg.replay.batch_trees * tokens_per_tree(cfg))
+    # tiny: a random model's trees are far longer than the estimate, so every step is kept
+    cfg.learner.checkpoint_every = 1 if a.tiny else max(1, round(est_steps / a.points))
+    every = cfg.learner.checkpoint_every
     print(f"[study] {run_dir.name}: checkpoint every {every} steps (~{est_steps:.0f} steps)", flush=True)
     sup = Supervisor(cfg, run_dir, cfg.actor.num_actors, env=child_env(), grace_s=60.0, on_event=lambda m: None)
     t0 = time.time()
     try:
         sup.start()
-        deadline = time.monotonic() + a.run_timeout_s
-        code = None
-        while code is None and time.monotonic() < deadline:
-            time.sleep(1.0)
-            code = sup.poll()
+        code = sup.wait(a.run_timeout_s, tick_s=1.0)
     finally:
         sup.stop()
     if code != 0:

@@ -376,20 +376,22 @@ class SupervisorConfig(Section):
     @model_validator(mode="after")
     def _check_devices(self) -> SupervisorConfig:
         if self.cpus is not None:
-            if len(self.cpus) < 2:
-                raise ValueError(f"up.cpus={self.cpus}: give the learner's entry and at least one actor's, e.g. "
-                                 "['0', '1']")
-            bad = [c for c in self.cpus if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", c)]
-            if bad:
-                raise ValueError(f"up.cpus: {bad} are not CPU lists (e.g. '0', '2-3' or '0,4-7')")
+            _check_child_list("up.cpus", self.cpus, r"\d+(-\d+)?(,\d+(-\d+)?)*", "",
+                              "CPU lists (e.g. '0', '2-3' or '0,4-7')")
         if isinstance(self.devices, list):
-            if len(self.devices) < 2:
-                raise ValueError(f"up.devices={self.devices}: give the learner's entry and at least one actor's, "
-                                 "e.g. ['0', '1'], or use 'auto'")
-            bad = [d for d in self.devices if not re.fullmatch(r"[\w-]+(,[\w-]+)*|", d)]
-            if bad:
-                raise ValueError(f"up.devices: {bad} are not CUDA_VISIBLE_DEVICES values (e.g. '0', '1,2' or '')")
+            _check_child_list("up.devices", self.devices, r"[\w-]+(,[\w-]+)*|", ", or use 'auto'",
+                              "CUDA_VISIBLE_DEVICES values (e.g. '0', '1,2' or '')")
         return self
+
+
+def _check_child_list(key: str, entries: list[str], pattern: str, alternative: str, what: str) -> None:
+    """A per-child list of `up`: [learner, actor...], at least two entries, each matching `pattern`."""
+    if len(entries) < 2:
+        raise ValueError(f"{key}={entries}: give the learner's entry and at least one actor's, e.g. ['0', '1']"
+                         f"{alternative}")
+    bad = [e for e in entries if not re.fullmatch(pattern, e)]
+    if bad:
+        raise ValueError(f"{key}: {bad} are not {what}")
 
 
 class JobConfig(Section):

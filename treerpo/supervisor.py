@@ -320,6 +320,15 @@ class Supervisor:
             return self.learner.proc.returncode
         return None
 
+    def wait(self, timeout_s: float, tick_s: float = 0.5) -> int | None:
+        """Supervise (`poll`) until the job ends -- the learner's exit code -- or timeout_s passes (None)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self.poll()
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            time.sleep(tick_s)
+
     def _supervise(self, child: Child, now: float) -> None:
         if child.done or child.alive() or child.proc is None:
             return

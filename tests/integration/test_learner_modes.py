@@ -3,9 +3,7 @@ each through a real `treerpo up` job (learner + 2 HF actors, ZeroMQ, gloo syncs)
 
 from __future__ import annotations
 
-from tests.support.system import System, wait_until
-
-SYSTEM_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 256}
+from tests.support.system import SYSTEM_MODEL, System, wait_until
 
 
 def test_sync_mode_trains_every_tree_on_the_weights_that_made_it(make_tiny_model, tmp_path):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.system import System, wait_until
-
-SYSTEM_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 256}
+from tests.support.system import SYSTEM_MODEL, System, wait_until
 
 
 def test_version_counts_optimizer_steps_with_sync_every_3(make_tiny_model, tmp_path):

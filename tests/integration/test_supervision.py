@@ -13,10 +13,8 @@ import pytest
 
 from common.config import load_config
 from common.rundir import read_json
-from tests.support.system import System, pid_alive, wait_until
+from tests.support.system import SYSTEM_MODEL, System, pid_alive, wait_until
 from treerpo.supervisor import EXIT_CHILD_FAILED, Child, JobFailed, Supervisor, last_error_line
-
-SYSTEM_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 256}
 
 
 def test_last_error_line_reads_the_latest_start_only(tmp_path):

@@ -26,6 +26,7 @@ from learner.main import ACK_GRACE_S
 from tests.support.monitoring import dashboard_queries, is_vllm, rule_exprs
 from tests.support.prom_stack import PromStack
 from tests.support.system import (
+    SYSTEM_MODEL,
     System,
     free_port,
     metric_value,
@@ -37,8 +38,6 @@ from tests.support.system import (
     wait_until,
 )
 from tests.support.tools import require_tool
-
-SYSTEM_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 256}
 
 
 @dataclass

@@ -12,6 +12,7 @@ Bucket layout, checksums and swap_in validation are unit-tested in tests/unit/te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -584,20 +585,34 @@ def _assert_learners_weights_or_none(out: Path, actor_id: str, version: int, ack
         assert not (out / f"{actor_id}_v{version}.pt").exists(), f"{actor_id} installed v{version} and failed it"
 
 
-def test_a_rogue_impersonating_the_learner_gets_nothing_installed(models, tmp_path):
-    """A rogue finds the group in the store as soon as the actor's gloo address appears, joins it as
-    rank 0 before the learner does and broadcasts weights of its own. The actor installs nothing
-    (the rogue's store values lack the sync's MAC), the learner's own part ends by its deadline
-    and keeps the actor (its failure report carries the MAC), and the next sync succeeds."""
+@contextlib.contextmanager
+def _rogue_job(models, tmp_path, mode: str, rogue_model: Path | None = None):
+    """A learner, actor a0 (registered) and a rogue store client in `mode`: yields (learner, out, rogue);
+    ends all three after, and checks the actor exited cleanly."""
     torch.set_num_threads(1)
     out = tmp_path / "out"
     out.mkdir()
     learner = Learner(models["learner"], bucket_mb=1 / 64, timeout_s=ROGUE_TIMEOUT_S)
     actor = _spawn_actor(learner.endpoint, "a0", models["a0"], out)
-    rogue = _spawn_rogue("impersonate", learner.pub.port, out, models["a0"])
-    acks: dict[int, WeightAck] = {}
+    rogue = _spawn_rogue(mode, learner.pub.port, out, rogue_model)
     try:
         learner.wait_registered({"a0"})
+        yield learner, out, rogue
+    finally:
+        _kill(rogue)
+        learner.send("a0", Shutdown(reason="test done"))
+        _end([actor])
+        learner.close()
+    assert actor.returncode == 0
+
+
+def test_a_rogue_impersonating_the_learner_gets_nothing_installed(models, tmp_path):
+    """A rogue finds the group in the store as soon as the actor's gloo address appears, joins it as
+    rank 0 before the learner does and broadcasts weights of its own. The actor installs nothing
+    (the rogue's store values lack the sync's MAC), the learner's own part ends by its deadline
+    and keeps the actor (its failure report carries the MAC), and the next sync succeeds."""
+    acks: dict[int, WeightAck] = {}
+    with _rogue_job(models, tmp_path, "impersonate", models["a0"]) as (learner, out, rogue):
         _wait_for(out / "rogue_ready", rogue)
         learner.train_step()
         # the rogue has the whole stage: the learner joins only once the actor has answered
@@ -616,12 +631,6 @@ def test_a_rogue_impersonating_the_learner_gets_nothing_installed(models, tmp_pa
         sync, result, got = learner.sync(["a0"])
         assert result.ok and got["a0"].ok and got["a0"].version == 2
         _assert_learners_weights_or_none(out, "a0", 2, got["a0"], result, learner)
-    finally:
-        _kill(rogue)
-        learner.send("a0", Shutdown(reason="test done"))
-        _end([actor])
-        learner.close()
-    assert actor.returncode == 0
 
 
 def test_a_vandal_in_the_store_can_fail_syncs_but_never_change_installed_weights(models, tmp_path):
@@ -629,15 +638,8 @@ def test_a_vandal_in_the_store_can_fail_syncs_but_never_change_installed_weights
     old scheme would use next, floods keys and holds idle, half-sent and blocked connections.
     Each sync ends by its deadline with the learner's weights (checksum verified) or nothing
     installed; once the rogue is gone the next sync succeeds."""
-    torch.set_num_threads(1)
-    out = tmp_path / "out"
-    out.mkdir()
-    learner = Learner(models["learner"], bucket_mb=1 / 64, timeout_s=ROGUE_TIMEOUT_S)
-    actor = _spawn_actor(learner.endpoint, "a0", models["a0"], out)
-    rogue = _spawn_rogue("vandal", learner.pub.port, out)
     acks: dict[int, WeightAck] = {}
-    try:
-        learner.wait_registered({"a0"})
+    with _rogue_job(models, tmp_path, "vandal") as (learner, out, rogue):
         _wait_for(out / "rogue_holding", rogue)
         results, groups = {}, set()
         for pause in (0.0, 0.5, 1.5):  # how long the actor's keys stand alone in the store
@@ -663,37 +665,18 @@ def test_a_vandal_in_the_store_can_fail_syncs_but_never_change_installed_weights
         sync, result, got = learner.sync(["a0"])
         assert result.ok and got["a0"].ok
         _assert_learners_weights_or_none(out, "a0", learner.version, got["a0"], result, learner)
-    finally:
-        _kill(rogue)
-        learner.send("a0", Shutdown(reason="test done"))
-        _end([actor])
-        learner.close()
-    assert actor.returncode == 0
 
 
 def test_idle_half_sent_and_waiting_store_clients_do_not_hold_up_a_sync(models, tmp_path):
     """The store serves every connection from one event loop: clients that connect and say nothing,
     send half a frame, or block on keys that never come do not delay the learner's rendezvous."""
-    torch.set_num_threads(1)
-    out = tmp_path / "out"
-    out.mkdir()
-    learner = Learner(models["learner"], bucket_mb=1 / 64, timeout_s=ROGUE_TIMEOUT_S)
-    actor = _spawn_actor(learner.endpoint, "a0", models["a0"], out)
-    rogue = _spawn_rogue("hang", learner.pub.port, out)
-    try:
-        learner.wait_registered({"a0"})
+    with _rogue_job(models, tmp_path, "hang") as (learner, out, rogue):
         _wait_for(out / "rogue_holding", rogue)
         learner.train_step()
         sync, result, got = learner.sync(["a0"])
         assert result.ok and got["a0"].ok and result.seconds < ROGUE_TIMEOUT_S / 2
         _assert_learners_weights_or_none(out, "a0", 1, got["a0"], result, learner)
         assert rogue.poll() is None  # its connections were held the whole time
-    finally:
-        _kill(rogue)
-        learner.send("a0", Shutdown(reason="test done"))
-        _end([actor])
-        learner.close()
-    assert actor.returncode == 0
 
 
 def _rank0_in_the_middle(pub, sync, named, *, flip: bool, seal_secret: str, sealed_checksum: str) -> None:

@@ -22,6 +22,9 @@ from common.rundir import logs_dir
 from tests.support.paths import REPO
 from treerpo.supervisor import Child, Supervisor, treerpo_command
 
+# the tiny model of the system tests: small enough that a learner and 2 actors share 2 cores
+SYSTEM_MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 256}
+
 BASE_OVERRIDES = [
     "tree.depth=2", "tree.branching=[2,2]", "tree.split=step", "tree.segment_tokens=8", "tree.max_tokens=24",
     "replay.batch_trees=4", "replay.credits_per_actor=4", "replay.max_staleness=4",
