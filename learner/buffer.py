@@ -18,11 +18,12 @@ Guarantees:
 * Credits: actor ``a`` has at most ``credits_per_actor`` trees in flight, counted as
   ``granted (unconsumed) + held in the buffer``. ``grant_credits(a)`` hands out the difference;
   a received tree consumes one credit; a tree leaving the buffer (trained or dropped) frees one.
-* Rounds (``learner.mode: sync``): once ``top_up_round`` was called, grants are further bounded
-  by each actor's allowance for the current round, and the allowances of the live actors plus
-  the trees already buffered add up to the round's target (one batch): no actor starts a tree
-  beyond it, so every tree of a round is made by the weights the round was opened with.
-  ``top_up_round`` re-grants what was lost (a dropped tree, an actor that left).
+* Rounds (``learner.mode: sync``; a buffer made with ``rounds=True``): from the start, grants
+  (Welcome's included) are further bounded by each actor's allowance for the current round, and
+  the allowances of the live actors plus the trees already buffered add up to the round's target
+  (one batch): no actor starts a tree beyond it, so every tree of a round is made by the weights
+  the round was opened with. ``top_up_round`` re-grants what was lost (a dropped tree, an actor
+  that left).
 
 Metrics: ``stats()`` and an optional ``on_drop(DropEvent)`` callback (called outside the lock);
 the buffer updates no metric itself. Its drop reasons are ``common.metrics.DROP_REASONS``, the
@@ -96,6 +97,7 @@ class ReplayBuffer:
         seed: int = 0,
         on_drop: Callable[[DropEvent], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        rounds: bool = False,
     ) -> None:
         self.cfg = cfg
         self.incarnation = int(incarnation)
@@ -114,7 +116,7 @@ class ReplayBuffer:
         self._closed = False
         self._granted: dict[str, int] = {}
         self._held: dict[str, int] = {}
-        self._round: dict[str, int] | None = None  # sync mode: trees each actor may still be granted
+        self._round: dict[str, int] | None = {} if rounds else None  # sync mode: trees each actor may still get
         self._waiting_for = 1  # trees a waiting take() needs before an add is worth waking it for
 
     # -- ingest -----------------------------------------------------------------------------
@@ -291,7 +293,7 @@ class ReplayBuffer:
             raise ValueError(f"top_up_round(target={target}) must be >= 1")
         with self._cond:
             if self._round is None:
-                self._round = {}
+                raise ValueError("top_up_round on a buffer made without rounds=True (learner.mode: async)")
             for gone in set(self._round) - set(actors):
                 del self._round[gone]
             live = [a for a in actors if a in self._granted]

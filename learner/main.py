@@ -124,6 +124,7 @@ class Learner:
         self.buffer = ReplayBuffer(
             cfg.replay, state.incarnation, resume_version=state.version if latest is not None else None,
             seed=cfg.learner.seed, on_drop=lambda ev: self.metrics.dropped(ev.reason, ev.count),
+            rounds=cfg.learner.mode == "sync",
         )
         if state.buffer:
             self.buffer.load_state_dict(state.buffer)

@@ -280,10 +280,14 @@ def test_concurrent_add_and_take_lose_nothing():
 
 def test_sync_rounds_bound_the_grants_to_one_batch():
     buf = ReplayBuffer(cfg(credits_per_actor=8, capacity=100))
-    assert buf.register_actor("a0") == 8 and buf.register_actor("a1") == 8  # async until a round opens
-    buf2 = ReplayBuffer(cfg(credits_per_actor=8, capacity=100))
+    assert buf.register_actor("a0") == 8 and buf.register_actor("a1") == 8  # no rounds: async
+    with pytest.raises(ValueError, match="without rounds"):
+        buf.top_up_round(["a0"], 5)
+    buf2 = ReplayBuffer(cfg(credits_per_actor=8, capacity=100), rounds=True)
+    # Welcome grants nothing before the first round opens: such credits made trees the learner
+    # trained one version later (a sync-mode system test caught it)
+    assert buf2.register_actor("a0") == 0 and buf2.register_actor("a1") == 0
     assert buf2.top_up_round([], 5) == 0  # nobody to give it to
-    assert buf2.register_actor("a0") == 0 and buf2.register_actor("a1") == 0  # a round bounds even Welcome
     assert buf2.top_up_round(["a0", "a1"], 5) == 5
     assert buf2.pending_grants() == {"a0": 3, "a1": 2}  # the shortfall spread, first actor first
     assert buf2.pending_grants() == {}  # nothing beyond the round, although credits_per_actor is 8
