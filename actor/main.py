@@ -91,7 +91,8 @@ class Actor:
             self.server = MetricsServer(cfg.metrics.host, cfg.metrics.actor_port, self.registry,
                                         include_default_registry=cfg.actor.engine == "vllm",
                                         port_key="metrics.actor_port").start()
-            write_json_atomic(actor_info_path(run_dir, actor_id), {"metrics": self.server.url, "pid": os.getpid()})
+            self.info_path = actor_info_path(run_dir, actor_id)
+            write_json_atomic(self.info_path, {"metrics": self.server.url, "pid": os.getpid()})
         self.net = ActorEndpoints(cfg.transport, actor_id, data_endpoint=endpoints.get("data"),
                                   control_endpoint=endpoints.get("control"))
         self.incarnation = -1  # learner incarnation of the last Welcome
@@ -329,6 +330,10 @@ class Actor:
         if close_engine is not None:  # vLLM: its engine-core and worker processes
             close_engine()
         if self.server is not None:
+            # the last word: what /metrics would answer now, for whoever reads the run after this
+            # process is gone (a short run can end between two scrapes of `treerpo demo`)
+            write_json_atomic(self.info_path, {"metrics": self.server.url, "pid": os.getpid(),
+                                               "final_metrics": self.server.exposition().decode()})
             self.server.stop()
 
 

@@ -565,6 +565,10 @@ class MetricsServer:
         else:
             self._ready_flag.clear()
 
+    def exposition(self) -> bytes:
+        """What /metrics answers now (the text exposition format of every registry served)."""
+        return b"".join(generate_latest(r) for r in self.registries)
+
     def start(self) -> MetricsServer:
         if self._httpd is not None:
             raise RuntimeError("MetricsServer already started")
@@ -577,8 +581,7 @@ class MetricsServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's API
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    body = b"".join(generate_latest(r) for r in server.registries)
-                    self._reply(200, body, CONTENT_TYPE_LATEST)
+                    self._reply(200, server.exposition(), CONTENT_TYPE_LATEST)
                 elif path == "/health":
                     self._reply(200, b"ok\n")
                 elif path == "/ready":

@@ -152,7 +152,7 @@ class Progress:
     steps: int
     rows: list[dict[str, Any]] = field(default_factory=list)
     learner: dict[str, float] = field(default_factory=dict)
-    actors: dict[str, dict[str, float]] = field(default_factory=dict)  # last scrape per actor
+    actors: dict[str, dict[str, float]] = field(default_factory=dict)  # last scrape (or final exposition) per actor
     actor_scrapes: dict[str, int] = field(default_factory=dict)
     learner_scrapes: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -164,10 +164,13 @@ class Progress:
             self.learner, self.learner_scrapes = got, self.learner_scrapes + 1
         for info_path in sorted((self.run_dir / "actors").glob("*.json")):
             try:
-                url = json.loads(info_path.read_text()).get("metrics")
+                info = json.loads(info_path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            got = scrape(url, timeout_s=0.5)
+            if isinstance(info.get("final_metrics"), str):  # the actor has stopped: its own last exposition
+                self.actors[info_path.stem] = parse_prometheus(info["final_metrics"])
+                continue
+            got = scrape(info.get("metrics"), timeout_s=0.5)
             if got:
                 self.actors[info_path.stem] = got
                 self.actor_scrapes[info_path.stem] = self.actor_scrapes.get(info_path.stem, 0) + 1

@@ -94,9 +94,11 @@ def test_short_demo_end_to_end(tmp_path):
     assert summary["eval_problems"] == 6 and summary["samples_per_problem"] == 2 and summary["steps"] == 3
     assert summary["mean_response_tokens_before"] > 0 and summary["mean_response_tokens_after"] > 0
 
-    # trees came from both actors, and both loaded newer weights than the first sync's (version 0)
+    # trees came from both actors (one of each in every batch of 2), and both loaded newer weights
+    # than the first sync's (version 0); the figures are the actors' final ones, which each actor
+    # writes on its way out (the 3 steps can pass between two of the demo's scrapes)
     assert len(summary["actors"]) == 2
-    assert all(a["trees_sent"] > 0 for a in summary["actors"].values()), summary["actors"]
+    assert all(a["trees_sent"] >= 3 for a in summary["actors"].values()), summary["actors"]
     assert all(a["weight_version"] >= 1 for a in summary["actors"].values()), summary["actors"]
     assert summary["weight_syncs"] >= 2
     # our own scrapes answered while the demo ran

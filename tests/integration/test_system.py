@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from common.metrics import promql_metric_names
+from common.metrics import promql_metric_names, series
 from common.weightsync import tensor_checksum
 from learner.checkpoint import find_latest, read_learner_state
 from learner.main import ACK_GRACE_S
@@ -107,6 +107,15 @@ def test_trees_from_two_actors_train_and_shutdown_is_clean(run):
     assert len(trained) == len(set(trained)), "a tree was trained twice"
     assert run.exit_code == 0  # SIGTERM: final checkpoint, clean exit
     wait_until(s.all_exited, 30, "every process of the job to exit")
+    # each actor left its last exposition in its info file: the version the learner last confirmed
+    # for it, and at least every tree the learner received from it
+    syncs = s.syncs()
+    for actor_id in ("actor-0", "actor-1"):
+        final = json.loads((s.run_dir / "actors" / f"{actor_id}.json").read_text())["final_metrics"]
+        confirmed = [r["version"] for r in syncs if actor_id in r["confirmed"]]
+        assert metric_value(final, "treerpo_actor_weight_version") == confirmed[-1]
+        received = sum(1 for t in s.trees() if t["actor_id"] == actor_id)
+        assert metric_value(final, series("actor", "trees")) >= received > 0
 
 
 def test_every_sync_is_bit_exact_and_versions_agree(run):
