@@ -113,6 +113,7 @@ class ReplayBuffer:
         self._taken = 0
         self._uncredited = 0
         self._tokens = 0
+        self._min_versions: dict[int, int] = {}  # min node version -> buffered trees with it
         self._closed = False
         self._granted: dict[str, int] = {}
         self._held: dict[str, int] = {}
@@ -170,6 +171,7 @@ class ReplayBuffer:
         entry = _Entry(tree, self._clock(), tree_tokens(tree), tree.min_version())
         self._entries[tree.tree_id] = entry
         self._tokens += entry.tokens
+        self._min_versions[entry.min_version] = self._min_versions.get(entry.min_version, 0) + 1
         self._held[tree.actor_id] = self._held.get(tree.actor_id, 0) + 1
         self._accepted += 1
         self._remember(tree.tree_id)
@@ -226,10 +228,12 @@ class ReplayBuffer:
         return [e.tree for e in batch]
 
     def _pick(self, max_trees: int, max_tokens: int | None) -> list[_Entry]:
-        entries = list(self._entries.values())
+        # oldest / newest walk the arrival order from one end: the cost is the batch's, not the buffer's
+        entries = self._entries.values()
         if self.cfg.sampling == "newest":
-            entries.reverse()
+            entries = reversed(entries)
         elif self.cfg.sampling == "uniform":
+            entries = list(entries)
             self._rng.shuffle(entries)
         batch: list[_Entry] = []
         total = 0
@@ -251,6 +255,8 @@ class ReplayBuffer:
         return len(events)
 
     def _purge_stale(self, v: int, events: list[DropEvent]) -> None:
+        if not self._min_versions or v - min(self._min_versions) <= self.cfg.max_staleness:
+            return  # nothing stale: no scan (take() calls this every batch)
         stale = [tid for tid, e in self._entries.items() if v - e.min_version > self.cfg.max_staleness]
         for tid in stale:
             entry = self._entries.pop(tid)
@@ -341,6 +347,11 @@ class ReplayBuffer:
 
     def _release(self, entry: _Entry) -> None:
         self._tokens -= entry.tokens
+        left = self._min_versions[entry.min_version] - 1
+        if left:
+            self._min_versions[entry.min_version] = left
+        else:
+            del self._min_versions[entry.min_version]
         actor = entry.tree.actor_id
         self._held[actor] = self._held.get(actor, 0) - 1
 
@@ -362,7 +373,7 @@ class ReplayBuffer:
     def oldest_version(self) -> int | None:
         """Smallest node version among buffered trees (None when empty)."""
         with self._cond:
-            return min((e.min_version for e in self._entries.values()), default=None)
+            return min(self._min_versions, default=None)
 
     @property
     def drop_counts(self) -> dict[str, int]:

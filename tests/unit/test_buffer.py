@@ -305,3 +305,54 @@ def test_sync_rounds_bound_the_grants_to_one_batch():
     assert buf2.top_up_round(["a0"], 5) == 5 and buf2.pending_grants() == {"a0": 5}  # the next round
     with pytest.raises(ValueError, match="target"):
         buf2.top_up_round(["a0"], 0)
+
+
+@pytest.mark.parametrize("sampling", ["oldest", "newest"])
+def test_random_operations_match_a_reference_model(sampling):
+    """take / purge / eviction / drain against a plain list model of the rules, over 3,000 random
+    operations: same batches, same drops, same oldest_version. The buffer walks only the batch and
+    skips the stale scan when nothing is stale; the model scans everything every time."""
+    rng = np.random.default_rng(7)
+    c = cfg(capacity=12, max_staleness=2, sampling=sampling, batch_trees=4, batch_tokens=40)
+    drops: list[DropEvent] = []
+    buf = ReplayBuffer(c, on_drop=drops.append)
+    model: list[tuple[str, int, int]] = []  # (tree_id, tokens, min version), arrival order
+    model_drops: list[tuple[str, str]] = []
+    v, serial = 0, 0
+    for _ in range(3000):
+        op = rng.integers(0, 10)
+        if op < 6:  # add a tree made 0-3 versions ago, with 1-3 leaves and 2-4 token segments
+            made = int(max(0, v - rng.integers(0, 4)))
+            leaves = int(rng.integers(1, 4))
+            tree = make_tree(f"t{serial}", (made,) + (made,) * leaves, seg_len=int(rng.integers(2, 5)))
+            serial += 1
+            result = buf.add(tree, v)
+            if v - made > c.max_staleness:
+                assert result.reason == "stale"
+                model_drops.append(("stale", tree.tree_id))
+                continue
+            assert result.accepted
+            model.append((tree.tree_id, tree_tokens(tree), made))
+            if len(model) > c.capacity:
+                model_drops.append(("capacity", model.pop(0)[0]))
+        elif op < 9:  # take at the current version
+            stale = [e for e in model if v - e[2] > c.max_staleness]
+            model_drops += [("stale", e[0]) for e in stale]
+            model = [e for e in model if e not in stale]
+            order = model if sampling == "oldest" else model[::-1]
+            want, total = [], 0
+            for tid, tokens, _ in order:
+                if len(want) == c.batch_trees or (want and total + tokens > c.batch_tokens):
+                    break
+                want.append(tid)
+                total += tokens
+            assert ids(buf.take(v)) == want
+            model = [e for e in model if e[0] not in want]
+        else:
+            v += 1
+        assert [(e.reason, e.tree_id) for e in drops] == model_drops
+        assert len(buf) == len(model)
+        assert buf.oldest_version() == min((e[2] for e in model), default=None)
+        assert buf.stats().tokens == sum(e[1] for e in model)
+    assert buf.drain_for_shutdown() == len(model)
+    assert buf.oldest_version() is None and buf.stats().tokens == 0
