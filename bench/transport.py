@@ -38,6 +38,12 @@ Figures
                          learner can ingest with a core for its Python; gil_bound_ratio = codec CPU
                          per tree / learner_gil_us_per_tree (CPU over CPU: what ratio would be with
                          cores to spare, the learner's GIL the only bound)
+  alone_gil_us_per_tree  the same ingest loop fed by a plain PUSH socket in this process with no
+                         other thread busy (chunks of 32 frames, encoded before they are sent; the
+                         main thread takes the batches in between): the learner's Python CPU per
+                         tree with a core to itself and no neighbour, by call (alone_ingest_us_by_call)
+                         plus take(); alone_ratio = codec CPU per tree / it, the ratio to expect
+                         with cores to spare
   raw_frames_per_s, raw_curve_frames_per_s  reference: the same byte frames from N plain PUSH
                          processes into one PULL (pyzmq, same HWMs, no codec, no control plane),
                          without and with CURVE
@@ -345,6 +351,58 @@ def run_transport(args, work: Path, names: list[str], prof: cProfile.Profile | N
     }
 
 
+def ingest_alone(pool: list[ReasoningTree], args, n: int, chunk: int = 32) -> dict:
+    """The learner's ingest loop (IngestHost._ingest_loop, instrumented as by --stages) with no other
+    thread busy: one plain PUSH socket in this process sends `chunk` frames of the pool with fresh
+    tree ids (encoded first), then waits (asleep) until the loop has admitted them; the main thread
+    takes the full batches in between. CURVE off: it runs on ZeroMQ's I/O thread, outside the GIL. Membership
+    comes from a stand-in (ControlPlane admits only registered actors); its lookup is timed as
+    is_member. -> the learner's Python CPU per tree with a core to itself and no neighbour."""
+    metrics = LearnerMetrics(new_registry())
+    buffer = ReplayBuffer(ReplayConfig(capacity=1024, credits_per_actor=args.credits, batch_trees=args.batch_trees))
+    buffer.register_actor(pool[0].actor_id)
+    endpoints = LearnerEndpoints(TransportConfig(data_port=0, control_port=0))
+    host = IngestHost(endpoints, buffer, _Proxy(SimpleNamespace(), is_member=lambda actor_id: True), metrics, VOCAB)
+    clock = StageClock()
+    clock.instrument(host)
+    ingest = threading.Thread(target=partial(clock.run, host._ingest_loop), name="ingest-alone", daemon=True)
+    zctx = zmq.Context()
+    push = zctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(endpoints.data_endpoint)
+    take_s = 0.0
+    try:
+        ingest.start()
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            batch = []
+            for k in range(start, end):  # encoded before the first send: the loop is idle meanwhile
+                tree = pool[k % len(pool)]
+                tree.tree_id = f"alone-{k:09d}"
+                batch.append(encode_tree(tree))
+            for frame in batch:
+                push.send(frame, copy=False)
+            _wait(lambda end=end: buffer.stats().accepted >= end, args.timeout, "the ingest loop alone")
+            t0 = time.thread_time()
+            while len(buffer) >= args.batch_trees:
+                buffer.take(0)
+            take_s += time.thread_time() - t0
+    finally:
+        host.stop_requested.set()
+        ingest.join(5)
+        clock.restore()
+        push.close()
+        zctx.term()
+        endpoints.close()
+    st = buffer.stats()
+    if st.accepted != n or any(st.drops.values()):
+        raise RuntimeError(f"ingest alone: {st.accepted} of {n} trees accepted, drops {st.drops}")
+    by_call = clock.per_tree_us()
+    return {"alone_ingest_us_by_call": by_call, "alone_take_us_per_tree": take_s / n * 1e6,
+            "alone_gil_us_per_tree": by_call["total"] + take_s / n * 1e6, "alone_trees": n}
+
+
 # -- baselines ------------------------------------------------------------------------------------
 def codec_rates(pool: list, args) -> tuple[list[float], list[float]]:
     """load.codec_trees_per_s over the pool: (trees/s of each run, [this thread's CPU us per tree]).
@@ -446,6 +504,7 @@ def main(argv: list[str] | None = None) -> None:
         if clock is not None:
             r["ingest_cpu_us_by_stage"] = clock.per_tree_us()
         actor_stats = pstats.Stats(str(work / "actor.prof")) if prof is not None else None
+        r.update(ingest_alone(pool, args, 300 if args.tiny else 4000))
         more, cpu = codec_rates(pool, args)
         codecs, codec_cpu = codecs + more, codec_cpu + cpu
         if not args.no_raw:
@@ -468,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu_ratio": statistics.median(codec_cpu) / (r["learner_cpu_us_per_tree"] + r["actor_cpu_us_per_tree"]),
         "gil_bound_trees_per_s": 1e6 / r["learner_gil_us_per_tree"],
         "gil_bound_ratio": statistics.median(codec_cpu) / r["learner_gil_us_per_tree"],
+        "alone_ratio": statistics.median(codec_cpu) / r["alone_gil_us_per_tree"],
         "profiled": args.profile or args.stages,
         "ratio": r["transport_trees_per_s"] / codec,
         "target": TARGET,
@@ -483,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
                      ("learner_cpu_us_per_tree", "{:.0f}"), ("learner_gil_us_per_tree", "{:.0f}"),
                      ("actor_cpu_us_per_tree", "{:.0f}"), ("cpu_ratio", "{:.3f}"),
                      ("gil_bound_trees_per_s", "{:.0f}"), ("gil_bound_ratio", "{:.3f}"),
+                     ("alone_gil_us_per_tree", "{:.0f}"), ("alone_ratio", "{:.3f}"),
                      ("actor_blocked_fraction", "{:.2f}"),
                      ("measured_trees", "{:d}"), ("exact", "{}")]:
         if key in out:
@@ -493,6 +554,9 @@ def main(argv: list[str] | None = None) -> None:
     if clock is not None:
         print("ingest thread CPU us/tree by call (--stages): "
               + ", ".join(f"{k} {v:.1f}" for k, v in r["ingest_cpu_us_by_stage"].items()))
+    print("ingest loop alone, CPU us/tree by call: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in r["alone_ingest_us_by_call"].items())
+          + f"; take {r['alone_take_us_per_tree']:.1f}")
     if prof is not None:
         print("(--profile: the ingest thread and actor-0 ran under cProfile, so the rates above are low)")
         print("== learner ingest thread ==")
