@@ -41,9 +41,10 @@ Figures
   alone_gil_us_per_tree  the same ingest loop fed by a plain PUSH socket in this process with no
                          other thread busy (chunks of 32 frames, encoded before they are sent; the
                          main thread takes the batches in between): the learner's Python CPU per
-                         tree with a core to itself and no neighbour, by call (alone_ingest_us_by_call)
-                         plus take(); alone_ratio = codec CPU per tree / it, the ratio to expect
-                         with cores to spare
+                         tree with a core to itself and no neighbour, loop plus take(), timed
+                         without per-call timers; alone_ingest_us_by_call: a second pass with them
+                         (its total includes their cost); alone_ratio = codec CPU per tree / it,
+                         the ratio to expect with cores to spare
   raw_frames_per_s, raw_curve_frames_per_s  reference: the same byte frames from N plain PUSH
                          processes into one PULL (pyzmq, same HWMs, no codec, no control plane),
                          without and with CURVE
@@ -351,20 +352,22 @@ def run_transport(args, work: Path, names: list[str], prof: cProfile.Profile | N
     }
 
 
-def ingest_alone(pool: list[ReasoningTree], args, n: int, chunk: int = 32) -> dict:
+def ingest_alone(pool: list[ReasoningTree], args, n: int, chunk: int = 32, instrument: bool = True) -> dict:
     """The learner's ingest loop (IngestHost._ingest_loop, instrumented as by --stages) with no other
     thread busy: one plain PUSH socket in this process sends `chunk` frames of the pool with fresh
     tree ids (encoded first), then waits (asleep) until the loop has admitted them; the main thread
     takes the full batches in between. CURVE off: it runs on ZeroMQ's I/O thread, outside the GIL. Membership
     comes from a stand-in (ControlPlane admits only registered actors); its lookup is timed as
-    is_member. -> the learner's Python CPU per tree with a core to itself and no neighbour."""
+    is_member. -> the learner's Python CPU per tree with a core to itself and no neighbour; with
+    instrument=False only the loop's total is timed (the per-call timers cost CPU of their own)."""
     metrics = LearnerMetrics(new_registry())
     buffer = ReplayBuffer(ReplayConfig(capacity=1024, credits_per_actor=args.credits, batch_trees=args.batch_trees))
     buffer.register_actor(pool[0].actor_id)
     endpoints = LearnerEndpoints(TransportConfig(data_port=0, control_port=0))
     host = IngestHost(endpoints, buffer, _Proxy(SimpleNamespace(), is_member=lambda actor_id: True), metrics, VOCAB)
     clock = StageClock()
-    clock.instrument(host)
+    if instrument:
+        clock.instrument(host)
     ingest = threading.Thread(target=partial(clock.run, host._ingest_loop), name="ingest-alone", daemon=True)
     zctx = zmq.Context()
     push = zctx.socket(zmq.PUSH)
@@ -391,16 +394,18 @@ def ingest_alone(pool: list[ReasoningTree], args, n: int, chunk: int = 32) -> di
     finally:
         host.stop_requested.set()
         ingest.join(5)
-        clock.restore()
+        if instrument:
+            clock.restore()
         push.close()
         zctx.term()
         endpoints.close()
     st = buffer.stats()
     if st.accepted != n or any(st.drops.values()):
         raise RuntimeError(f"ingest alone: {st.accepted} of {n} trees accepted, drops {st.drops}")
+    if not instrument:
+        return {"alone_gil_us_per_tree": (clock.seconds["total"] + take_s) / n * 1e6, "alone_trees": n}
     by_call = clock.per_tree_us()
-    return {"alone_ingest_us_by_call": by_call, "alone_take_us_per_tree": take_s / n * 1e6,
-            "alone_gil_us_per_tree": by_call["total"] + take_s / n * 1e6, "alone_trees": n}
+    return {"alone_ingest_us_by_call": by_call, "alone_take_us_per_tree": take_s / n * 1e6, "alone_trees": n}
 
 
 # -- baselines ------------------------------------------------------------------------------------
@@ -504,7 +509,9 @@ def main(argv: list[str] | None = None) -> None:
         if clock is not None:
             r["ingest_cpu_us_by_stage"] = clock.per_tree_us()
         actor_stats = pstats.Stats(str(work / "actor.prof")) if prof is not None else None
-        r.update(ingest_alone(pool, args, 300 if args.tiny else 4000))
+        alone_n = 300 if args.tiny else 4000
+        r.update(ingest_alone(pool, args, alone_n))  # by call, then the total without the per-call timers
+        r.update(ingest_alone(pool, args, alone_n, instrument=False))
         more, cpu = codec_rates(pool, args)
         codecs, codec_cpu = codecs + more, codec_cpu + cpu
         if not args.no_raw:
