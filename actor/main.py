@@ -332,8 +332,11 @@ class Actor:
         if self.server is not None:
             # the last word: what /metrics would answer now, for whoever reads the run after this
             # process is gone (a short run can end between two scrapes of `treerpo demo`)
-            write_json_atomic(self.info_path, {"metrics": self.server.url, "pid": os.getpid(),
-                                               "final_metrics": self.server.exposition().decode()})
+            try:
+                write_json_atomic(self.info_path, {"metrics": self.server.url, "pid": os.getpid(),
+                                                   "final_metrics": self.server.exposition().decode()})
+            except Exception as e:  # noqa: BLE001 - the run's results are elsewhere; say it and go on
+                log.warning("could not leave the final metrics in %s: %s", self.info_path, e)
             self.server.stop()
 
 
