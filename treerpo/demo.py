@@ -132,7 +132,8 @@ def scrape(url: str | None, timeout_s: float = 1.0) -> dict[str, float] | None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of the learner's metrics.jsonl (a half-written last line is skipped)."""
+    """Every complete line of one of the learner's JSONL files, metrics.jsonl or syncs.jsonl (a
+    half-written last line is skipped)."""
     if not path.exists():
         return []
     rows = []
@@ -465,7 +466,8 @@ def make_summary(args, cfg, warm: dict, before: dict, after: dict, progress: Pro
         "trees_trained": int(sum(r.get("trees_consumed", 0) for r in rows)),
         "losses_finite": bool(rows) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses),
         "final_version": rows[-1]["version"] + 1 if rows else 0,
-        "weight_syncs": int(progress.learner.get(SYNCS, 0)),
+        # the learner's own record, not its last scrape (the syncs of a short run can follow it)
+        "weight_syncs": sum(1 for r in read_metrics(progress.run_dir / "syncs.jsonl") if r.get("confirmed")),
         "learner_scrapes": progress.learner_scrapes,
         "actors": {a: {"trees_sent": int(m.get(ACTOR_TREES, 0)),
                        "weight_version": int(m.get(ACTOR_VERSION, 0)),
