@@ -53,7 +53,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from common.weightsync import (
     MAX_IN_FLIGHT,
@@ -61,13 +60,14 @@ from common.weightsync import (
     Deadline,
     Digests,
     InFlight,
-    SealedStore,
     WeightSyncError,
     broadcast_bucket,
     bucket_device,
     check_layout,
     combine_digests,
     connect_store,
+    failure_key,
+    group_store,
     keep_group,
     make_group,
     open_seal,
@@ -312,7 +312,6 @@ class WeightReceiver:
         if store is None:
             return
         try:
-            reports = SealedStore(dist.PrefixStore(announce.group, store), announce.secret)
-            reports.set(f"failed/{announce.rank}", err.reason)
+            group_store(store, announce.group, announce.secret).set(failure_key(announce.rank), err.reason)
         except Exception:  # noqa: BLE001 - the store died with the learner; the ack path reports it
             self._store = None

@@ -456,6 +456,18 @@ class SealedStore(dist.Store):
         return self._store.num_keys()
 
 
+def group_store(store: Any, group: str, secret: str | None) -> Any:
+    """What one sync's members share of the rendezvous `store`: its PrefixStore `group`, sealed
+    with the sync's `secret` (None: bare, for benchmarks of the transport only)."""
+    prefixed = dist.PrefixStore(group, store)
+    return prefixed if secret is None else SealedStore(prefixed, secret)
+
+
+def failure_key(rank: int) -> str:
+    """Where member `rank` reports "alive, but failed" in its `group_store`."""
+    return f"failed/{rank}"
+
+
 def _seal(key: bytes, sync_id: int, version: int, digest: bytes, flag: bytes) -> bytes:
     mac = _mac(key, b"treerpo-seal", str(int(sync_id)).encode(), str(int(version)).encode(), digest, flag)
     return (mac + digest + flag).ljust(SEAL_BYTES, b"\0")
@@ -592,9 +604,7 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
         raise ValueError(f"rank {rank} outside a group of {world_size}")
     if store is None:
         store = connect_store(host, port, timeout_s)
-    prefixed = dist.PrefixStore(group_name, store)
-    if secret is not None:
-        prefixed = SealedStore(prefixed, secret)
+    prefixed = group_store(store, group_name, secret)
     td = timedelta(seconds=max(0.05, timeout_s))
     try:
         if backend == "nccl":

@@ -59,7 +59,6 @@ from common.weightsync import (
     Deadline,
     Digests,
     InFlight,
-    SealedStore,
     SyncPlan,
     WeightSyncError,
     broadcast_bucket,
@@ -68,6 +67,8 @@ from common.weightsync import (
     connect_store,
     drop_group_later,
     dtype_name,
+    failure_key,
+    group_store,
     keep_group,
     make_group,
     make_seal,
@@ -313,8 +314,8 @@ class WeightPublisher:
     def _collect_reports(self, sync: PreparedSync, deadline: Deadline) -> list[str]:
         """Members that wrote `<group>/failed/<rank>` (alive, they saw the sync fail) with the sync's
         secret, within a short grace; a report without a valid MAC (a rogue's) is no proof of life."""
-        reports = SealedStore(dist.PrefixStore(sync.group, self.store), sync.secret)
-        keys = {m: f"failed/{r + 1}" for r, m in enumerate(sync.members)}
+        reports = group_store(self.store, sync.group, sync.secret)
+        keys = {m: failure_key(r + 1) for r, m in enumerate(sync.members)}
         until = time.monotonic() + min(REPORT_GRACE_S, deadline.remaining())
         alive: list[str] = []
         while True:
