@@ -78,7 +78,7 @@ def run_mode(mode: str, model: Path, work: Path, args) -> dict:
     if code != 0:
         raise RuntimeError(f"{mode}: the learner ended with {code}; see {run_dir / 'logs'}")
     rows = read_metrics(run_dir / "metrics.jsonl")
-    syncs = [json.loads(line) for line in (run_dir / "syncs.jsonl").read_text().splitlines() if line.strip()]
+    syncs = read_metrics(run_dir / "syncs.jsonl")
     steady = rows[args.skip:]
     if len(steady) < 3:
         raise RuntimeError(f"{mode}: only {len(rows)} steps recorded; raise --steps above --skip + 2")

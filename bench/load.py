@@ -347,16 +347,19 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def stat_cpu_s(stat: Path) -> float | None:
+    """User + system CPU seconds of a /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat file
+    (utime, stime); None once the process or thread is gone."""
+    try:
+        fields = stat.read_text().rsplit(") ", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds the processes used so far (/proc/<pid>/stat utime, stime)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds the processes used so far."""
+    return sum(s for s in (stat_cpu_s(Path(f"/proc/{pid}/stat")) for pid in pids) if s is not None)
 
 
 def scrape(url: str) -> dict:

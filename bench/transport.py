@@ -81,7 +81,7 @@ import zmq.auth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from load import POOL, SyntheticActor, codec_trees_per_s, paper_tree  # noqa: E402 -- bench/ is on sys.path
+from load import POOL, SyntheticActor, codec_trees_per_s, paper_tree, stat_cpu_s  # noqa: E402 -- bench/ is on sys.path
 
 import learner.main as learner_main  # noqa: E402
 from common.config import LearnerConfig, ReplayConfig, TransportConfig  # noqa: E402
@@ -203,10 +203,11 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             comm = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(") ", 1)[1].split()
         except OSError:
             continue
-        out[int(task.name)] = (comm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        seconds = stat_cpu_s(task / "stat")
+        if seconds is not None:
+            out[int(task.name)] = (comm, seconds)
     return out
 
 

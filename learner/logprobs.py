@@ -131,7 +131,7 @@ LOGPROB_CHUNK = 2048
 """Kept positions per LM-head chunk of `token_logprobs` (2048 x 151,936 float32 = 1.2 GB)."""
 
 
-def split_head(model):
+def _split_head(model):
     """(decoder, lm_head) when the model is a plain decoder + linear LM head, else None (then the
     model's own forward computes the logits, all kept positions at once)."""
     get_decoder, head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
@@ -165,7 +165,7 @@ def dummy_logprobs(model, token_id: int) -> torch.Tensor:
     took another path through the model than the other ranks' real forwards would hang them."""
     device, _ = _model_device_dtype(model)
     ids = torch.full((1, 1), int(token_id), dtype=torch.long, device=device)  # (1, 1)
-    split = split_head(model)
+    split = _split_head(model)
     if split is None:
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=torch.zeros(1, dtype=torch.long, device=device))
         return logits.logits.float().sum() * 0.0
@@ -214,7 +214,7 @@ def token_logprobs(
     keep = torch.unique(pred[generated])  # (K,) sorted positions whose logits are needed
     K = keep.numel()
     inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, **attention, use_cache=False)
-    split = split_head(model)
+    split = _split_head(model)
     if split is None:
         out = model(**inputs, logits_to_keep=keep)
         logits, out = out.logits, None  # (B, K, V)
