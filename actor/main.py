@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from actor.credits import Credits, TreeSender
 from actor.engines import make_engine
 from actor.sampler import TreeSampler
 from actor.weights import WeightReceiver
@@ -50,7 +51,6 @@ from common.wire import (
     WeightAnnounce,
     Welcome,
     WireError,
-    encode_tree,
 )
 
 log = logging.getLogger("treerpo.actor")
@@ -76,7 +76,6 @@ class Actor:
         self.cfg, self.run_dir, self.actor_id = cfg, run_dir, actor_id
         self.stop = threading.Event()
         self.lock = threading.Lock()  # engine lock: generate vs weight load
-        self.state_lock = threading.Lock()
         self.engine = make_engine(cfg, seed=cfg.actor.seed + 1_000_003 * index)
         self.prompts = PromptSource(cfg.data, self.engine.tokenizer, index, num_actors)
         self.reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
@@ -95,9 +94,8 @@ class Actor:
             write_json_atomic(self.info_path, {"metrics": self.server.url, "pid": os.getpid()})
         self.net = ActorEndpoints(cfg.transport, actor_id, data_endpoint=endpoints.get("data"),
                                   control_endpoint=endpoints.get("control"))
-        self.incarnation = -1  # learner incarnation of the last Welcome
-        self.credits = 0
-        self.credit_quota = cfg.replay.credits_per_actor  # the learner keeps sent + unused credits at this
+        self.credits = Credits()  # registration: learner incarnation, credits, trees sent under it
+        self.sender = TreeSender(self.net, self.credits, self.metrics, self.stop)
         self.weights_ready = threading.Event()  # current learner's weights loaded
         self.last_contact = 0.0
         self.learner_finished = False
@@ -140,7 +138,7 @@ class Actor:
                 backoff = min(backoff * 2, 10.0)
             elif registered and now >= next_heartbeat:
                 self.net.send_control(Heartbeat(actor_id=self.actor_id, incarnation_seen=self.incarnation,
-                                                version=self.engine.version, trees_sent=self.net.trees_sent),
+                                                version=self.engine.version, **self.credits.heartbeat_fields()),
                                       timeout_s=0.5)
                 next_heartbeat = now + tc.heartbeat_interval_s
             while not self._outbox.empty():
@@ -161,26 +159,23 @@ class Actor:
         if isinstance(msg, Welcome):
             if msg.incarnation != self.incarnation and self.incarnation >= 0:
                 self._learner_lost()
-            with self.state_lock:
-                self.incarnation, self.credits = msg.incarnation, msg.credits
+            self.credits.welcome(msg)
             self.weights_ready.clear()
             self.receiver.reset()  # a (re)registration may mean a new learner with a new store
             reset_transfer = getattr(self.engine, "reset_weight_transfer", None)
             if reset_transfer is not None:  # vLLM: its worker's transfer engine holds the store
                 reset_transfer()
             self.metrics.connected.set(1)
-            self.metrics.credits.set(msg.credits)
-            log.info("registered with learner incarnation %d (version %d, %d credits)", msg.incarnation,
-                     msg.version, msg.credits)
+            self.metrics.credits.set(0)
+            log.info("registered with learner incarnation %d (version %d, registration %d); credits follow "
+                     "the weights", msg.incarnation, msg.version, msg.registration)
             return True
         if isinstance(msg, Credit):
-            if msg.incarnation != self.incarnation:
+            if not self.credits.credit(msg):
                 log.warning("learner incarnation %d != %d: re-registering", msg.incarnation, self.incarnation)
                 self.last_contact = 0.0  # forces a Register on the next pass
                 return False
-            with self.state_lock:
-                self.credits += msg.credits
-                self.metrics.credits.set(self.credits)
+            self.metrics.credits.set(self.credits.available)
         elif isinstance(msg, Rejoin):
             log.warning("learner says rejoin (%s): registering again", msg.reason)
             self._learner_lost(count_lost=msg.incarnation != self.incarnation)
@@ -239,16 +234,18 @@ class Actor:
         return WeightAck(actor_id=self.actor_id, sync_id=announce.sync_id, version=announce.version, ok=True,
                          checksum=checksum, load_seconds=seconds, error="")
 
+    @property
+    def incarnation(self) -> int:
+        """Learner incarnation of the current registration (-1: none)."""
+        return self.credits.incarnation
+
     def _learner_lost(self, count_lost: bool = True) -> None:
-        """Forget the registration. With count_lost, the learner itself is gone: trees sent whose
-        credit never came back died with it (in its buffer or in transit)."""
-        with self.state_lock:
-            unreturned = max(0, self.credit_quota - self.credits) if count_lost else 0
-            self.credits = 0
-            self.incarnation = -1
-        if unreturned:
-            self.metrics.trees_lost("learner_lost", unreturned)
-            log.warning("learner lost: %d trees sent to it were never trained", unreturned)
+        """Forget the registration. With count_lost, the learner itself is gone: trees sent to it
+        that it had not reported settled died with it (in its buffer or in transit)."""
+        unsettled = self.credits.lose()
+        if count_lost and unsettled:
+            self.metrics.trees_lost("learner_lost", unsettled)
+            log.warning("learner lost: %d trees sent to it were not reported trained or dropped", unsettled)
         self.weights_ready.clear()
         self.metrics.connected.set(0)
         self.metrics.credits.set(0)
@@ -265,9 +262,8 @@ class Actor:
             """Prompts for up to k new trees; credits are spent on send, so count the trees in flight."""
             if self.stop.is_set():
                 return None  # the stream finishes the trees in flight, then ends
-            with self.state_lock:
-                n = min(k, self.credits - len(taken))
-                incarnation = self.incarnation
+            incarnation, available = self.credits.budget()
+            n = min(k, available - len(taken))
             if n <= 0 or not self.weights_ready.is_set():
                 return []
             prompts = self.prompts.next_batch(n)
@@ -285,7 +281,7 @@ class Actor:
                 self.metrics.generation_seconds.observe(tree.meta["sample_seconds"])
                 self._count(tree)
                 tree.meta["incarnation"] = incarnation
-                self._send(encode_tree(tree), incarnation)
+                self.sender.send(tree, incarnation)
             if not got_any:
                 time.sleep(0.05)
         self.reward.close()
@@ -297,24 +293,6 @@ class Actor:
         self.metrics.leaves_scored(tree.leaf_rewards().tolist())
         reasons = tree.meta.get("reward_reasons", {})
         self.metrics.reward_results(r for r, n in reasons.items() for _ in range(int(n)))
-
-    def _send(self, buf: bytes, incarnation: int) -> None:
-        """Hand one tree to ZeroMQ; give up (and count it) only if the learner it was made for is gone."""
-        blocked0 = self.net.blocked_seconds
-        while True:
-            if self.stop.is_set():
-                self.metrics.trees_lost("shutdown")
-                break
-            if self.incarnation != incarnation:
-                self.metrics.trees_lost("incarnation")
-                break
-            if self.net.send_tree(buf, timeout_s=0.5):
-                with self.state_lock:
-                    self.credits -= 1
-                    self.metrics.credits.set(self.credits)
-                self.metrics.trees.inc()
-                break
-        self.metrics.send_blocked_seconds.inc(self.net.blocked_seconds - blocked0)
 
     def close(self) -> None:
         self.stop.set()

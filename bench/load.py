@@ -89,6 +89,7 @@ sys.path.insert(0, str(REPO))
 
 from wire import level_parents  # noqa: E402 -- bench/ is on sys.path: this script runs from it
 
+from actor.credits import Credits  # noqa: E402
 from actor.weights import WeightReceiver  # noqa: E402
 from common.config import TransportConfig  # noqa: E402
 from common.transport import ActorEndpoints, generate_keys  # noqa: E402
@@ -161,7 +162,8 @@ class SyntheticActor:
         self.sends = 0
         self.receiver = WeightReceiver(checksum=True)
         self.held: list = []  # the installed weights (swap install: the received buffers themselves)
-        self.incarnation, self.version, self.credits, self.ready = -1, -1, 0, False
+        self.credits = Credits()  # the actor's own registration and credit state (actor/credits.py)
+        self.version, self.ready = -1, False
         self.stats = {"actor_id": spec["actor_id"], "registrations": 0, "welcomes": 0, "rejoins": 0, "syncs_ok": 0,
                       "syncs_failed": 0, "rtts": []}
         self._hb_at: float | None = None
@@ -186,6 +188,10 @@ class SyntheticActor:
             net.close()
         return self.stats
 
+    @property
+    def incarnation(self) -> int:
+        return self.credits.incarnation
+
     def _weights_loop(self) -> None:
         while not self._done.is_set():
             try:
@@ -209,10 +215,11 @@ class SyntheticActor:
                 next_register = now + 1.0
             elif self.incarnation >= 0 and now >= next_heartbeat:
                 if net.send_control(Heartbeat(actor_id=spec["actor_id"], incarnation_seen=self.incarnation,
-                                              version=self.version, trees_sent=net.trees_sent), timeout_s=0.5):
+                                              version=self.version, **self.credits.heartbeat_fields()),
+                                    timeout_s=0.5):
                     self._hb_at = self._hb_at or now  # one outstanding: the oldest unanswered counts
                 next_heartbeat = now + spec["heartbeat_s"]
-            sending = (spec["send"] and self.ready and self.credits > 0 and sh["go"].is_set()
+            sending = (spec["send"] and self.ready and self.credits.available > 0 and sh["go"].is_set()
                        and not sh["stop_sending"].is_set())
             while not self._acks.empty():
                 net.send_control(self._acks.get_nowait(), timeout_s=1.0)
@@ -223,29 +230,31 @@ class SyntheticActor:
                 if isinstance(msg, Welcome):
                     next_heartbeat = 0.0
                 msg = net.recv_control(0.0)
-            if sending and self.ready and self.credits > 0:
-                if net.send_tree(self._next_frame(), timeout_s=0.1):
-                    self.credits -= 1
+            if sending and self.ready and self.credits.available > 0:
+                _, registration, seq = self.credits.stamp()
+                if net.send_tree(self._next_frame(registration, seq), timeout_s=0.1):
+                    self.credits.charge(registration, seq)
                     sh["sent"].value = net.trees_sent
 
     def _handle(self, msg) -> str | None:
         if isinstance(msg, Welcome):
-            self.incarnation, self.credits, self.ready = msg.incarnation, msg.credits, False
+            self.credits.welcome(msg)
+            self.ready = False
             self.stats["welcomes"] += 1
             self.receiver.reset()
         elif isinstance(msg, Credit):
             if self._hb_at is not None:
                 self.stats["rtts"].append((self._hb_at, time.monotonic() - self._hb_at))  # (sent at, round trip)
                 self._hb_at = None
-            if msg.incarnation != self.incarnation:
-                self.incarnation, self.ready, self.credits = -1, False, 0
-            else:
-                self.credits += msg.credits
+            if not self.credits.credit(msg):
+                self.credits.lose()
+                self.ready = False
         elif isinstance(msg, WeightAnnounce):
             self._announces.put(msg)
         elif isinstance(msg, Rejoin):
             self.stats["rejoins"] += 1
-            self.incarnation, self.ready, self.credits = -1, False, 0
+            self.credits.lose()
+            self.ready = False
         elif isinstance(msg, Shutdown):
             return "shutdown"
         return None
@@ -268,7 +277,7 @@ class SyntheticActor:
         return WeightAck(actor_id=self.spec["actor_id"], sync_id=announce.sync_id, version=announce.version,
                          ok=True, checksum=checksum, load_seconds=seconds, error="")
 
-    def _next_frame(self) -> bytes:
+    def _next_frame(self, registration: int, seq: int) -> bytes:
         if self.stamp != (self.incarnation, self.version):
             for tree in self.pool:
                 tree.meta["incarnation"] = self.incarnation
@@ -278,6 +287,7 @@ class SyntheticActor:
         tree = self.pool[self.sends % POOL]
         self.sends += 1
         tree.tree_id = new_tree_id()
+        tree.meta["registration"], tree.meta["seq"] = registration, seq
         return encode_tree(tree)
 
 

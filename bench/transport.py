@@ -5,7 +5,7 @@ What runs
   LearnerEndpoints (CURVE on, ZAP allow-list of the actors' public keys, 127.0.0.1, ephemeral
   ports), learner.control.ControlPlane (Register/Welcome, Heartbeat/Credit, the credit sweep),
   learner.buffer.ReplayBuffer, common.metrics.LearnerMetrics, and the learner's own ingest loop,
-  learner.main.Learner._ingest_loop, run unchanged: recv_tree(copy=False) -> decode_tree(
+  learner.ingest.Ingest, run unchanged: recv_tree(copy=False) -> decode_tree(
   vocab_size=...) with full validation -> membership -> longest-path check -> ReplayBuffer.add
   (which spends the actor's credit). There is no model: `IngestHost` holds what that loop reads.
   A taker thread stands in for the trainer (ReplayBuffer.take of --batch-trees trees), so trees
@@ -83,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from load import POOL, SyntheticActor, codec_trees_per_s, paper_tree, stat_cpu_s  # noqa: E402 -- bench/ is on sys.path
 
-import learner.main as learner_main  # noqa: E402
+import learner.ingest as learner_ingest  # noqa: E402
 from common.config import LearnerConfig, ReplayConfig, TransportConfig  # noqa: E402
 from common.metrics import LearnerMetrics, new_registry  # noqa: E402
 from common.transport import LearnerEndpoints, generate_keys  # noqa: E402
@@ -91,6 +91,7 @@ from common.tree import ReasoningTree  # noqa: E402
 from common.wire import Welcome, encode_tree  # noqa: E402
 from learner.buffer import ReplayBuffer  # noqa: E402
 from learner.control import ControlPlane, ControlState  # noqa: E402
+from learner.ingest import Ingest  # noqa: E402
 
 TARGET = 0.7
 VOCAB = 151_936  # Qwen2, as bench/wire.py
@@ -123,20 +124,17 @@ def actor_main(spec: dict, shared: dict, results) -> None:
 
 
 # -- the learner side -----------------------------------------------------------------------------
-class IngestHost:
-    """What learner.main.Learner._ingest_loop reads from its Learner, without a model; the loop is the learner's."""
-
-    _ingest_loop = learner_main.Learner._ingest_loop
+class IngestHost(Ingest):
+    """The learner's ingest (learner.ingest.Ingest, run unchanged) at version 0, with its stop event."""
 
     def __init__(self, endpoints: LearnerEndpoints, buffer: ReplayBuffer, control: ControlPlane,
                  metrics: LearnerMetrics, vocab: int) -> None:
-        lc = LearnerConfig(log_trees=False)
-        self.cfg = SimpleNamespace(learner=lc)
-        self.endpoints, self.buffer, self.control, self.metrics = endpoints, buffer, control, metrics
-        self.trainer = SimpleNamespace(vocab_size=vocab)
-        self.state = SimpleNamespace(version=0)
-        self.longest_allowed = lc.micro_batch_tokens
+        super().__init__(endpoints, buffer, control, metrics, vocab_size=vocab,
+                         longest_allowed=LearnerConfig().micro_batch_tokens, version=lambda: 0)
         self.stop_requested = threading.Event()
+
+    def _ingest_loop(self) -> None:
+        self.run(self.stop_requested)
 
 
 class _Proxy:
@@ -157,7 +155,7 @@ class StageClock:
     """--stages: CPU seconds (time.thread_time) the ingest thread spends in each call the loop makes.
 
     Wraps the host's endpoints.recv_tree, buffer.add and control.is_member, and, for the run,
-    the module globals learner.main.decode_tree and ReasoningTree.path_lengths (this process only)."""
+    the module globals learner.ingest.decode_tree and ReasoningTree.path_lengths (this process only)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -178,12 +176,12 @@ class StageClock:
         host.endpoints = _Proxy(host.endpoints, recv_tree=self.wrap("recv_tree", host.endpoints.recv_tree))
         host.buffer = _Proxy(host.buffer, add=self.wrap("buffer.add", host.buffer.add))
         host.control = _Proxy(host.control, is_member=self.wrap("is_member", host.control.is_member))
-        self._saved = (learner_main.decode_tree, ReasoningTree.path_lengths)
-        learner_main.decode_tree = self.wrap("decode_tree", learner_main.decode_tree)
+        self._saved = (learner_ingest.decode_tree, ReasoningTree.path_lengths)
+        learner_ingest.decode_tree = self.wrap("decode_tree", learner_ingest.decode_tree)
         ReasoningTree.path_lengths = self.wrap("path_lengths", ReasoningTree.path_lengths)
 
     def restore(self) -> None:
-        learner_main.decode_tree, ReasoningTree.path_lengths = self._saved
+        learner_ingest.decode_tree, ReasoningTree.path_lengths = self._saved
 
     def run(self, loop) -> None:
         t0 = time.thread_time()
@@ -289,6 +287,7 @@ def run_transport(args, work: Path, names: list[str], prof: cProfile.Profile | N
         def confirmed() -> bool:  # stands in for the weight sync that makes a member count
             for actor_id in control.pending():
                 control.confirm(actor_id, 0)
+                control.grant_soon()  # as Learner.sync does for the members it confirms
             return len(control.member_ids()) == len(names) and all(s["ready"].value for s in shared)
 
         _wait(confirmed, args.timeout, "every actor to register", alive)
@@ -354,7 +353,7 @@ def run_transport(args, work: Path, names: list[str], prof: cProfile.Profile | N
 
 
 def ingest_alone(pool: list[ReasoningTree], args, n: int, chunk: int = 32, instrument: bool = True) -> dict:
-    """The learner's ingest loop (IngestHost._ingest_loop, instrumented as by --stages) with no other
+    """The learner's ingest loop (learner.ingest.Ingest.run, instrumented as by --stages) with no other
     thread busy: one plain PUSH socket in this process sends `chunk` frames of the pool with fresh
     tree ids (encoded first), then waits (asleep) until the loop has admitted them; the main thread
     takes the full batches in between. CURVE off: it runs on ZeroMQ's I/O thread, outside the GIL. Membership

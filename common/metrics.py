@@ -82,7 +82,7 @@ REWARD_ERROR_REASONS: tuple[str, ...] = tuple(r for r in REWARD_REASONS if r not
 ACTOR_LOST_REASONS: tuple[str, ...] = ("send_timeout", "incarnation", "shutdown", "error", "learner_lost")
 """Why an actor's tree never reached training: not handed to the learner (send_timeout,
 incarnation, shutdown, error), or handed over but lost with the learner that died holding it
-(learner_lost: trees sent whose credit never came back)."""
+(learner_lost: trees sent to it that it had not reported trained or dropped)."""
 
 SYNC_FAILURE_REASONS: tuple[str, ...] = ("timeout", "actor_lost", "checksum", "version", "forged", "error")
 """Why one weight sync (or one actor's part of it) failed."""
@@ -167,7 +167,13 @@ METRICS: tuple[MetricSpec, ...] = (
                "seconds"),
     MetricSpec(_L, "idle_seconds", "counter", "Seconds the learner waited for data with nothing to train.", "seconds"),
     MetricSpec(_L, "actors_registered", "gauge", "Actors currently registered (heartbeating)."),
-    MetricSpec(_L, "trees_in_flight", "gauge", "Credits granted to actors and not yet used.", "trees"),
+    MetricSpec(_L, "trees_in_flight", "gauge", "Trees the members may have in flight as the learner counts them: "
+               "unused credits plus buffered trees.", "trees"),
+    MetricSpec(_L, "credits_written_off", "counter", "Trees an actor sent that never arrived (a gap in its "
+               "sequence, or its heartbeats' count): their credits were granted again.", "trees"),
+    MetricSpec(_L, "stalled", "gauge", "1 while the learner waits in vain for trees and no confirmed actor holds "
+               "a credit (a stall that credit reconciliation did not cure)."),
+    MetricSpec(_L, "stalls", "counter", "Times the learner stalled (treerpo_learner_stalled went to 1)."),
     MetricSpec(_L, "max_staleness", "gauge", "Configured staleness bound eta, in versions.", "versions"),
     MetricSpec(_L, "incarnation", "gauge", "Learner incarnation (restarts)."),
     # -- learner: checkpoints (design §7.1) ---------------------------------------------------------

@@ -12,7 +12,7 @@ Guarantees
 * Decoding is zero-copy for the token data: node `token_ids` / `logprobs` are read-only
   slices of two `np.frombuffer` views over the received buffer (which they keep alive).
 
-Frame layout (protocol version 1)
+Frame layout (protocol version 2)
 
     frame   = header payload
     header  = msgpack [MAGIC: bin "TRPO", VERSION: int, kind: str, body: map]
@@ -50,7 +50,7 @@ from common.tree import (
 )
 
 MAGIC = b"TRPO"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: credits as cumulative limits per registration (Welcome, Heartbeat, Credit)
 TREE_KIND = "tree"
 _PREFIX = b"\x94\xc4\x04" + MAGIC  # fixarray(4), bin8(len 4), magic: every frame starts so
 _ALIGN = 8
@@ -549,11 +549,12 @@ class Register:
 
 @message
 class Welcome:
-    """learner -> actor: reply to Register."""
+    """learner -> actor: reply to Register. No credit yet: that follows the confirmation of the
+    weights, in Credit messages of this `registration`."""
 
     incarnation: int = bounded(0, _I64)
     version: int = bounded(0, _I64)
-    credits: int = bounded(0, _U31)
+    registration: int = bounded(0, _I64)
     max_staleness: int = bounded(0, _U31)
     rendezvous_host: str = text(255)
     rendezvous_port: int = bounded(0, _PORT)
@@ -561,21 +562,27 @@ class Welcome:
 
 @message
 class Heartbeat:
-    """actor -> learner, every transport.heartbeat_interval_s."""
+    """actor -> learner, every transport.heartbeat_interval_s: trees sent under `registration`
+    (the last seq) and the credits it holds, for the learner to reconcile its count with."""
 
     actor_id: str = text(255)
     incarnation_seen: int = bounded(-1, _I64)
+    registration: int = bounded(-1, _I64)  # -1: none
     version: int = bounded(-1, _I64)
     trees_sent: int = bounded(0, _I64)
+    credits: int = bounded(0, _I64)
 
 
 @message
 class Credit:
-    """learner -> actor: permission to send `credits` more trees."""
+    """learner -> actor: under `registration`, send trees up to seq `limit` (cumulative: a later
+    Credit restates it, so a lost one only delays); `settled` of them the learner is done with."""
 
     incarnation: int = bounded(0, _I64)
     version: int = bounded(0, _I64)
-    credits: int = bounded(0, _U31)
+    registration: int = bounded(0, _I64)
+    limit: int = bounded(0, _I64)
+    settled: int = bounded(0, _I64)
 
 
 @message

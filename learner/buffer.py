@@ -15,9 +15,16 @@ Guarantees:
   ``meta['incarnation']`` differs from the buffer's -- unless ``resume_version`` is given, the
   tree comes from an older incarnation and all its versions are ``<= resume_version`` (weights
   both incarnations share). A tree without an int ``meta['incarnation']`` is ``invalid``.
-* Credits: actor ``a`` has at most ``credits_per_actor`` trees in flight, counted as
-  ``granted (unconsumed) + held in the buffer``. ``grant_credits(a)`` hands out the difference;
-  a received tree consumes one credit; a tree leaving the buffer (trained or dropped) frees one.
+* Credits (design §5.6): each registration of an actor gets an id; its trees carry
+  ``meta['registration']`` and ``meta['seq']`` (1, 2, ... in the order sent). The learner keeps,
+  per registration, ``limit`` (the actor may send trees up to that seq) and ``seen`` (the highest
+  seq received). ``credits_per_actor`` bounds ``limit - seen`` (credits not yet used) plus the
+  trees held in the buffer; ``grant(a)`` raises ``limit`` to it. Every received tree of the
+  registration consumes its credit, whether ``add`` accepts it or ``refuse`` turns it away; a gap
+  in seq (trees lost on the way) is written off at once, a tail that never arrives by
+  ``reconcile`` (the actor's heartbeat counts). Credits are cumulative, so a lost Credit message
+  only delays: the next one carries the same limit. Pending members get no credit
+  (``register_actor`` grants nothing).
 * Rounds (``learner.mode: sync``; a buffer made with ``rounds=True``): from the start, grants
   (Welcome's included) are further bounded by each actor's allowance for the current round, and
   the allowances of the live actors plus the trees already buffered add up to the round's target
@@ -71,7 +78,33 @@ class BufferStats:
     accepted: int
     taken: int
     drops: dict[str, int]
-    uncredited: int  # trees received from an actor holding no credit (accepted, but counted)
+    uncredited: int  # trees received outside any credit (no or an old registration, beyond the limit, late)
+    written_off: int  # trees sent under a credit that never arrived (a gap in seq, or reconcile)
+
+
+@dataclass(frozen=True)
+class CreditGrant:
+    """What a Credit message tells an actor: it may send trees up to seq `limit` under
+    `registration`; `settled` of those the learner is done with (received, and no longer
+    buffered: a lower bound). `added`: credits this call granted (0: the message only restates)."""
+
+    registration: int
+    limit: int
+    settled: int
+    added: int
+
+
+@dataclass
+class _Ledger:
+    """One registration's credits, as sequence numbers: trees 1..seen arrived (or were written off),
+    the actor may send up to `limit`."""
+
+    registration: int
+    limit: int = 0
+    seen: int = 0
+    reported: int = 0  # trees_sent of the last heartbeat
+    quiet: int = 0  # heartbeats in a row that found a gap and nothing sent or arrived since the last
+    quiet_seen: int = 0  # seen at the last heartbeat
 
 
 @dataclass
@@ -112,10 +145,14 @@ class ReplayBuffer:
         self._accepted = 0
         self._taken = 0
         self._uncredited = 0
+        self._written_off = 0
+        self._registrations = 0
+        self._last_arrival = clock()
+        self._hungry_since: float | None = None  # a take() found too few trees since then
         self._tokens = 0
         self._min_versions: dict[int, int] = {}  # min node version -> buffered trees with it
         self._closed = False
-        self._granted: dict[str, int] = {}
+        self._ledgers: dict[str, _Ledger] = {}
         self._held: dict[str, int] = {}
         self._round: dict[str, int] | None = {} if rounds else None  # sync mode: trees each actor may still get
         self._waiting_for = 1  # trees a waiting take() needs before an add is worth waking it for
@@ -125,7 +162,7 @@ class ReplayBuffer:
         """Accept the tree into the buffer, or drop it and say why (never raises on content)."""
         events: list[DropEvent] = []
         with self._cond:
-            self._consume_credit(tree.actor_id)
+            self._receive(tree)
             reason = self._admission(tree, learner_version)
             if reason is not None:
                 self._count(reason, tree, events)
@@ -136,10 +173,20 @@ class ReplayBuffer:
         self._emit(events)
         return AddResult(reason is None, reason)
 
+    def refuse(self, tree: ReasoningTree, reason: str) -> None:
+        """Drop a received tree before admission (e.g. from an actor that is not a confirmed member,
+        or too long to train) and count it; like `add`, it consumes the tree's credit."""
+        _check_reason(reason)
+        events: list[DropEvent] = []
+        with self._cond:
+            self._receive(tree)
+            self._count(reason, tree, events)
+        self._emit(events)
+
     def record_drop(self, reason: str, actor_id: str | None = None, count: int = 1) -> None:
-        """Count trees lost before they became trees (e.g. a WireError: 'invalid')."""
-        if reason not in DROP_REASONS:
-            raise ValueError(f"unknown drop reason {reason!r}; use one of {DROP_REASONS}")
+        """Count trees lost before they became trees (e.g. a WireError: 'invalid'). No credit moves
+        (the tree's registration is unknown); the actor's next tree or heartbeat settles it."""
+        _check_reason(reason)
         with self._cond:
             self._drops[reason] += count
         self._emit([DropEvent(reason, None, actor_id, count)])
@@ -220,6 +267,10 @@ class ReplayBuffer:
                 finally:
                     self._waiting_for = 1
             batch = [] if self._closed or len(self._entries) < min_trees else self._pick(max_trees, max_tokens)
+            if batch:
+                self._hungry_since = None
+            elif self._hungry_since is None and not self._closed:
+                self._hungry_since = self._clock()
             for entry in batch:
                 del self._entries[entry.tree.tree_id]
                 self._release(entry)
@@ -278,20 +329,24 @@ class ReplayBuffer:
 
     # -- credits ----------------------------------------------------------------------------
     def register_actor(self, actor_id: str) -> int:
-        """A (re)registered actor holds no credits; returns its initial grant."""
+        """A (re)registered actor: a new registration with no credit (it gets some once its weights
+        are confirmed); returns the registration id, unique across this run's incarnations.
+        Trees it still has buffered keep counting against its share until they leave."""
         with self._cond:
-            self._granted[actor_id] = 0
+            self._registrations += 1
+            registration = (self.incarnation << 32) + self._registrations
+            self._ledgers[actor_id] = _Ledger(registration)
             self._held.setdefault(actor_id, 0)
-            return self._grant(actor_id)
+            return registration
 
     def forget_actor(self, actor_id: str) -> None:
         with self._cond:
-            self._granted.pop(actor_id, None)
+            self._ledgers.pop(actor_id, None)
             if self._round is not None:
                 self._round.pop(actor_id, None)
 
     def top_up_round(self, actors: list[str], target: int) -> int:
-        """Sync mode: make the round's allowances of `actors` plus their granted credits plus the
+        """Sync mode: make the round's allowances of `actors` plus their unused credits plus the
         buffered trees add up to `target`, the shortfall spread over the actors holding the least;
         returns the trees added to allowances. Call it only while `actors` hold the weights the
         round's trees must be made with (after the sync)."""
@@ -302,10 +357,10 @@ class ReplayBuffer:
                 raise ValueError("top_up_round on a buffer made without rounds=True (learner.mode: async)")
             for gone in set(self._round) - set(actors):
                 del self._round[gone]
-            live = [a for a in actors if a in self._granted]
+            live = [a for a in actors if a in self._ledgers]
             if not live:
                 return 0
-            outstanding = {a: self._round.get(a, 0) + self._granted[a] for a in live}
+            outstanding = {a: self._round.get(a, 0) + self._unused(self._ledgers[a]) for a in live}
             short = target - len(self._entries) - sum(outstanding.values())
             for _ in range(max(0, short)):
                 a = min(live, key=lambda x: (outstanding[x], live.index(x)))
@@ -313,37 +368,87 @@ class ReplayBuffer:
                 self._round[a] = self._round.get(a, 0) + 1
             return max(0, short)
 
-    def grant_credits(self, actor_id: str) -> int:
-        """New credits to send `actor_id` now (recorded as granted); 0 if it has its full share."""
+    def grant(self, actor_id: str) -> CreditGrant | None:
+        """Raise the actor's limit to what it may have now; the state for a Credit message (None:
+        not registered). Safe to call any time: a grant is the same however often it is asked."""
         with self._cond:
-            return self._grant(actor_id)
+            ledger = self._ledgers.get(actor_id)
+            if ledger is None:
+                return None
+            added = self._grant(actor_id, ledger)
+            held = self._held.get(actor_id, 0)
+            return CreditGrant(ledger.registration, ledger.limit, max(0, ledger.seen - held), added)
 
-    def pending_grants(self) -> dict[str, int]:
-        """Grant every registered actor what it may have; only non-zero grants are returned."""
+    def reconcile(self, actor_id: str, registration: int, trees_sent: int) -> int:
+        """An actor's heartbeat says it sent `trees_sent` trees under `registration`. Trees that it
+        sent and that have not arrived by the third such heartbeat in a row -- the actor sending
+        nothing, nothing arriving in between -- were lost on the way: written off (their credits
+        come back at the next grant). Returns how many were written off now.
+
+        A tree written off and arriving after all is kept and counted as uncredited: the actor
+        then has one tree more in flight until one leaves the buffer."""
         with self._cond:
-            grants = {a: self._grant(a) for a in list(self._granted)}
-        return {a: n for a, n in grants.items() if n > 0}
+            ledger = self._ledgers.get(actor_id)
+            if ledger is None or ledger.registration != registration:
+                return 0
+            gap = min(trees_sent, ledger.limit) - ledger.seen
+            if gap <= 0:
+                ledger.quiet = 0
+            elif trees_sent == ledger.reported and ledger.seen == ledger.quiet_seen:
+                ledger.quiet += 1
+            else:
+                ledger.quiet = 1
+            ledger.reported, ledger.quiet_seen = trees_sent, ledger.seen
+            if ledger.quiet < 3:
+                return 0
+            ledger.seen += gap
+            ledger.quiet = 0
+            self._written_off += gap
+            return gap
 
     def in_flight(self, actor_id: str) -> int:
+        """Trees the actor may have in flight now, as the learner counts them: unused credits
+        plus trees in the buffer."""
         with self._cond:
-            return self._granted.get(actor_id, 0) + self._held.get(actor_id, 0)
+            ledger = self._ledgers.get(actor_id)
+            return (self._unused(ledger) if ledger else 0) + self._held.get(actor_id, 0)
 
-    def _grant(self, actor_id: str) -> int:
-        if actor_id not in self._granted or self._closed:
+    def starving_s(self) -> float:
+        """Seconds that a take() has found too few trees AND no tree has arrived (0.0 otherwise)."""
+        with self._cond:
+            if self._hungry_since is None or self._closed:
+                return 0.0
+            return max(0.0, self._clock() - max(self._hungry_since, self._last_arrival))
+
+    @staticmethod
+    def _unused(ledger: _Ledger) -> int:
+        return max(0, ledger.limit - ledger.seen)
+
+    def _grant(self, actor_id: str, ledger: _Ledger) -> int:
+        if self._closed:
             return 0
-        n = max(0, self.cfg.credits_per_actor - self._granted[actor_id] - self._held.get(actor_id, 0))
+        n = max(0, self.cfg.credits_per_actor - self._unused(ledger) - self._held.get(actor_id, 0))
         if self._round is not None:
             n = min(n, self._round.get(actor_id, 0))
             if n:
                 self._round[actor_id] -= n
-        self._granted[actor_id] += n
+        ledger.limit = max(ledger.limit, ledger.seen) + n
         return n
 
-    def _consume_credit(self, actor_id: str) -> None:
-        if self._granted.get(actor_id, 0) > 0:
-            self._granted[actor_id] -= 1
-        else:
-            self._uncredited += 1
+    def _receive(self, tree: ReasoningTree) -> None:
+        """Charge an arriving tree to its registration's credits (every tree, accepted or not)."""
+        self._last_arrival = self._clock()
+        ledger = self._ledgers.get(tree.actor_id)
+        meta = tree.meta if isinstance(tree.meta, dict) else {}
+        registration, seq = meta.get("registration"), meta.get("seq")
+        if (ledger is None or not _is_int(registration) or not _is_int(seq) or registration != ledger.registration
+                or seq <= ledger.seen):
+            self._uncredited += 1  # a stranger's, an old registration's, or one written off before
+            return
+        if seq > ledger.limit:
+            self._uncredited += 1  # sent beyond its grant (an actor's bug): the newest seq all the same
+        self._written_off += max(0, min(seq - 1, ledger.limit) - ledger.seen)  # a gap: lost on the way
+        ledger.seen = seq
 
     def _release(self, entry: _Entry) -> None:
         self._tokens -= entry.tokens
@@ -390,6 +495,7 @@ class ReplayBuffer:
                 taken=self._taken,
                 drops=dict(self._drops),
                 uncredited=self._uncredited,
+                written_off=self._written_off,
             )
 
     def _count(self, reason: str, tree: ReasoningTree, events: list[DropEvent]) -> None:
@@ -419,3 +525,12 @@ class ReplayBuffer:
         with self._cond:
             for tree_id in remembered:
                 self._remember(str(tree_id))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_reason(reason: str) -> None:
+    if reason not in DROP_REASONS:
+        raise ValueError(f"unknown drop reason {reason!r}; use one of {DROP_REASONS}")

@@ -9,8 +9,14 @@ messages through `send()`, a thread-safe queue drained every poll. Guarantees:
 * every member gets the current weights before its first tree counts: a newly (re)registered
   member is *pending* until a sync that includes it succeeds (`pending()`), and the learner
   runs such a sync between steps;
-* credits: Welcome carries the initial grant; each heartbeat is answered with a Credit carrying
-  whatever the buffer lets the actor have now (0 is an ack), so a lost Credit only delays.
+* credits (design §5.6): none while pending -- Welcome carries none; the confirmed members get
+  theirs at the next poll after a sync (`grant_soon`) and whenever trees leave the buffer (every
+  sweep). Each heartbeat is reconciled with the buffer's count (`ReplayBuffer.reconcile`: trees
+  lost on the way come back as credits) and answered with a Credit restating the cumulative
+  limit, so a lost Credit only delays;
+* a stall is seen, not silent: confirmed members that all say they hold no credit while the
+  learner waits in vain for trees for `stalled_after_s` raise `treerpo_learner_stalled` (and
+  the TreerpoLearnerStalled alert), count a stall and log each member's counts.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ class Member:
     has_cuda: bool
     version: int = -1  # weights confirmed by a WeightAck
     pending: bool = True  # needs the current weights before its trees count
-    trees_sent: int = 0
+    registration: int = 0
+    trees_sent: int = 0  # as its last heartbeat said
+    credits: int = 0  # as its last heartbeat said
 
 
 @dataclass
@@ -51,13 +59,15 @@ class ControlState:
 
 class ControlPlane:
     def __init__(self, endpoints: LearnerEndpoints, buffer, state: ControlState, *, peer_timeout_s: float,
-                 metrics=None, poll_s: float = 0.02) -> None:
+                 metrics=None, poll_s: float = 0.02, stalled_after_s: float = 10.0) -> None:
         self.endpoints = endpoints
         self.buffer = buffer
         self.state = state
         self.peer_timeout_s = peer_timeout_s
         self.metrics = metrics
         self.poll_s = poll_s
+        self.stalled_after_s = stalled_after_s
+        self.stalled = False
         self.lock = threading.Lock()
         self.acks: queue.Queue[WeightAck] = queue.Queue()
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -142,25 +152,33 @@ class ControlPlane:
     def _run(self) -> None:
         last_sweep = 0.0
         while not self._stop.is_set():
-            self._drain_outgoing()
-            try:
-                got = self.endpoints.recv_control(self.poll_s)
-            except WireError as e:
-                if self.metrics is not None:
-                    self.metrics.wire_error(e.reason)
-                log.warning("bad control message from %r: %s", getattr(e, "identity", b"?"), e)
-                continue
-            if got is not None:
-                identity, msg = got
-                self._handle(identity.decode(errors="replace"), msg)
+            self.poll_once(self.poll_s)
             now = time.monotonic()
             if now - last_sweep > 0.5:
                 last_sweep = now
-                self._sweep(now)
+                self.sweep(now)
             elif self._grant_soon.is_set():
                 self._grant_soon.clear()
                 self._grant_ready()
         self._drain_outgoing()
+
+    def poll_once(self, timeout_s: float) -> bool:
+        """One turn of the control thread's loop: send what is queued, then handle at most one
+        message (waiting up to timeout_s); True if one was handled. Call it from one thread only:
+        the control thread, or a test that drives a plane it did not start."""
+        self._drain_outgoing()
+        try:
+            got = self.endpoints.recv_control(timeout_s)
+        except WireError as e:
+            if self.metrics is not None:
+                self.metrics.wire_error(e.reason)
+            log.warning("bad control message from %r: %s", getattr(e, "identity", b"?"), e)
+            return False
+        if got is None:
+            return False
+        identity, msg = got
+        self._handle(identity.decode(errors="replace"), msg)
+        return True
 
     def _drain_outgoing(self) -> None:
         while True:
@@ -185,13 +203,14 @@ class ControlPlane:
             if msg.actor_id != identity:
                 log.warning("Register from %r claims actor_id %r: refused", identity, msg.actor_id)
                 return
+            registration = self.buffer.register_actor(identity)
             with self.lock:
-                self.state.members[identity] = Member(identity, now, now, msg.has_cuda)
+                self.state.members[identity] = Member(identity, now, now, msg.has_cuda, registration=registration)
                 st = self.state
-            credits = self.buffer.register_actor(identity)
             self._send_now(identity, Welcome(
-                incarnation=st.incarnation, version=st.version, credits=credits, max_staleness=st.max_staleness,
-                rendezvous_host=st.rendezvous_host, rendezvous_port=st.rendezvous_port,
+                incarnation=st.incarnation, version=st.version, registration=registration,
+                max_staleness=st.max_staleness, rendezvous_host=st.rendezvous_host,
+                rendezvous_port=st.rendezvous_port,
             ))
             log.info("actor %s registered (pid %d on %s, engine %s)", identity, msg.pid, msg.hostname, msg.engine)
             self._update_gauges()
@@ -199,13 +218,22 @@ class ControlPlane:
             with self.lock:
                 member = self.state.members.get(identity)
                 if member is not None:
-                    member.last_seen, member.trees_sent = now, msg.trees_sent
+                    member.last_seen, member.trees_sent, member.credits = now, msg.trees_sent, msg.credits
                 st = self.state
             if member is None:  # dropped (e.g. a failed sync) or registered with another incarnation
                 self._send_now(identity, Rejoin(incarnation=st.incarnation, reason="not a member of this learner"))
                 return
-            grant = self.buffer.grant_credits(identity) if not member.pending else 0
-            self._send_now(identity, Credit(incarnation=st.incarnation, version=st.version, credits=grant))
+            if member.pending:  # an ack that keeps it registered; its credits follow the weights
+                self._send_now(identity, Credit(incarnation=st.incarnation, version=st.version,
+                                                registration=member.registration, limit=0, settled=0))
+                return
+            lost = self.buffer.reconcile(identity, msg.registration, msg.trees_sent)
+            if lost:
+                log.warning("actor %s: %d trees it sent (registration %d, up to seq %d) never arrived: written "
+                            "off, their credits granted again", identity, lost, msg.registration, msg.trees_sent)
+                if self.metrics is not None:
+                    self.metrics.credits_written_off.inc(lost)
+            self._send_credit(identity, self.buffer.grant(identity), always=True)
         elif isinstance(msg, WeightAck):
             with self.lock:
                 member = self.state.members.get(identity)
@@ -217,22 +245,51 @@ class ControlPlane:
         else:
             log.warning("unexpected %s from actor %s: ignored", type(msg).__name__, identity)
 
-    def _sweep(self, now: float) -> None:
+    def sweep(self, now: float | None = None) -> None:
+        """Drop silent members, grant what the buffer frees, check for a stall (every 0.5 s)."""
+        now = time.monotonic() if now is None else now
         with self.lock:
             silent = [a for a, m in self.state.members.items() if now - m.last_seen > self.peer_timeout_s]
         for actor_id in silent:
             self.drop(actor_id, f"silent for more than {self.peer_timeout_s:.0f} s")
         self._grant_ready()
+        self._check_stalled()
         self._update_gauges()
 
     def _grant_ready(self) -> None:
+        for actor_id in self.confirmed():  # pending members get credit once their weights are confirmed
+            self._send_credit(actor_id, self.buffer.grant(actor_id))
+
+    def _send_credit(self, actor_id: str, grant, *, always: bool = False) -> None:
+        """Tell the actor its limit: when credits were added, or `always` (a heartbeat's answer)."""
+        if grant is None or not (always or grant.added):
+            return
         with self.lock:
             st = self.state
-            ready = [a for a, m in st.members.items() if not m.pending]
-        for actor_id in ready:  # pending members get credit once their weights are confirmed
-            n = self.buffer.grant_credits(actor_id)
-            if n > 0:
-                self._send_now(actor_id, Credit(incarnation=st.incarnation, version=st.version, credits=n))
+            incarnation, version = st.incarnation, st.version
+        self._send_now(actor_id, Credit(incarnation=incarnation, version=version, registration=grant.registration,
+                                        limit=grant.limit, settled=grant.settled))
+
+    def _check_stalled(self) -> None:
+        """Stalled: confirmed members, every one saying (last heartbeat) it holds no credit, while
+        the learner has waited `stalled_after_s` for trees and none came. Credits are reconciled
+        on every heartbeat, so this is a bug report: logged, counted, alerted."""
+        with self.lock:
+            confirmed = [m for m in self.state.members.values() if not m.pending]
+            stalled = (bool(confirmed) and all(m.credits == 0 for m in confirmed)
+                       and self.buffer.starving_s() >= self.stalled_after_s)
+            counts = ", ".join(f"{m.actor_id}: sent {m.trees_sent}, holds {m.credits}" for m in confirmed)
+        if stalled and not self.stalled:
+            log.error("stalled: no tree for %.0f s, the buffer short of a batch, and no confirmed actor holds a "
+                      "credit (%s; learner: %s)", self.stalled_after_s, counts,
+                      ", ".join(f"{m.actor_id}: {self.buffer.in_flight(m.actor_id)} in flight" for m in confirmed))
+            if self.metrics is not None:
+                self.metrics.stalls.inc()
+        elif self.stalled and not stalled:
+            log.info("no longer stalled: trees or credits move again")
+        self.stalled = stalled
+        if self.metrics is not None:
+            self.metrics.stalled.set(int(stalled))
 
     def _update_gauges(self) -> None:
         if self.metrics is not None:

@@ -42,7 +42,6 @@ from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new
 from common.rundir import ENDPOINTS, read_json, require_model_path, setup_logging, write_json_atomic
 from common.transport import LearnerEndpoints, check_ports_free
 from common.weightsync import WeightSyncError
-from common.wire import WireError, decode_tree
 from learner.buffer import ReplayBuffer
 from learner.checkpoint import (
     LearnerState,
@@ -53,11 +52,13 @@ from learner.checkpoint import (
     save_checkpoint,
 )
 from learner.control import ControlPlane, ControlState
+from learner.ingest import Ingest
 from learner.trainer import Trainer
 from learner.weights import WeightPublisher
 
 log = logging.getLogger("treerpo.learner")
 ACK_GRACE_S = 5.0  # after the last bucket: time for members to load, checksum and ack
+STALLED_AFTER_HEARTBEATS = 5  # no tree and no credit anywhere for this many heartbeats: a stall
 
 
 def advertised_host(bind_host: str) -> str:
@@ -141,45 +142,20 @@ class Learner:
             self.endpoints, self.buffer,
             ControlState(state.incarnation, state.version, cfg.replay.max_staleness, host, self.publisher.port),
             peer_timeout_s=cfg.transport.peer_timeout_s, metrics=self.metrics,
+            stalled_after_s=STALLED_AFTER_HEARTBEATS * cfg.transport.heartbeat_interval_s,
         )
         self.server = None
         if cfg.metrics.enabled:
             self.server = MetricsServer(cfg.metrics.host, cfg.metrics.learner_port, self.registry,
                                         port_key="metrics.learner_port").start()
-        self._ingest = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
-        self.longest_allowed = cfg.learner.micro_batch_tokens
+        self.ingest = Ingest(self.endpoints, self.buffer, self.control, self.metrics,
+                             vocab_size=self.trainer.vocab_size, longest_allowed=cfg.learner.micro_batch_tokens,
+                             version=lambda: self.state.version,
+                             on_tree=self._log_tree if cfg.learner.log_trees else None)
+        self._ingest = threading.Thread(target=self.ingest.run, args=(self.stop_requested,), name="ingest",
+                                        daemon=True)
 
     # -- threads ---------------------------------------------------------------------------
-    def _ingest_loop(self) -> None:
-        vocab = self.trainer.vocab_size
-        while not self.stop_requested.is_set():
-            try:
-                buf = self.endpoints.recv_tree(0.2, copy=False)
-                if buf is None:
-                    continue
-                tree = decode_tree(buf, vocab_size=vocab)
-            except WireError as e:
-                self.metrics.wire_error(e.reason)
-                self.buffer.record_drop("invalid")
-                continue
-            self.metrics.trees_received.inc()
-            if not self.control.is_member(tree.actor_id):
-                # generated before this actor confirmed our weights (or by a stranger)
-                self.buffer.record_drop("incarnation", tree.actor_id)
-                if self.cfg.learner.log_trees:
-                    self._log_tree(tree, "incarnation")
-                continue
-            longest = int(tree.prompt_token_ids.shape[0] + tree.path_lengths().max())
-            if longest > self.longest_allowed:
-                log.warning("tree %s: %d tokens on its longest path > learner.micro_batch_tokens=%d: dropped",
-                            tree.tree_id, longest, self.longest_allowed)
-                self.buffer.record_drop("invalid", tree.actor_id)
-                continue
-            verdict = self.buffer.add(tree, self.state.version)
-            self.metrics.buffer_trees.set(len(self.buffer))
-            if self.cfg.learner.log_trees:
-                self._log_tree(tree, "accepted" if verdict else verdict.reason)
-
     def _log_tree(self, tree, verdict: str) -> None:
         record = {"tree_id": tree.tree_id, "actor_id": tree.actor_id, "time": time.time(), "verdict": verdict,
                   "min_version": tree.min_version(), "max_version": max(n.version for n in tree.nodes),
@@ -217,6 +193,8 @@ class Learner:
         ok = [a for a in result.ok_members if a in acked and acked[a] is None]
         for actor_id in ok:
             self.control.confirm(actor_id, version)
+        if ok:
+            self.control.grant_soon()  # a newly confirmed member's first credits (design §5.6)
         for actor_id in members:
             if actor_id in ok:
                 continue

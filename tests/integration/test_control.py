@@ -20,9 +20,9 @@ def _register(actor: ActorEndpoints, actor_id: str) -> None:
                                        engine="hf", vocab_size=99, has_cuda=False), timeout_s=WAIT)
 
 
-def _heartbeat(actor: ActorEndpoints, actor_id: str) -> None:
-    assert actor.send_control(Heartbeat(actor_id=actor_id, incarnation_seen=3, version=0, trees_sent=0),
-                              timeout_s=WAIT)
+def _heartbeat(actor: ActorEndpoints, actor_id: str, registration: int = -1) -> None:
+    assert actor.send_control(Heartbeat(actor_id=actor_id, incarnation_seen=3, registration=registration, version=0,
+                                        trees_sent=0, credits=0), timeout_s=WAIT)
 
 
 def _recv(actor: ActorEndpoints, kind: type):
@@ -55,18 +55,22 @@ def plane():
     endpoints.close()
 
 
-def test_register_gets_welcome_with_incarnation_version_and_credits(plane):
+def test_register_gets_welcome_and_credits_follow_the_weights(plane):
     control, connect = plane
     actor = connect("a0")
     _register(actor, "a0")
     welcome = _recv(actor, Welcome)
-    assert (welcome.incarnation, welcome.version, welcome.credits, welcome.max_staleness) == (3, 7, 5, 4)
+    assert (welcome.incarnation, welcome.version, welcome.max_staleness) == (3, 7, 4)
+    assert welcome.registration == (3 << 32) + 1  # unique across incarnations
     assert (welcome.rendezvous_host, welcome.rendezvous_port) == ("127.0.0.1", 1234)
-    assert control.pending() == ["a0"]  # no credit beyond the Welcome until its weights are confirmed
-    _heartbeat(actor, "a0")
-    assert _recv(actor, Credit).credits == 0
+    assert control.pending() == ["a0"]  # no credit until its weights are confirmed
+    _heartbeat(actor, "a0", welcome.registration)
+    assert _recv(actor, Credit) == Credit(incarnation=3, version=7, registration=welcome.registration, limit=0,
+                                          settled=0)
     control.confirm("a0", 7)
     assert control.pending() == [] and control.is_member("a0")
+    _heartbeat(actor, "a0", welcome.registration)
+    assert _recv(actor, Credit).limit == 5
 
 
 def test_unknown_or_dropped_actor_is_told_to_rejoin(plane):
@@ -83,9 +87,9 @@ def test_unknown_or_dropped_actor_is_told_to_rejoin(plane):
     assert control.member_ids() == []
     _heartbeat(actor, "a1")
     assert isinstance(_recv(actor, Rejoin), Rejoin)
-    _register(actor, "a1")  # and it can come back
-    assert _recv(actor, Welcome).credits == 5
-    assert control.member_ids() == ["a1"]
+    _register(actor, "a1")  # and it can come back, with a new registration
+    assert _recv(actor, Welcome).registration == (3 << 32) + 2
+    assert control.member_ids() == ["a1"] and control.pending() == ["a1"]
 
 
 def test_register_under_another_identity_is_refused(plane):

@@ -80,12 +80,13 @@ def test_control_round_trip_over_router_and_dealer():
         assert actor.send_control(reg)
         identity, msg = learner.recv_control(WAIT)
         assert identity == b"actor-7" and msg == reg
-        welcome = Welcome(incarnation=1, version=0, credits=4, max_staleness=2, rendezvous_host="127.0.0.1",
-                          rendezvous_port=29600)
+        welcome = Welcome(incarnation=1, version=0, registration=(1 << 32) + 1, max_staleness=2,
+                          rendezvous_host="127.0.0.1", rendezvous_port=29600)
         assert learner.send_control(identity, welcome)
         assert actor.recv_control(WAIT) == welcome
         # an actor that is not connected: refused, not silently dropped
-        assert not learner.send_control(b"nobody", Credit(incarnation=1, version=0, credits=1), timeout_s=0.1)
+        credit = Credit(incarnation=1, version=0, registration=1, limit=1, settled=0)
+        assert not learner.send_control(b"nobody", credit, timeout_s=0.1)
         # garbage on the control plane raises WireError naming the sender; the next message arrives
         ctx = zmq.Context()
         rogue = ctx.socket(zmq.DEALER)
@@ -122,7 +123,8 @@ def test_curve_admits_allow_listed_actors_only(tmp_path):
         with _actor(learner, _cfg(curve=True, curve_dir=str(rogue_keys)), "actor-1") as intruder:
             # its handshake fails, so no connection comes up and nothing is queued (ZMQ_IMMEDIATE)
             assert not intruder.send_tree(encode_tree(tree), timeout_s=0.5)
-            intruder.send_control(Credit(incarnation=0, version=0, credits=1))  # may queue; never arrives
+            # may queue; never arrives
+            intruder.send_control(Credit(incarnation=0, version=0, registration=1, limit=1, settled=0))
             assert learner.recv_tree(1.5) is None
             assert learner.recv_control(0.2) is None
         with _actor(learner, _cfg(), "plain") as plaintext:  # no CURVE at all
@@ -181,5 +183,5 @@ def test_close_does_not_hang_with_undeliverable_frames():
     for _ in range(3):
         assert not actor.send_tree(b"y" * 100, timeout_s=0.1)
     assert actor.send_timeouts == 3 and actor.trees_sent == 0
-    assert not actor.send_control(Credit(incarnation=0, version=0, credits=1), timeout_s=0.1)
+    assert not actor.send_control(Credit(incarnation=0, version=0, registration=1, limit=1, settled=0), timeout_s=0.1)
     actor.close()

@@ -11,7 +11,7 @@ import pytest
 from common.config import ReplayConfig
 from common.metrics import DROP_REASONS
 from common.tree import Node, ReasoningTree
-from learner.buffer import DropEvent, ReplayBuffer, tree_tokens
+from learner.buffer import CreditGrant, DropEvent, ReplayBuffer, tree_tokens
 
 
 def make_tree(
@@ -22,6 +22,7 @@ def make_tree(
     incarnation: int | None = 0,
     prompt_len: int = 2,
     seg_len: int = 3,
+    sent: tuple[int, int] | None = None,
 ) -> ReasoningTree:
     """A root child (versions[0]) with len(versions)-1 leaf children."""
     nodes = [Node(parent=-1, token_ids=np.full(seg_len, 5), logprobs=np.full(seg_len, -1.0), version=versions[0],
@@ -30,6 +31,8 @@ def make_tree(
         nodes.append(Node(parent=0, token_ids=np.full(seg_len, 6), logprobs=np.full(seg_len, -1.0), version=v,
                           finish="stop", reward=1.0))
     meta = {} if incarnation is None else {"incarnation": incarnation}
+    if sent is not None:  # (registration, seq): the actor's stamp when it sent the tree
+        meta["registration"], meta["seq"] = sent
     tree = ReasoningTree(tree_id=tree_id, prompt_id="p", actor_id=actor, prompt_token_ids=np.full(prompt_len, 7),
                          nodes=nodes, meta=meta)
     return tree.validate()
@@ -175,20 +178,80 @@ def test_take_waits_for_min_trees_and_returns_empty_on_timeout():
 
 def test_credits_bound_trees_in_flight():
     buf = ReplayBuffer(cfg(credits_per_actor=3, capacity=100))
-    assert buf.register_actor("a0") == 3
-    assert buf.grant_credits("a0") == 0  # all 3 already granted
-    buf.add(make_tree("t0"), 0)  # consumes a credit, held in the buffer: still 3 in flight
-    assert buf.in_flight("a0") == 3 and buf.grant_credits("a0") == 0
-    buf.add(make_tree("t0"), 0)  # duplicate: dropped, its credit comes back
+    reg = buf.register_actor("a0")
+    assert buf.in_flight("a0") == 0  # registered = pending: no credit until its weights are confirmed
+    assert buf.grant("a0") == CreditGrant(reg, limit=3, settled=0, added=3)
+    assert buf.grant("a0") == CreditGrant(reg, limit=3, settled=0, added=0)  # all 3 out: the same limit
+    buf.add(make_tree("t0", sent=(reg, 1)), 0)  # consumes a credit, held in the buffer: still 3 in flight
+    assert buf.in_flight("a0") == 3 and buf.grant("a0").added == 0
+    buf.add(make_tree("t0", sent=(reg, 2)), 0)  # duplicate: dropped, its credit comes back
     assert buf.in_flight("a0") == 2
-    assert buf.pending_grants() == {"a0": 1}
+    assert buf.grant("a0") == CreditGrant(reg, limit=4, settled=1, added=1)  # settled: seq 2 (seq 1 is buffered)
     buf.take(0, max_trees=1)  # trained: frees one more
-    assert buf.in_flight("a0") == 2 and buf.grant_credits("a0") == 1
+    assert buf.in_flight("a0") == 2 and buf.grant("a0") == CreditGrant(reg, limit=5, settled=2, added=1)
     assert buf.in_flight("a0") == 3
-    # re-registration (actor restart) forgets the credits it held
-    assert buf.register_actor("a0") == 3
-    assert buf.stats().uncredited == 0
-    assert buf.grant_credits("stranger") == 0  # unregistered actors get nothing
+    # re-registration (actor restart): a new registration, no credit; the old one's trees are not its
+    reg2 = buf.register_actor("a0")
+    assert reg2 != reg and buf.in_flight("a0") == 0
+    buf.add(make_tree("old", sent=(reg, 3)), 0)  # still on the way: kept, counted as uncredited
+    assert buf.stats().uncredited == 1 and buf.in_flight("a0") == 1  # held: it counts against the share
+    assert buf.grant("a0") == CreditGrant(reg2, limit=2, settled=0, added=2)
+    assert buf.stats().uncredited == 1 and buf.stats().written_off == 0
+    assert buf.grant("stranger") is None  # unregistered actors get nothing
+
+
+def test_registration_ids_differ_across_incarnations():
+    # a tree stamped by the previous learner must never pass for one of this learner's registrations
+    first = {ReplayBuffer(cfg(), incarnation=i).register_actor("a0") for i in range(3)}
+    assert len(first) == 3
+
+
+def test_every_received_tree_spends_its_credit_refused_or_not():
+    drops: list[DropEvent] = []
+    buf = ReplayBuffer(cfg(credits_per_actor=2), on_drop=drops.append)
+    reg = buf.register_actor("a0")
+    assert buf.grant("a0").limit == 2
+    buf.refuse(make_tree("p", sent=(reg, 1)), "incarnation")  # e.g. its actor was not yet confirmed
+    buf.refuse(make_tree("q", sent=(reg, 2)), "invalid")  # e.g. too long to train
+    assert buf.drop_counts["incarnation"] == 1 and buf.drop_counts["invalid"] == 1
+    assert [(e.reason, e.tree_id, e.actor_id) for e in drops] == [("incarnation", "p", "a0"), ("invalid", "q", "a0")]
+    # both credits were spent and nothing is held: the actor gets both back
+    assert buf.in_flight("a0") == 0 and buf.grant("a0") == CreditGrant(reg, limit=4, settled=2, added=2)
+    with pytest.raises(ValueError, match="unknown drop reason"):
+        buf.refuse(make_tree("r", sent=(reg, 3)), "bogus")
+
+
+def test_a_gap_in_seq_is_written_off_and_a_late_tree_is_uncredited():
+    buf = ReplayBuffer(cfg(credits_per_actor=4))
+    reg = buf.register_actor("a0")
+    buf.grant("a0")
+    buf.add(make_tree("t1", sent=(reg, 1)), 0)
+    buf.add(make_tree("t4", sent=(reg, 4)), 0)  # 2 and 3 died on the way (in order per connection)
+    s = buf.stats()
+    assert (s.written_off, s.uncredited) == (2, 0)
+    assert buf.in_flight("a0") == 2  # two held, none unused: the two lost come back as credits
+    assert buf.grant("a0") == CreditGrant(reg, limit=6, settled=2, added=2)
+    buf.add(make_tree("t3", sent=(reg, 3)), 0)  # written off, and here after all: kept, uncredited
+    assert buf.stats().uncredited == 1 and len(buf) == 3
+
+
+def test_reconcile_writes_off_a_tail_that_never_arrives():
+    buf = ReplayBuffer(cfg(credits_per_actor=3))
+    reg = buf.register_actor("a0")
+    buf.grant("a0")
+    buf.add(make_tree("t1", sent=(reg, 1)), 0)
+    # the actor says it sent 3: two are on the way, or lost; only a gap that lasts (nothing sent,
+    # nothing arrived) over three heartbeats in a row is written off
+    assert buf.reconcile("a0", reg, 3) == 0
+    assert buf.reconcile("a0", reg, 3) == 0
+    buf.add(make_tree("t2", sent=(reg, 2)), 0)  # one arrives: the count starts over
+    assert buf.reconcile("a0", reg, 3) == 0
+    assert buf.reconcile("a0", reg, 3) == 0
+    assert buf.grant("a0").added == 0  # the learner still counts seq 3 as on the way
+    assert buf.reconcile("a0", reg, 3) == 1  # third quiet heartbeat: seq 3 is lost
+    assert buf.stats().written_off == 1 and buf.grant("a0") == CreditGrant(reg, limit=4, settled=1, added=1)
+    assert buf.reconcile("a0", reg + 1, 9) == 0 and buf.reconcile("b0", reg, 9) == 0  # not this registration
+    assert buf.reconcile("a0", reg, 3) == 0  # nothing missing
 
 
 def test_tree_without_credit_is_counted_but_kept():
@@ -207,7 +270,7 @@ def test_shutdown_drains_and_refuses():
     assert buf.add(make_tree("late"), 0).reason == "shutdown"
     assert buf.take(0, timeout_s=10.0) == []  # returns at once after shutdown
     assert buf.drop_counts["shutdown"] == 4
-    assert buf.pending_grants() == {}
+    assert buf.grant("a0").added == 0  # no credit after shutdown
 
 
 def test_record_drop_for_wire_errors():
@@ -280,29 +343,36 @@ def test_concurrent_add_and_take_lose_nothing():
 
 def test_sync_rounds_bound_the_grants_to_one_batch():
     buf = ReplayBuffer(cfg(credits_per_actor=8, capacity=100))
-    assert buf.register_actor("a0") == 8 and buf.register_actor("a1") == 8  # no rounds: async
+    buf.register_actor("a0")
+    assert buf.grant("a0").added == 8  # no rounds: async
     with pytest.raises(ValueError, match="without rounds"):
         buf.top_up_round(["a0"], 5)
     buf2 = ReplayBuffer(cfg(credits_per_actor=8, capacity=100), rounds=True)
-    # Welcome grants nothing before the first round opens: such credits made trees the learner
-    # trained one version later (a sync-mode system test caught it)
-    assert buf2.register_actor("a0") == 0 and buf2.register_actor("a1") == 0
+    reg = {a: buf2.register_actor(a) for a in ("a0", "a1")}
+
+    def grants() -> dict[str, int]:
+        return {a: n for a in ("a0", "a1") if (g := buf2.grant(a)) is not None and (n := g.added)}
+
+    # nothing before the first round opens: such credits made trees the learner trained one
+    # version later (a sync-mode system test caught it)
+    assert grants() == {}
     assert buf2.top_up_round([], 5) == 0  # nobody to give it to
     assert buf2.top_up_round(["a0", "a1"], 5) == 5
-    assert buf2.pending_grants() == {"a0": 3, "a1": 2}  # the shortfall spread, first actor first
-    assert buf2.pending_grants() == {}  # nothing beyond the round, although credits_per_actor is 8
+    assert grants() == {"a0": 3, "a1": 2}  # the shortfall spread, first actor first
+    assert grants() == {}  # nothing beyond the round, although credits_per_actor is 8
     for i in range(3):
-        buf2.add(make_tree(f"x{i}", actor="a0"), 0)
-    buf2.add(make_tree("x0", actor="a1"), 0)  # a duplicate: dropped, one tree short now
+        buf2.add(make_tree(f"x{i}", actor="a0", sent=(reg["a0"], i + 1)), 0)
+    buf2.add(make_tree("x0", actor="a1", sent=(reg["a1"], 1)), 0)  # a duplicate: dropped, one tree short now
     # a0: 3 sent, 0 outstanding; a1: 1 credit left -> the lost tree goes to a0
-    assert buf2.top_up_round(["a0", "a1"], 5) == 1 and buf2.pending_grants() == {"a0": 1}
+    assert buf2.top_up_round(["a0", "a1"], 5) == 1 and grants() == {"a0": 1}
     buf2.forget_actor("a1")  # a1 left holding its last credit: it goes to a0
-    assert buf2.top_up_round(["a0"], 5) == 1 and buf2.pending_grants() == {"a0": 1}
-    buf2.add(make_tree("x3", actor="a0"), 0)
-    buf2.add(make_tree("x4", actor="a0"), 0)
+    assert buf2.top_up_round(["a0"], 5) == 1 and grants() == {"a0": 1}
+    buf2.add(make_tree("x3", actor="a0", sent=(reg["a0"], 4)), 0)
+    buf2.add(make_tree("x4", actor="a0", sent=(reg["a0"], 5)), 0)
     assert buf2.top_up_round(["a0"], 5) == 0  # the round is complete
     assert len(buf2.take(0, max_trees=5, min_trees=5)) == 5
-    assert buf2.top_up_round(["a0"], 5) == 5 and buf2.pending_grants() == {"a0": 5}  # the next round
+    assert buf2.top_up_round(["a0"], 5) == 5 and grants() == {"a0": 5}  # the next round
+    assert buf2.stats().uncredited == 0
     with pytest.raises(ValueError, match="target"):
         buf2.top_up_round(["a0"], 0)
 

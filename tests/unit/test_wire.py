@@ -127,7 +127,7 @@ def test_frame_layout_header_then_aligned_arrays():
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(buf)
     magic, version, kind, body = unpacker.unpack()
-    assert (magic, version, kind) == (b"TRPO", 1, "tree")
+    assert (magic, version, kind) == (b"TRPO", wire.PROTOCOL_VERSION, "tree")
     start = unpacker.tell() + (-unpacker.tell() % 8)
     prompt = np.frombuffer(buf, dtype="<i4", count=5, offset=start)
     assert prompt.tolist() == tree.prompt_token_ids.tolist()
@@ -226,7 +226,8 @@ def test_header_attacks_give_their_reasons():
     good = encode_tree(_good())
     assert _reason(b"XXXX" + good[4:]) == "bad_magic"
     assert _reason(b"") == "bad_magic"
-    assert _reason(_edit_header(lambda h: h.__setitem__(1, 2))) == "bad_version"
+    assert _reason(_edit_header(lambda h: h.__setitem__(1, wire.PROTOCOL_VERSION + 1))) == "bad_version"
+    assert _reason(_edit_header(lambda h: h.__setitem__(1, 1))) == "bad_version"  # protocol 1: per-message credits
     assert _reason(_edit_header(lambda h: h.__setitem__(1, "1"))) == "bad_version"
     assert _reason(_edit_header(lambda h: h.__setitem__(2, "Credit"))) == "bad_kind"
     assert _reason(encode_message(Shutdown(reason="x"))) == "bad_kind"
@@ -344,9 +345,11 @@ def test_meta_bombs_and_non_json_meta():
 EXAMPLES = [
     Register(actor_id="actor-0", incarnation_seen=-1, version=-1, pid=4242, hostname="h", engine="hf",
              vocab_size=151_936, has_cuda=False),
-    Welcome(incarnation=3, version=17, credits=8, max_staleness=4, rendezvous_host="10.0.0.1", rendezvous_port=29600),
-    Heartbeat(actor_id="actor-0", incarnation_seen=3, version=17, trees_sent=12),
-    Credit(incarnation=3, version=17, credits=2),
+    Welcome(incarnation=3, version=17, registration=(3 << 32) + 1, max_staleness=4, rendezvous_host="10.0.0.1",
+            rendezvous_port=29600),
+    Heartbeat(actor_id="actor-0", incarnation_seen=3, registration=(3 << 32) + 1, version=17, trees_sent=12,
+              credits=2),
+    Credit(incarnation=3, version=17, registration=(3 << 32) + 1, limit=14, settled=9),
     WeightAnnounce(sync_id=5, version=18, group="sync-5", rank=1, world_size=3, backend="gloo",
                    rendezvous_host="127.0.0.1", rendezvous_port=29600, timeout_s=60.0,
                    names=["lm_head.weight", "model.norm.weight"], shapes=[[50, 16], [16]],
@@ -365,7 +368,7 @@ def test_every_message_type_round_trips():
 
 
 def _msg_frame(kind: str, body: dict) -> bytes:
-    return msgpack.packb([b"TRPO", 1, kind, body], use_bin_type=True)
+    return msgpack.packb([b"TRPO", wire.PROTOCOL_VERSION, kind, body], use_bin_type=True)
 
 
 def _msg_reason(buf) -> str:
@@ -375,16 +378,16 @@ def _msg_reason(buf) -> str:
 
 
 def test_message_rejections():
-    body = {"incarnation": 3, "version": 1, "credits": 2}
+    body = {"incarnation": 3, "version": 1, "registration": 5, "limit": 2, "settled": 0}
     assert decode_message(_msg_frame("Credit", body)) == Credit(**body)
     assert _msg_reason(_msg_frame("Nope", body)) == "bad_kind"
     assert _msg_reason(_msg_frame("tree", body)) == "bad_kind"
     assert _msg_reason(_msg_frame("Credit", {**body, "extra": 1})) == "schema"
-    assert _msg_reason(_msg_frame("Credit", {"incarnation": 3, "version": 1})) == "schema"
-    assert _msg_reason(_msg_frame("Credit", {**body, "credits": "2"})) == "schema"
-    assert _msg_reason(_msg_frame("Credit", {**body, "credits": True})) == "schema"  # bool is not an int
-    assert _msg_reason(_msg_frame("Credit", {**body, "credits": -1})) == "out_of_range"
-    assert _msg_reason(_msg_frame("Credit", {**body, "credits": 2**40})) == "out_of_range"
+    assert _msg_reason(_msg_frame("Credit", {k: v for k, v in body.items() if k != "settled"})) == "schema"
+    assert _msg_reason(_msg_frame("Credit", {**body, "limit": "2"})) == "schema"
+    assert _msg_reason(_msg_frame("Credit", {**body, "limit": True})) == "schema"  # bool is not an int
+    assert _msg_reason(_msg_frame("Credit", {**body, "limit": -1})) == "out_of_range"
+    assert _msg_reason(_msg_frame("Credit", {**body, "limit": 2**63})) == "out_of_range"
     assert _msg_reason(_msg_frame("Credit", body) + b"\0") == "malformed"
     assert _msg_reason(_msg_frame("Shutdown", {"reason": "x" * 1025})) == "too_large"
     ann = {k: getattr(EXAMPLES[4], k) for k in wire.WeightAnnounce.__dataclass_fields__}
@@ -397,7 +400,7 @@ def test_message_rejections():
     # an int float field is accepted and normalised (msgpack may carry 60.0 as 60)
     assert decode_message(_msg_frame("WeightAnnounce", {**ann, "timeout_s": 60})).timeout_s == 60.0
     with pytest.raises(WireError) as info:
-        Welcome(incarnation=0, version=0, credits=1, max_staleness=1, rendezvous_host="h", rendezvous_port=-1)
+        Welcome(incarnation=0, version=0, registration=1, max_staleness=1, rendezvous_host="h", rendezvous_port=-1)
     assert info.value.reason == "out_of_range"
 
 
