@@ -171,9 +171,9 @@ METRICS: tuple[MetricSpec, ...] = (
                "unused credits plus buffered trees.", "trees"),
     MetricSpec(_L, "credits_written_off", "counter", "Trees an actor sent that never arrived (a gap in its "
                "sequence, or its heartbeats' count): their credits were granted again.", "trees"),
-    MetricSpec(_L, "stalled", "gauge", "1 while the learner waits in vain for trees and no confirmed actor holds "
-               "a credit (a stall that credit reconciliation did not cure)."),
-    MetricSpec(_L, "stalls", "counter", "Times the learner stalled (treerpo_learner_stalled went to 1)."),
+    MetricSpec(_L, "credit_stall", "gauge", "1 while the learner waits in vain for trees and no confirmed actor "
+               "holds a credit (a stall that credit reconciliation did not cure)."),
+    MetricSpec(_L, "credit_stalls", "counter", "Times treerpo_learner_credit_stall went to 1."),
     MetricSpec(_L, "max_staleness", "gauge", "Configured staleness bound eta, in versions.", "versions"),
     MetricSpec(_L, "incarnation", "gauge", "Learner incarnation (restarts)."),
     # -- learner: checkpoints (design §7.1) ---------------------------------------------------------

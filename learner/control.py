@@ -15,8 +15,8 @@ messages through `send()`, a thread-safe queue drained every poll. Guarantees:
   lost on the way come back as credits) and answered with a Credit restating the cumulative
   limit, so a lost Credit only delays;
 * a stall is seen, not silent: confirmed members that all say they hold no credit while the
-  learner waits in vain for trees for `stalled_after_s` raise `treerpo_learner_stalled` (and
-  the TreerpoLearnerStalled alert), count a stall and log each member's counts.
+  learner waits in vain for trees for `stalled_after_s` raise `treerpo_learner_credit_stall`
+  (and the TreerpoCreditStall alert), count it and log each member's counts.
 """
 
 from __future__ import annotations
@@ -284,12 +284,12 @@ class ControlPlane:
                       "credit (%s; learner: %s)", self.stalled_after_s, counts,
                       ", ".join(f"{m.actor_id}: {self.buffer.in_flight(m.actor_id)} in flight" for m in confirmed))
             if self.metrics is not None:
-                self.metrics.stalls.inc()
+                self.metrics.credit_stalls.inc()
         elif self.stalled and not stalled:
             log.info("no longer stalled: trees or credits move again")
         self.stalled = stalled
         if self.metrics is not None:
-            self.metrics.stalled.set(int(stalled))
+            self.metrics.credit_stall.set(int(stalled))
 
     def _update_gauges(self) -> None:
         if self.metrics is not None:

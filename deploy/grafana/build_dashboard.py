@@ -81,8 +81,11 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], str]]]] = [
         ], "Staleness in versions of the trees trained, against the configured bound."),
         ("Replay buffer", "none", [
             (L("buffer_trees"), "trees in buffer"),
-            (L("trees_in_flight"), "credits outstanding"),
-        ], "Trees waiting in the buffer and trees granted to actors."),
+            (L("trees_in_flight"), "in flight (unused credits + buffered)"),
+            (L("credit_stall"), "credit stall (1 = stalled)"),
+            (f"increase({L('credits_written_off')}[{RI}])", "credits written off"),
+        ], "Trees waiting in the buffer, trees the actors may have in flight, and the credit protocol's "
+           "repairs: trees that never arrived (written off) and a stall no repair cured."),
         ("Oldest tree in buffer", "s", [(L("buffer_oldest_age_seconds"), "age")],
          "Age of the oldest buffered tree."),
         ("Learner idle (waiting for data)", "percentunit", [

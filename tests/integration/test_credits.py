@@ -349,13 +349,14 @@ def test_a_stall_is_reported_and_cleared():
         now[0] += 1.0
         learner.control.sweep()
         assert learner.control.stalled is True
-        assert learner.sample("treerpo_learner_stalled") == 1 and learner.sample("treerpo_learner_stalls_total") == 1
+        assert learner.sample("treerpo_learner_credit_stall") == 1
+        assert learner.sample("treerpo_learner_credit_stalls_total") == 1
         learner.control.sweep()
-        assert learner.sample("treerpo_learner_stalls_total") == 1  # one stall, counted once
+        assert learner.sample("treerpo_learner_credit_stalls_total") == 1  # one stall, counted once
         actor.send(1)  # the heartbeat's Credit restored the actor's limit
         deliver(actor, learner)  # a tree arrives: no longer stalled
         learner.control.sweep()
-        assert learner.control.stalled is False and learner.sample("treerpo_learner_stalled") == 0
+        assert learner.control.stalled is False and learner.sample("treerpo_learner_credit_stall") == 0
     finally:
         actor.close()
         learner.close()
