@@ -14,8 +14,9 @@ Delivery guarantee
   the receiver's ZMQ_MAXMSGSIZE. The seconds spent blocked are counted (`blocked_seconds`).
 * A queued frame can still be lost when its connection dies with it in flight (learner crash,
   network cut), when `reconnect()` discards the queues, or when `close()` gives up after
-  `transport.linger_s`. The learner detects such loss from credits and heartbeats
-  (`Heartbeat.trees_sent`) and trains each `tree_id` at most once.
+  `transport.linger_s`. The learner finds such loss from each tree's sequence number and the
+  heartbeats' `trees_sent` and grants those credits again (design §5.6), and trains each
+  `tree_id` at most once.
 * Control: `LearnerEndpoints.send_control` returns False for an actor that is not connected
   (ZMQ_ROUTER_MANDATORY) or whose queue stays full, rather than dropping the message.
 * Hostile input: receiving never raises anything but `WireError` for bad bytes
