@@ -18,14 +18,13 @@ dense masked attention up to float summation order.
 Use: `register_span_attention()` adds the kernel as attn_implementation "treerpo_span" (its mask
 function is sdpa's), `use_span_attention(model)` switches a loaded model to it, and the forward
 gets the plan as the keyword `treerpo_spans=span_plan(batch, device)` with
-`attention_mask=no_masks()`. Without that keyword the kernel is transformers' sdpa verbatim (causal
+`attention_mask=no_masks(device)`. Without that keyword the kernel is transformers' sdpa verbatim (causal
 rows, padded generation), so switching a model changes nothing else. learner/logprobs.py does all
 of this; see `token_logprobs(..., tree_attention=...)`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,14 +37,15 @@ if TYPE_CHECKING:
 SPAN_ATTENTION = "treerpo_span"
 
 
-def no_masks() -> defaultdict:
-    """A per-layer-type mask mapping whose every entry is None (pass it as `attention_mask`).
+def no_masks(device: torch.device | str) -> torch.Tensor:
+    """A placeholder `attention_mask` for a forward with a span plan, which the kernel ignores.
 
-    transformers 5 decoders skip mask creation when `attention_mask` is already a dict of masks
-    (keyed by layer type); this one avoids building, then ignoring, a (B, 1, T, T) mask that
-    transformers would otherwise infer from the tree's non-monotonic position ids (~40 ms at T=2048).
+    transformers' mask creation returns a 4-D mask as it is, in every decoder (Qwen2's, which also
+    takes a dict of masks per layer type, and Llama's, which does not); so this 1x1x1x1 tensor
+    avoids building, then ignoring, a (B, 1, T, T) mask that transformers would otherwise infer
+    from the tree's non-monotonic position ids (~40 ms at T=2048).
     """
-    return defaultdict(lambda: None)
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
 
 
 @dataclass

@@ -124,7 +124,7 @@ def attention_inputs(model, batch: PackedBatch, tree_attention: TreeAttention = 
     if how == "mask":
         return {"attention_mask": attention_mask_for(model, batch.to(device))}  # built on the device
     use_span_attention(model)
-    return {"attention_mask": no_masks(), "treerpo_spans": span_plan(batch, device)}  # planned on the host
+    return {"attention_mask": no_masks(device), "treerpo_spans": span_plan(batch, device)}  # planned on the host
 
 
 LOGPROB_CHUNK = 2048

@@ -113,9 +113,13 @@ def test_all_pruned_batch_is_zero_loss_and_only_weight_decay(tiny_model_dir, zer
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("model", ["qwen2-char", "llama-bpe"])
 @pytest.mark.parametrize("proximal_forward", [False, True])
-def test_proximal_recompute_equals_behaviour_for_the_models_own_logprobs(tiny_model_dir, proximal_forward):
-    trainer = Trainer(make_cfg(proximal_forward=proximal_forward, micro_batch_tokens=40), tiny_model_dir)
+def test_proximal_recompute_equals_behaviour_for_the_models_own_logprobs(make_tiny_model, model, proximal_forward):
+    # llama-bpe: a chat model's architecture (SmolLM2's); its decoder builds masks unlike Qwen2's
+    architecture, tokenizer = model.split("-")
+    model_dir = make_tiny_model(architecture=architecture, tokenizer=tokenizer)
+    trainer = Trainer(make_cfg(proximal_forward=proximal_forward, micro_batch_tokens=40), model_dir)
     trees = [with_own_logprobs(t, trainer.module) for t in make_trees(1, vocab_size=trainer.vocab_size)]
     m = trainer.train_step(trees, learner_version=0)
     assert m["micro_batches"] >= 2  # the check spans several micro-batches

@@ -32,6 +32,7 @@ def bias_tokens(src: str | Path, dst: str | Path, deltas: dict[int, float], dim:
         for tok, delta in deltas.items():
             emb[tok, dim] = big + delta
     model.save_pretrained(str(dst))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(f"{src}/{name}", f"{dst}/{name}")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if Path(src, name).exists():
+            shutil.copy(f"{src}/{name}", f"{dst}/{name}")
     return Path(dst)
