@@ -254,15 +254,16 @@ def installed_package(site: Path, name: str, files: dict[str, Path]) -> None:
     (info / "RECORD").write_text("".join(f"{module}/{f},,\n" for f in files) + f"{info.name}/METADATA,,\n")
 
 
-def test_a_package_that_ships_one_gguf_is_found_by_name(tiny, tmp_path):
+def test_a_package_that_ships_one_gguf_is_found_by_name(tiny, tmp_path, capsys, monkeypatch):
     _, _, files, _ = tiny
     site = tmp_path / "site"
     installed_package(site, "tiny-gguf-pkg", {"tiny.Q8_0.gguf": files[Q8_0]})
+    monkeypatch.syspath_prepend(str(site))  # where importlib.metadata finds installed distributions
     out = tmp_path / "hf"
-    result = treerpo("tiny-gguf-pkg", "--out", str(out), pythonpath=site)
-    assert result.returncode == 0, result.stderr[-3000:]
+    code, stdout, _ = run_import(capsys, "tiny-gguf-pkg", "--out", str(out))
+    assert code == 0
     gguf_path = site / "tiny_gguf_pkg" / "tiny.Q8_0.gguf"
-    assert result.stdout.startswith(f"source: {gguf_path} (package tiny-gguf-pkg 0.1), ")
+    assert stdout.startswith(f"source: {gguf_path} (package tiny-gguf-pkg 0.1), ")
     assert json.loads((out / PROVENANCE).read_text())["source_package"] == "tiny-gguf-pkg 0.1"
 
 
