@@ -34,10 +34,10 @@ class ConfigError(TreerpoError, ValueError):
 
 
 class ModelError(TreerpoError):
-    """No usable model at model.path / --model (missing folder, no config.json, unloadable)."""
+    """No usable model at model.path / --model (missing folder, no config.json, unloadable), or no GGUF to import."""
 
     exit_code = 4
-    what = "model: no HF model folder at model.path / --model, or it cannot be loaded"
+    what = "model: no HF model folder at model.path / --model, or it cannot be loaded; no GGUF at `model import` SRC"
 
 
 class DataError(TreerpoError, ValueError):
@@ -90,8 +90,15 @@ class CheckpointError(TreerpoError):
         self.recoverable = recoverable
 
 
+class DependencyError(TreerpoError):
+    """An optional package the command needs is not installed; the message names the pip install that adds it."""
+
+    exit_code = 10
+    what = "dependency: an optional package the command needs is not installed (the message says what to pip install)"
+
+
 KNOWN: tuple[type[TreerpoError], ...] = (ConfigError, ModelError, DataError, EngineError, DeviceError, PortInUse,
-                                         CheckpointError)
+                                         CheckpointError, DependencyError)
 
 
 def exit_code_table() -> list[tuple[int, str]]:

