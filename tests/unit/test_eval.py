@@ -13,7 +13,7 @@ from common.data import read_rows
 from common.errors import EngineError, ModelError
 from common.tasks import TaskSpec, eval_problems
 from treerpo.cli import build_parser
-from treerpo.eval import ks_to_report, pass_at_k, resolve_model_dir, run, split_fitting, summarise
+from treerpo.eval import eval_config, ks_to_report, pass_at_k, resolve_model_dir, run, split_fitting, summarise
 
 
 def test_pass_at_k_hand_values():
@@ -183,3 +183,20 @@ def test_eval_of_a_reasoning_gym_config_uses_its_held_out_set_and_verifier(make_
                       "--max-tokens", "4", "--out", str(out), "--quiet", *gym[:4])
     assert run(args) == 0
     assert json.loads(out.read_text())["task"] == "arithmetic"
+
+
+def test_eval_config_keeps_a_reward_set_on_the_command_line(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "bench.jsonl"
+    data.write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2"}) + "\n")
+    (tmp_path / "mine.py").write_text("def score(completion, answer, entry):\n    return 1.0\n")
+    target = f"{tmp_path / 'mine.py'}:score"
+    cfg = eval_config(_eval_args("--model", str(model), "--data", str(data), "--set", f"data.reward={target}"))
+    assert (cfg.data.source, cfg.data.reward) == ("files", target)
+    assert eval_config(_eval_args("--model", str(model), "--data", str(data))).data.reward == "math"
+    assert eval_config(_eval_args("--model", str(model), "--reward", "arithmetic", "--data", str(data),
+                                  "--set", f"data.reward={target}")).data.reward == "arithmetic"
+    synthetic = eval_config(_eval_args("--model", str(model), "--set", f"data.reward={target}")).data
+    assert (synthetic.source, synthetic.split, synthetic.reward) == ("synthetic", "eval", target)
