@@ -19,7 +19,8 @@ Guarantees of ``PromptSource(cfg, tokenizer, shard_index, num_shards)``:
   ``[seed, seed + 4 * num_eval_problems)``, the train pool items ``[seed + 2**24, seed + 2**24 +
   num_problems)``, so no draw is shared. Deduplicated: different draws can still pose the same
   question, so every train source builds the eval set too and replaces a train item whose
-  question is in it by the next train item whose question is not.
+  question is in it by the next train item whose question is not. An item whose generator
+  raises (some do on some seeds) is passed over the same way, and counted.
 
 Files: ``.jsonl``/``.json`` (one object per line) and ``.parquet`` are read here; ``.arrow`` files
 and ``save_to_disk`` folders through HF ``datasets``; fields by ``id_field``, ``problem_field``,
@@ -287,31 +288,37 @@ class GymSpec:
         return reasoning_gym.create_dataset(self.dataset, size=size, seed=seed, **self.args)
 
 
-def _gym_item(ds, index: int, spec: GymSpec) -> dict:
+def _gym_item(ds, index: int) -> tuple[dict | None, str]:
+    """(entry, "") or (None, why): some generators raise on some seeds (basic_arithmetic divides by 0)."""
     try:
         entry = ds[index]
         if not isinstance(entry.get("question"), str):
             raise TypeError(f"its question is a {type(entry.get('question')).__name__}, not a str")
-        return entry
-    except Exception as e:  # noqa: BLE001 -- a generator that fails on these dataset_args
-        raise DataError(f"reasoning-gym {spec.dataset!r} with dataset_args={spec.args} failed on item {index}: "
-                        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
+        return entry, ""
+    except Exception as e:  # noqa: BLE001 -- a generator's bug costs its item, not the source
+        return None, f"item {index}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
 def gym_eval_entries(spec: GymSpec) -> list[tuple[int, dict]]:
-    """(dataset index, entry) of the held-out set: the first `num_eval` distinct questions of its draws."""
+    """(dataset index, entry) of the held-out set: the first `num_eval` distinct questions of its draws
+    (items whose generator raises are skipped)."""
     ds = spec.create("eval")
     seen: set[str] = set()
     out: list[tuple[int, dict]] = []
+    failed, why = 0, ""
     for i in range(spec.eval_draws):
-        entry = _gym_item(ds, i, spec)
-        if entry["question"] not in seen:
+        entry, error = _gym_item(ds, i)
+        if entry is None:
+            failed, why = failed + 1, error
+        elif entry["question"] not in seen:
             seen.add(entry["question"])
             out.append((i, entry))
             if len(out) == spec.num_eval:
                 return out
-    raise DataError(f"reasoning-gym {spec.dataset!r} gave only {len(out)} distinct questions in {spec.eval_draws} "
-                    f"draws, fewer than data.num_eval_problems={spec.num_eval}: lower it, or widen data.dataset_args")
+    failures = f" ({failed} draws failed, the last {why})" if failed else ""
+    raise DataError(f"reasoning-gym {spec.dataset!r} with dataset_args={spec.args} gave only {len(out)} distinct "
+                    f"questions in {spec.eval_draws} draws{failures}, fewer than data.num_eval_problems="
+                    f"{spec.num_eval}: lower it, or widen data.dataset_args")
 
 
 class _GymPool:
@@ -325,23 +332,33 @@ class _GymPool:
         self.eval_questions = frozenset(e["question"] for _, e in self.eval)
         self.train = self.spec.create("train") if cfg.split == "train" else None
         self.size = self.spec.train_size if self.train is not None else len(self.eval)
-        self.replaced = 0  # train items served in place of one whose question is in the eval set
+        self.skipped_held_out = 0  # train draws passed over: their question is in the eval set
+        self.skipped_failed = 0  # train draws passed over: their generator raised
         if self.train is not None:
-            self.get(0)  # a generator that fails on these dataset_args fails now
+            self.get(0)  # a generator that fails on every item fails now
 
     def __len__(self) -> int:
         return self.size
 
     def _train_item(self, i: int) -> tuple[int, dict]:
+        """Pool index i's item, or the next one whose generator works and whose question is not held out."""
+        held = failed = 0
+        why = ""
         for step in range(min(GYM_MAX_WALK, self.size)):
             index = (i + step) % self.size
-            entry = _gym_item(self.train, index, self.spec)
-            if entry["question"] not in self.eval_questions:
-                self.replaced += step > 0
+            entry, error = _gym_item(self.train, index)
+            if entry is None:
+                failed, why = failed + 1, error
+            elif entry["question"] in self.eval_questions:
+                held += 1
+            else:
+                self.skipped_held_out += held
+                self.skipped_failed += failed
                 return index, entry
-        raise DataError(f"reasoning-gym {self.spec.dataset!r}: {min(GYM_MAX_WALK, self.size)} train items in a row "
-                        "pose held-out questions; its question space is too small for data.num_eval_problems="
-                        f"{self.spec.num_eval}: lower it, or widen data.dataset_args")
+        raise DataError(f"reasoning-gym {self.spec.dataset!r} with dataset_args={self.spec.args}: {held + failed} "
+                        f"train items in a row from {i} are unusable ({held} pose held-out questions, {failed} failed"
+                        f"{', the last ' + why if failed else ''}): widen data.dataset_args or lower "
+                        f"data.num_eval_problems={self.spec.num_eval}")
 
     def get(self, i: int) -> tuple[str, str, str, dict, dict]:
         index, entry = self.eval[i] if self.train is None else self._train_item(i)
