@@ -76,9 +76,10 @@ class Actor:
         self.cfg, self.run_dir, self.actor_id = cfg, run_dir, actor_id
         self.stop = threading.Event()
         self.lock = threading.Lock()  # engine lock: generate vs weight load
+        # the reward first: a custom function or dataset that cannot load fails before the model loads
+        self.reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s, cfg.data)
         self.engine = make_engine(cfg, seed=cfg.actor.seed + 1_000_003 * index)
         self.prompts = PromptSource(cfg.data, self.engine.tokenizer, index, num_actors)
-        self.reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
         self.sampler = TreeSampler(LockedEngine(self.engine, self.lock), cfg.tree, self.reward, actor_id,
                                    seed=cfg.actor.seed + 7919 * index)
         self.receiver = WeightReceiver(checksum=cfg.weights.checksum)

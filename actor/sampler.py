@@ -25,10 +25,11 @@ Guarantees:
   depend on which node finished first);
 * a whole call is reproducible: `sample` / `stream` with the same seed, prompts and source
   answers return the same trees (one random stream per call, seeded by (seed, call number));
-* leaves are scored with `reward.score_many(path texts, answers)` as soon as their tree is
-  complete; each tree's meta holds the task name, answer, timings, `engine_calls` (levels
-  generated: rounds of requests along the tree), `engine_steps` (stream steps while it was in
-  flight) and its leaves' reward-reason counts; `last_reward_reasons` holds the counts of the
+* leaves are scored with `reward.score_many(path texts, answers, entries)` as soon as their
+  tree is complete (entries: the prompts' `entry` rows, passed when a prompt has one); each
+  tree's meta holds the task name, answer, timings, `engine_calls` (levels generated: rounds of
+  requests along the tree), `engine_steps` (stream steps while it was in flight) and its
+  leaves' reward-reason counts; `last_reward_reasons` holds the counts of the
   latest call (for the actor's metrics);
 * the trees pass `ReasoningTree.validate()`; depth 1 with branching [G] is GRPO: one group of G.
 """
@@ -250,7 +251,7 @@ class TreeSampler:
 
     def _score(self, prompts: Sequence[Any], nodes: list[list[Node]]) -> list[Counter[str]]:
         """Set every leaf's reward from its decoded path text; reason counts per prompt."""
-        texts, answers, where = [], [], []
+        texts, answers, entries, where = [], [], [], []
         for p, tree_nodes in enumerate(nodes):
             has_child = {n.parent for n in tree_nodes}
             for i in range(len(tree_nodes)):
@@ -263,8 +264,14 @@ class TreeSampler:
                 ids = np.concatenate(path[::-1]).tolist()
                 texts.append(self.engine.tokenizer.decode(ids, skip_special_tokens=True))
                 answers.append(str(prompts[p].answer))
+                entries.append(getattr(prompts[p], "entry", None))
                 where.append((p, i))
-        results = self.reward.score_many(texts, answers) if texts else []
+        if not texts:
+            results = []
+        elif any(e is not None for e in entries):
+            results = self.reward.score_many(texts, answers, entries=entries)
+        else:  # prompts without rows (tests, benches): the two-argument form every Reward takes
+            results = self.reward.score_many(texts, answers)
         if len(results) != len(texts):
             raise RuntimeError(f"reward {self.reward!r} returned {len(results)} results for {len(texts)} completions")
         reasons: list[Counter[str]] = [Counter() for _ in prompts]

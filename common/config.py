@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.data import GYM_MAX_SEED, GYM_TRAIN_SEED_OFFSET, check_reasoning_gym
 from common.errors import ConfigError  # defined with its exit code there; callers import it from here too
+from common.rewards import check_reward_name
 
 
 class Section(BaseModel):
@@ -189,10 +191,21 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    """Where prompts come from and how leaves are scored."""
+    """Where prompts come from and how leaves are scored (common/data.py, common/rewards.py)."""
 
-    source: Literal["synthetic", "files"] = Field("synthetic", description="The synthetic task or JSONL/Parquet files.")
-    paths: list[str] = Field(default_factory=list, description="JSONL/Parquet files when source='files'.")
+    source: Literal["synthetic", "files", "reasoning_gym"] = Field(
+        "synthetic",
+        description="The synthetic task, local files (paths), or a reasoning-gym dataset (dataset, dataset_args).",
+    )
+    paths: list[str] = Field(
+        default_factory=list,
+        description="source='files': .jsonl/.parquet files, .arrow files or datasets save_to_disk folders.",
+    )
+    dataset: str = Field("", description="source='reasoning_gym': the dataset name, e.g. 'chain_sum'.")
+    dataset_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="source='reasoning_gym': keyword arguments of reasoning_gym.create_dataset (not seed or size).",
+    )
     id_field: str = Field("id", min_length=1, description="Row field holding the prompt id.")
     problem_field: str = Field("problem", min_length=1, description="Row field holding the problem text.")
     answer_field: str = Field("answer", min_length=1, description="Row field holding the gold answer.")
@@ -201,14 +214,20 @@ class DataConfig(Section):
         description="Text around '{problem}'; only '{problem}' is replaced, other braces stay.",
     )
     chat_template: bool = Field(False, description="Wrap the prompt in the tokenizer's chat template.")
-    reward: Literal["math", "arithmetic"] = Field("arithmetic", description="Reward function by registry name.")
+    reward: str = Field(
+        "arithmetic", min_length=1,
+        description="A registry name ('math', 'arithmetic', 'dataset' = the data source's own verifier) or a "
+                    "function 'package.module:function' / 'path/to/file.py:function' (contract: common/rewards.py).",
+    )
     reward_timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="Time bound of one reward evaluation.")
     shuffle: bool = Field(True, description="Shuffle prompts (seeded) each epoch.")
-    seed: int = Field(0, ge=0, description="Seed of prompt order and the synthetic generator.")
+    seed: int = Field(0, ge=0, description="Seed of prompt order and of the synthetic and reasoning-gym generators.")
     # synthetic task knobs
     operand_min: int = Field(2, ge=0, le=10**6, description="Smallest operand of the synthetic task.")
     operand_max: int = Field(14, ge=1, le=10**6, description="Largest operand of the synthetic task.")
-    num_problems: int = Field(100_000, ge=1, le=10**8, description="Size of the synthetic training pool.")
+    num_problems: int = Field(
+        100_000, ge=1, le=10**8, description="Size of the synthetic or reasoning-gym training pool."
+    )
     task: Literal["add_mul", "chain"] = Field(
         "add_mul",
         description="Synthetic task shape: '(a+b)*c', or a chain of task_steps + - * steps (common/tasks.py).",
@@ -217,16 +236,40 @@ class DataConfig(Section):
     eval_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of synthetic problems held out for eval (never trained on)."
     )
-    split: Literal["train", "eval"] = Field("train", description="Synthetic split a prompt source serves.")
-    num_eval_problems: int = Field(500, ge=1, le=10**6, description="Distinct held-out synthetic problems for eval.")
+    split: Literal["train", "eval"] = Field(
+        "train", description="Split a synthetic or reasoning-gym source serves (eval: the held-out set)."
+    )
+    num_eval_problems: int = Field(
+        500, ge=1, le=10**6, description="Distinct held-out problems for eval (synthetic and reasoning-gym)."
+    )
     warmup_right_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="Share of warm-up examples worked with the right plan (common/tasks.py)."
     )
 
+    @field_validator("reward")
+    @classmethod
+    def _check_reward(cls, value: str) -> str:
+        return check_reward_name(value)  # a ConfigError is a ValueError: pydantic reports it as the field's
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.source == "files" and not self.paths:
-            raise ValueError("data.source='files' needs data.paths: a list of .jsonl or .parquet files")
+            raise ValueError("data.source='files' needs data.paths: .jsonl, .parquet or .arrow files or datasets "
+                             "save_to_disk folders")
+        if self.source == "reasoning_gym":
+            if not self.dataset:
+                raise ValueError("data.source='reasoning_gym' needs data.dataset, e.g. 'chain_sum'")
+            check_reasoning_gym(self.dataset, self.dataset_args)
+            top = self.seed + GYM_TRAIN_SEED_OFFSET + self.num_problems
+            if top > GYM_MAX_SEED:
+                raise ValueError(f"data.seed={self.seed}: reasoning-gym train items would be seeded up to {top}, past "
+                                 f"2**32; use data.seed <= {GYM_MAX_SEED - GYM_TRAIN_SEED_OFFSET - self.num_problems}")
+        elif self.dataset or self.dataset_args:
+            raise ValueError(f"data.dataset / data.dataset_args are for data.source='reasoning_gym' (it is "
+                             f"{self.source!r}): remove them or set the source")
+        if self.reward == "dataset" and self.source == "files":
+            raise ValueError("data.reward='dataset' is the data source's own verifier, and files have none: use "
+                             "'math', 'arithmetic' or a function 'package.module:function'")
         if self.operand_min > self.operand_max:
             raise ValueError(f"data.operand_min={self.operand_min} exceeds data.operand_max={self.operand_max}")
         if "{problem}" not in self.prompt_template:

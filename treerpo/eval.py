@@ -11,8 +11,11 @@ Guarantees:
   (`common.tasks.eval_problems`, never trained on);
 * generation is batched: `batch_prompts` prompts per engine call, each one request with n = k
   (the HF engine prefills a prompt once for its k samples); sampling is seeded;
-* completions are scored by the reward registry (`math`: last \\boxed{} under math-verify;
-  `arithmetic`: the '#' answer), and the report counts every sample's reason;
+* completions are scored by `data.reward` (`math`: last \\boxed{} under math-verify; `arithmetic`:
+  the '#' answer; `dataset`: the source's own verifier; or a custom function), each with its
+  prompt's entry, and the report counts every sample's reason;
+* with a `reasoning_gym` config and no `--data`/`--task`, the problems are its held-out set
+  (`split: eval`, never sharing a question with the train stream, common/data.py);
 * `--model` takes an HF folder or a checkpoint folder holding `hf/` (the learner's export);
 * a problem whose prompt + max_tokens exceeds the model's positions is skipped and counted
   (`skipped`, with its id in `skipped_ids`): pass@k is over the problems evaluated, and the table
@@ -133,13 +136,17 @@ def evaluate(engine, prompts: Sequence, reward, *, k: int, temperature: float, m
                                       temperature=temperature, top_p=top_p, seed=(seed * 1_000_003 + start + j) % 2**31)
                     for j, p in enumerate(chunk)]
         results = engine.generate(requests)
-        texts, answers = [], []
+        texts, answers, entries = [], [], []
         for p, samples in zip(chunk, results, strict=True):
             lengths.append([int(len(s.token_ids)) for s in samples])
             for s in samples:
                 texts.append(engine.tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True))
                 answers.append(str(p.answer))
-        scored = reward.score_many(texts, answers)
+                entries.append(getattr(p, "entry", None))
+        if any(e is not None for e in entries):
+            scored = reward.score_many(texts, answers, entries=entries)
+        else:
+            scored = reward.score_many(texts, answers)
         reasons.update(r.reason for r in scored)
         flat = [float(r.reward) for r in scored]
         rewards.extend(flat[i * k:(i + 1) * k] for i in range(len(chunk)))
@@ -157,15 +164,27 @@ def summarise(prompts: Sequence, rewards: list[list[float]], lengths: list[list[
     return pass_at, mean_len, per_problem
 
 
+def task_name(data) -> str:
+    """The report's name of what was evaluated: the files, the reasoning-gym dataset, or the synthetic task."""
+    if data.source == "files":
+        return ",".join(data.paths)
+    return f"reasoning_gym:{data.dataset}" if data.source == "reasoning_gym" else "arithmetic"
+
+
 def eval_config(args) -> JobConfig:
     """The job config (default preset: demo) with the eval's data, model and engine settings applied."""
     cfg = load_config(args.config or ["demo"], args.overrides)
     data = cfg.data.model_dump()
+    # a reward named on the command line, else one set by --set data.reward=..., else the default
+    set_reward = cfg.data.reward if any(o.split("=", 1)[0].strip() == "data.reward" for o in args.overrides) else None
     if args.data:
-        data.update(source="files", paths=list(args.data), reward=args.reward or "math", shuffle=False)
+        data.update(source="files", paths=list(args.data), reward=args.reward or set_reward or "math", shuffle=False,
+                    dataset="", dataset_args={})
+    elif cfg.data.source == "reasoning_gym" and not args.task:  # its held-out set; --num-problems takes a prefix
+        data.update(split="eval", reward=args.reward or cfg.data.reward, shuffle=False)
     else:
-        data.update(source="synthetic", split="eval", reward=args.reward or "arithmetic", shuffle=False,
-                    num_eval_problems=args.num_problems or DEFAULT_TASK_PROBLEMS)
+        data.update(source="synthetic", split="eval", reward=args.reward or set_reward or "arithmetic", shuffle=False,
+                    num_eval_problems=args.num_problems or DEFAULT_TASK_PROBLEMS, dataset="", dataset_args={})
     cfg.data = type(cfg.data).model_validate(data)
     cfg.model.path = str(resolve_model_dir(args.model))
     if args.engine:
@@ -198,7 +217,7 @@ def run_eval(args) -> EvalReport:
         log.warning("skipped %d of %d problems: prompt + max_tokens %d exceeds the model's %d positions (longest "
                     "prompt %d tokens); lower --max-tokens or use a longer-context model to evaluate them",
                     len(too_long), len(too_long) + len(prompts), max_tokens, max_positions, longest)
-    reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
+    reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s, cfg.data)
     started = time.perf_counter()
     try:
         rewards, lengths, reasons = evaluate(engine, prompts, reward, k=args.k, temperature=temperature,
@@ -209,7 +228,7 @@ def run_eval(args) -> EvalReport:
     seconds = time.perf_counter() - started
     pass_at, mean_len, per_problem = summarise(prompts, rewards, lengths, args.k)
     return EvalReport(
-        model=cfg.model.path, task="arithmetic" if not args.data else ",".join(args.data), reward=cfg.data.reward,
+        model=cfg.model.path, task=task_name(cfg.data), reward=cfg.data.reward,
         num_problems=len(prompts), samples_per_problem=args.k, temperature=temperature, max_tokens=max_tokens,
         seed=args.seed, pass_at=pass_at, mean_response_tokens=mean_len, reasons=dict(reasons), seconds=seconds,
         generated_tokens=int(sum(sum(row) for row in lengths)), per_problem=per_problem,

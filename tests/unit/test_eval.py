@@ -13,7 +13,7 @@ from common.data import read_rows
 from common.errors import EngineError, ModelError
 from common.tasks import TaskSpec, eval_problems
 from treerpo.cli import build_parser
-from treerpo.eval import ks_to_report, pass_at_k, resolve_model_dir, run, split_fitting, summarise
+from treerpo.eval import eval_config, ks_to_report, pass_at_k, resolve_model_dir, run, split_fitting, summarise
 
 
 def test_pass_at_k_hand_values():
@@ -157,3 +157,46 @@ def test_eval_skips_and_counts_problems_too_long_for_the_model(make_tiny_model, 
     data.write_text(json.dumps(rows[1]) + "\n")  # nothing fits: one line, the fix named
     with pytest.raises(EngineError, match="no problem fits.*96 positions.*lower --max-tokens"):
         run(args)
+
+
+def test_eval_of_a_reasoning_gym_config_uses_its_held_out_set_and_verifier(make_tiny_model, tmp_path):
+    pytest.importorskip("reasoning_gym")
+    from common.data import PromptSource  # noqa: PLC0415 -- the held-out set compared against
+
+    tiny_model = make_tiny_model(**SMALL)
+    out = tmp_path / "report.json"
+    gym = ["--set", "data.source=reasoning_gym", "--set", "data.dataset=chain_sum", "--set", "data.reward=dataset",
+           "--set", "data.num_problems=100", "--set", "data.num_eval_problems=40"]
+    args = _eval_args("--model", str(tiny_model), "-k", "2", "--num-problems", "4", "--max-tokens", "8",
+                      "--out", str(out), "--quiet", *gym)
+    assert run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == "reasoning_gym:chain_sum" and report["reward"] == "dataset"
+    cfg = load_config("demo", [*args.overrides, "data.split=eval"])
+    held_out = PromptSource(cfg.data, None).all_prompts()[:4]  # the set the actors never train on, its first 4
+    assert [p["id"] for p in report["per_problem"]] == [p.prompt_id for p in held_out]
+    assert all(p.prompt_id.startswith("chain_sum:eval:") for p in held_out)
+    # every sample was verified by reasoning-gym or had nothing to verify
+    assert sum(report["reasons"].values()) == 8 and set(report["reasons"]) <= {"ok", "wrong", "no_answer"}
+    # --task arithmetic still means the synthetic task
+    args = _eval_args("--model", str(tiny_model), "--task", "arithmetic", "-k", "1", "--num-problems", "2",
+                      "--max-tokens", "4", "--out", str(out), "--quiet", *gym[:4])
+    assert run(args) == 0
+    assert json.loads(out.read_text())["task"] == "arithmetic"
+
+
+def test_eval_config_keeps_a_reward_set_on_the_command_line(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "bench.jsonl"
+    data.write_text(json.dumps({"id": "a", "problem": "1+1?", "answer": "2"}) + "\n")
+    (tmp_path / "mine.py").write_text("def score(completion, answer, entry):\n    return 1.0\n")
+    target = f"{tmp_path / 'mine.py'}:score"
+    cfg = eval_config(_eval_args("--model", str(model), "--data", str(data), "--set", f"data.reward={target}"))
+    assert (cfg.data.source, cfg.data.reward) == ("files", target)
+    assert eval_config(_eval_args("--model", str(model), "--data", str(data))).data.reward == "math"
+    assert eval_config(_eval_args("--model", str(model), "--reward", "arithmetic", "--data", str(data),
+                                  "--set", f"data.reward={target}")).data.reward == "arithmetic"
+    synthetic = eval_config(_eval_args("--model", str(model), "--set", f"data.reward={target}")).data
+    assert (synthetic.source, synthetic.split, synthetic.reward) == ("synthetic", "eval", target)

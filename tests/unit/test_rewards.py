@@ -1,5 +1,6 @@
-"""Rewards: math-verify on the last \\boxed{} (gold solutions, corruptions, junk, timeouts) and
-the synthetic task's exact match."""
+"""Rewards: math-verify on the last \\boxed{} (gold solutions, corruptions, junk, timeouts), the
+synthetic task's exact match, answers in free text, and reasoning-gym's own verifier (`dataset`)
+on real entries. Custom functions: test_custom_rewards.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import threading
 
 import pytest
 
+from common.config import DataConfig
+from common.data import PromptSource
 from common.rewards import (
     MAX_BOXED_DEPTH,
     REWARD_REASONS,
@@ -16,6 +19,8 @@ from common.rewards import (
     RewardResult,
     arithmetic_final_answer,
     brace_depth,
+    extract_answer,
+    graded,
     last_boxed,
     make_reward,
 )
@@ -213,3 +218,90 @@ def test_math_works_from_a_non_main_thread(math_reward):
     worker.start()
     worker.join(timeout=60)
     assert out == [RewardResult(1.0, "ok")]
+
+
+# -- answers in free text ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>3+4=7, or 8?</think> <answer> 7 </answer>", "7"),  # the tag wins over numbers after it
+        ("<answer>6</answer> no wait <answer>7</answer> then 9", "7"),  # the last tag
+        ("<answer>apple, banana\ncherry</answer>", "apple, banana\ncherry"),  # tags span lines
+        ("<answer>  </answer> 5", None),  # an empty last tag is no answer
+        (r"so \boxed{\frac{1}{2}} and 3", r"\frac{1}{2}"),  # no tag: the last \boxed
+        ("we get 12, then 1,234.5 apples.", "1234.5"),  # no box: the last number, commas dropped
+        ("x = -17", "-17"),
+        ("<answer>8", "8"),  # an unclosed tag is no tag: the last number
+        ("first line\n  second line  \n\n", "second line"),  # no number: the last non-empty line
+        ("", None),
+        (" \n\t", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(True, [1.0, "ok"]), (False, [0.0, "wrong"]), (1, [1.0, "ok"]), (0.25, [0.25, "wrong"]),
+     (float("nan"), [0.0, "bad_value"]), (float("inf"), [0.0, "bad_value"]), (-0.0001, [0.0, "bad_value"]),
+     (1.0001, [0.0, "bad_value"]), (None, [0.0, "bad_value"]), ("1", [0.0, "bad_value"]), ([1], [0.0, "bad_value"])],
+)
+def test_graded(value, expected):
+    assert graded(value) == expected
+
+
+# -- dataset: reasoning-gym's own verifier ------------------------------------------------------
+def _gym_config(dataset: str, **kw) -> DataConfig:
+    pytest.importorskip("reasoning_gym")
+    return DataConfig(source="reasoning_gym", dataset=dataset, reward="dataset", num_problems=200,
+                      num_eval_problems=20, **kw)
+
+
+@pytest.mark.parametrize("dataset", ["chain_sum", "basic_arithmetic", "gsm_symbolic", "word_sorting", "arc_agi"])
+def test_dataset_reward_scores_real_entries(dataset):
+    cfg = _gym_config(dataset)
+    prompts = PromptSource(cfg, None).next_batch(6) + PromptSource(cfg.model_copy(update={"split": "eval"}),
+                                                                   None).next_batch(2)
+    reward = make_reward("dataset", 10.0, cfg)
+    try:
+        gold = [f"Let me think.\n<answer>{p.answer}</answer>" for p in prompts]
+        # a wrong answer: another prompt's (each differs from its own), in the tag
+        others = [f"<answer>{prompts[(i + 1) % len(prompts)].answer}</answer>" for i in range(len(prompts))]
+        assert all(prompts[(i + 1) % len(prompts)].answer != p.answer for i, p in enumerate(prompts))
+        entries = [p.entry for p in prompts]
+        right = reward.score_many(gold, [p.answer for p in prompts], entries)
+        wrong = reward.score_many(others, [p.answer for p in prompts], entries)
+        blank = reward.score_many([""], [prompts[0].answer], entries[:1])
+    finally:
+        reward.close()
+    assert right == [RewardResult(1.0, "ok")] * len(prompts)
+    assert all(r.reason == "wrong" and r.reward < 1.0 for r in wrong)
+    assert blank == [RewardResult(0.0, "no_answer")]
+
+
+def test_dataset_reward_reads_free_text_and_boxes():
+    cfg = _gym_config("chain_sum")
+    (p,) = PromptSource(cfg, None).next_batch(1)
+    reward = make_reward("dataset", 10.0, cfg)
+    try:
+        got = reward.score_many(
+            [f"Adding up the terms gives {p.answer}.", f"So \\boxed{{{p.answer}}}, not 3.", f"{int(p.answer) + 1}"],
+            [p.answer] * 3, [p.entry] * 3)
+    finally:
+        reward.close()
+    assert got == [RewardResult(1.0, "ok"), RewardResult(1.0, "ok"), RewardResult(0.0, "wrong")]
+
+
+def test_dataset_reward_needs_entries_and_a_source_with_a_verifier(tmp_path):
+    cfg = _gym_config("chain_sum")
+    reward = make_reward("dataset", 10.0, cfg)
+    try:
+        with pytest.raises(ValueError, match="pass entries="):
+            reward.score_many(["<answer>1</answer>"], ["1"])
+    finally:
+        reward.close()
+    synthetic = DataConfig(source="synthetic", reward="dataset")
+    assert make_reward("dataset", 5.0, synthetic).score_many(["1+2=3;#3"], ["3"]) == [RewardResult(1.0, "ok")]
+    with pytest.raises(ValueError, match="files have none"):
+        DataConfig(source="files", paths=[str(tmp_path / "a.jsonl")], reward="dataset")
