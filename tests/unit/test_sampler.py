@@ -27,7 +27,7 @@ class PathTextReward:
     def value(text: str) -> float:
         return (len(text) % 3) / 2.0
 
-    def score_many(self, completions, answers):
+    def score_many(self, completions, answers, entries=None):
         return [RewardResult(self.value(t), "ok" if self.value(t) > 0 else "wrong") for t in completions]
 
     def close(self):
