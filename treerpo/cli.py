@@ -137,8 +137,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                       help="the synthetic task's held-out problems (the default without --data)")
     what.add_argument("--data", nargs="+", default=None, metavar="FILE.jsonl",
                       help="benchmark JSONL/Parquet files (id, problem, answer)")
-    p.add_argument("--reward", choices=["math", "arithmetic"], default=None,
-                   help="reward (default: math for --data, arithmetic for the task)")
+    p.add_argument("--reward", default=None, metavar="NAME",
+                   help="reward: math, arithmetic, dataset, or module:function / file.py:function "
+                        "(default: math for --data, arithmetic for the task, else the config's data.reward)")
     p.add_argument("-k", type=int, default=4, help="samples per problem (pass@1 = mean over them; pass@k too)")
     p.add_argument("--num-problems", type=int, default=None,
                    help="problems evaluated (default: all files' rows / 200 held-out task problems)")

@@ -41,7 +41,7 @@ from rich.table import Table
 
 from actor.engine import GenerationRequest
 from actor.engines import make_engine
-from common.config import JobConfig, load_config
+from common.config import JobConfig, build_config, load_config
 from common.data import PromptSource, read_rows
 from common.errors import ConfigError, EngineError, ModelError
 from common.rewards import make_reward
@@ -185,7 +185,7 @@ def eval_config(args) -> JobConfig:
     else:
         data.update(source="synthetic", split="eval", reward=args.reward or set_reward or "arithmetic", shuffle=False,
                     num_eval_problems=args.num_problems or DEFAULT_TASK_PROBLEMS, dataset="", dataset_args={})
-    cfg.data = type(cfg.data).model_validate(data)
+    cfg = build_config({**cfg.model_dump(), "data": data})  # a bad --reward is a ConfigError, one line
     cfg.model.path = str(resolve_model_dir(args.model))
     if args.engine:
         cfg.actor.engine = args.engine

@@ -85,6 +85,20 @@ def test_config_error():
     assert "tree.depth" in error_line(result, "config", alone=True)
 
 
+def test_eval_with_an_unknown_reward_is_a_config_error(tiny_model_dir):
+    result = treerpo("eval", "--model", str(tiny_model_dir), "--reward", "bogus")
+    assert result.returncode == ConfigError.exit_code
+    assert "unknown reward 'bogus'" in error_line(result, "eval", alone=True)
+
+
+def test_a_gguf_or_a_package_as_model_path_says_to_import_it(tmp_path):
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    result = treerpo("learner", "--set", f"model.path={gguf_file}", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == ModelError.exit_code
+    assert f"treerpo model import {gguf_file} --out DIR" in error_line(result, "learner", alone=True)
+
+
 def test_learner_without_a_model_folder():
     result = treerpo("learner", "--set", "model.path=/nonexistent/model", "--run-dir", "/tmp/unused-treerpo-run")
     assert result.returncode == ModelError.exit_code
