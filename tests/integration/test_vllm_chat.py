@@ -19,6 +19,7 @@ from common.rewards import make_reward
 from learner.logprobs import token_logprobs
 from learner.packing import pack_trees
 from tests.support.models import bias_tokens
+from tests.support.treegen import step_endings
 from treerpo.tinymodel import VLLM_CPU_TINY
 
 FIDELITY_TOL = 1e-3  # |vLLM processed_logprobs - learner recompute|, float32 on both sides
@@ -55,21 +56,7 @@ def test_vllm_chat_steps_end_like_hf_and_log_probs_match_the_learner(chat_engine
     cfg = TreeConfig(depth=3, branching=[2, 2, 2], split="step", step_delimiter="\n\n", segment_tokens=8,
                      max_tokens=24, temperature=0.9)
     trees = TreeSampler(engine, cfg, make_reward("arithmetic", 5.0), "vllm-chat", seed=2).sample(prompts)
-    ended_by: dict[str, int] = {}
-    for tree in trees:
-        depths = tree.depths()
-        for i, node in enumerate(tree.nodes):
-            if depths[i] == cfg.depth or node.finish != "segment":
-                continue
-            toks = node.token_ids.tolist()
-            text, before = tok.decode(toks), tok.decode(toks[:-1])
-            if "\n\n" not in text:
-                assert len(toks) == cfg.segment_tokens
-                continue
-            assert "\n\n" not in before and text.find("\n\n") + 2 > len(before), (repr(text), toks)
-            last = tok.decode(toks[-1:])
-            key = "\n + \n" if last == "\n" else last
-            ended_by[key] = ended_by.get(key, 0) + 1
+    ended_by = step_endings(trees, tok.decode, "\n\n", cfg.depth, cfg.segment_tokens)
     assert {"\n\n\n", " \n\n", "\n\n"} <= set(ended_by), ended_by
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

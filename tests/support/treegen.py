@@ -1,4 +1,5 @@
-"""Tree builders for tests: from a parent list, or random (numpy-seeded) of any shape; and `mutate`, one random edit."""
+"""Tree builders for tests: from a parent list, or random (numpy-seeded) of any shape; `mutate`, one
+random edit; and `step_endings`, the check of where sampled steps end."""
 
 from __future__ import annotations
 
@@ -137,3 +138,31 @@ def mutate(tree: ReasoningTree, rng: np.random.Generator, vocab_size: int) -> No
         tree.tree_id = ""
     else:
         nd.parent = np.int32(nd.parent)  # numpy ints are ints
+
+
+def step_endings(trees: list[ReasoningTree], decode, delimiter: str, depth: int, segment_tokens: int) -> dict[str, int]:
+    """Check where every non-final segment of `trees` ended (design §3.1) and count how.
+
+    A segment that holds the delimiter's text completes it in its last token, never earlier (that
+    token kept whole); one without it is cut at `segment_tokens`; its children continue from
+    exactly its ids. Returns {the last token's text, or "<prev> + <last>" when the delimiter
+    completes across tokens: count}."""
+    ended: dict[str, int] = {}
+    for tree in trees:
+        depths = tree.depths()
+        for i, node in enumerate(tree.nodes):
+            if depths[i] == depth or node.finish != "segment":
+                continue
+            toks = node.token_ids.tolist()
+            text, before = decode(toks), decode(toks[:-1])
+            at = text.find(delimiter)
+            if at < 0:
+                assert len(toks) == segment_tokens, (repr(text), toks)  # no delimiter: the segment budget
+                continue
+            assert delimiter not in before and at + len(delimiter) > len(before), (repr(text), toks)
+            last = decode(toks[-1:])
+            key = last if last.endswith(delimiter) or delimiter in last else f"{decode(toks[-2:-1])} + {last}"
+            ended[key] = ended.get(key, 0) + 1
+            for c in np.flatnonzero(tree.parents == i):
+                assert tree.context_ids(int(c)).tolist()[-len(toks):] == toks
+    return ended

@@ -16,8 +16,8 @@ import pytest
 from actor.sampler import TreeSampler
 from common.config import DataConfig, TreeConfig
 from common.data import PromptSource
-from tests.support.models import bias_tokens, hf_engine
-from tests.unit.test_sampler import PathTextReward, check_fidelity
+from tests.support.models import PathTextReward, bias_tokens, check_fidelity, hf_engine
+from tests.support.treegen import step_endings
 
 CHAT = {"architecture": "llama", "tokenizer": "bpe"}
 
@@ -55,29 +55,9 @@ def test_a_step_ends_with_the_token_that_completes_the_delimiter(chat_dir, tmp_p
     cfg = TreeConfig(depth=3, branching=[2, 2, 2], split="step", step_delimiter="\n\n", segment_tokens=8,
                      max_tokens=24)
     trees = TreeSampler(engine, cfg, PathTextReward(), "a", seed=1).sample(chat_prompts(engine, 4))
-    decode = engine.tokenizer.decode
-    last_tokens: dict[str, int] = {}
-    for tree in trees:
-        depths = tree.depths()
-        for i, node in enumerate(tree.nodes):
-            if depths[i] == cfg.depth or node.finish != "segment":
-                continue
-            toks = node.token_ids.tolist()
-            text, before = decode(toks), decode(toks[:-1])
-            at = text.find("\n\n")
-            if at < 0:
-                assert len(toks) == cfg.segment_tokens  # no delimiter: cut at the segment budget
-                continue
-            # the first delimiter completes inside the last token, not earlier
-            assert "\n\n" not in before and at + 2 > len(before), (repr(text), toks)
-            last = decode(toks[-1:])
-            key = "\n + \n" if last == "\n" else last  # "\n" completes it only after a "\n"
-            last_tokens[key] = last_tokens.get(key, 0) + 1
-            # the children continue from exactly these ids
-            for c in np.flatnonzero(tree.parents == i):
-                assert tree.context_ids(int(c)).tolist()[-len(toks):] == toks
+    ended = step_endings(trees, engine.tokenizer.decode, "\n\n", cfg.depth, cfg.segment_tokens)
     # every way the delimiter can end a BPE step happened
-    assert {"\n\n\n", " \n\n", "\n\n", "\n + \n"} <= set(last_tokens), last_tokens
+    assert {"\n\n\n", " \n\n", "\n\n", "\n + \n"} <= set(ended), ended
 
 
 def test_end_of_turn_makes_a_leaf_and_log_probs_are_exact(chat_dir, tmp_path):

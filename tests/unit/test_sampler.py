@@ -10,28 +10,11 @@ import torch
 from actor.sampler import TreeSampler
 from common.config import TreeConfig
 from common.data import Prompt
-from common.rewards import RewardResult, make_reward
-from common.sampling import processed_logprobs
-from tests.support.models import bias_tokens, hf_engine
+from common.rewards import make_reward
+from tests.support.models import PathTextReward, bias_tokens, check_fidelity, hf_engine
 from treerpo.tinymodel import EOS_ID
 
 torch.set_num_threads(1)
-
-
-class PathTextReward:
-    """Test-only reward: a pure function of the decoded path text, so tests can recompute it."""
-
-    name = "path_text"
-
-    @staticmethod
-    def value(text: str) -> float:
-        return (len(text) % 3) / 2.0
-
-    def score_many(self, completions, answers, entries=None):
-        return [RewardResult(self.value(t), "ok" if self.value(t) > 0 else "wrong") for t in completions]
-
-    def close(self):
-        pass
 
 
 @pytest.fixture(scope="session")
@@ -58,21 +41,6 @@ def tree_cfg(**kw):
     base = dict(depth=3, branching=[2, 2, 2], segment_tokens=4, max_tokens=20)
     base.update(kw)
     return TreeConfig(**base)
-
-
-def check_fidelity(engine, tree, cfg):
-    """Every node's behaviour log-probs = one teacher-forced forward over context + segment."""
-    for i, node in enumerate(tree.nodes):
-        context = tree.context_ids(i)
-        ids = torch.from_numpy(np.concatenate([context, node.token_ids]).astype(np.int64))[None]  # (1, T)
-        with torch.no_grad():
-            logits = engine.model(input_ids=ids).logits[0].float()  # (T, V)
-        L = len(node)
-        rows = logits[len(context) - 1:len(context) - 1 + L]  # (L, V)
-        lp = processed_logprobs(rows, torch.full((L,), cfg.temperature), torch.full((L,), cfg.top_k),
-                                torch.full((L,), cfg.top_p))
-        ref = lp.gather(1, torch.from_numpy(node.token_ids.astype(np.int64))[:, None]).squeeze(1).numpy()
-        np.testing.assert_allclose(node.logprobs, ref, atol=1e-4, rtol=0, err_msg=f"node {i}")
 
 
 @pytest.mark.parametrize("branching", [[2, 2, 2], [3, 1, 2]])
