@@ -68,6 +68,7 @@ class ControlPlane:
         self.poll_s = poll_s
         self.stalled_after_s = stalled_after_s
         self.stalled = False
+        self._written_off = 0  # of the buffer's written-off trees, those already in the metric
         self.lock = threading.Lock()
         self.acks: queue.Queue[WeightAck] = queue.Queue()
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -231,8 +232,7 @@ class ControlPlane:
             if lost:
                 log.warning("actor %s: %d trees it sent (registration %d, up to seq %d) never arrived: written "
                             "off, their credits granted again", identity, lost, msg.registration, msg.trees_sent)
-                if self.metrics is not None:
-                    self.metrics.credits_written_off.inc(lost)
+                self._count_written_off()
             self._send_credit(identity, self.buffer.grant(identity), always=True)
         elif isinstance(msg, WeightAck):
             with self.lock:
@@ -254,7 +254,14 @@ class ControlPlane:
             self.drop(actor_id, f"silent for more than {self.peer_timeout_s:.0f} s")
         self._grant_ready()
         self._check_stalled()
+        self._count_written_off()  # also the seq gaps the ingest found
         self._update_gauges()
+
+    def _count_written_off(self) -> None:
+        total = self.buffer.stats().written_off
+        if self.metrics is not None and total > self._written_off:
+            self.metrics.credits_written_off.inc(total - self._written_off)
+        self._written_off = total
 
     def _grant_ready(self) -> None:
         for actor_id in self.confirmed():  # pending members get credit once their weights are confirmed

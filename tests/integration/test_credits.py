@@ -298,7 +298,8 @@ def test_a_gap_a_wire_error_and_a_lost_credit_are_made_good(pair):
     assert deliver(actor, learner) == [None]  # seq 3 arrives: 1 and 2 were lost on the way
     assert learner.buffer.stats().written_off == 2
     assert len(learner.buffer.take(0, min_trees=1)) == 1
-    learner.control.sweep()  # grants 3 more: this Credit never reaches the actor
+    learner.control.sweep()  # grants 3 more (this Credit never reaches the actor), counts the gap
+    assert learner.sample("treerpo_learner_credits_written_off_total") == 2
     assert [type(m) for m in actor.catch_up(learner, apply=False)] == [Credit]
     assert actor.credits.available == 0
     assert invariant(actor, learner) == (C, 0, 0)  # the heartbeat's Credit restates the limit
