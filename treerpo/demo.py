@@ -233,7 +233,16 @@ def latest_hf_export(run_dir: Path) -> Path:
     raise RuntimeError(f"no checkpoint with an HF export under {root}: is learner.checkpoint_hf on?")
 
 
-def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path) -> None:
+def plot_title(cfg, model_path: str) -> str:
+    """What was trained on what: the tree shape, the task, the model."""
+    d = cfg.data
+    task = "(a+b)*c" if d.source == "synthetic" else (d.dataset if d.source == "reasoning_gym" else "files")
+    model = "tiny char-level Qwen2" if not cfg.model.path or "warmup-" in model_path else Path(model_path).name
+    method = "GRPO" if cfg.tree.depth == 1 else f"TreeRPO {cfg.tree.branching}"
+    return f"treerpo demo: {method} on {task}, {model}, CPU"
+
+
+def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path, title: str) -> None:
     """Two panels against step: mean leaf reward; leaf accuracy with held-out pass@1 before/after."""
     import matplotlib  # noqa: PLC0415 -- matplotlib loads for the final plot only
 
@@ -253,7 +262,7 @@ def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path) ->
     bottom.set_xlabel("optimizer step")
     for ax in (top, bottom):
         ax.legend(fontsize=7, loc="upper left")
-    top.set_title("treerpo demo: TreeRPO on (a+b)*c, tiny char-level Qwen2, CPU")
+    top.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -441,7 +450,8 @@ def run(args) -> int:
         progress.refresh(None)
         summary = make_summary(args, cfg, warm, before, after, progress, sup, time.monotonic() - started, phases)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot(progress.rows, before["pass_at_1"], after["pass_at_1"], run_dir / "demo.png")
+        plot(progress.rows, before["pass_at_1"], after["pass_at_1"], run_dir / "demo.png",
+             plot_title(cfg, warm["path"]))
         console.print(result_table(before, after, args.k))
         console.print(f"accuracy {100 * summary['accuracy_before']:.1f}% -> {100 * summary['accuracy_after']:.1f}% "
                       f"({100 * (summary['accuracy_after'] - summary['accuracy_before']):+.1f} points) in "

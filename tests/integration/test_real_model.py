@@ -10,6 +10,7 @@ the learner's recompute (importance weights 1 at the first step).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -70,3 +71,25 @@ def test_smollm2_trains_syncs_checkpoints_and_evaluates(smollm2, tmp_path):
         report = json.loads(out.read_text())
         assert (report["num_problems"], report["samples_per_problem"], report["reward"]) == (3, 1, "dataset")
         assert sum(report["reasons"].values()) == 3 and 0.0 <= report["pass_at_1"] <= 1.0, report
+
+
+def test_the_smollm2_demo_runs_end_to_end(smollm2, tmp_path):
+    """`treerpo demo --config smollm2`, shortened: evals on reasoning-gym's held-out set before and
+    after, one optimizer step, the summary and plot (the model folder given, so no import here)."""
+    model_dir, _ = smollm2
+    run_dir = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "treerpo", "demo", "--config", "smollm2", "--run-dir", str(run_dir), "--steps", "1",
+         "--eval-problems", "3", "-k", "2", "--no-live", "--set", f"model.path={model_dir}",
+         "--set", "replay.batch_trees=1", "--set", "replay.credits_per_actor=1", "--set", "tree.max_tokens=32",
+         "--set", "tree.segment_tokens=16", "--set", "data.num_eval_problems=20"],
+        capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["eval_problems"], summary["samples_per_problem"]) == (1, 3, 2)
+    assert summary["model"]["path"] == str(model_dir) and summary["model"]["parameters"] == 134_515_008
+    assert 0.0 <= summary["accuracy_before"] <= 1.0 and 0.0 <= summary["accuracy_after"] <= 1.0
+    assert summary["losses_finite"] and summary["weight_syncs"] >= 2
+    before = json.loads((run_dir / "eval_before.json").read_text())
+    assert before["task"] == "reasoning_gym:basic_arithmetic" and before["reward"] == "dataset"
+    assert (run_dir / "demo.png").stat().st_size > 0
