@@ -92,7 +92,8 @@ def test_a_misbehaving_custom_reward_is_counted_and_the_job_trains_on(make_tiny_
         children = system.sup.children()
         actor_pids = {c.proc.pid for c in children if c.name.startswith("actor")}
         assert len(actor_pids) == 2 and all(c.alive() and c.restarts == 0 for c in children)  # nobody stopped
-        assert set(reward_workers().values()) == actor_pids  # each actor scores through its own worker
+        # each actor scores through its own worker (other jobs on this machine may run workers too)
+        assert actor_pids <= set(reward_workers().values())
         steps = system.steps()
         assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
         assert all(math.isfinite(r["leaf_reward_mean"]) and 0.0 <= r["leaf_reward_mean"] <= 1.0 for r in steps)
