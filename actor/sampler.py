@@ -26,7 +26,7 @@ Guarantees:
 * a whole call is reproducible: `sample` / `stream` with the same seed, prompts and source
   answers return the same trees (one random stream per call, seeded by (seed, call number));
 * leaves are scored with `reward.score_many(path texts, answers, entries)` as soon as their
-  tree is complete (entries: the prompts' `entry` rows, passed when a prompt has one); each
+  tree is complete (entries: the prompts' `entry` rows, None where a prompt has none); each
   tree's meta holds the task name, answer, timings, `engine_calls` (levels generated: rounds of
   requests along the tree), `engine_steps` (stream steps while it was in flight) and its
   leaves' reward-reason counts; `last_reward_reasons` holds the counts of the
@@ -266,12 +266,7 @@ class TreeSampler:
                 answers.append(str(prompts[p].answer))
                 entries.append(getattr(prompts[p], "entry", None))
                 where.append((p, i))
-        if not texts:
-            results = []
-        elif any(e is not None for e in entries):
-            results = self.reward.score_many(texts, answers, entries=entries)
-        else:  # prompts without rows (tests, benches): the two-argument form every Reward takes
-            results = self.reward.score_many(texts, answers)
+        results = self.reward.score_many(texts, answers, entries=entries) if texts else []
         if len(results) != len(texts):
             raise RuntimeError(f"reward {self.reward!r} returned {len(results)} results for {len(texts)} completions")
         reasons: list[Counter[str]] = [Counter() for _ in prompts]

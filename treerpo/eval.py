@@ -143,10 +143,7 @@ def evaluate(engine, prompts: Sequence, reward, *, k: int, temperature: float, m
                 texts.append(engine.tokenizer.decode(s.token_ids.tolist(), skip_special_tokens=True))
                 answers.append(str(p.answer))
                 entries.append(getattr(p, "entry", None))
-        if any(e is not None for e in entries):
-            scored = reward.score_many(texts, answers, entries=entries)
-        else:
-            scored = reward.score_many(texts, answers)
+        scored = reward.score_many(texts, answers, entries=entries)
         reasons.update(r.reason for r in scored)
         flat = [float(r.reward) for r in scored]
         rewards.extend(flat[i * k:(i + 1) * k] for i in range(len(chunk)))
