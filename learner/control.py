@@ -282,14 +282,14 @@ class ControlPlane:
         the learner has waited `stalled_after_s` for trees and none came. Credits are reconciled
         on every heartbeat, so this is a bug report: logged, counted, alerted."""
         with self.lock:
-            confirmed = [m for m in self.state.members.values() if not m.pending]
-            stalled = (bool(confirmed) and all(m.credits == 0 for m in confirmed)
+            confirmed = [(m.actor_id, m.trees_sent, m.credits) for m in self.state.members.values() if not m.pending]
+            stalled = (bool(confirmed) and all(credits == 0 for _, _, credits in confirmed)
                        and self.buffer.starving_s() >= self.stalled_after_s)
-            counts = ", ".join(f"{m.actor_id}: sent {m.trees_sent}, holds {m.credits}" for m in confirmed)
-        if stalled and not self.stalled:
+        if stalled and not self.stalled:  # the counts are formatted only for the log line
             log.error("stalled: no tree for %.0f s, the buffer short of a batch, and no confirmed actor holds a "
-                      "credit (%s; learner: %s)", self.stalled_after_s, counts,
-                      ", ".join(f"{m.actor_id}: {self.buffer.in_flight(m.actor_id)} in flight" for m in confirmed))
+                      "credit (%s; learner: %s)", self.stalled_after_s,
+                      ", ".join(f"{a}: sent {sent}, holds {credits}" for a, sent, credits in confirmed),
+                      ", ".join(f"{a}: {self.buffer.in_flight(a)} in flight" for a, _, _ in confirmed))
             if self.metrics is not None:
                 self.metrics.credit_stalls.inc()
         elif self.stalled and not stalled:
