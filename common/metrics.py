@@ -153,6 +153,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_L, "steps", "counter", "Optimizer steps taken."),
     MetricSpec(_L, "version", "gauge", "Current weight version of the learner.", "versions", step=True),
     MetricSpec(_L, "trees_consumed", "counter", "Trees trained.", "trees", step=True),
+    MetricSpec(_L, "leaves_consumed", "counter", "Root-to-leaf paths (samples) trained.", "leaves", step=True),
+    MetricSpec(_L, "path_tokens", "counter", "Sum of the trained root-to-leaf path lengths: the tokens a flat sampler "
+               "would generate for the same samples (/ generated = the tree's prefix sharing).", "tokens", step=True),
     MetricSpec(_L, "trees_dropped", "counter", "Trees not trained, by reason.", "trees", ("reason",), DROP_REASONS),
     MetricSpec(_L, "buffer_trees", "gauge", "Trees waiting in the replay buffer.", "trees", step=True),
     MetricSpec(_L, "staleness", "histogram", "Staleness of trained trees, in versions.", "versions",

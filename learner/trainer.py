@@ -130,7 +130,8 @@ def deepspeed_config(lc: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
 def tree_metrics(trees: Sequence[ReasoningTree]) -> dict[str, float]:
     rewards = np.concatenate([t.leaf_rewards() for t in trees])
     lengths = np.concatenate([t.path_lengths() for t in trees])
-    return {"trees_consumed": float(len(trees)), "leaf_reward_mean": float(rewards.mean()),
+    return {"trees_consumed": float(len(trees)), "leaves_consumed": float(lengths.size),
+            "path_tokens": float(lengths.sum()), "leaf_reward_mean": float(rewards.mean()),
             "response_tokens_mean": float(lengths.mean())}
 
 

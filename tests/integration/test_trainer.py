@@ -87,6 +87,8 @@ def test_train_step_updates_parameters_and_reports_metrics(tiny_model_dir):
     assert m["trainable_tokens"] == trainable
     assert m["forward_tokens"] == sum(len(t.prompt_token_ids) + t.num_tokens() for t in trees)  # tree packing
     assert m["trees_consumed"] == len(trees)
+    assert m["leaves_consumed"] == sum(len(t.path_lengths()) for t in trees)
+    assert m["path_tokens"] == sum(int(t.path_lengths().sum()) for t in trees)
     assert m["leaf_reward_mean"] == pytest.approx(np.concatenate([t.leaf_rewards() for t in trees]).mean())
     assert m["response_tokens_mean"] == pytest.approx(np.concatenate([t.path_lengths() for t in trees]).mean())
     assert m["token_staleness_max"] == 2.0  # versions 0, learner_version 2
