@@ -31,6 +31,7 @@ SMALL_ARGS = {
     "load": ["--tiny"],  # a real learner + 1 synthetic actor over CURVE, a 4 s window (~25 s)
     "async": ["--tiny"],  # `treerpo up` in sync then async mode, 8 steps each on a random tiny model (~75 s)
     "transport": ["--tiny"],  # the learner's ingest path + 1 actor process over CURVE, 300 trees (~15 s)
+    "trl": ["--tiny"],  # TRL's GRPOTrainer, then `treerpo up` flat and as a tree, a random tiny chat model (~40 s)
 }
 
 
@@ -68,6 +69,13 @@ def test_bench_prints_design_json(name, tmp_path):
     if name == "load":  # the accounting is a correctness property, not a timing: it must hold exactly
         level = out["levels"][0]
         assert level["sent"] > 0 and level["exact"] and out["all_exact"], level
+    if name == "trl":  # each run went to the token budget; only the tree's samples share prefixes
+        runs = out["runs"]
+        assert sorted(runs) == ["grpo", "tree", "trl"]
+        assert all(r["generated_tokens"] >= out["tokens"] for r in runs.values())
+        assert runs["trl"]["path_tokens"] == runs["trl"]["generated_tokens"]
+        assert runs["grpo"]["path_tokens"] == runs["grpo"]["generated_tokens"]
+        assert runs["tree"]["path_tokens"] > runs["tree"]["generated_tokens"]
     if name == "transport":  # every tree queued was accepted into the buffer, none dropped
         assert out["sent"] >= out["measured_trees"] >= 300 and out["exact"], out
         # the loop alone admitted each of its 300 trees once (it raises otherwise), in both passes
