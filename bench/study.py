@@ -59,6 +59,12 @@ VARIANTS = {  # variants (TreeRPO unless named grpo-), each against its method a
     "grpo-tau0.1": [*METHODS["grpo"], "advantage.min_group_std=0.1"],  # τ for the baseline too (fairness)
     "grpo-k2": [*METHODS["grpo"], "learner.minibatches=2"],  # k = 2 for the baseline too
     "tree-421-k2": ["tree.branching=[4,2,1]", "learner.minibatches=2"],  # the two best TreeRPO changes together
+    "tree-norm-level": ["advantage.norm=level"],
+    "tree-weight-leaves": ["advantage.weight=leaves"],  # the path-expanded (GRPO-equivalent) token weighting
+    "tree-142": ["tree.branching=[1,4,2]"],  # one shared first step, then 4 x 2
+    "tree-82": ["tree.depth=2", "tree.branching=[8,2]"],  # 8 first steps, each finished twice
+    # GRPO with TreeRPO's optimizer updates per generated token: half the trees per step
+    "grpo-bt8": [*METHODS["grpo"], "replay.batch_trees=8"],
 }
 ALL = {**METHODS, **VARIANTS}
 
@@ -262,8 +268,9 @@ def auc(result: dict) -> float:
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof = 1; 0 for a single value)."""
     m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
 def summarise(results: list[dict]) -> list[dict]:

@@ -76,8 +76,13 @@ class TreeConfig(Section):
 class AdvantageConfig(Section):
     """Step-level advantages (design §3.3, §3.4)."""
 
-    norm: Literal["group", "none", "tree"] = Field(
-        "group", description="Divide by the group's std ('group'), nothing ('none'), or the tree's std ('tree')."
+    norm: Literal["group", "none", "tree", "level"] = Field(
+        "group", description="Divide by the group's std ('group'), nothing ('none'), the tree's std ('tree'), or "
+        "the std of the tree's nodes at the same depth ('level')."
+    )
+    weight: Literal["node", "leaves"] = Field(
+        "node", description="Each node's tokens count once ('node'), or as often as root-to-leaf paths run through "
+        "the node ('leaves': the path-expanded, GRPO-equivalent weighting, rescaled to the tree's token mean).",
     )
     eps: float = Field(1e-6, gt=0.0, le=1.0, description="Added to the std before dividing.")
     min_group_std: float = Field(

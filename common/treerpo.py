@@ -10,11 +10,21 @@ Step-level groups: the children of one parent (the root included), G = {c_1..c_k
     A(c_i) = (V(c_i) - mean_G V) / (std_G V + eps)     norm = "group"
     A(c_i) =  V(c_i) - mean_G V                        norm = "none"   (Dr.GRPO style)
     A(c_i) = (V(c_i) - mean_G V) / (std_T V + eps)     norm = "tree"
+    A(c_i) = (V(c_i) - mean_G V) / (std_L V + eps)     norm = "level"
 
-with the sample std (ddof = 1, as torch.std) and std_T taken over every node that has at least
-one sibling (0 if fewer than two). A group with std_G V < min_group_std, or with k = 1, is
-pruned: advantage 0, not trainable. Every token of a node carries that node's advantage, and
-each node's tokens count once in the loss however many leaves lie below it.
+with the sample std (ddof = 1, as torch.std), std_T taken over every node that has at least
+one sibling (0 if fewer than two) and std_L over those at c_i's depth. A group with
+std_G V < min_group_std, or with k = 1, is pruned: advantage 0, not trainable. Every token of a
+node carries that node's advantage. With weight = "node" each node's tokens count once in the
+loss however many leaves lie below it; with weight = "leaves" node c's advantage is multiplied
+by
+
+    w(c) = leaves(c) / W,    W = sum_trainable leaves(c) |c| / sum_trainable |c|
+
+(|c| = tokens of c): a node counts as often as root-to-leaf paths run through it, as if every
+path were trained on its own, and W keeps the tree's token-mean weight at 1 (the loss scale of
+"node"). The clipped loss is homogeneous in A for positive w, so scaling A scales the node's
+token losses.
 
 Depth 1 with branching [G] is GRPO: one group, A = (r - mean r) / (std r + eps).
 """
@@ -73,6 +83,22 @@ def group_stats(parents: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np
     return size[key], mean[key], std[key]
 
 
+def _std_with_siblings(values: np.ndarray, size: np.ndarray, where: np.ndarray) -> float:
+    """ddof-1 std of the values of the nodes in `where` that have a sibling (0 if fewer than two)."""
+    picked = values[where & (size >= 2)]
+    return float(np.std(picked, ddof=1)) if picked.shape[0] >= 2 else 0.0
+
+
+def leaves_below(parents: np.ndarray) -> np.ndarray:
+    """int64[n]: root-to-leaf paths through each node (1 for a leaf), for BFS-ordered `parents`."""
+    n = parents.shape[0]
+    leaves = (np.bincount(parents[parents >= 0], minlength=n) == 0).astype(np.int64)
+    for i in range(n - 1, -1, -1):  # children follow their parent in BFS order
+        if parents[i] >= 0:
+            leaves[parents[i]] += leaves[i]
+    return leaves
+
+
 def step_advantages(tree: ReasoningTree, cfg: AdvantageConfig) -> tuple[np.ndarray, np.ndarray]:
     """(advantage float64[n], trainable bool[n]) per node, as in the module docstring."""
     parents = _parents(tree)
@@ -85,12 +111,21 @@ def step_advantages(tree: ReasoningTree, cfg: AdvantageConfig) -> tuple[np.ndarr
     elif cfg.norm == "none":
         adv = centred
     elif cfg.norm == "tree":
-        with_sibling = values[size >= 2]
-        std_tree = float(np.std(with_sibling, ddof=1)) if with_sibling.shape[0] >= 2 else 0.0
-        adv = centred / (std_tree + cfg.eps)
+        adv = centred / (_std_with_siblings(values, size, np.ones_like(trainable)) + cfg.eps)
+    elif cfg.norm == "level":
+        depth = node_depths(parents)
+        std_level = np.zeros(depth.shape[0], dtype=np.float64)
+        for d in np.unique(depth):
+            std_level[depth == d] = _std_with_siblings(values, size, depth == d)
+        adv = centred / (std_level + cfg.eps)
     else:  # pragma: no cover - the config's Literal rules it out
         raise ValueError(f"unknown advantage norm {cfg.norm!r}")
     adv = np.where(trainable, adv, 0.0)
+    if cfg.weight == "leaves" and trainable.any():
+        leaves = leaves_below(parents).astype(np.float64)
+        tokens = np.fromiter((len(node) for node in tree.nodes), dtype=np.float64, count=len(tree.nodes))
+        mean_weight = float((leaves * tokens)[trainable].sum() / max(tokens[trainable].sum(), 1.0))
+        adv = adv * leaves / (mean_weight if mean_weight > 0 else 1.0)
     return adv, trainable
 
 

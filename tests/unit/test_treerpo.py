@@ -65,6 +65,43 @@ def test_tree_norm_uses_std_over_nodes_with_siblings():
     assert abs(adv[0] - 0.5563474) < 1e-6  # .25 / (.4493585 + 1e-6)
 
 
+def test_level_norm_uses_std_over_each_depth():
+    tree = tree_from_parents(BINARY3, BINARY3_REWARDS)
+    adv, _ = step_advantages(tree, AdvantageConfig(norm="level"))
+    # depth 1 {.75, .25}: std .25*sqrt2 ; depth 2 {.5, 1, 0, .5}: mean .5, var (0+.25+.25+0)/3 ;
+    # depth 3 {1,0,1,1,0,0,1,0}: mean .5, var 8*.25/7. Centred values as for norm="none".
+    s1, s2, s3 = 0.25 * math.sqrt(2), math.sqrt(0.5 / 3), math.sqrt(2 / 7)
+    expected = [0.25 / (s1 + EPS), -0.25 / (s1 + EPS)] + [x / (s2 + EPS) for x in (-0.25, 0.25, -0.25, 0.25)] + [
+        x / (s3 + EPS) for x in (0.5, -0.5, 0, 0, 0, 0, 0.5, -0.5)]
+    np.testing.assert_allclose(adv, expected, rtol=1e-12, atol=1e-15)
+    assert abs(adv[0] - R2) < 1e-5 and abs(adv[6] - 0.9354126) < 1e-6  # .5 / (.5345225 + 1e-6)
+
+
+def test_leaves_weight_counts_each_path_through_a_node():
+    # 0 stops at depth 1 (r=1); 1 branches into 2 (r=0) and 3 (r=1). Paths [0], [1,2], [1,3]: node 1 is on two.
+    tree = tree_from_parents([-1, -1, 1, 1], {0: 1.0, 2: 0.0, 3: 1.0})  # 2 tokens per node
+    plain, trainable = step_advantages(tree, AdvantageConfig())
+    np.testing.assert_allclose(plain, [R2, -R2, -R2, R2], rtol=1e-5)
+    adv, same = step_advantages(tree, AdvantageConfig(weight="leaves"))
+    assert same.tolist() == trainable.tolist()
+    # leaves (1, 2, 1, 1); W = (1+2+1+1)*2 tokens / 8 tokens = 1.25
+    np.testing.assert_allclose(adv, plain * np.array([1, 2, 1, 1]) / 1.25, rtol=1e-12)
+    assert abs(adv[1] - (-R2 * 1.6)) < 1e-5
+
+
+def test_leaves_weight_on_a_uniform_tree_and_after_pruning():
+    tree = tree_from_parents(BINARY3, BINARY3_REWARDS)
+    plain, _ = step_advantages(tree, AdvantageConfig())
+    adv, _ = step_advantages(tree, AdvantageConfig(weight="leaves"))
+    # leaves 4 / 2 / 1 by depth, 2 tokens each: W = (2*4 + 4*2 + 8*1) / 14 = 24/14
+    w = np.array([4] * 2 + [2] * 4 + [1] * 8) / (24 / 14)
+    np.testing.assert_allclose(adv, plain * w, rtol=1e-12, atol=1e-15)
+    # tau = .4 keeps only leaves 6, 7, 12, 13 (weight 1 each): W = 1, nothing changes
+    cfg = AdvantageConfig(min_group_std=0.4)
+    np.testing.assert_array_equal(step_advantages(tree, cfg.model_copy(update={"weight": "leaves"}))[0],
+                                  step_advantages(tree, cfg)[0])
+
+
 def test_min_group_std_prunes_groups():
     tree = tree_from_parents(BINARY3, BINARY3_REWARDS)
     adv, trainable = step_advantages(tree, AdvantageConfig(min_group_std=0.4))
@@ -153,8 +190,20 @@ def naive_advantages(tree, cfg: AdvantageConfig):
     groups: dict[int, list[int]] = {}
     for i, node in enumerate(tree.nodes):
         groups.setdefault(node.parent, []).append(i)
-    with_sibling = [values[i] for g in groups.values() if len(g) >= 2 for i in g]
-    std_t = float(torch.tensor(with_sibling, dtype=torch.float64).std()) if len(with_sibling) >= 2 else 0.0
+    kids = tree.children()
+
+    def depth(i: int) -> int:
+        return 1 if tree.nodes[i].parent < 0 else 1 + depth(tree.nodes[i].parent)
+
+    def leaves(i: int) -> int:
+        return 1 if not kids[i] else sum(leaves(c) for c in kids[i])
+
+    def std_of(picked: list[float]) -> float:
+        return float(torch.tensor(picked, dtype=torch.float64).std()) if len(picked) >= 2 else 0.0
+
+    with_sibling = [i for g in groups.values() if len(g) >= 2 for i in g]
+    std_t = std_of([values[i] for i in with_sibling])
+    std_l = {d: std_of([values[i] for i in with_sibling if depth(i) == d]) for d in map(depth, range(len(values)))}
     adv = [0.0] * len(values)
     trainable = [False] * len(values)
     for members in groups.values():
@@ -166,22 +215,29 @@ def naive_advantages(tree, cfg: AdvantageConfig):
             continue
         for i in members:
             trainable[i] = True
-            denom = {"group": std + cfg.eps, "none": 1.0, "tree": std_t + cfg.eps}[cfg.norm]
+            denom = {"group": std + cfg.eps, "none": 1.0, "tree": std_t + cfg.eps,
+                     "level": std_l[depth(i)] + cfg.eps}[cfg.norm]
             adv[i] = (values[i] - mean) / denom
+    if cfg.weight == "leaves":  # each node once per path through it, rescaled to a token-mean weight of 1
+        on = [i for i in range(len(values)) if trainable[i]]
+        tokens = {i: len(tree.nodes[i]) for i in on}
+        mean_w = sum(leaves(i) * tokens[i] for i in on) / max(1, sum(tokens.values())) if on else 1.0
+        adv = [a * leaves(i) / (mean_w or 1.0) for i, a in enumerate(adv)]
     return np.array(adv), np.array(trainable)
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
-    norm=st.sampled_from(["group", "none", "tree"]),
+    norm=st.sampled_from(["group", "none", "tree", "level"]),
+    weight=st.sampled_from(["node", "leaves"]),
     tau=st.sampled_from([0.0, 0.1, 0.3]),
     continuous=st.booleans(),
 )
-def test_matches_naive_reference_and_properties(seed, norm, tau, continuous):
+def test_matches_naive_reference_and_properties(seed, norm, weight, tau, continuous):
     rng = np.random.default_rng(seed)
     tree = random_tree(rng, reward_values=None if continuous else (0.0, 1.0), max_depth=4, max_branch=4)
-    cfg = AdvantageConfig(norm=norm, min_group_std=tau)
+    cfg = AdvantageConfig(norm=norm, weight=weight, min_group_std=tau)
     values = node_values(tree)
     np.testing.assert_allclose(values, naive_values(tree), rtol=1e-12, atol=1e-12)
     adv, trainable = step_advantages(tree, cfg)
@@ -191,10 +247,11 @@ def test_matches_naive_reference_and_properties(seed, norm, tau, continuous):
     # values lie within the leaf rewards' range
     leaf_rewards = tree.leaf_rewards()
     assert values.min() >= leaf_rewards.min() - 1e-12 and values.max() <= leaf_rewards.max() + 1e-12
-    # every unpruned group's advantages sum to ~0; pruned nodes carry exactly 0
+    # every unpruned group's advantages sum to ~0 (siblings' weights differ under "leaves");
+    # pruned nodes carry exactly 0
     parents = tree.parents
     for p in np.unique(parents):
         members = parents == p
-        if trainable[members].any():
+        if weight == "node" and trainable[members].any():
             assert abs(adv[members].sum()) < 1e-9 * max(1.0, np.abs(adv[members]).max())
     assert np.all(adv[~trainable] == 0.0)
