@@ -14,8 +14,15 @@ whose first step picks the plan that decides the answer.
     python bench/study.py variants --lr 1e-4    # the TreeRPO variants at one learning rate
     python bench/study.py report                # docs/benchmarks.md + plots from every result
 
-Figures: final held-out pass@1 (mean +- std over seeds), the area under the pass@1-vs-tokens
-curve (normalised by the budget), mean response length at the end, wall time, trees dropped.
+Held-out problems are split in two: the first `--val-problems` pick the learning rate (and any
+other choice), the next `--eval-problems` give the reported result. Figures: the end point of a
+run is the mean of its last two checkpoints; per configuration the mean ± sample std (ddof = 1)
+over seeds of the test pass@1, its validation twin, the difference to GRPO at GRPO's best
+learning rate with a 95 % Welch interval, the area under the pass@1-vs-tokens curve (normalised
+by the budget), mean response length at the end, wall time, trees dropped. Curves against
+generated tokens, optimizer updates, prompts trained and wall time. The learning-rate warm-up
+spans `--warmup-tokens` generated tokens for every method (converted to steps from each one's
+estimated tokens per step), not a number of steps that costs one method twice the tokens.
 """
 
 from __future__ import annotations
@@ -100,17 +107,29 @@ def warm_model(a) -> Path:
     return Path(path)
 
 
-def evaluate(model: Path, problems: int, k: int) -> dict:
-    """Held-out pass@1 of an HF folder on the study task (the same problems and seed for every model)."""
+def evaluate(model: Path, val_problems: int, problems: int, k: int) -> dict:
+    """Held-out pass@1 of an HF folder on the study task (the same problems and seed for every model):
+    the first `val_problems` held-out problems are the validation split (choices: learning rate,
+    configuration), the next `problems` the test split (the reported result)."""
     from treerpo.cli import add_eval_args  # noqa: PLC0415 -- heavy: only when evaluating
     from treerpo.eval import run_eval  # noqa: PLC0415
 
     parser = argparse.ArgumentParser()
     add_eval_args(parser)
     args = parser.parse_args(["--model", str(model), "--task", "arithmetic", "-k", str(k), "--num-problems",
-                              str(problems), "--seed", "0", "--quiet", *sum((["--set", o] for o in TASK), [])])
+                              str(val_problems + problems), "--seed", "0", "--quiet",
+                              *sum((["--set", o] for o in TASK), [])])
     report = run_eval(args)
-    return {"pass_at_1": report.pass_at_1, "mean_response_tokens": report.mean_response_tokens}
+    rows = report.per_problem
+    if len(rows) != val_problems + problems:
+        raise RuntimeError(f"eval scored {len(rows)} problems, not {val_problems} + {problems}")
+    val, test = rows[:val_problems], rows[val_problems:]
+    return {"pass_at_1": split_pass_at_1(test, k), "val_pass_at_1": split_pass_at_1(val, k) if val else None,
+            "mean_response_tokens": report.mean_response_tokens}
+
+
+def split_pass_at_1(rows: list[dict], k: int) -> float:
+    return sum(r["correct"] for r in rows) / (k * len(rows))
 
 
 def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
@@ -126,7 +145,10 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
         "learner.keep_checkpoints=1000", "learner.resume=never",
     ])
     cfg.learner.min_actors = cfg.actor.num_actors  # every actor takes part from the first step
-    est_steps = a.budget / (cfg.replay.batch_trees * tokens_per_tree(cfg))
+    tokens_per_step = cfg.replay.batch_trees * tokens_per_tree(cfg)
+    est_steps = a.budget / tokens_per_step
+    if a.warmup_tokens > 0:  # the LR warm-up spans the same generated tokens for every method (estimated)
+        cfg.learner.warmup_steps = max(1, round(a.warmup_tokens / tokens_per_step))
     # tiny: a random model's trees are far longer than the estimate, so every step is kept
     cfg.learner.checkpoint_every = 1 if a.tiny else max(1, round(est_steps / a.points))
     every = cfg.learner.checkpoint_every
@@ -141,16 +163,19 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
     if code != 0:
         raise RuntimeError(f"{run_dir.name}: the learner ended with {code} (see {run_dir / 'logs'})")
     rows = read_metrics(run_dir / "metrics.jsonl")
-    tokens, cumulative = {}, 0.0
-    for r in rows:
-        cumulative += r["generated_tokens"]
-        tokens[r["step"]] = (cumulative, r["time"] - t0)
-    points = [{"step": 0, "tokens": 0.0, "wall_s": 0.0, **evaluate(warm, a.eval_problems, a.k)}]
+    at_step, tok, updates, prompts = {}, 0.0, 0.0, 0.0
+    for r in rows:  # the three budgets a run spends: generated tokens, optimizer updates, prompts
+        tok += r["generated_tokens"]
+        updates += r.get("optimizer_steps", 1.0)
+        prompts += r["trees_consumed"]
+        at_step[r["step"]] = {"tokens": tok, "updates": updates, "prompts": prompts, "wall_s": r["time"] - t0}
+    start = {"tokens": 0.0, "updates": 0.0, "prompts": 0.0, "wall_s": 0.0}
+    points = [{"step": 0, **start, **evaluate(warm, a.val_problems, a.eval_problems, a.k)}]
     for ckpt in list_checkpoints(run_dir):
         step = int(ckpt.name.split("-")[-1])
-        if step in tokens:
-            tok, wall = tokens[step]
-            points.append({"step": step, "tokens": tok, "wall_s": wall, **evaluate(ckpt / "hf", a.eval_problems, a.k)})
+        if step in at_step:
+            points.append({"step": step, **at_step[step],
+                           **evaluate(ckpt / "hf", a.val_problems, a.eval_problems, a.k)})
     drops = json.loads((run_dir / "drops.json").read_text()) if (run_dir / "drops.json").exists() else None
     result = {
         "run": run_dir.name, "name": name, "lr": lr, "seed": seed, "budget": a.budget, "overrides": ALL[name],
@@ -158,7 +183,8 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
         "train_accuracy": [[r["step"], r["accuracy"]] for r in rows],
         "response_tokens_train": rows[-1]["response_tokens_mean"] if rows else None,
         "staleness_mean": sum(r["staleness_mean"] for r in rows) / max(1, len(rows)),
-        "drops": drops, "eval_problems": a.eval_problems, "k": a.k,
+        "drops": drops, "eval_problems": a.eval_problems, "val_problems": a.val_problems, "k": a.k,
+        "warmup_steps": cfg.learner.warmup_steps,
     }
     for ckpt in list_checkpoints(run_dir):  # the exports were evaluated: keep the disk small
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -273,16 +299,42 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
+def final_of(result: dict, key: str = "pass_at_1") -> float | None:
+    """A run's end point: the mean of its last two checkpoints (one if it has only one after the start)."""
+    ys = [p.get(key) for p in result["points"][1:]][-2:]
+    return sum(ys) / len(ys) if ys and None not in ys else None
+
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086]  # Student t, 97.5 % quantile, df 1..20
+
+
+def diff_interval(xs: list[float], ys: list[float]) -> dict | None:
+    """mean(xs) - mean(ys) with a 95 % Welch interval (t quantile at the Welch-Satterthwaite df)."""
+    if len(xs) < 2 or len(ys) < 2:
+        return None
+    (mx, sx), (my, sy) = mean_std(xs), mean_std(ys)
+    vx, vy = sx * sx / len(xs), sy * sy / len(ys)
+    se = math.sqrt(vx + vy)
+    if se == 0.0:
+        return {"diff": mx - my, "low": mx - my, "high": mx - my, "df": None}
+    df = (vx + vy) ** 2 / (vx * vx / (len(xs) - 1) + vy * vy / (len(ys) - 1))
+    t = T975[min(len(T975), max(1, math.floor(df))) - 1] if df < 20 else 1.96 + 2.4 / df  # ~t for df >= 20
+    return {"diff": mx - my, "low": mx - my - t * se, "high": mx - my + t * se, "df": df}
+
+
 def summarise(results: list[dict]) -> list[dict]:
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in results:
         groups.setdefault((r["name"], r["lr"]), []).append(r)
     rows = []
     for (name, lr), rs in sorted(groups.items()):
-        final = [r["points"][-1]["pass_at_1"] for r in rs]
+        final = [final_of(r) for r in rs]
+        val = [final_of(r, "val_pass_at_1") for r in rs]
         rows.append({
-            "name": name, "lr": lr, "seeds": sorted(r["seed"] for r in rs),
-            "final": mean_std(final), "auc": mean_std([auc(r) for r in rs]),
+            "name": name, "lr": lr, "seeds": sorted(r["seed"] for r in rs), "finals": final,
+            "final": mean_std(final), "val_final": mean_std(val) if None not in val else None,
+            "auc": mean_std([auc(r) for r in rs]),
             "start": rs[0]["points"][0]["pass_at_1"],
             "length": mean_std([r["points"][-1]["mean_response_tokens"] for r in rs]),
             "wall": mean_std([r["wall_s"] for r in rs]), "steps": mean_std([r["steps"] for r in rs]),
@@ -292,8 +344,9 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def best_lr(rows: list[dict], name: str) -> float | None:
+    """The learning rate with the best validation result (the test split only where a run has no validation)."""
     mine = [r for r in rows if r["name"] == name and len(r["seeds"]) >= 2]
-    return max(mine, key=lambda r: r["final"][0])["lr"] if mine else None
+    return max(mine, key=lambda r: (r["val_final"] or r["final"])[0])["lr"] if mine else None
 
 
 def plot(results: list[dict], picks: list[tuple[str, float]], path: Path, key: str, label: str) -> None:
@@ -335,6 +388,14 @@ def report(out: Path, docs: Path) -> list[dict]:
     tree_lr = dict(picks).get("treerpo")
     plot(results, picks, docs / "study_tokens.png", "tokens", "generated tokens (thousands)")
     plot(results, picks, docs / "study_wall.png", "wall_s", "wall time (s)")
+    if all("updates" in p for r in results for p in r["points"]):
+        plot(results, picks, docs / "study_updates.png", "updates", "optimizer updates")
+        plot(results, picks, docs / "study_prompts.png", "prompts", "prompts (trees) trained")
+    grpo_lr = dict(picks).get("grpo")
+    if grpo_lr is not None:  # every run's difference to GRPO at its best learning rate, on the test split
+        base = next(r for r in rows if r["name"] == "grpo" and r["lr"] == grpo_lr)
+        for r in rows:
+            r["vs_grpo"] = diff_interval(r["finals"], base["finals"]) if r is not base else None
     if tree_lr is not None:
         shapes = ["treerpo", "tree-421", "tree-split-tokens", "tree-norm-none", "tree-norm-tree", "grpo"]
         training = ["treerpo", "tree-k2", "tree-421-k2", "tree-tau0.1", "tree-sync", "tree-stale0", "grpo-k2"]
@@ -348,12 +409,15 @@ def report(out: Path, docs: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| run | lr | seeds | pass@1 start | final pass@1 (mean ± std) | AUC | response tokens | steps | "
-             "wall s | staleness |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | lr | seeds | pass@1 start | validation (mean ± std) | test (mean ± std) | − GRPO [95 % CI] | "
+             "AUC | response tokens | steps | wall s | staleness |", "|---" * 12 + "|"]
     for r in rows:
+        val = f"{r['val_final'][0]:.3f} ± {r['val_final'][1]:.3f}" if r.get("val_final") else "—"
+        d = r.get("vs_grpo")
+        diff = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "—"
         lines.append(
-            f"| {r['name']} | {r['lr']:g} | {len(r['seeds'])} | {r['start']:.3f} | {r['final'][0]:.3f} ± "
-            f"{r['final'][1]:.3f} | {r['auc'][0]:.3f} ± {r['auc'][1]:.3f} | {r['length'][0]:.1f} | "
+            f"| {r['name']} | {r['lr']:g} | {len(r['seeds'])} | {r['start']:.3f} | {val} | {r['final'][0]:.3f} ± "
+            f"{r['final'][1]:.3f} | {diff} | {r['auc'][0]:.3f} ± {r['auc'][1]:.3f} | {r['length'][0]:.1f} | "
             f"{r['steps'][0]:.0f} | {r['wall'][0]:.0f} | {r['staleness'][0]:.2f} |")
     return "\n".join(lines)
 
@@ -365,12 +429,17 @@ def main() -> int:
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where report writes the plots and results")
     p.add_argument("--budget", type=int, default=150_000, help="generated tokens per run")
     p.add_argument("--points", type=int, default=4, help="evaluated checkpoints per run (about)")
+    p.add_argument("--warmup-tokens", type=int, default=10_000,
+                   help="LR warm-up, in generated tokens (converted to steps from each method's estimated tokens "
+                        "per step); 0 = the preset's warmup_steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4], help="sweep learning rates")
     p.add_argument("--lr", type=float, default=1e-4, help="variants: the learning rate")
     p.add_argument("--names", nargs="+", default=None, help="restrict to these methods / variants")
-    p.add_argument("--eval-problems", type=int, default=200)
-    p.add_argument("-k", type=int, default=4, help="samples per held-out problem")
+    p.add_argument("--eval-problems", type=int, default=500, help="held-out test problems (the reported result)")
+    p.add_argument("--val-problems", type=int, default=200,
+                   help="held-out validation problems, apart from the test ones (learning rate and variant choices)")
+    p.add_argument("-k", type=int, default=8, help="samples per held-out problem")
     p.add_argument("--run-timeout-s", type=float, default=1800.0)
     p.add_argument("--cache-dir", default=str(default_cache_dir()))
     p.add_argument("--pause-file", default=None, help="wait before each run while this file exists")

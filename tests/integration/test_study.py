@@ -11,7 +11,7 @@ from tests.support.paths import REPO
 
 STUDY = REPO / "bench" / "study.py"
 SMALL = ["--tiny", "--budget", "9000", "--points", "2", "--seeds", "0", "--lrs", "1e-4",
-         "--eval-problems", "6", "-k", "2"]
+         "--eval-problems", "6", "--val-problems", "4", "-k", "2"]
 
 
 def test_study_runs_both_methods_to_the_same_budget_and_reports(tmp_path):
@@ -25,7 +25,11 @@ def test_study_runs_both_methods_to_the_same_budget_and_reports(tmp_path):
         tokens = [p["tokens"] for p in r["points"]]
         assert tokens[0] == 0 and tokens == sorted(tokens) and len(tokens) >= 3  # start, a checkpoint, the end
         assert tokens[-1] >= 9000 > tokens[-2]  # stopped at the first step that reached the budget
-        assert all(0.0 <= p["pass_at_1"] <= 1.0 for p in r["points"])
+        assert all(0.0 <= p["pass_at_1"] <= 1.0 and 0.0 <= p["val_pass_at_1"] <= 1.0 for p in r["points"])
+        # the three budgets, cumulative: every step is one update here (k = 1) and trains 16 trees
+        steps = [p["step"] for p in r["points"]]
+        assert [p["updates"] for p in r["points"]] == steps
+        assert [p["prompts"] for p in r["points"]] == [16 * s for s in steps]
         assert r["points"][0]["pass_at_1"] == results["grpo-lr0.0001-s0"]["points"][0]["pass_at_1"]  # same start
         assert not any((out / "runs" / r["run"] / "checkpoints").glob("step-*"))  # evaluated, then removed
     # a second sweep finds every result and runs nothing

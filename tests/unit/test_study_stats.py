@@ -1,0 +1,48 @@
+"""bench/study.py's statistics: hand-derived numbers for the end point and the difference interval."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+
+from tests.support.paths import REPO
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("treerpo_bench_study", REPO / "bench" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = load_study()
+
+
+def test_mean_std_is_the_sample_std():
+    assert study.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # squares 1 + 0 + 1 over n - 1 = 2
+    assert study.mean_std([0.5]) == (0.5, 0.0)
+
+
+def test_final_is_the_mean_of_the_last_two_checkpoints():
+    run = {"points": [{"pass_at_1": 0.1, "val_pass_at_1": 0.2}, {"pass_at_1": 0.3, "val_pass_at_1": 0.4},
+                      {"pass_at_1": 0.5, "val_pass_at_1": 0.6}, {"pass_at_1": 0.7, "val_pass_at_1": 0.9}]}
+    assert study.final_of(run) == pytest.approx(0.6)
+    assert study.final_of(run, "val_pass_at_1") == pytest.approx(0.75)
+    # the start (step 0) never counts; one checkpoint alone is the end point
+    assert study.final_of({"points": run["points"][:2]}) == pytest.approx(0.3)
+    assert study.final_of({"points": [{"pass_at_1": 0.3}, {"pass_at_1": 0.5}]}, "val_pass_at_1") is None
+
+
+def test_welch_interval_by_hand():
+    # xs: mean 2, var 1 -> se^2 = 1/3; ys: no spread. df = (1/3)^2 / ((1/3)^2 / 2) = 2, t(.975, 2) = 4.303
+    d = study.diff_interval([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert d["diff"] == 2.0 and d["df"] == pytest.approx(2.0)
+    half = 4.303 * math.sqrt(1 / 3)
+    assert (d["low"], d["high"]) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+    # equal spreads and sizes: df = 2 (n - 1) = 8, t = 2.306, se = sqrt(2 * 2.5 / 5) = 1
+    d = study.diff_interval([1.0, 2.0, 3.0, 4.0, 5.0], [0.0, 1.0, 2.0, 3.0, 4.0])
+    assert d["diff"] == 1.0 and d["df"] == pytest.approx(8.0)
+    assert (d["low"], d["high"]) == (pytest.approx(1.0 - 2.306), pytest.approx(1.0 + 2.306))
+    assert study.diff_interval([1.0], [0.0, 1.0]) is None  # one seed has no spread to speak of
