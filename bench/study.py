@@ -47,8 +47,19 @@ from treerpo.supervisor import Supervisor  # noqa: E402
 from treerpo.tinymodel import build_tiny_model  # noqa: E402
 from treerpo.warmup import WarmupSettings, default_cache_dir, ensure_warm_model  # noqa: E402
 
-TASK = ["data.operand_min=2", "data.operand_max=20"]
-RESPONSE_TOKENS = 22  # mean response length of the warm model on the task (eval), for the checkpoint spacing
+CHAIN = ["data.task=chain", "data.task_steps=3", "data.operand_min=2", "data.operand_max=9",
+         "tree.segment_tokens=16", "tree.max_tokens=56"]
+TASKS = {  # name: (job overrides, warm-up settings, mean response tokens of the warm model: checkpoint spacing)
+    # the demo's (a+b)*c at operands 2-20: the plan chosen at step 1 decides the answer
+    "add_mul": (["data.operand_min=2", "data.operand_max=20"], {"operand_min": 2, "operand_max": 20}, 22),
+    # three-step chains (tree: one step per level) whose warm model slips at step d: step d decides
+    **{f"chain-d{d}": (CHAIN, {"task": "chain", "task_steps": 3, "slip_step": d, "operand_min": 2,
+                               "operand_max": 9}, 26) for d in (1, 2, 3)},
+    # the slip at any step; and with useless steps in 30 % of the warm-up examples (lengths vary)
+    "chain-any": (CHAIN, {"task": "chain", "task_steps": 3, "slip_step": 0, "operand_min": 2, "operand_max": 9}, 26),
+    "chain-filler": (CHAIN, {"task": "chain", "task_steps": 3, "slip_step": 0, "filler": 0.3, "operand_min": 2,
+                             "operand_max": 9}, 29),
+}
 METHODS = {
     "treerpo": [],  # the demo preset: D = 3, [2,2,2], one reasoning step per level
     "grpo": ["tree.depth=1", "tree.branching=[8]", "tree.split=tokens", "tree.segment_tokens=40"],
@@ -80,17 +91,17 @@ def run_name(name: str, lr: float, seed: int) -> str:
     return f"{name}-lr{lr:g}-s{seed}"
 
 
-def job_overrides(name: str) -> list[str]:
-    return [*TASK, *ALL[name]]
+def job_overrides(name: str, task: str) -> list[str]:
+    return [*TASKS[task][0], *ALL[name]]
 
 
-def tokens_per_tree(cfg) -> float:
+def tokens_per_tree(cfg, task: str) -> float:
     """Rough generated tokens of one tree (nodes x the response length split over the levels)."""
     nodes, width = 0, 1
     for b in cfg.tree.branching:
         width *= b
         nodes += width
-    return nodes * RESPONSE_TOKENS / cfg.tree.depth
+    return nodes * TASKS[task][2] / cfg.tree.depth
 
 
 def warm_model(a) -> Path:
@@ -101,13 +112,13 @@ def warm_model(a) -> Path:
             build_tiny_model(path, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                              max_position_embeddings=256)
         return path
-    settings = WarmupSettings(operand_min=2, operand_max=20)
+    settings = WarmupSettings(**TASKS[a.task][1])
     cache = Path(a.cache_dir)
     path, _ = ensure_warm_model(settings, cache, threads=max(1, min(4, os.cpu_count() or 1)))
     return Path(path)
 
 
-def evaluate(model: Path, val_problems: int, problems: int, k: int) -> dict:
+def evaluate(model: Path, val_problems: int, problems: int, k: int, task: str) -> dict:
     """Held-out pass@1 of an HF folder on the study task (the same problems and seed for every model):
     the first `val_problems` held-out problems are the validation split (choices: learning rate,
     configuration), the next `problems` the test split (the reported result)."""
@@ -118,7 +129,7 @@ def evaluate(model: Path, val_problems: int, problems: int, k: int) -> dict:
     add_eval_args(parser)
     args = parser.parse_args(["--model", str(model), "--task", "arithmetic", "-k", str(k), "--num-problems",
                               str(val_problems + problems), "--seed", "0", "--quiet",
-                              *sum((["--set", o] for o in TASK), [])])
+                              *sum((["--set", o] for o in TASKS[task][0]), [])])
     report = run_eval(args)
     rows = report.per_problem
     if len(rows) != val_problems + problems:
@@ -140,12 +151,12 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     warm = warm_model(a)
     cfg = load_config(["demo"], [
-        *job_overrides(name), f"model.path={warm}", f"run_dir={run_dir}", f"learner.lr={lr}",
+        *job_overrides(name, a.task), f"model.path={warm}", f"run_dir={run_dir}", f"learner.lr={lr}",
         f"learner.seed={seed}", f"actor.seed={seed}", "learner.max_steps=0", f"learner.max_generated_tokens={a.budget}",
         "learner.keep_checkpoints=1000", "learner.resume=never",
     ])
     cfg.learner.min_actors = cfg.actor.num_actors  # every actor takes part from the first step
-    tokens_per_step = cfg.replay.batch_trees * tokens_per_tree(cfg)
+    tokens_per_step = cfg.replay.batch_trees * tokens_per_tree(cfg, a.task)
     est_steps = a.budget / tokens_per_step
     if a.warmup_tokens > 0:  # the LR warm-up spans the same generated tokens for every method (estimated)
         cfg.learner.warmup_steps = max(1, round(a.warmup_tokens / tokens_per_step))
@@ -170,15 +181,16 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
         prompts += r["trees_consumed"]
         at_step[r["step"]] = {"tokens": tok, "updates": updates, "prompts": prompts, "wall_s": r["time"] - t0}
     start = {"tokens": 0.0, "updates": 0.0, "prompts": 0.0, "wall_s": 0.0}
-    points = [{"step": 0, **start, **evaluate(warm, a.val_problems, a.eval_problems, a.k)}]
+    points = [{"step": 0, **start, **evaluate(warm, a.val_problems, a.eval_problems, a.k, a.task)}]
     for ckpt in list_checkpoints(run_dir):
         step = int(ckpt.name.split("-")[-1])
         if step in at_step:
             points.append({"step": step, **at_step[step],
-                           **evaluate(ckpt / "hf", a.val_problems, a.eval_problems, a.k)})
+                           **evaluate(ckpt / "hf", a.val_problems, a.eval_problems, a.k, a.task)})
     drops = json.loads((run_dir / "drops.json").read_text()) if (run_dir / "drops.json").exists() else None
     result = {
         "run": run_dir.name, "name": name, "lr": lr, "seed": seed, "budget": a.budget, "overrides": ALL[name],
+        "task": a.task,
         "points": points, "steps": len(rows), "wall_s": rows[-1]["time"] - t0 if rows else 0.0,
         "train_accuracy": [[r["step"], r["accuracy"]] for r in rows],
         "response_tokens_train": rows[-1]["response_tokens_mean"] if rows else None,
@@ -229,7 +241,7 @@ def signal(a) -> list[dict]:
     warm = warm_model(a)
     out = []
     for name in a.names or ["treerpo", "tree-421", "grpo"]:
-        cfg = load_config(["demo"], [*job_overrides(name), f"model.path={warm}", f"actor.seed={a.seeds[0]}"])
+        cfg = load_config(["demo"], [*job_overrides(name, a.task), f"model.path={warm}", f"actor.seed={a.seeds[0]}"])
         engine = make_engine(cfg, seed=a.seeds[0])
         prompts = PromptSource(cfg.data, engine.tokenizer).next_batch(a.prompts)
         reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s)
@@ -427,6 +439,10 @@ def main() -> int:
     p.add_argument("what", choices=["sweep", "variants", "report", "signal"])
     p.add_argument("--out", default="runs/study", help="study folder (one sub-folder per run)")
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where report writes the plots and results")
+    p.add_argument("--task", choices=sorted(TASKS), default="add_mul",
+                   help="add_mul: the plan at step 1 decides; chain-dN: a 3-step chain whose warm model slips at "
+                        "step N; chain-any: at any step; chain-filler: any step, with useless steps "
+                        "(one --out per task)")
     p.add_argument("--budget", type=int, default=150_000, help="generated tokens per run")
     p.add_argument("--points", type=int, default=4, help="evaluated checkpoints per run (about)")
     p.add_argument("--warmup-tokens", type=int, default=10_000,
@@ -447,6 +463,14 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="a random tiny model instead of the warm one (the test)")
     a = p.parse_args()
     out = Path(a.out)
+    if out.exists() and a.what != "report":
+        other = {r.get("task", "add_mul") for r in load_results(out)} - {a.task}
+        if other:
+            print(f"{out} holds results of task {sorted(other)}, not {a.task}: use one --out per task", file=sys.stderr)
+            return 2
+    if a.what == "signal" and a.task != "add_mul":
+        print("signal measures the add_mul plan choice: run it with --task add_mul", file=sys.stderr)
+        return 2
     if a.what == "signal":
         rows = signal(a)
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,22 @@ the right plan with two plausible wrong plans whose arithmetic is carried out co
     distribute   (a*c)+b  : "a*c=p;p+b=r;#r"     (distributes c over a only)
 
 so a warmed-up model holds several strategies and RL has one to select.
+
+For ``chain`` the warm-up instead makes the model slip at a chosen step, so that a *later* step
+decides the answer (``slip_step`` d in 1..task_steps; 0 = any step, drawn uniformly):
+
+    right      every step right                         "3+4=7;7*5=35;35-6=29;#29"
+    slip<d>    step d's result is that of the wrong     "3+4=7;7*5=12;12-6=6;#6"     (d = 2: 7+5)
+               operator (+ -> -, - -> +, * -> +; the
+               next one where that gives the same
+               value, as 2*2 = 2+2), the steps after
+               it right from that value
+
+Steps before d are always right, so the first d - 1 steps carry no signal and the choice at
+step d (depth d of a tree that splits one step per level) decides the reward. ``filler``: the
+share of examples that also carry one useless step ``v*1=v;`` after a random step (the answer
+unchanged): responses then vary in length, and a method that favours short correct answers
+can show it.
 """
 
 from __future__ import annotations
@@ -41,6 +57,8 @@ ANSWER_MARK = "#"
 TASK_SHAPES: tuple[str, ...] = ("add_mul", "chain")
 WARMUP_PLANS: tuple[str, ...] = ("right", "mul_first", "distribute")
 _OPS = ("+", "-", "*")
+# a chain warm-up slip computes the first of these operators whose result differs from the right one
+SLIP_OPS = {"+": ("-", "*"), "-": ("+", "*"), "*": ("+", "-")}
 
 
 @dataclass(frozen=True)
@@ -188,13 +206,54 @@ def plan_solution(a: int, b: int, c: int, plan: str) -> tuple[str, int]:
     return s1 + s2 + f"{ANSWER_MARK}{r}", r
 
 
-def warmup_examples(spec: TaskSpec, n: int, right_fraction: float = 0.3, seed: int = 0) -> list[WarmupExample]:
-    """`n` training-split examples: round(n * right_fraction) right, the rest split evenly
-    between the two wrong plans (exact counts), in a seeded random order."""
-    if spec.shape != "add_mul":
-        raise ValueError(f"warm-up plans are defined for the 'add_mul' shape, not {spec.shape!r}")
+def chain_solution(operands: tuple[int, ...], ops: tuple[str, ...], slip: int = 0,
+                   filler_after: int = 0) -> tuple[str, int]:
+    """Steps and final answer of a left-to-right chain; step `slip` (1-based; 0 = none) computes
+    another operator (SLIP_OPS: the first whose result differs) but writes its own, later steps go
+    on right from that value; a useless step `v*1=v;` follows step `filler_after` (1-based; 0 = none)."""
+    acc, steps = operands[0], []
+    for k, (op, y) in enumerate(zip(ops, operands[1:], strict=True), 1):
+        r = _apply(op, acc, y)
+        if k == slip:
+            r = next((v for v in (_apply(alt, acc, y) for alt in SLIP_OPS[op]) if v != r), r)
+        steps.append(f"{acc}{op}{y}={r}{STEP_DELIMITER}")
+        acc = r
+        if k == filler_after:
+            steps.append(f"{acc}*1={acc}{STEP_DELIMITER}")
+    return "".join(steps) + f"{ANSWER_MARK}{acc}", acc
+
+
+def _chain_examples(spec: TaskSpec, n: int, right_fraction: float, seed: int, slip_step: int,
+                    filler: float) -> list[WarmupExample]:
+    if not 0 <= slip_step <= spec.steps:
+        raise ValueError(f"slip_step={slip_step} must lie in [0, {spec.steps}] (0 = any step)")
+    if not 0.0 <= filler <= 1.0:
+        raise ValueError(f"filler={filler} must lie in [0, 1]")
+    n_right = round(n * right_fraction)
+    rng = random.Random(f"treerpo-warmup-chain|{spec.seed}|{seed}|{slip_step}")
+    slips = [0] * n_right + [slip_step or rng.randint(1, spec.steps) for _ in range(n - n_right)]
+    rng.shuffle(slips)
+    out = []
+    for i, slip in enumerate(slips):
+        problem = _problem_at(spec, "train", i, stream=f"warmup-{seed}")
+        after = rng.randint(1, spec.steps) if rng.random() < filler else 0
+        completion, result = chain_solution(problem.operands, problem.ops, slip, after)
+        out.append(WarmupExample(prompt=problem.prompt, completion=completion,
+                                 plan="right" if slip == 0 else f"slip{slip}", answer=str(result)))
+    return out
+
+
+def warmup_examples(spec: TaskSpec, n: int, right_fraction: float = 0.3, seed: int = 0, *, slip_step: int = 0,
+                    filler: float = 0.0) -> list[WarmupExample]:
+    """`n` training-split examples in a seeded random order, round(n * right_fraction) right.
+    add_mul: the rest split evenly between the two wrong plans (exact counts). chain: the rest slip
+    at step `slip_step` (0 = a uniform step), a `filler` share with one useless step (module docstring)."""
     if not 0.0 <= right_fraction <= 1.0:
         raise ValueError(f"right_fraction={right_fraction} must lie in [0, 1]")
+    if spec.shape == "chain":
+        return _chain_examples(spec, n, right_fraction, seed, slip_step, filler)
+    if slip_step or filler:
+        raise ValueError("slip_step and filler are chain warm-up options; the add_mul warm-up mixes plans")
     n_right = round(n * right_fraction)
     n_wrong = n - n_right
     plans = ["right"] * n_right + ["mul_first"] * ((n_wrong + 1) // 2) + ["distribute"] * (n_wrong // 2)

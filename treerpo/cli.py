@@ -125,6 +125,12 @@ def add_warmup_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 8/3 x hidden)")
     p.add_argument("--operand-min", type=int, default=None, help="smallest operand (default 2; = data.operand_min)")
     p.add_argument("--operand-max", type=int, default=None, help="largest operand (default 14; = data.operand_max)")
+    p.add_argument("--task", default=None, help="task shape: add_mul (default; = data.task) or chain")
+    p.add_argument("--task-steps", type=int, default=None, help="chain: steps per problem (default 2)")
+    p.add_argument("--slip-step", type=int, default=None,
+                   help="chain: the step the wrong examples slip at (1..task-steps; default 0 = any)")
+    p.add_argument("--filler", type=float, default=None,
+                   help="chain: share of examples with one useless step v*1=v (default 0): varied lengths")
     p.add_argument("--seed", type=int, default=None, help="init and data seed (default 0)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--json", action="store_true", help="print one JSON object (path, info) on the last line")

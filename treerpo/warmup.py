@@ -34,7 +34,7 @@ from pathlib import Path
 from common.config import ConfigError, DataConfig
 from common.data import format_prompt
 from common.rundir import setup_logging
-from common.tasks import TaskSpec, warmup_examples
+from common.tasks import TASK_SHAPES, TaskSpec, warmup_examples
 from treerpo.tinymodel import build_tiny_model
 
 log = logging.getLogger("treerpo.warmup")
@@ -54,11 +54,15 @@ class WarmupSettings:
     num_kv_heads: int = 2
     intermediate_size: int = 341
     max_position_embeddings: int = 256
-    # data (common.tasks.warmup_examples on the add_mul task)
+    # data (common.tasks.warmup_examples)
     operand_min: int = 2
     operand_max: int = 14
     right_fraction: float = 0.3
     examples: int = 20_000
+    task: str = "add_mul"  # = data.task; "chain": task_steps steps, a slip at slip_step (0 = any), filler
+    task_steps: int = 2
+    slip_step: int = 0
+    filler: float = 0.0
     # optimisation
     steps: int = 2000
     batch_size: int = 32
@@ -67,8 +71,16 @@ class WarmupSettings:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({"format": WARMUP_FORMAT, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        for name in CHAIN_FIELDS:  # left out at their defaults: the demo's cached warm-ups keep their keys
+            if fields[name] == CHAIN_DEFAULTS[name]:
+                del fields[name]
+        blob = json.dumps({"format": WARMUP_FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+CHAIN_FIELDS = ("task", "task_steps", "slip_step", "filler")
+CHAIN_DEFAULTS = {name: getattr(WarmupSettings, name) for name in CHAIN_FIELDS}
 
 
 def default_cache_dir() -> Path:
@@ -86,10 +98,12 @@ def cached_model(settings: WarmupSettings, cache_dir: str | Path) -> Path | None
 # --------------------------------------------------------------------------------------------
 def encode_examples(settings: WarmupSettings, tokenizer) -> list[tuple[list[int], int]]:
     """(ids, prompt_len) per example: prompt ids as the actors make them, then completion + EOS."""
-    data_cfg = DataConfig(operand_min=settings.operand_min, operand_max=settings.operand_max)
+    data_cfg = DataConfig(operand_min=settings.operand_min, operand_max=settings.operand_max, task=settings.task,
+                          task_steps=settings.task_steps)
     spec = TaskSpec.from_config(data_cfg)
     out = []
-    for ex in warmup_examples(spec, settings.examples, settings.right_fraction, seed=settings.seed):
+    for ex in warmup_examples(spec, settings.examples, settings.right_fraction, seed=settings.seed,
+                              slip_step=settings.slip_step, filler=settings.filler):
         _, prompt_ids = format_prompt(ex.prompt, data_cfg, tokenizer)
         completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
         out.append((list(map(int, prompt_ids)) + completion + [tokenizer.eos_token_id], len(prompt_ids)))
@@ -207,7 +221,17 @@ def settings_from_args(args) -> WarmupSettings:
         batch_size=pick("batch_size", d.batch_size),
         lr=pick("lr", d.lr), right_fraction=pick("right_fraction", d.right_fraction), seed=pick("seed", d.seed),
         operand_min=pick("operand_min", d.operand_min), operand_max=pick("operand_max", d.operand_max),
+        task=pick("task", d.task), task_steps=pick("task_steps", d.task_steps),
+        slip_step=pick("slip_step", d.slip_step), filler=pick("filler", d.filler),
     )
+    if settings.task not in TASK_SHAPES:
+        raise ConfigError(f"--task {settings.task}: choose one of {', '.join(TASK_SHAPES)}")
+    if settings.task == "chain" and not 0 <= settings.slip_step <= settings.task_steps:
+        raise ConfigError(f"--slip-step {settings.slip_step} must lie in [0, --task-steps {settings.task_steps}]")
+    if settings.task != "chain" and (settings.slip_step or settings.filler):
+        raise ConfigError("--slip-step and --filler shape the chain task's warm-up: add --task chain")
+    if not 0.0 <= settings.filler <= 1.0 or settings.task_steps < 1:
+        raise ConfigError(f"--filler {settings.filler} must lie in [0, 1] and --task-steps >= 1")
     if not 0 <= settings.operand_min <= settings.operand_max:
         raise ConfigError(f"operand range [{settings.operand_min}, {settings.operand_max}] is empty or negative")
     if not 0.0 <= settings.right_fraction <= 1.0:

@@ -46,3 +46,12 @@ def test_welch_interval_by_hand():
     assert d["diff"] == 1.0 and d["df"] == pytest.approx(8.0)
     assert (d["low"], d["high"]) == (pytest.approx(1.0 - 2.306), pytest.approx(1.0 + 2.306))
     assert study.diff_interval([1.0], [0.0, 1.0]) is None  # one seed has no spread to speak of
+
+
+@pytest.mark.parametrize("task", sorted(study.TASKS))
+def test_every_method_and_variant_makes_a_valid_job_on_every_task(task):
+    for name in study.ALL:
+        cfg = study.load_config(["demo"], [*study.job_overrides(name, task), "model.path=/nonexistent"])
+        assert cfg.tree.depth == len(cfg.tree.branching) and study.tokens_per_tree(cfg, task) > 0
+    settings = study.WarmupSettings(**study.TASKS[task][1])
+    assert (settings.task == "chain") == task.startswith("chain")

@@ -8,7 +8,9 @@ import pytest
 
 from common.rewards import make_reward
 from common.tasks import (
+    STEP_DELIMITER,
     TaskSpec,
+    chain_solution,
     eval_problems,
     is_eval_problem,
     make_problem,
@@ -128,8 +130,68 @@ def test_bad_specs_rejected():
         TaskSpec(shape="div")
     with pytest.raises(ValueError, match="operand range"):
         TaskSpec(operand_min=5, operand_max=4)
-    with pytest.raises(ValueError, match="add_mul"):
-        warmup_examples(TaskSpec(shape="chain"), 4)
+    with pytest.raises(ValueError, match="chain warm-up"):
+        warmup_examples(TaskSpec(), 4, slip_step=1)
+    with pytest.raises(ValueError, match="slip_step=4"):
+        warmup_examples(TaskSpec(shape="chain", steps=3), 4, slip_step=4)
+
+
+def test_chain_solution_by_hand():
+    operands, ops = (3, 4, 5, 6), ("+", "*", "-")
+    assert make_problem(operands, ops).prompt == "((3+4)*5)-6="
+    assert chain_solution(operands, ops) == ("3+4=7;7*5=35;35-6=29;#29", 29)
+    # a slip at step 2 computes 7+5 but writes '*'; step 3 goes on right from 12
+    assert chain_solution(operands, ops, slip=2) == ("3+4=7;7*5=12;12-6=6;#6", 6)
+    assert chain_solution(operands, ops, slip=1) == ("3+4=-1;-1*5=-5;-5-6=-11;#-11", -11)  # + slips to -
+    assert chain_solution(operands, ops, slip=3) == ("3+4=7;7*5=35;35-6=41;#41", 41)  # - slips to +
+    assert chain_solution((2, 2, 3), ("*", "+"), slip=1) == ("2*2=0;0+3=3;#3", 3)  # 2+2 = 2*2: slips to 2-2
+    assert chain_solution(operands, ops, filler_after=1) == ("3+4=7;7*1=7;7*5=35;35-6=29;#29", 29)
+    assert make_problem(operands, ops).solution == chain_solution(operands, ops)[0]
+
+
+@pytest.mark.parametrize("slip_step", [1, 2, 3, 0])
+def test_chain_warmup_slips_at_the_chosen_step(slip_step):
+    spec = TaskSpec(shape="chain", steps=3)
+    examples = warmup_examples(spec, 400, right_fraction=0.25, seed=1, slip_step=slip_step, filler=0.5)
+    plans = Counter(e.plan for e in examples)
+    assert plans["right"] == 100 and sum(plans.values()) == 400
+    want = {f"slip{slip_step}"} if slip_step else {"slip1", "slip2", "slip3"}
+    assert set(plans) - {"right"} == want
+    reward = make_reward("arithmetic")
+    held = {p.prompt for p in eval_problems(spec, 300)}
+    fillers = 0
+    for e in examples:
+        assert e.prompt not in held
+        steps = e.completion.split("#")[0].split(STEP_DELIMITER)[:-1]
+        useless = [s for s in steps if "*1=" in s and s.split("*1=")[0] == s.split("*1=")[1]]
+        fillers += bool(useless)
+        right_steps = [s for s in steps if s not in useless]
+        truth = make_problem(*_chain_of(e.prompt)).solution.split("#")[0].split(STEP_DELIMITER)[:-1]
+        slip = int(e.plan[4:]) if e.plan != "right" else 0
+        if slip:  # the steps before the slip are right, the slipped one is not
+            assert right_steps[:slip - 1] == truth[:slip - 1] and right_steps[slip - 1] != truth[slip - 1]
+        else:
+            assert right_steps == truth
+        scored = reward.score_many([e.completion], [make_problem(*_chain_of(e.prompt)).answer])[0].reward
+        assert scored == (1.0 if e.answer == make_problem(*_chain_of(e.prompt)).answer else 0.0)
+        assert scored == (0.0 if slip else 1.0)  # a slip changes the value, and + - * by >= 2 keep it changed
+    assert 150 < fillers < 250  # filler 0.5 of 400
+    assert warmup_examples(spec, 400, 0.25, seed=1, slip_step=slip_step, filler=0.5) == examples
+
+
+def _chain_of(prompt: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    # "((3+4)*5)-6=" -> ((3, 4, 5, 6), ("+", "*", "-"))
+    text = prompt.rstrip("=").replace("(", "").replace(")", "")
+    nums, ops, cur = [], [], ""
+    for ch in text:
+        if ch in "+-*" and cur:
+            nums.append(int(cur))
+            ops.append(ch)
+            cur = ""
+        else:
+            cur += ch
+    nums.append(int(cur))
+    return tuple(nums), tuple(ops)
 
 
 def _operands(prompt: str) -> tuple[int, int, int]:
