@@ -83,6 +83,7 @@ VARIANTS = {  # variants (TreeRPO unless named grpo-), each against its method a
     "tree-82": ["tree.depth=2", "tree.branching=[8,2]"],  # 8 first steps, each finished twice
     # GRPO with TreeRPO's optimizer updates per generated token: half the trees per step
     "grpo-bt8": [*METHODS["grpo"], "replay.batch_trees=8"],
+    "tree-bt8": ["replay.batch_trees=8"],  # and TreeRPO with half its trees per step, twice the updates
 }
 ALL = {**METHODS, **VARIANTS}
 
