@@ -155,6 +155,17 @@ def _assert_actor_equals(out_dir: Path, actor_id: str, version: int, expected: d
         assert torch.equal(dumped[name].view(torch.int32), t.view(torch.int32)), name
 
 
+@pytest.fixture(autouse=True)
+def no_group_teardown_left_over():
+    """Group teardowns and abandoned gloo constructions run in daemon threads of this process and
+    end by themselves (within 5x their group's timeout); `wait_group_drops` waits for all of them.
+    Each test starts and ends with none pending, so a test that measures its own (the mid-rendezvous
+    one) never waits for another test's, and one that leaves a teardown hanging fails itself."""
+    assert wait_group_drops(TEST_TIMEOUT_S), "a group teardown from before this test did not end"
+    yield
+    assert wait_group_drops(TEST_TIMEOUT_S), "this test left a group teardown that did not end"
+
+
 @pytest.fixture
 def models(make_tiny_model):
     # Same architecture, different init per process (~110K float32 parameters).
