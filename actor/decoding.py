@@ -2,7 +2,8 @@
 
 A `DecodeRow` is one sample in progress. `sample_rows` draws one token for every row of a batch
 from the distribution of actor/engine.py's contract (common/sampling.py `processed_logprobs`), records the token and
-its log-prob under that distribution on every row still running, and sets the row's `finish`
+its log-prob under that distribution (and, for a request with `entropy`, the distribution's
+entropy) on every row still running, and sets the row's `finish`
 by `finish_reason`: a stop token id is "stop", a stop string ending inside the new token's text
 is "delimiter", the request's `max_tokens` reached is "length" (checked in that order). A row
 that finished earlier still gets a draw (the batch is sampled whole, so the random stream
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from actor.engine import GenerationRequest, Sample, SampleFinish
-from common.sampling import processed_logprobs
+from common.sampling import entropy_of, processed_logprobs
 
 Decode = Callable[[list[int]], str]  # token ids -> text (the tokenizer's decode)
 
@@ -31,6 +32,7 @@ class DecodeRow:
     stop_ids: frozenset[int]  # EOS ids and the request's stop token ids
     tokens: list[int] = field(default_factory=list)
     logps: list[float] = field(default_factory=list)
+    ents: list[float] = field(default_factory=list)  # sampling entropies, when req.entropy
     finish: SampleFinish | None = None
 
     @property
@@ -38,7 +40,8 @@ class DecodeRow:
         return self.finish is not None
 
     def to_sample(self) -> Sample:
-        return Sample(np.array(self.tokens, dtype=np.int32), np.array(self.logps, dtype=np.float32), self.finish)
+        return Sample(np.array(self.tokens, dtype=np.int32), np.array(self.logps, dtype=np.float32), self.finish,
+                      np.array(self.ents, dtype=np.float32) if self.req.entropy else None)
 
 
 def sample_rows(logits: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -53,6 +56,8 @@ def sample_rows(logits: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor, 
     tok = torch.multinomial(lp.exp(), 1, generator=generator)  # (B, 1)
     tok_lp = lp.gather(1, tok).squeeze(1)  # (B,)
     tok = tok.squeeze(1)  # (B,)
+    want = [b for b, row in enumerate(rows) if row.req.entropy and not row.done]
+    ents = dict(zip(want, entropy_of(lp[want]).tolist(), strict=True)) if want else {}
     ended = []
     for b, (t, logp) in enumerate(zip(tok.tolist(), tok_lp.tolist(), strict=True)):
         row = rows[b]
@@ -60,6 +65,8 @@ def sample_rows(logits: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor, 
             continue
         row.tokens.append(t)
         row.logps.append(logp)
+        if b in ents:
+            row.ents.append(ents[b])
         row.finish = finish_reason(row, decode)
         if row.done:
             ended.append(b)

@@ -14,6 +14,9 @@ and stop rules) into `Sample`s. Guarantees every engine gives:
 
   (common/sampling.py `processed_logprobs`, the one definition the learner recomputes too; the
   same semantics as vLLM's sampler);
+* `Sample.entropy[t]`, for a request with `entropy=True` (None otherwise), is the entropy of that
+  same distribution at step t (`common.sampling.entropy_of`): exact on the HF engine, from the
+  top `ENTROPY_TOP_K` log-probs on vLLM (the tail left out: a lower bound that ranks the steps);
 * `Sample.finish` (`SampleFinish`: why the ENGINE stopped) is "stop" (EOS or a stop token id),
   "delimiter" (a stop string) or "length" (the request's `max_tokens` reached), checked in that
   order after each token. It is not a tree node's finish (common/tree.py `Finish`: "segment",
@@ -48,6 +51,7 @@ import torch
 from common.errors import EngineError  # defined with its exit code there; engines import it from here
 
 SampleFinish = Literal["stop", "length", "delimiter"]  # why an engine ended a sample (module docstring)
+ENTROPY_TOP_K = 20  # log-probs per step vLLM reports for an entropy request (its default max_logprobs)
 
 
 @dataclass
@@ -63,6 +67,7 @@ class GenerationRequest:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    entropy: bool = False  # also report each token's sampling entropy (Sample.entropy)
 
     def __post_init__(self) -> None:
         self.context = np.asarray(self.context, dtype=np.int32)
@@ -92,10 +97,16 @@ class Sample:
     token_ids: np.ndarray  # int32[L]
     logprobs: np.ndarray  # float32[L]
     finish: SampleFinish
+    entropy: np.ndarray | None = None  # float32[L], when the request asked for it
 
     def __post_init__(self) -> None:
         self.token_ids = np.asarray(self.token_ids, dtype=np.int32)
         self.logprobs = np.asarray(self.logprobs, dtype=np.float32)
+        if self.entropy is not None:
+            self.entropy = np.asarray(self.entropy, dtype=np.float32)
+            if self.entropy.shape != self.logprobs.shape:
+                raise EngineError(f"Sample.entropy has {self.entropy.shape[0]} entries for {self.logprobs.shape[0]} "
+                                  "tokens")
 
 
 @runtime_checkable

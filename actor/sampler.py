@@ -16,6 +16,12 @@ Guarantees:
 * a non-final level is cut at `segment_tokens` (`split='tokens'`) or at the step delimiter or
   `segment_tokens`, whichever comes first (`split='step'`; the delimiter stays in the segment);
   the last level runs to EOS or the rest of the total budget `max_tokens` along the path;
+* `branch_at: entropy` (design §3.1) replaces the fixed cut: every request runs to EOS or the
+  path's budget, non-final levels report each token's sampling entropy, and a response forks at
+  its highest-entropy token (`_fork_at_entropy`): the node ends before it, the response's rest
+  is the node's first child (sampled under the same weights, so its log-probs and version stand
+  as they are) and `branching - 1` new samples are drawn from the fork point (prefilled, not
+  forked from a KV row). Every generated token ends in the tree;
 * a node's finish comes from its sample's by one table, `node_finish`: a segment ending in EOS
   (or a stop token) is a leaf "stop" at any level; a segment of the last level, or one that uses
   up the total budget, is a leaf "length"; any other segment is an inner node "segment";
@@ -79,6 +85,7 @@ class _Group:
     level: int
     context: np.ndarray  # int32, prompt + ancestors + the parent node
     used: int  # generated tokens along the path so far
+    first: int = 0  # sibling index of the request's sample 0 (branch_at=entropy: 1, the rest of the response is 0)
 
 
 @dataclass(eq=False)
@@ -184,15 +191,17 @@ class TreeSampler:
         level = group.level
         final = level == cfg.depth - 1
         left = cfg.max_tokens - group.used
-        budget = left if final else min(cfg.segment_tokens, left)
+        entropy = cfg.branch_at == "entropy"
+        budget = left if (final or entropy) else min(cfg.segment_tokens, left)
         stops = (cfg.step_delimiter,) if (cfg.split == "step" and not final) else ()
-        n = cfg.branching[level]
+        n = cfg.branching[level] - group.first
         seed = np.random.SeedSequence([self.seed, call, group.tree.serial, group.parent + 1, level])
         req = GenerationRequest(
             context=group.context, n=n, max_tokens=budget,
             stop_token_ids=tuple(self.engine.eos_token_ids), stop_strings=stops,
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             seed=int(seed.generate_state(1, dtype=np.uint32)[0]) >> 1,  # < 2**31 (vLLM: sibling i gets seed + i)
+            entropy=entropy and not final,
         )
         group.tree.pending += n
         engine_stream.add(req, group, parent)
@@ -203,23 +212,51 @@ class TreeSampler:
         for f in finished:
             group: _Group = f.tag
             tree, level = group.tree, group.level
-            path_ends = (level == self.cfg.depth - 1
-                         or group.used + len(f.sample.token_ids) >= self.cfg.max_tokens)
-            finish = node_finish(f.sample.finish, path_ends)
             # a child attends to its ancestors' KV: its version is the oldest weights that touched
             # its context or its tokens (design §4.3), never the newer one it was admitted under
             version = int(f.version) if group.parent < 0 else min(int(f.version), tree.raw[group.parent][3].version)
-            node = Node(parent=-1, token_ids=f.sample.token_ids, logprobs=f.sample.logprobs,
-                        version=version, finish=finish)
-            tree.raw.append((group.parent, level, f.index, node))
             tree.pending -= 1
-            if finish == "segment":
-                child = _Group(tree, len(tree.raw) - 1, level + 1, np.concatenate([group.context, f.sample.token_ids]),
-                               group.used + len(f.sample.token_ids))
-                self._request(engine_stream, child, call, (group, f.index))
-            elif tree.pending == 0:
+            if self.cfg.branch_at == "entropy":
+                self._fork_at_entropy(engine_stream, group, group.first + f.index, f.sample, version, call)
+            else:
+                path_ends = (level == self.cfg.depth - 1
+                             or group.used + len(f.sample.token_ids) >= self.cfg.max_tokens)
+                finish = node_finish(f.sample.finish, path_ends)
+                node = Node(parent=-1, token_ids=f.sample.token_ids, logprobs=f.sample.logprobs,
+                            version=version, finish=finish)
+                tree.raw.append((group.parent, level, f.index, node))
+                if finish == "segment":
+                    child = _Group(tree, len(tree.raw) - 1, level + 1,
+                                   np.concatenate([group.context, f.sample.token_ids]),
+                                   group.used + len(f.sample.token_ids))
+                    self._request(engine_stream, child, call, (group, f.index))
+            if tree.pending == 0:
                 done.append(tree)
         return done
+
+    def _fork_at_entropy(self, engine_stream, group: _Group, sibling: int, sample: Any, version: int,
+                         call: int) -> None:
+        """`tree.branch_at: entropy`: a response sampled below `group`'s node (to EOS or the path's
+        budget) at level l forks at its highest-entropy token p (the first of equals) with
+        1 <= p <= L - (depth - 1 - l), so that the node keeps a token and the rest one per level
+        below: the node is tokens[:p]; its children are the response's rest tokens[p:]
+        (sibling 0, already sampled) and branching - 1 new samples from context + tokens[:p].
+        The rest is forked the same way one level down, until the last level; a response too
+        short for that (it ended in EOS) is a leaf where it stops."""
+        tree, level = group.tree, group.level
+        parent, context, used = group.parent, group.context, group.used
+        tokens, logprobs, entropy = sample.token_ids, sample.logprobs, sample.entropy
+        while level < self.cfg.depth - 1 and (last := len(tokens) - (self.cfg.depth - 1 - level)) >= 1:
+            p = 1 + int(np.argmax(entropy[1:last + 1]))
+            tree.raw.append((parent, level, sibling, Node(parent=-1, token_ids=tokens[:p], logprobs=logprobs[:p],
+                                                         version=version, finish="segment")))
+            parent, context, used = len(tree.raw) - 1, np.concatenate([context, tokens[:p]]), used + p
+            if self.cfg.branching[level + 1] > 1:
+                self._request(engine_stream, _Group(tree, parent, level + 1, context, used, first=1), call, None)
+            tokens, logprobs, entropy = tokens[p:], logprobs[p:], entropy[p:]
+            level, sibling = level + 1, 0
+        tree.raw.append((parent, level, sibling, Node(parent=-1, token_ids=tokens, logprobs=logprobs, version=version,
+                                                      finish=node_finish(sample.finish, path_ends=True))))
 
     # -- finishing -----------------------------------------------------------------------------
     def _finish_trees(self, done: list[_Tree]) -> Iterator[tuple[int, Any, ReasoningTree]]:

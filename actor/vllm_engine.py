@@ -12,7 +12,8 @@ the actor's threads reach it through blocking calls. Guarantees (on top of actor
   by `CompletionOutput.index`), so a child is requested while its siblings still run: vLLM
   trees have no level barrier and no sibling barrier;
 * log-probs are vLLM's `processed_logprobs`: of the temperature-scaled, top-k/top-p-truncated
-  distribution the token was drawn from (`logprobs=0` returns the sampled token's only);
+  distribution the token was drawn from (`logprobs=0` returns the sampled token's only); a
+  request with `entropy` asks for the top `ENTROPY_TOP_K` and sums -p log p over them;
 * stop strings are kept in the output (`include_stop_str_in_output=True`; the token completing
   the delimiter is the last token) and reported as finish "delimiter"; EOS or a stop token id
   as "stop" (the token is included), the budget as "length";
@@ -36,6 +37,7 @@ import dataclasses
 import importlib.metadata
 import itertools
 import logging
+import math
 import queue
 import re
 import threading
@@ -46,7 +48,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from actor.engine import EngineError, GenerationRequest, Sample, SampleFinish, StreamResult, collect_eos_ids
+from actor.engine import (
+    ENTROPY_TOP_K,
+    EngineError,
+    GenerationRequest,
+    Sample,
+    SampleFinish,
+    StreamResult,
+    collect_eos_ids,
+)
 from common.errors import ModelError, one_line
 from common.rundir import check_model_folder
 from common.weightsync import SYNC_ERROR_REASONS, Deadline, WeightSyncError, dtype_name
@@ -101,6 +111,12 @@ def _finish(completion: Any) -> SampleFinish:
     if completion.finish_reason == "stop":
         return "delimiter" if isinstance(completion.stop_reason, str) else "stop"
     raise EngineError(f"vLLM finished a sample with reason {completion.finish_reason!r} ({completion.stop_reason!r})")
+
+
+def _top_entropy(step: dict) -> float:
+    """-sum p log p over one step's reported log-probs (the top ENTROPY_TOP_K and the sampled token);
+    -inf entries (cut by top-k/top-p) count 0."""
+    return -sum(math.exp(lp.logprob) * lp.logprob for lp in step.values() if math.isfinite(lp.logprob))
 
 
 def _sync_error(e: BaseException, what: str) -> WeightSyncError:
@@ -199,7 +215,8 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415 -- vLLM is optional
 
         return SamplingParams(
-            n=req.n, max_tokens=req.max_tokens, logprobs=0,  # the sampled token's log-prob only
+            n=req.n, max_tokens=req.max_tokens,
+            logprobs=ENTROPY_TOP_K if req.entropy else 0,  # else the sampled token's log-prob only
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             seed=req.seed, stop=list(req.stop_strings) or None,
             stop_token_ids=sorted(set(self.eos_token_ids) | set(req.stop_token_ids)),
@@ -432,6 +449,7 @@ class VLLMStream:
         engine = self.engine
         tokens: list[list[int]] = [[] for _ in range(req.n)]
         logprobs: list[list[float]] = [[] for _ in range(req.n)]
+        entropy: list[list[float]] = [[] for _ in range(req.n)]
         finished = 0
         engine.running += 1
         request_id = self._in_flight[serial] = engine.request_id()
@@ -444,9 +462,12 @@ class VLLMStream:
                         raise EngineError("vLLM returned no per-token log-probs; is logprobs=0 honoured?")
                     tokens[c.index].extend(ids)
                     logprobs[c.index].extend(step[t].logprob for t, step in zip(ids, c.logprobs or [], strict=True))
+                    if req.entropy:
+                        entropy[c.index].extend(_top_entropy(step) for step in c.logprobs or [])
                     if c.finish_reason is not None:
                         sample = Sample(np.array(tokens[c.index], dtype=np.int32),
-                                        np.array(logprobs[c.index], dtype=np.float32), _finish(c))
+                                        np.array(logprobs[c.index], dtype=np.float32), _finish(c),
+                                        np.array(entropy[c.index], dtype=np.float32) if req.entropy else None)
                         self._done.put((serial, StreamResult(tag, c.index, sample, version)))
                         finished += 1
             if finished != req.n:

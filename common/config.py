@@ -44,6 +44,12 @@ class TreeConfig(Section):
     segment_tokens: int = Field(384, ge=1, le=65536, description="Token budget of one non-final segment.")
     max_tokens: int = Field(2048, ge=1, le=262144, description="Total generated-token budget along one path.")
     step_delimiter: str = Field("\n\n", min_length=1, description="Reasoning-step delimiter for split='step'.")
+    branch_at: Literal["segment", "entropy"] = Field(
+        "segment",
+        description="Where a node's children fork: at the end of a fixed segment ('segment': split and "
+        "segment_tokens), or at the highest-entropy token of a sampled response, which runs to EOS or max_tokens "
+        "and whose rest becomes the first child ('entropy', design §3.1).",
+    )
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="Sampling temperature (log-probs use it too).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1.0 = off.")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 = off.")
@@ -57,7 +63,12 @@ class TreeConfig(Section):
             )
         if any(b < 1 or b > 1024 for b in self.branching):
             raise ValueError(f"tree.branching={self.branching}: every factor must lie in [1, 1024]")
-        if self.depth > 1 and self.segment_tokens * (self.depth - 1) >= self.max_tokens:
+        if self.branch_at == "entropy" and self.split == "step":
+            raise ValueError(
+                "tree.branch_at=entropy forks at the highest-entropy token of each response, not at step "
+                "delimiters: set tree.split=tokens (segment_tokens does not apply either)"
+            )
+        if self.branch_at == "segment" and self.depth > 1 and self.segment_tokens * (self.depth - 1) >= self.max_tokens:
             raise ValueError(
                 f"tree.max_tokens={self.max_tokens} leaves nothing for the last level after "
                 f"{self.depth - 1} segments of {self.segment_tokens} tokens: raise max_tokens or "

@@ -20,13 +20,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from actor.engine import EngineError, GenerationRequest
+from actor.engine import ENTROPY_TOP_K, EngineError, GenerationRequest
 from actor.engines import make_engine
 from actor.sampler import TreeSampler
 from actor.vllm_engine import require_vllm, vllm_platform
 from common.config import ActorConfig, AdvantageConfig, ModelConfig, TreeConfig, WeightsConfig
 from common.data import Prompt
 from common.rewards import make_reward
+from common.sampling import processed_logprobs
 from common.weightsync import WeightSyncError
 from learner.logprobs import token_logprobs
 from learner.packing import pack_trees
@@ -162,6 +163,67 @@ def test_tree_logprobs_match_the_learner_recompute(vllm_engine, vllm_model_dir, 
     print(f"\nvLLM vs learner log-probs, T={temperature} top_k={top_k} top_p={top_p}: "
           f"max |diff| = {max(diffs):.2e} over {tokens} tokens of {sum(len(t.nodes) for t in trees)} nodes")
     assert max(diffs) <= FIDELITY_TOL
+
+
+def _top_entropy_ref(model, context, tokens, temperature, top_k, top_p) -> np.ndarray:
+    """What vLLM reports for an entropy request, from the learner's distribution: -sum p log p over
+    each step's top ENTROPY_TOP_K tokens and the sampled one."""
+    ids = torch.tensor(np.concatenate([context, tokens]), dtype=torch.long)[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(context) - 1:-1].float()  # (L, V)
+    L = len(tokens)
+    lp = processed_logprobs(logits, torch.full((L,), temperature), torch.full((L,), top_k), torch.full((L,), top_p))
+    keep = torch.zeros_like(lp, dtype=torch.bool)
+    keep.scatter_(1, lp.topk(ENTROPY_TOP_K, dim=1).indices, True)
+    keep.scatter_(1, torch.tensor(tokens, dtype=torch.long)[:, None], True)
+    keep &= torch.isfinite(lp)
+    return -torch.where(keep, lp.exp() * lp, 0.0).sum(1).numpy()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.8, 10, 0.9)])
+def test_entropy_branching_on_vllm(vllm_engine, vllm_model_dir, temperature, top_k, top_p):
+    """`tree.branch_at: entropy` on vLLM: an entropy request reports each step's entropy over vLLM's
+    top log-probs (as the learner's distribution gives it); trees fork at its highest value among
+    the allowed positions, keep every generated token, and their log-probs equal the recompute."""
+    model = _hf(vllm_model_dir)
+    _install(vllm_engine, model, version=0)
+    ctx = _context(vllm_engine)
+    plain, with_ent = vllm_engine.generate([
+        GenerationRequest(ctx, 1, 12, temperature=temperature, top_k=top_k, top_p=top_p, seed=3),
+        GenerationRequest(ctx, 2, 12, temperature=temperature, top_k=top_k, top_p=top_p, seed=4, entropy=True)])
+    assert plain[0].entropy is None
+    for s in with_ent:
+        ref = _top_entropy_ref(model, ctx, s.token_ids, temperature, top_k, top_p)
+        np.testing.assert_allclose(s.entropy, ref, atol=FIDELITY_TOL, rtol=0)
+    cfg = TreeConfig(depth=3, branching=[2, 2, 2], branch_at="entropy", max_tokens=24, temperature=temperature,
+                     top_k=top_k, top_p=top_p)
+    tok = vllm_engine.tokenizer
+    prompts = [Prompt(f"p{i}", text, "0", np.array(tok.encode(text), dtype=np.int32))
+               for i, text in enumerate(["12+34=", "7*8=", "(3+4)*5="])]
+    trees = TreeSampler(vllm_engine, cfg, make_reward("arithmetic", 5.0), "vllm-test", seed=2).sample(prompts)
+    forks = 0
+    for tree in trees:
+        depths, kids = tree.depths(), tree.children()
+        for i, node in enumerate(tree.nodes):
+            if node.finish != "segment":
+                assert kids[i] == []
+                continue
+            assert len(kids[i]) == 2
+            parts = [i]
+            while kids[parts[-1]]:
+                parts.append(kids[parts[-1]][0])  # the rest of the response node i was cut from
+            response = np.concatenate([tree.nodes[j].token_ids for j in parts])
+            ent = _top_entropy_ref(model, tree.context_ids(i), response, temperature, top_k, top_p)
+            last = len(response) - (3 - depths[i])
+            assert 1 <= len(node) <= last and ent[len(node)] >= ent[1:last + 1].max() - FIDELITY_TOL
+            forks += 1
+    assert forks >= 6
+    batches = pack_trees(trees, AdvantageConfig(), "tree", 256, learner_version=0)
+    for batch in batches:
+        with torch.no_grad():
+            lp = token_logprobs(model, batch, temperature, top_k, top_p)
+        assert (lp - batch.behaviour_logprobs)[batch.generated].abs().max().item() <= FIDELITY_TOL
 
 
 # -- weights ---------------------------------------------------------------------------------------

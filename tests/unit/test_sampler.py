@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from actor.engine import GenerationRequest
 from actor.sampler import TreeSampler
 from common.config import TreeConfig
 from common.data import Prompt
 from common.rewards import make_reward
+from common.sampling import entropy_of, processed_logprobs
 from tests.support.models import PathTextReward, bias_tokens, check_fidelity, hf_engine
 from treerpo.tinymodel import EOS_ID
 
@@ -302,3 +304,110 @@ def test_stream_versions_are_the_oldest_weights_a_node_saw(no_eos_engine):
         assert [n.version for n in tree.nodes] == [0] * len(tree.nodes)
     for tree in fresh:
         assert [n.version for n in tree.nodes] == [2] * len(tree.nodes)
+
+
+# -- tree.branch_at: entropy --------------------------------------------------------------------
+def _teacher_forced(engine, cfg, context, tokens):
+    """Processed log-probs (L, V) of `tokens` after `context`, one forward."""
+    ids = torch.from_numpy(np.concatenate([context, tokens]).astype(np.int64))[None]
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids).logits[0].float()
+    rows = logits[len(context) - 1:len(context) - 1 + len(tokens)]
+    L = len(tokens)
+    return processed_logprobs(rows, torch.full((L,), cfg.temperature), torch.full((L,), cfg.top_k),
+                              torch.full((L,), cfg.top_p))
+
+
+def _response_of(tree, i):
+    """The response node i was cut from: node i, then its first child, that child's first child, ..."""
+    kids = tree.children()
+    parts = [i]
+    while kids[parts[-1]]:
+        parts.append(kids[parts[-1]][0])
+    return np.concatenate([tree.nodes[j].token_ids for j in parts])
+
+
+@pytest.mark.parametrize("branching,top_k,top_p", [([2, 2, 2], 0, 1.0), ([3, 1, 2], 10, 0.9)])
+def test_entropy_branching_forks_at_the_highest_entropy_token(no_eos_engine, branching, top_k, top_p):
+    # every response runs to the path's budget and forks where the model was least sure: node i
+    # at level l ends just before the highest-entropy token, among positions 1 .. L - (2 - l)
+    # (the rest keeps a token per level below), of the response it was cut from (node i + its
+    # first-child chain); the entropies are recomputed here by a teacher-forced forward
+    cfg = tree_cfg(branching=branching, branch_at="entropy", top_k=top_k, top_p=top_p)
+    trees = TreeSampler(no_eos_engine, cfg, PathTextReward(), "a", seed=3).sample(prompts(no_eos_engine))
+    per_level = np.cumprod(branching)
+    forks = set()
+    for tree in trees:
+        depths = tree.depths()
+        assert [int((depths == d + 1).sum()) for d in range(3)] == per_level.tolist()  # no EOS: full
+        assert tree.path_lengths().tolist() == [20] * int(per_level[-1])  # no token dropped from any path
+        check_fidelity(no_eos_engine, tree, cfg)
+        kids = tree.children()
+        for i, node in enumerate(tree.nodes):
+            if depths[i] == 3:
+                assert kids[i] == [] and node.finish == "length"
+                continue
+            assert node.finish == "segment" and len(kids[i]) == branching[depths[i]]
+            response = _response_of(tree, i)
+            ent = entropy_of(_teacher_forced(no_eos_engine, cfg, tree.context_ids(i), response)).numpy()
+            last = len(response) - (3 - depths[i])
+            assert 1 <= len(node) <= last
+            assert ent[len(node)] >= ent[1:last + 1].max() - 1e-4, (i, len(node), ent)
+            forks.add(len(node))
+    assert len(forks) >= 3  # the fork moves with the sample, not a fixed segment length
+
+
+def test_entropy_branching_keeps_the_rest_and_samples_new_children(no_eos_engine, eos_engine):
+    # a budget of 3 tokens over 3 levels leaves one fork position per response: every node is one
+    # token, the rest of each response is sibling 0 and the tree is full; versions are the engine's
+    cfg = tree_cfg(branching=[2, 2, 2], branch_at="entropy", max_tokens=3)
+    no_eos_engine.version = 4
+    try:
+        trees = TreeSampler(no_eos_engine, cfg, PathTextReward(), "a", seed=8).sample(prompts(no_eos_engine))
+    finally:
+        no_eos_engine.version = 0
+    for tree in trees:
+        assert [len(n) for n in tree.nodes] == [1] * 14 and all(n.version == 4 for n in tree.nodes)
+        assert tree.parents.tolist() == [-1, -1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    # a response that ends in EOS before it can fork (L <= 3 - depth: no position leaves a token per
+    # level below) is a leaf where it stops; a longer one forks and its EOS ends a deeper leaf
+    cfg = tree_cfg(branching=[2, 2, 2], branch_at="entropy", max_tokens=12)
+    early = 0
+    for tree in TreeSampler(eos_engine, cfg, PathTextReward(), "a", seed=1).sample(prompts(eos_engine) * 4):
+        depths, kids = tree.depths(), tree.children()
+        check_fidelity(eos_engine, tree, cfg)
+        for i, node in enumerate(tree.nodes):
+            if node.finish == "segment":
+                assert len(kids[i]) == 2 and EOS_ID not in node.token_ids
+            elif node.finish == "stop":
+                assert node.token_ids[-1] == EOS_ID and kids[i] == []
+                assert depths[i] == 3 or len(node) <= 3 - depths[i]
+                early += depths[i] < 3
+            else:
+                assert node.finish == "length" and depths[i] == 3
+    assert early >= 2
+
+
+def test_entropy_requests_report_the_sampling_entropy(engine):
+    # Sample.entropy[t] is the entropy of the distribution token t was drawn from, and only
+    # requests that ask for it carry it
+    ctx = np.array(engine.tokenizer.encode("12+34="), dtype=np.int32)
+    reqs = [GenerationRequest(context=ctx, n=2, max_tokens=6, temperature=0.8, top_k=10, top_p=0.9, seed=1,
+                              entropy=True),
+            GenerationRequest(context=ctx, n=1, max_tokens=6, seed=2)]
+    with_ent, without = engine.generate(reqs)
+    assert without[0].entropy is None
+    cfg = TreeConfig(depth=1, branching=[2], temperature=0.8, top_k=10, top_p=0.9, max_tokens=6)
+    for s in with_ent:
+        ref = entropy_of(_teacher_forced(engine, cfg, ctx, s.token_ids)).numpy()
+        np.testing.assert_allclose(s.entropy, ref, atol=1e-4, rtol=0)
+        assert np.all(s.entropy > 0)
+
+
+def test_entropy_branching_refuses_step_split():
+    from common.config import ConfigError, load_config  # noqa: PLC0415
+
+    with pytest.raises((ValueError, ConfigError), match="branch_at=entropy"):
+        TreeConfig(depth=2, branching=[2, 2], split="step", branch_at="entropy")
+    with pytest.raises(ConfigError, match="branch_at"):
+        load_config(None, ["tree.branch_at=entropy", "tree.split=step"])
