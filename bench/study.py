@@ -84,6 +84,8 @@ VARIANTS = {  # variants (TreeRPO unless named grpo-), each against its method a
     # GRPO with TreeRPO's optimizer updates per generated token: half the trees per step
     "grpo-bt8": [*METHODS["grpo"], "replay.batch_trees=8"],
     "tree-bt8": ["replay.batch_trees=8"],  # and TreeRPO with half its trees per step, twice the updates
+    # fork at the highest-entropy token of each sampled response instead of at step ends
+    "tree-entropy": ["tree.split=tokens", "tree.branch_at=entropy"],
 }
 ALL = {**METHODS, **VARIANTS}
 
