@@ -91,6 +91,7 @@ def previous_incarnation(run_dir: Path) -> int | None:
 class Learner:
     def __init__(self, cfg: JobConfig, run_dir: Path, resume: str) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self._trees_log_lock = threading.Lock()  # learner.log_trees: trees.jsonl is written from two threads
         self.stop_requested = threading.Event()
         model_path = require_model_path(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -124,7 +125,7 @@ class Learner:
         self.metrics.max_staleness.set(cfg.replay.max_staleness)
         self.buffer = ReplayBuffer(
             cfg.replay, state.incarnation, resume_version=state.version if latest is not None else None,
-            seed=cfg.learner.seed, on_drop=lambda ev: self.metrics.dropped(ev.reason, ev.count),
+            seed=cfg.learner.seed, on_drop=self._on_drop,
             rounds=cfg.learner.mode == "sync",
         )
         if state.buffer:
@@ -157,10 +158,25 @@ class Learner:
 
     # -- threads ---------------------------------------------------------------------------
     def _log_tree(self, tree, verdict: str) -> None:
-        record = {"tree_id": tree.tree_id, "actor_id": tree.actor_id, "time": time.time(), "verdict": verdict,
-                  "min_version": tree.min_version(), "max_version": max(n.version for n in tree.nodes),
-                  "incarnation": tree.meta.get("incarnation"), "learner_version": self.state.version}
-        with open(self.run_dir / "trees.jsonl", "a") as f:
+        """learner.log_trees: a received tree, with what it costs and how stale it came (event 'received')."""
+        version = self.state.version
+        paths = tree.path_lengths()
+        self._log_tree_event({
+            "event": "received", "tree_id": tree.tree_id, "actor_id": tree.actor_id, "verdict": verdict,
+            "min_version": tree.min_version(), "max_version": max(n.version for n in tree.nodes),
+            "incarnation": tree.meta.get("incarnation"), "learner_version": version,
+            "staleness": version - tree.min_version(), "tokens": tree.num_tokens(), "leaves": int(len(paths)),
+            "mean_path_tokens": float(paths.mean()), "sample_seconds": tree.meta.get("sample_seconds")})
+
+    def _on_drop(self, event) -> None:
+        self.metrics.dropped(event.reason, event.count)
+        if self.cfg.learner.log_trees and event.tree_id is not None:  # each tree's later fate, too
+            self._log_tree_event({"event": "dropped", "tree_id": event.tree_id, "reason": event.reason,
+                                  "learner_version": self.state.version})
+
+    def _log_tree_event(self, record: dict) -> None:
+        record["time"] = time.time()
+        with self._trees_log_lock, open(self.run_dir / "trees.jsonl", "a") as f:  # ingest and train threads
             f.write(json.dumps(record) + "\n")
 
     # -- weight sync -----------------------------------------------------------------------
@@ -255,6 +271,11 @@ class Learner:
             if not trees:
                 self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
                 continue
+            if cfg.learner.log_trees:
+                for tree in trees:
+                    self._log_tree_event({"event": "trained", "tree_id": tree.tree_id,
+                                          "learner_version": self.state.version,
+                                          "staleness": self.state.version - tree.min_version()})
             optimizer_steps = self.train_one(trees)
             # the version counts optimizer steps, published or not, so staleness is in steps even
             # when weights go out only every sync_every steps (design §4.3)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.support.system import System, read_jsonl, wait_until
+from tests.support.system import System, received_trees, wait_until
 
 pytest.importorskip("reasoning_gym")
 
@@ -56,7 +56,7 @@ def test_smollm2_trains_syncs_checkpoints_and_evaluates(smollm2, tmp_path):
     # the first sync (v0, before any tree) and the one after the step, each confirmed bit-exact
     assert [s["version"] for s in syncs] == [0, 1] and all(s["confirmed"] == ["actor-0"] for s in syncs)
     assert all(a["checksum"] == s["checksum"] for s in syncs for a in s["acks"].values())
-    trees = [t for t in read_jsonl(system.run_dir / "trees.jsonl") if t["verdict"] == "accepted"]
+    trees = [t for t in received_trees(system.run_dir) if t["verdict"] == "accepted"]
     assert trees and steps[0]["tree_ids"] == [trees[0]["tree_id"]]
     export = system.run_dir / "checkpoints" / "step-000000001" / "hf"
     assert (export / "model.safetensors").exists() and (export / "config.json").exists()

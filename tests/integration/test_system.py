@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from tests.support.system import (
     metric_value,
     pid_alive,
     read_jsonl,
+    received_trees,
     scrape,
     sigkill,
     start_process,
@@ -116,6 +118,29 @@ def test_trees_from_two_actors_train_and_shutdown_is_clean(run):
         assert metric_value(final, "treerpo_actor_weight_version") == confirmed[-1]
         received = sum(1 for t in s.trees() if t["actor_id"] == actor_id)
         assert metric_value(final, series("actor", "trees")) >= received > 0
+
+
+def test_trees_jsonl_follows_every_tree_to_its_end(run):
+    # learner.log_trees: each received tree (with its cost and staleness on arrival) ends exactly
+    # one way -- trained once, at the staleness it had then, or dropped with its reason (the clean
+    # exit drops what is still buffered as 'shutdown')
+    events = read_jsonl(run.system.run_dir / "trees.jsonl")
+    received = {e["tree_id"]: e for e in events if e["event"] == "received"}
+    trained = [e for e in events if e["event"] == "trained"]
+    dropped = [e for e in events if e["event"] == "dropped"]
+    assert len(received) == sum(e["event"] == "received" for e in events) and trained
+    assert {e["tree_id"] for e in trained} == {tid for r in run.system.steps() for tid in r["tree_ids"]}
+    ends = Counter(e["tree_id"] for e in trained + dropped)
+    assert set(ends) == set(received) and set(ends.values()) == {1}
+    for r in received.values():
+        assert r["staleness"] == r["learner_version"] - r["min_version"] >= 0
+        assert r["tokens"] > 0 and r["leaves"] > 0 and r["mean_path_tokens"] > 0
+    for e in trained:
+        assert received[e["tree_id"]]["verdict"] == "accepted"
+        assert e["staleness"] == e["learner_version"] - received[e["tree_id"]]["min_version"] >= 0
+    for e in dropped:
+        verdict = received[e["tree_id"]]["verdict"]
+        assert e["reason"] == verdict or (verdict == "accepted" and e["reason"] in ("stale", "capacity", "shutdown"))
 
 
 def test_every_sync_is_bit_exact_and_versions_agree(run):
@@ -248,11 +273,11 @@ def test_learner_restart_under_live_actors(make_tiny_model, tmp_path):
         learner.terminate()
         assert learner.proc.wait(timeout=120) == 0
         first = read_jsonl(run_dir / "metrics.jsonl")
-        trees_first = read_jsonl(run_dir / "trees.jsonl")
+        trees_first = received_trees(run_dir)
         (run_dir / "endpoints.json").unlink()
         learner = start_process(["learner", "--config", config, "--run-dir", str(run_dir)], logs / "learner-1.log")
         def back() -> bool:
-            trees = read_jsonl(run_dir / "trees.jsonl")
+            trees = received_trees(run_dir)
             return all(any(t.get("incarnation") == 1 and t["verdict"] == "accepted" and t["actor_id"] == a
                            for t in trees) for a in ("actor-0", "actor-1")) \
                 and len(read_jsonl(run_dir / "metrics.jsonl")) >= len(first) + 2

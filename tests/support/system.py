@@ -67,6 +67,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def received_trees(run_dir: Path) -> list[dict]:
+    """trees.jsonl's 'received' records (learner.log_trees): one per tree that reached the learner."""
+    return [t for t in read_jsonl(run_dir / "trees.jsonl") if t["event"] == "received"]
+
+
 def scrape(url: str, timeout_s: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout_s) as r:
         return r.read().decode()
@@ -147,7 +152,7 @@ class System:
         return read_jsonl(self.run_dir / "syncs.jsonl")
 
     def trees(self) -> list[dict]:
-        return read_jsonl(self.run_dir / "trees.jsonl")
+        return received_trees(self.run_dir)
 
     def learner_metrics_url(self) -> str:
         return self.sup.endpoints["metrics"] + "/metrics"
