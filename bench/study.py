@@ -13,6 +13,10 @@ whose first step picks the plan that decides the answer.
     python bench/study.py sweep                 # methods x learning rates x seeds
     python bench/study.py variants --lr 1e-4    # the TreeRPO variants at one learning rate
     python bench/study.py report                # docs/benchmarks.md + plots from every result
+    python bench/study.py bias                  # staleness and drops against path length, per run
+
+Every run logs its trees (`learner.log_trees`): `bias` groups each run's received trees by path
+length and shows whether long ones arrive staler, are dropped more, or are trained less often.
 
 Held-out problems are split in two: the first `--val-problems` pick the learning rate (and any
 other choice), the next `--eval-problems` give the reported result. Figures: the end point of a
@@ -156,7 +160,7 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
     cfg = load_config(["demo"], [
         *job_overrides(name, a.task), f"model.path={warm}", f"run_dir={run_dir}", f"learner.lr={lr}",
         f"learner.seed={seed}", f"actor.seed={seed}", "learner.max_steps=0", f"learner.max_generated_tokens={a.budget}",
-        "learner.keep_checkpoints=1000", "learner.resume=never",
+        "learner.keep_checkpoints=1000", "learner.resume=never", "learner.log_trees=true",
     ])
     cfg.learner.min_actors = cfg.actor.num_actors  # every actor takes part from the first step
     tokens_per_step = cfg.replay.batch_trees * tokens_per_tree(cfg, a.task)
@@ -200,6 +204,7 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
         "staleness_mean": sum(r["staleness_mean"] for r in rows) / max(1, len(rows)),
         "drops": drops, "eval_problems": a.eval_problems, "val_problems": a.val_problems, "k": a.k,
         "warmup_steps": cfg.learner.warmup_steps,
+        "length_bias": length_bias(run_dir / "trees.jsonl"),
     }
     for ckpt in list_checkpoints(run_dir):  # the exports were evaluated: keep the disk small
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -208,6 +213,71 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
     print(f"[study] {run_dir.name}: pass@1 {points[0]['pass_at_1']:.3f} -> {last['pass_at_1']:.3f} at "
           f"{last['tokens']:.0f} tokens, {len(rows)} steps, {result['wall_s']:.0f} s", flush=True)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# length and staleness bias: do long trees arrive staler, and get dropped more?
+# ----------------------------------------------------------------------------------------------
+def length_bias(trees_log: Path, bins: int = 4) -> list[dict]:
+    """Received trees (trees.jsonl, learner.log_trees) in `bins` groups of equal count by mean
+    root-to-leaf path length (short first). Per group: trees, mean path tokens, mean staleness
+    on arrival and when trained, the share dropped as stale (on arrival or in the buffer), and
+    `trained_share`: the group's share of the trained trees over its share of the received ones
+    (1.0 = trained as often as it arrives; < 1: the buffer's admission drops it more)."""
+    if not trees_log.exists():
+        return []
+    received, fate, trained_staleness = [], {}, {}
+    for line in trees_log.read_text().splitlines():
+        e = json.loads(line)
+        if e.get("event") == "received":
+            received.append(e)
+        elif e.get("event") == "trained":
+            fate[e["tree_id"]] = "trained"
+            trained_staleness[e["tree_id"]] = e["staleness"]
+        elif e.get("event") == "dropped":
+            fate[e["tree_id"]] = e["reason"]
+    received.sort(key=lambda e: e["mean_path_tokens"])
+    n_trained = sum(fate.get(e["tree_id"]) == "trained" for e in received)
+    if not received or not n_trained:
+        return []
+    out = []
+    for b in range(bins):
+        group = received[b * len(received) // bins:(b + 1) * len(received) // bins]
+        if not group:
+            continue
+        trained = [e for e in group if fate.get(e["tree_id"]) == "trained"]
+        out.append({
+            "bin": b, "trees": len(group),
+            "path_tokens": sum(e["mean_path_tokens"] for e in group) / len(group),
+            "staleness_arrival": sum(e["staleness"] for e in group) / len(group),
+            "staleness_trained": (sum(trained_staleness[e["tree_id"]] for e in trained) / len(trained)
+                                  if trained else None),
+            "dropped_stale": sum(fate.get(e["tree_id"]) == "stale" for e in group) / len(group),
+            "trained_share": (len(trained) / n_trained) / (len(group) / len(received)),
+        })
+    return out
+
+
+def bias_table(results: list[dict]) -> str:
+    """length_bias per (run name, lr), each group's figures averaged over the seeds."""
+    lines = ["| run | lr | seeds | path-length group | path tokens | staleness on arrival | staleness trained | "
+             "dropped stale | trained share |", "|---|---|---|---|---|---|---|---|---|"]
+    keyed: dict[tuple[str, float], list[list[dict]]] = {}
+    for r in results:
+        if r.get("length_bias"):
+            keyed.setdefault((r["name"], r["lr"]), []).append(r["length_bias"])
+    for (name, lr), runs in sorted(keyed.items()):
+        for b in range(max(len(x) for x in runs)):
+            rows = [x[b] for x in runs if len(x) > b]
+
+            def avg(key, rows=rows):
+                vals = [row[key] for row in rows if row[key] is not None]
+                return sum(vals) / len(vals) if vals else float("nan")
+
+            lines.append(f"| {name} | {lr:g} | {len(rows)} | {b + 1} of {len(runs[0])} | {avg('path_tokens'):.1f} | "
+                         f"{avg('staleness_arrival'):.2f} | {avg('staleness_trained'):.2f} | "
+                         f"{avg('dropped_stale'):.3f} | {avg('trained_share'):.2f} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +509,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["sweep", "variants", "report", "signal"])
+    p.add_argument("what", choices=["sweep", "variants", "report", "signal", "bias"])
     p.add_argument("--out", default="runs/study", help="study folder (one sub-folder per run)")
     p.add_argument("--docs", default=str(ROOT / "docs"), help="where report writes the plots and results")
     p.add_argument("--task", choices=sorted(TASKS), default="add_mul",
@@ -466,7 +536,7 @@ def main() -> int:
     p.add_argument("--tiny", action="store_true", help="a random tiny model instead of the warm one (the test)")
     a = p.parse_args()
     out = Path(a.out)
-    if out.exists() and a.what != "report":
+    if out.exists() and a.what not in ("report", "bias"):
         other = {r.get("task", "add_mul") for r in load_results(out)} - {a.task}
         if other:
             print(f"{out} holds results of task {sorted(other)}, not {a.task}: use one --out per task", file=sys.stderr)
@@ -482,6 +552,9 @@ def main() -> int:
     if a.what == "report":
         rows = report(out, Path(a.docs))
         print(table(rows))
+        return 0
+    if a.what == "bias":  # length and staleness bias of the runs in --out (learner.log_trees)
+        print(bias_table(load_results(out)))
         return 0
     names = a.names or (list(METHODS) if a.what == "sweep" else list(VARIANTS))
     unknown = [n for n in names if n not in ALL]

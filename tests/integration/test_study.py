@@ -32,6 +32,10 @@ def test_study_runs_both_methods_to_the_same_budget_and_reports(tmp_path):
         assert [p["prompts"] for p in r["points"]] == [16 * s for s in steps]
         assert r["points"][0]["pass_at_1"] == results["grpo-lr0.0001-s0"]["points"][0]["pass_at_1"]  # same start
         assert not any((out / "runs" / r["run"] / "checkpoints").glob("step-*"))  # evaluated, then removed
+        # the trees log covers every tree: the length groups hold all received trees, trained ones among them
+        received = [e for e in map(json.loads, (out / "runs" / r["run"] / "trees.jsonl").read_text().splitlines())
+                    if e["event"] == "received"]
+        assert sum(b["trees"] for b in r["length_bias"]) == len(received) >= 16 * steps[-1]
     # a second sweep finds every result and runs nothing
     again = subprocess.run([sys.executable, str(STUDY), "sweep", "--out", str(out), *SMALL],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -40,5 +44,8 @@ def test_study_runs_both_methods_to_the_same_budget_and_reports(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert "| treerpo | 0.0001 | 1 |" in rep.stdout and "| grpo | 0.0001 | 1 |" in rep.stdout
+    bias = subprocess.run([sys.executable, str(STUDY), "bias", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bias.returncode == 0 and "| treerpo | 0.0001 | 1 | 1 of 4 |" in bias.stdout, bias.stdout + bias.stderr
     rows = json.loads((docs / "study_results.json").read_text())
     assert {r["name"] for r in rows} == {"treerpo", "grpo"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 
 import pytest
@@ -55,3 +56,29 @@ def test_every_method_and_variant_makes_a_valid_job_on_every_task(task):
         assert cfg.tree.depth == len(cfg.tree.branching) and study.tokens_per_tree(cfg, task) > 0
     settings = study.WarmupSettings(**study.TASKS[task][1])
     assert (settings.task == "chain") == task.startswith("chain")
+
+
+def test_length_bias_by_hand(tmp_path):
+    # 8 trees with paths 10..80 tokens; 4 groups of 2. The two longest arrive 2 versions stale and
+    # one of them is dropped as stale in the buffer; one short one is dropped as 'capacity'.
+    events = []
+    for i in range(8):
+        events.append({"event": "received", "tree_id": f"t{i}", "mean_path_tokens": 10.0 * (i + 1),
+                       "staleness": 2 if i >= 6 else 0})
+    fates = {"t0": ("dropped", "capacity"), "t7": ("dropped", "stale")}
+    for i in range(8):
+        kind, reason = fates.get(f"t{i}", ("trained", None))
+        events.append({"event": kind, "tree_id": f"t{i}", "reason": reason, "staleness": 3 if i == 6 else 1})
+    log = tmp_path / "trees.jsonl"
+    log.write_text("\n".join(json.dumps(e) for e in events[::-1]) + "\n")  # order does not matter
+    bins = study.length_bias(log)
+    assert [b["trees"] for b in bins] == [2, 2, 2, 2]
+    assert [b["path_tokens"] for b in bins] == [15.0, 35.0, 55.0, 75.0]
+    assert [b["staleness_arrival"] for b in bins] == [0.0, 0.0, 0.0, 2.0]
+    assert [b["dropped_stale"] for b in bins] == [0.0, 0.0, 0.0, 0.5]
+    assert [b["staleness_trained"] for b in bins] == [1.0, 1.0, 1.0, 3.0]
+    # 6 trained of 8: a full group's share is (2/6) / (2/8) = 4/3, a group with one trained 2/3
+    assert [b["trained_share"] for b in bins] == [pytest.approx(x) for x in (2 / 3, 4 / 3, 4 / 3, 2 / 3)]
+    table = study.bias_table([{"name": "treerpo", "lr": 3e-4, "length_bias": bins}] * 2)
+    assert "| treerpo | 0.0003 | 2 | 4 of 4 | 75.0 | 2.00 | 3.00 | 0.500 | 0.67 |" in table
+    assert study.length_bias(tmp_path / "missing.jsonl") == []
