@@ -27,9 +27,9 @@ and stop rules) into `Sample`s. Guarantees every engine gives:
 Streaming (continuous batching). `open_stream(engine, seed)` returns an `EngineStream`: requests
 are `add`ed at any time and `step()` advances generation, reporting each sample as soon as it
 finishes (a `StreamResult`) with the engine version read when its request was admitted. A
-request may name a `parent` sample (reported by the latest step) whose context + tokens are its
-context: an engine may continue that sample's state instead of prefilling (the HF engine forks
-the row's KV cache).
+request may name a `parent` sample (reported by the latest step) whose context + its first p
+tokens (1 <= p <= all of them) are the request's context: an engine may continue that sample's
+state instead of prefilling (the HF engine forks the row's KV cache, cut after token p).
 Both engines have native streams (HF: actor/hf_stream.py; vLLM: `VLLMStream` over AsyncLLM, which
 caps a child's version at its parent's since it may reuse the parent's KV blocks). An engine
 without one gets `GenerateStream`: each `step()` is one
@@ -142,7 +142,7 @@ class StreamResult:
 class EngineStream(Protocol):
     def add(self, request: GenerationRequest, tag: Hashable, parent: tuple[Hashable, int] | None = None) -> None:
         """Queue a request. `parent = (tag, index)` of a sample reported by the latest `step()`
-        says `request.context == parent's context + parent sample's tokens`."""
+        says `request.context == parent's context + the parent sample's first p tokens`, p >= 1."""
         ...
 
     def step(self) -> list[StreamResult]:

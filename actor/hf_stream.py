@@ -9,8 +9,11 @@ engine through its public decoding surface (`lock`, `generator`, `check`, `new_c
 
 1. admits queued requests: a request whose `parent` finished in the previous step forks that
    row (its KV cache row repeated `n` times; the parent's last token is the children's first
-   input, so a child needs no prefill); any other request is prefilled (once for its n rows) and
-   merged in, while the batch holds fewer than `max_batch_rows` rows (forks always go in);
+   input, so a child needs no prefill). A child whose context is the parent's context plus only
+   the first p of its L tokens (`tree.branch_at: entropy`) forks the row cropped: its last L - p
+   KV columns dropped, token p - 1 as the first input. Any other request is prefilled (once for
+   its n rows) and merged in, while the batch holds fewer than `max_batch_rows` rows (forks
+   always go in);
 2. drops finished rows (at once when it regroups anyway, else once a quarter is dead) and trims
    padding columns no row uses;
 3. decodes one token for every running row and the first token of every new row, from one
@@ -29,6 +32,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from actor.decoding import DecodeRow
@@ -56,6 +60,8 @@ class _Parked:
     mask: torch.Tensor  # (1, w), all ones
     pos: torch.Tensor  # (1,)
     tok: torch.Tensor  # (1,) the row's last sampled token, not yet fed
+    context: np.ndarray  # the row's request context
+    tokens: list[int]  # the row's sampled tokens
 
 
 class HFStream:
@@ -72,7 +78,7 @@ class HFStream:
         self.pos = None  # (B,) long, position of the next input token
         self.tok = None  # (B,) long, the next input token (the last sampled one)
         self.params = None  # (temperature (B,), top_k (B,), top_p (B,))
-        self._forkable: dict[tuple[Hashable, int], int] = {}  # finished last step, not EOS -> position
+        self._forkable: dict[tuple[Hashable, int], int] = {}  # finished last step -> position
         self._parked: dict[tuple[Hashable, int], _Parked] = {}  # parents of forks waiting for room
 
     # -- EngineStream ------------------------------------------------------------------------
@@ -119,8 +125,9 @@ class HFStream:
         rows = self.running()
         forks, unpark, fresh, taken = [], [], [], set()
         waiting = False
+        forking = {k for k, (req, _tag, parent) in enumerate(self._queue) if self._crop(req, parent) is not None}
         for k, (req, _tag, parent) in enumerate(self._queue):
-            if parent is None or (parent not in self._forkable and parent not in self._parked):
+            if k not in forking:
                 continue
             if not waiting and (rows == 0 or rows + req.n <= cap):
                 (forks if parent in self._forkable else unpark).append(self._queue[k])
@@ -131,7 +138,7 @@ class HFStream:
                 if parent in self._forkable:
                     self._park(parent)
         for k, (req, _tag, parent) in enumerate(self._queue):
-            if k in taken or (parent is not None and parent in self._parked):
+            if k in taken or (k in forking and parent in self._parked):
                 continue
             if not waiting and (rows == 0 or rows + req.n <= cap):
                 fresh.append(self._queue[k])
@@ -142,14 +149,37 @@ class HFStream:
         self._queue = [item for k, item in enumerate(self._queue) if k not in taken]
         return forks, unpark, fresh
 
+    def _crop(self, req: GenerationRequest, parent: tuple[Hashable, int] | None) -> int | None:
+        """How many of the parent's last tokens the child's context leaves out (0: all kept), or
+        None if the child cannot fork the parent's row (no such parent here, or its context is not
+        the parent's context plus 1 .. L of its L tokens)."""
+        if parent is None:
+            return None
+        if parent in self._parked:
+            st = self._parked[parent]
+            context, tokens = st.context, st.tokens
+        elif parent in self._forkable:
+            row = self.rows[self._forkable[parent]]
+            context, tokens = row.req.context, row.tokens
+        else:
+            return None
+        p = len(req.context) - len(context)
+        if not 1 <= p <= len(tokens) or not (np.array_equal(req.context[:len(context)], context)
+                                             and np.array_equal(req.context[len(context):], tokens[:p])):
+            return None
+        return len(tokens) - p
+
     def _park(self, parent: tuple[Hashable, int]) -> None:
         """Copy a finished row's KV, mask, position and last token out of the batch."""
+        if parent in self._parked:  # another child of it parked it already
+            return
         b = self._forkable[parent]
         width = int(self.mask[b].sum())
         self._parked[parent] = _Parked(
             keys=[layer.keys[b:b + 1, :, -width:].clone() for layer in self._layers()],
             values=[layer.values[b:b + 1, :, -width:].clone() for layer in self._layers()],
-            mask=self.mask[b:b + 1, -width:].clone(), pos=self.pos[b:b + 1].clone(), tok=self.tok[b:b + 1].clone())
+            mask=self.mask[b:b + 1, -width:].clone(), pos=self.pos[b:b + 1].clone(), tok=self.tok[b:b + 1].clone(),
+            context=self.rows[b].req.context, tokens=list(self.rows[b].tokens))
 
     def _regroup(self, forks: list, version: int, force: bool) -> None:
         """Select the running rows plus each fork's parent row repeated n times; trim padding."""
@@ -159,7 +189,12 @@ class HFStream:
             return
         index = [b for b, r in enumerate(self.rows) if not r.done]
         rows = [self.rows[b] for b in index]
+        crops = []  # (first batch row, rows, columns to drop, first input token)
         for req, tag, parent in forks:
+            parent_row = self.rows[forkable[parent]]
+            drop = len(parent_row.tokens) - (len(req.context) - len(parent_row.req.context))
+            if drop:
+                crops.append((len(index), req.n, drop, parent_row.tokens[-drop - 1]))
             index += [forkable[parent]] * req.n
             rows += self._new_rows(req, tag, version)
         self.rows = rows
@@ -169,6 +204,16 @@ class HFStream:
         idx = torch.tensor(index, device=self.engine.device)
         self.cache.batch_select_indices(idx)
         self.mask, self.pos, self.tok = self.mask[idx], self.pos[idx], self.tok[idx]
+        for start, n, drop, tok in crops:  # the rows stay right-aligned: shift their columns right
+            rs = slice(start, start + n)
+            for layer in self._layers():
+                for t in (layer.keys, layer.values):
+                    t[rs, :, drop:] = t[rs, :, :-drop].clone()
+                    t[rs, :, :drop] = 0
+            self.mask[rs, drop:] = self.mask[rs, :-drop].clone()
+            self.mask[rs, :drop] = 0
+            self.pos[rs] -= drop
+            self.tok[rs] = tok
         self.params = self.engine.sampling_params(rows)
         first = int(self.mask.any(0).int().argmax())  # leading columns no row uses
         if first > 0:
@@ -179,10 +224,16 @@ class HFStream:
     def _unpark(self, items: list, version: int) -> None:
         """Put parked parents back, each repeated n times, as running rows (their token still to feed)."""
         for req, tag, parent in items:
-            st = self._parked.pop(parent)
+            st = self._parked[parent]
+            drop = len(st.tokens) - (len(req.context) - len(st.context))
             rep = lambda x, n=req.n: x.expand(n, *x.shape[1:])  # noqa: E731 - n sibling rows of one state
-            self._merge([rep(k) for k in st.keys], [rep(v) for v in st.values], rep(st.mask), rep(st.pos),
-                        rep(st.tok), self._new_rows(req, tag, version))
+            keep = st.mask.shape[1] - drop  # the child's context: the parent's columns less the last `drop`
+            tok = st.tok if not drop else torch.full_like(st.tok, st.tokens[-drop - 1])
+            self._merge([rep(k[:, :, :keep]) for k in st.keys], [rep(v[:, :, :keep]) for v in st.values],
+                        rep(st.mask[:, :keep]), rep(st.pos - drop), rep(tok), self._new_rows(req, tag, version))
+        waiting = {parent for _, _, parent in self._queue}
+        for parent in [p for p in self._parked if p not in waiting]:  # no child of it left to admit
+            del self._parked[parent]
 
     def _join(self, fresh: list, logits, version: int):
         """Prefill fresh requests (once per request), repeat for n siblings, merge into the batch."""
@@ -232,8 +283,7 @@ class HFStream:
         for b in ended:
             row = self.rows[b]
             out.append(StreamResult(row.tag, row.index, row.to_sample(), row.version))
-            if row.finish != "stop":
-                self._forkable[(row.tag, row.index)] = b
+            self._forkable[(row.tag, row.index)] = b  # for one step: children fork its KV row
         return out
 
     # -- helpers -----------------------------------------------------------------------------

@@ -20,8 +20,9 @@ Guarantees:
   path's budget, non-final levels report each token's sampling entropy, and a response forks at
   its highest-entropy token (`_fork_at_entropy`): the node ends before it, the response's rest
   is the node's first child (sampled under the same weights, so its log-probs and version stand
-  as they are) and `branching - 1` new samples are drawn from the fork point (prefilled, not
-  forked from a KV row). Every generated token ends in the tree;
+  as they are) and `branching - 1` new samples are drawn from the fork point (the request names
+  the response as its parent: the HF engine forks its KV row cut at the fork point, vLLM's
+  prefix cache holds it). Every generated token ends in the tree;
 * a node's finish comes from its sample's by one table, `node_finish`: a segment ending in EOS
   (or a stop token) is a leaf "stop" at any level; a segment of the last level, or one that uses
   up the total budget, is a leaf "length"; any other segment is an inner node "segment";
@@ -217,7 +218,7 @@ class TreeSampler:
             version = int(f.version) if group.parent < 0 else min(int(f.version), tree.raw[group.parent][3].version)
             tree.pending -= 1
             if self.cfg.branch_at == "entropy":
-                self._fork_at_entropy(engine_stream, group, group.first + f.index, f.sample, version, call)
+                self._fork_at_entropy(engine_stream, group, f.index, f.sample, version, call)
             else:
                 path_ends = (level == self.cfg.depth - 1
                              or group.used + len(f.sample.token_ids) >= self.cfg.max_tokens)
@@ -234,7 +235,7 @@ class TreeSampler:
                 done.append(tree)
         return done
 
-    def _fork_at_entropy(self, engine_stream, group: _Group, sibling: int, sample: Any, version: int,
+    def _fork_at_entropy(self, engine_stream, group: _Group, index: int, sample: Any, version: int,
                          call: int) -> None:
         """`tree.branch_at: entropy`: a response sampled below `group`'s node (to EOS or the path's
         budget) at level l forks at its highest-entropy token p (the first of equals) with
@@ -243,7 +244,7 @@ class TreeSampler:
         (sibling 0, already sampled) and branching - 1 new samples from context + tokens[:p].
         The rest is forked the same way one level down, until the last level; a response too
         short for that (it ended in EOS) is a leaf where it stops."""
-        tree, level = group.tree, group.level
+        tree, level, sibling = group.tree, group.level, group.first + index
         parent, context, used = group.parent, group.context, group.used
         tokens, logprobs, entropy = sample.token_ids, sample.logprobs, sample.entropy
         while level < self.cfg.depth - 1 and (last := len(tokens) - (self.cfg.depth - 1 - level)) >= 1:
@@ -251,8 +252,9 @@ class TreeSampler:
             tree.raw.append((parent, level, sibling, Node(parent=-1, token_ids=tokens[:p], logprobs=logprobs[:p],
                                                          version=version, finish="segment")))
             parent, context, used = len(tree.raw) - 1, np.concatenate([context, tokens[:p]]), used + p
-            if self.cfg.branching[level + 1] > 1:
-                self._request(engine_stream, _Group(tree, parent, level + 1, context, used, first=1), call, None)
+            if self.cfg.branching[level + 1] > 1:  # the engine may fork the response's state, cut at p
+                self._request(engine_stream, _Group(tree, parent, level + 1, context, used, first=1), call,
+                              (group, index))
             tokens, logprobs, entropy = tokens[p:], logprobs[p:], entropy[p:]
             level, sibling = level + 1, 0
         tree.raw.append((parent, level, sibling, Node(parent=-1, token_ids=tokens, logprobs=logprobs, version=version,

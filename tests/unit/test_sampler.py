@@ -334,7 +334,10 @@ def test_entropy_branching_forks_at_the_highest_entropy_token(no_eos_engine, bra
     # (the rest keeps a token per level below), of the response it was cut from (node i + its
     # first-child chain); the entropies are recomputed here by a teacher-forced forward
     cfg = tree_cfg(branching=branching, branch_at="entropy", top_k=top_k, top_p=top_p)
+    before = no_eos_engine.stats["prefill_tokens"]
     trees = TreeSampler(no_eos_engine, cfg, PathTextReward(), "a", seed=3).sample(prompts(no_eos_engine))
+    # only the prompts were prefilled: every new sample forked its response's KV row, cut at the fork
+    assert no_eos_engine.stats["prefill_tokens"] - before == sum(len(p.token_ids) for p in prompts(no_eos_engine))
     per_level = np.cumprod(branching)
     forks = set()
     for tree in trees:
@@ -411,3 +414,24 @@ def test_entropy_branching_refuses_step_split():
         TreeConfig(depth=2, branching=[2, 2], split="step", branch_at="entropy")
     with pytest.raises(ConfigError, match="branch_at"):
         load_config(None, ["tree.branch_at=entropy", "tree.split=step"])
+
+
+@pytest.mark.parametrize("rows", [4, 2])
+def test_entropy_forks_that_wait_for_room_fork_the_parked_row(no_eos_engine, rows):
+    # a small batch: forks wait with their response's state parked out of the batch, several
+    # children (one per level) from one parked response, each cut at its own fork point; the
+    # trees are what an unbounded batch makes (one random stream per row order aside: shapes,
+    # budgets and log-probs are checked, not tokens)
+    cfg = tree_cfg(branching=[2, 2, 2], branch_at="entropy", max_tokens=12)
+    old_rows = no_eos_engine.max_batch_rows
+    no_eos_engine.max_batch_rows = rows
+    before = no_eos_engine.stats["prefill_tokens"]
+    try:
+        trees = TreeSampler(no_eos_engine, cfg, PathTextReward(), "a", seed=5).sample(prompts(no_eos_engine))
+    finally:
+        no_eos_engine.max_batch_rows = old_rows
+    assert no_eos_engine.stats["prefill_tokens"] - before == sum(len(p.token_ids) for p in prompts(no_eos_engine))
+    for tree in trees:
+        assert tree.parents.tolist() == [-1, -1, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+        assert tree.path_lengths().tolist() == [12] * 8
+        check_fidelity(no_eos_engine, tree, cfg)
