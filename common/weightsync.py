@@ -71,6 +71,8 @@ import torch
 import torch.distributed as dist
 import xxhash
 
+from common.errors import one_line
+
 SYNC_ERROR_REASONS: tuple[str, ...] = (
     "timeout", "peer_lost", "rendezvous", "invalid_announce", "load", "forged", "error",
 )
@@ -750,12 +752,19 @@ atexit.register(_at_exit)
 
 
 def broadcast_bucket(pg: Any, buf: torch.Tensor, deadline: Deadline, what: str) -> Any:
-    """Start broadcasting buf from rank 0 (async); wait on the result with `wait_work`."""
+    """Start broadcasting buf from rank 0 (async); wait on the result with `wait_work`.
+
+    Posting can fail too: a non-blocking NCCL communicator that failed to form raises
+    DistBackendError from `broadcast` itself. That is the peers' fault, not the caller's:
+    WeightSyncError('peer_lost'), as a failed wait would be, so the sync fails and the process lives."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.rootTensor = 0
     opts.timeout = op_timeout(deadline, "nccl" if buf.is_cuda else "gloo", what)
-    return pg.broadcast([buf], opts)
+    try:
+        return pg.broadcast([buf], opts)
+    except RuntimeError as e:  # DistBackendError / DistError are RuntimeErrors
+        raise WeightSyncError("peer_lost", f"{what}: posting the broadcast failed: {one_line(e)[:300]}") from e
 
 
 def wait_work(work: Any, deadline: Deadline, backend: str, what: str, pg: Any = None) -> None:

@@ -335,6 +335,57 @@ def test_swap_install_bit_exact_zero_copy_ping_pong_and_tied(models):
     assert sets_seen == [0, 1, 0]  # ping-pong between two sets
 
 
+class _PostFails:
+    """A process group whose `broadcast` raises when posting the `fail_at`-th one (0-based), as a
+    non-blocking NCCL communicator that failed to form does (DistBackendError); the rest delegates."""
+
+    def __init__(self, pg, fail_at: int):
+        self._pg, self._left = pg, fail_at
+
+    def broadcast(self, tensors, opts):
+        if self._left == 0:
+            raise torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp: unhandled system error")
+        self._left -= 1
+        return self._pg.broadcast(tensors, opts)
+
+    def __getattr__(self, name):
+        return getattr(self._pg, name)
+
+
+@pytest.mark.parametrize("side", ["learner", "actor"])
+def test_a_broadcast_that_fails_to_post_fails_the_sync_and_nothing_else(models, monkeypatch, side):
+    # issue 21 (2): pg.broadcast() itself raising was re-raised as a crash (learner: dies and
+    # restarts into the same error; actor: no 'alive, failed' report). Now it is a failed sync
+    # (peer_lost) on the side it happens, the other side fails by the group closing or the deadline,
+    # the engine keeps its weights, and the next sync goes through bit-exact.
+    import actor.weights  # noqa: PLC0415 -- patched below
+    import learner.weights  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    engine = hf_engine(models["a0"])
+    pub, receiver = _publisher(timeout_s=5.0), WeightReceiver()
+    held = _bits(engine.named_parameters_for_sync())
+    module = learner.weights if side == "learner" else actor.weights
+    real = module.make_group
+    monkeypatch.setattr(module, "make_group", lambda *a, **kw: _PostFails(real(*a, **kw), fail_at=1))
+    _step(model)
+    result, err = _sync_threads(pub, model, receiver, engine, 1, swap=False)
+    assert not isinstance(result, BaseException) and not result.ok, result
+    assert isinstance(err, WeightSyncError) and err.reason in ("peer_lost", "timeout"), err
+    if side == "learner":
+        assert result.reason == "actor_lost" and "posting the broadcast failed" in result.error
+    else:
+        assert err.reason == "peer_lost" and "posting the broadcast failed" in str(err)
+    now = _bits(engine.named_parameters_for_sync())
+    assert engine.version == 0 and all(torch.equal(now[n], held[n]) for n in held)
+    monkeypatch.setattr(module, "make_group", real)
+    result, (checksum, _) = _sync_threads(pub, model, receiver, engine, 2)
+    assert result.ok and engine.version == 2 and checksum == tensor_checksum(model.named_parameters())
+    pub.close()
+    receiver.close()
+
+
 def test_swap_failed_sync_leaves_engine_untouched_then_recovers(models):
     torch.set_num_threads(1)
     learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
