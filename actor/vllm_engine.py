@@ -245,7 +245,9 @@ class VLLMEngine:
     def receive_weights(self, announce: Any) -> tuple[str, float]:
         """One weight sync, in flight (module docstring): (checksum of what arrived, seconds).
 
-        Raises WeightSyncError; the engine's weights and version are then unchanged."""
+        Raises WeightSyncError; the engine's version is then unchanged, and so are its weights,
+        except when vLLM installed them and then could not reset its prefix cache
+        (`_reset_prefix_cache`)."""
         deadline = Deadline(announce.timeout_s)
         future = self._loop.submit(self._sync(announce, deadline))
         try:
@@ -288,7 +290,7 @@ class VLLMEngine:
             active = False
             (report,) = await self._step(llm.collective_rpc("treerpo_sync_report"), deadline, "sync report")
             # no KV computed with the old weights survives: the running requests' KV is recomputed
-            await self._step(llm.reset_prefix_cache(reset_running_requests=True), deadline, "reset_prefix_cache")
+            await self._reset_prefix_cache(deadline)
             self.version = int(announce.version)  # the switch: requests added from here on record it
         except BaseException:
             self._transfer_addr = None  # a fresh transfer engine (store connection, group) next time
@@ -302,6 +304,18 @@ class VLLMEngine:
             await llm.resume_generation()
             self.last_pause_s = time.perf_counter() - paused
         return str(report["checksum"]), deadline.elapsed()
+
+    async def _reset_prefix_cache(self, deadline: Deadline | None) -> None:
+        """Drop every cached KV block and recompute the running requests' KV, or raise
+        WeightSyncError('error'): vLLM answers False when blocks could not be freed, and KV of the
+        old weights would then live on under the new version. The version is not switched; the
+        weights just installed stay (a version older than the weights over-states staleness, never
+        under-states it) and the learner re-sends at the next sync."""
+        coro = self.llm.reset_prefix_cache(reset_running_requests=True)
+        ok = await (self._step(coro, deadline, "reset_prefix_cache") if deadline is not None else coro)
+        if ok is False:
+            raise WeightSyncError("error", "vLLM did not reset its prefix cache (blocks still in use): KV computed "
+                                  "with the old weights could survive, so the version was not switched")
 
     def reset_weight_transfer(self) -> None:
         """Forget the learner's store (it restarted or this actor re-registered): the next sync
@@ -321,7 +335,7 @@ class VLLMEngine:
             await self.llm.pause_generation(mode="keep", clear_cache=False)
             try:
                 await self.llm.collective_rpc("treerpo_load_tensors", args=(items,))
-                await self.llm.reset_prefix_cache(reset_running_requests=True)
+                await self._reset_prefix_cache(None)
                 self.version = int(version)
             finally:
                 await self.llm.resume_generation()

@@ -272,6 +272,34 @@ def test_weight_sync_through_vllm_transfer_api(vllm_engine, vllm_model_dir):
 
 
 @pytest.mark.vllm
+def test_a_prefix_cache_vllm_did_not_reset_fails_the_sync_and_keeps_the_version(vllm_engine, vllm_model_dir,
+                                                                                 monkeypatch):
+    """issue 21 (6): vLLM's reset_prefix_cache answers False when blocks could not be freed; that
+    answer was ignored and the version switched with KV of the old weights still cached. Now the
+    sync fails ('error') and the version stays; the next sync goes through."""
+    _install(vllm_engine, _hf(vllm_model_dir), version=0)
+    pub = WeightPublisher(WeightsConfig(rendezvous_port=0, timeout_s=30), "127.0.0.1")
+    real = vllm_engine.llm.reset_prefix_cache
+
+    async def refused(*args, **kwargs):
+        await real(*args, **kwargs)
+        return False
+
+    monkeypatch.setattr(vllm_engine.llm, "reset_prefix_cache", refused)
+    new = _perturbed(vllm_model_dir, seed=3)
+    _, result, err = _sync(vllm_engine, pub, new, version=1)
+    assert isinstance(err, WeightSyncError) and err.reason == "error" and "prefix cache" in str(err), err
+    assert vllm_engine.version == 0
+    with pytest.raises(WeightSyncError, match="prefix cache"):
+        vllm_engine.load_weights(new.named_parameters(), 7)
+    assert vllm_engine.version == 0
+    monkeypatch.setattr(vllm_engine.llm, "reset_prefix_cache", real)
+    _, result, ack = _sync(vllm_engine, pub, new, version=2, epoch=("after",))
+    assert result.ok and isinstance(ack, tuple) and ack[0] == result.checksum and vllm_engine.version == 2
+    pub.close()
+
+
+@pytest.mark.vllm
 def test_inflight_update_running_requests_continue_with_new_weights(vllm_engine, vllm_model_dir, monkeypatch):
     """pause(keep) -> update -> resume while requests run: each token before the switch has the old
     weights' log-prob, each token after it the new weights' (their KV was recomputed), and the
