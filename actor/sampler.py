@@ -32,6 +32,9 @@ Guarantees:
   depend on which node finished first);
 * a whole call is reproducible: `sample` / `stream` with the same seed, prompts and source
   answers return the same trees (one random stream per call, seeded by (seed, call number));
+  on vLLM each request carries its seed on the CPU backend, while on CUDA the engine's seed
+  drives one batched draw (a per-request seed costs a generator launch per row per step there),
+  so GPU trees are reproducible only as far as vLLM's batching is;
 * leaves are scored with `reward.score_many(path texts, answers, entries)` as soon as their
   tree is complete (entries: the prompts' `entry` rows, None where a prompt has none); each
   tree's meta holds the task name, answer, timings, `engine_calls` (levels generated: rounds of

@@ -211,6 +211,11 @@ class VLLMEngine:
         return collect_eos_ids(self.tokenizer.eos_token_id, gen)
 
     def sampling_params(self, req: GenerationRequest):
+        """vLLM's SamplingParams for one request. Its seed goes along on the CPU backend only: on CUDA
+        vLLM's sampler draws a seeded row with its own generator, one `exponential_` launch per
+        seeded row per step (hundreds a step for a tree batch), so there the engine's seed
+        (`actor.seed`) drives one batched draw instead; trees on a GPU are then reproducible only as
+        far as vLLM's batching is."""
         from vllm import SamplingParams  # noqa: PLC0415 -- vLLM is optional
         from vllm.sampling_params import RequestOutputKind  # noqa: PLC0415 -- vLLM is optional
 
@@ -218,7 +223,7 @@ class VLLMEngine:
             n=req.n, max_tokens=req.max_tokens,
             logprobs=ENTROPY_TOP_K if req.entropy else 0,  # else the sampled token's log-prob only
             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            seed=req.seed, stop=list(req.stop_strings) or None,
+            seed=req.seed if self.device.type != "cuda" else None, stop=list(req.stop_strings) or None,
             stop_token_ids=sorted(set(self.eos_token_ids) | set(req.stop_token_ids)),
             include_stop_str_in_output=True, output_kind=RequestOutputKind.DELTA,
         )

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from actor.engine import ENTROPY_TOP_K, EngineError, GenerationRequest
 from actor.engines import make_engine
 from actor.sampler import TreeSampler
-from actor.vllm_engine import require_vllm, vllm_platform
+from actor.vllm_engine import VLLMEngine, require_vllm, vllm_platform
 from common.config import ActorConfig, AdvantageConfig, ModelConfig, TreeConfig, WeightsConfig
 from common.data import Prompt
 from common.rewards import make_reward
@@ -269,6 +269,18 @@ def test_weight_sync_through_vllm_transfer_api(vllm_engine, vllm_model_dir):
     finally:
         vllm_engine.checksum = True
         vllm_engine.reset_weight_transfer()
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_requests_are_seeded_on_cpu_and_the_engine_on_cuda(vllm_engine, device):
+    """issue 21 (5): a seeded request costs vLLM's CUDA sampler one generator launch per row per
+    step; on CUDA the engine's seed drives the draws, on the CPU backend each request keeps its seed."""
+    req = GenerationRequest(_context(vllm_engine), n=2, max_tokens=4, seed=1234)
+    engine = VLLMEngine.__new__(VLLMEngine)  # the parameters only: no second engine
+    engine.device, engine.eos_token_ids = torch.device(device), vllm_engine.eos_token_ids
+    params = engine.sampling_params(req)
+    assert params.seed == (1234 if device == "cpu" else None) and params.n == 2 and params.max_tokens == 4
 
 
 @pytest.mark.vllm
