@@ -20,7 +20,7 @@ length and shows whether long ones arrive staler, are dropped more, or are train
 
 Held-out problems are split in two: the first `--val-problems` pick the learning rate (and any
 other choice), the next `--eval-problems` give the reported result. Figures: the end point of a
-run is the mean of its last two checkpoints; per configuration the mean ± sample std (ddof = 1)
+run is the mean of its pass@1 curve at 2/3 of the budget and at the budget; per configuration the mean ± sample std (ddof = 1)
 over seeds of the test pass@1, its validation twin, the difference to GRPO at GRPO's best
 learning rate with a 95 % Welch interval, the area under the pass@1-vs-tokens curve (normalised
 by the budget), mean response length at the end, wall time, trees dropped. Curves against
@@ -356,10 +356,10 @@ def load_results(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
 
 
-def curve_on_grid(result: dict, grid: list[float], key: str = "tokens") -> list[float]:
-    """pass@1 linearly interpolated at the grid's x values (held flat past the last point)."""
+def curve_on_grid(result: dict, grid: list[float], key: str = "tokens", y: str = "pass_at_1") -> list[float]:
+    """`y` (pass@1) linearly interpolated at the grid's x values (held flat past the last point)."""
     xs = [p[key] for p in result["points"]]
-    ys = [p["pass_at_1"] for p in result["points"]]
+    ys = [p[y] for p in result["points"]]
     out = []
     for x in grid:
         if x >= xs[-1]:
@@ -384,10 +384,20 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
+END_AT = (2 / 3, 1.0)
+"""Where a run's end point is read, as fractions of the token budget (`final_of`)."""
+
+
 def final_of(result: dict, key: str = "pass_at_1") -> float | None:
-    """A run's end point: the mean of its last two checkpoints (one if it has only one after the start)."""
-    ys = [p.get(key) for p in result["points"][1:]][-2:]
-    return sum(ys) / len(ys) if ys and None not in ys else None
+    """A run's end point: the mean of its pass@1 curve (against generated tokens, interpolated
+    between checkpoints) at 2/3 of the budget and at the budget. The same two places for every
+    method: checkpoints fall at different token counts per method (steps cost different
+    tokens), and on a rising curve the mean of each run's last two checkpoints favours the
+    method whose second-to-last checkpoint comes later."""
+    if len(result["points"]) < 2 or any(p.get(key) is None for p in result["points"]):
+        return None
+    ys = curve_on_grid(result, [result["budget"] * f for f in END_AT], y=key)
+    return sum(ys) / len(ys)
 
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,

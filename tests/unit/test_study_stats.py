@@ -26,14 +26,25 @@ def test_mean_std_is_the_sample_std():
     assert study.mean_std([0.5]) == (0.5, 0.0)
 
 
-def test_final_is_the_mean_of_the_last_two_checkpoints():
-    run = {"points": [{"pass_at_1": 0.1, "val_pass_at_1": 0.2}, {"pass_at_1": 0.3, "val_pass_at_1": 0.4},
-                      {"pass_at_1": 0.5, "val_pass_at_1": 0.6}, {"pass_at_1": 0.7, "val_pass_at_1": 0.9}]}
-    assert study.final_of(run) == pytest.approx(0.6)
-    assert study.final_of(run, "val_pass_at_1") == pytest.approx(0.75)
-    # the start (step 0) never counts; one checkpoint alone is the end point
-    assert study.final_of({"points": run["points"][:2]}) == pytest.approx(0.3)
-    assert study.final_of({"points": [{"pass_at_1": 0.3}, {"pass_at_1": 0.5}]}, "val_pass_at_1") is None
+def test_final_is_the_curve_at_two_thirds_of_the_budget_and_at_the_budget():
+    # budget 150: read at 100 and 150. Checkpoints at 0, 60, 120, 150: at 100 the curve is
+    # 0.3 + (40/60) * (0.5 - 0.3) = 0.4333..; at 150 it is 0.7 -> mean 0.5666..
+    run = {"budget": 150, "points": [
+        {"tokens": 0, "pass_at_1": 0.1, "val_pass_at_1": 0.2}, {"tokens": 60, "pass_at_1": 0.3, "val_pass_at_1": 0.4},
+        {"tokens": 120, "pass_at_1": 0.5, "val_pass_at_1": 0.6}, {"tokens": 150, "pass_at_1": 0.7, "val_pass_at_1": 0.9}]}
+    assert study.final_of(run) == pytest.approx((0.3 + 0.2 * 40 / 60 + 0.7) / 2)
+    assert study.final_of(run, "val_pass_at_1") == pytest.approx((0.4 + 0.2 * 40 / 60 + 0.9) / 2)
+    # the same curve checkpointed elsewhere gives the same end point: 0.5 at 120 on a straight line
+    # 0.1 + t/300 is 0.4333.. at 100 either way
+    line = lambda xs: {"budget": 150, "points": [{"tokens": x, "pass_at_1": 0.1 + x / 300} for x in xs]}  # noqa: E731
+    assert study.final_of(line([0, 50, 101, 152])) == pytest.approx(study.final_of(line([0, 59, 117, 151])), abs=2e-3)
+    # past the last checkpoint the curve is held; no checkpoint after the start, or no value: none
+    assert study.final_of({"budget": 150, "points": [{"tokens": 0, "pass_at_1": 0.3},
+                                                     {"tokens": 140, "pass_at_1": 0.5}]}) == pytest.approx(
+        (0.3 + 0.2 * 100 / 140 + 0.5) / 2)
+    assert study.final_of({"budget": 150, "points": [{"tokens": 0, "pass_at_1": 0.3}]}) is None
+    assert study.final_of({"budget": 150, "points": [{"tokens": 0, "pass_at_1": 0.3},
+                                                     {"tokens": 150, "pass_at_1": 0.5}]}, "val_pass_at_1") is None
 
 
 def test_welch_interval_by_hand():
