@@ -115,7 +115,8 @@ class HFStream:
 
     # -- admission ---------------------------------------------------------------------------
     def _admit(self) -> tuple[list, list, list]:
-        """(forks of rows in the batch, forks of parked rows, fresh requests) that fit this step.
+        """(forks of rows in the batch, forks of parked rows, fresh requests) that fit this step;
+        a fork is (request, tag, parent, the parent's last tokens its context leaves out).
 
         Forks go first (they complete trees), FIFO; fresh requests only once no fork waits. A
         request goes in while running rows + its n <= max_batch_rows (or the batch is empty). A
@@ -125,12 +126,13 @@ class HFStream:
         rows = self.running()
         forks, unpark, fresh, taken = [], [], [], set()
         waiting = False
-        forking = {k for k, (req, _tag, parent) in enumerate(self._queue) if self._crop(req, parent) is not None}
-        for k, (req, _tag, parent) in enumerate(self._queue):
+        crops = {k: self._crop(req, parent) for k, (req, _tag, parent) in enumerate(self._queue)}
+        forking = {k for k, drop in crops.items() if drop is not None}
+        for k, (req, tag, parent) in enumerate(self._queue):
             if k not in forking:
                 continue
             if not waiting and (rows == 0 or rows + req.n <= cap):
-                (forks if parent in self._forkable else unpark).append(self._queue[k])
+                (forks if parent in self._forkable else unpark).append((req, tag, parent, crops[k]))
                 rows += req.n
                 taken.add(k)
             else:
@@ -190,11 +192,9 @@ class HFStream:
         index = [b for b, r in enumerate(self.rows) if not r.done]
         rows = [self.rows[b] for b in index]
         crops = []  # (first batch row, rows, columns to drop, first input token)
-        for req, tag, parent in forks:
-            parent_row = self.rows[forkable[parent]]
-            drop = len(parent_row.tokens) - (len(req.context) - len(parent_row.req.context))
+        for req, tag, parent, drop in forks:
             if drop:
-                crops.append((len(index), req.n, drop, parent_row.tokens[-drop - 1]))
+                crops.append((len(index), req.n, drop, self.rows[forkable[parent]].tokens[-drop - 1]))
             index += [forkable[parent]] * req.n
             rows += self._new_rows(req, tag, version)
         self.rows = rows
@@ -223,9 +223,8 @@ class HFStream:
 
     def _unpark(self, items: list, version: int) -> None:
         """Put parked parents back, each repeated n times, as running rows (their token still to feed)."""
-        for req, tag, parent in items:
+        for req, tag, parent, drop in items:
             st = self._parked[parent]
-            drop = len(st.tokens) - (len(req.context) - len(st.context))
             rep = lambda x, n=req.n: x.expand(n, *x.shape[1:])  # noqa: E731 - n sibling rows of one state
             keep = st.mask.shape[1] - drop  # the child's context: the parent's columns less the last `drop`
             tok = st.tok if not drop else torch.full_like(st.tok, st.tokens[-drop - 1])
