@@ -20,13 +20,14 @@ length and shows whether long ones arrive staler, are dropped more, or are train
 
 Held-out problems are split in two: the first `--val-problems` pick the learning rate (and any
 other choice), the next `--eval-problems` give the reported result. Figures: the end point of a
-run is the mean of its pass@1 curve at 2/3 of the budget and at the budget; per configuration the mean ± sample std (ddof = 1)
-over seeds of the test pass@1, its validation twin, the difference to GRPO at GRPO's best
-learning rate with a 95 % Welch interval, the area under the pass@1-vs-tokens curve (normalised
-by the budget), mean response length at the end, wall time, trees dropped. Curves against
-generated tokens, optimizer updates, prompts trained and wall time. The learning-rate warm-up
-spans `--warmup-tokens` generated tokens for every method (converted to steps from each one's
-estimated tokens per step), not a number of steps that costs one method twice the tokens.
+run is the mean of its pass@1 curve at 2/3 of the budget and at the budget; per configuration
+the mean ± sample std (ddof = 1) over seeds of the test pass@1, its validation twin, the
+difference to GRPO at GRPO's best learning rate with a 95 % Welch interval, the area under the
+pass@1-vs-tokens curve (normalised by the budget), mean response length at the end, wall time,
+trees dropped. Curves against generated tokens, optimizer updates, prompts trained and wall
+time. The learning-rate warm-up spans `--warmup-tokens` generated tokens for every method
+(converted to steps from each one's estimated tokens per step), not a number of steps that costs
+one method twice the tokens.
 """
 
 from __future__ import annotations

@@ -30,8 +30,10 @@ def test_final_is_the_curve_at_two_thirds_of_the_budget_and_at_the_budget():
     # budget 150: read at 100 and 150. Checkpoints at 0, 60, 120, 150: at 100 the curve is
     # 0.3 + (40/60) * (0.5 - 0.3) = 0.4333..; at 150 it is 0.7 -> mean 0.5666..
     run = {"budget": 150, "points": [
-        {"tokens": 0, "pass_at_1": 0.1, "val_pass_at_1": 0.2}, {"tokens": 60, "pass_at_1": 0.3, "val_pass_at_1": 0.4},
-        {"tokens": 120, "pass_at_1": 0.5, "val_pass_at_1": 0.6}, {"tokens": 150, "pass_at_1": 0.7, "val_pass_at_1": 0.9}]}
+        {"tokens": 0, "pass_at_1": 0.1, "val_pass_at_1": 0.2},
+        {"tokens": 60, "pass_at_1": 0.3, "val_pass_at_1": 0.4},
+        {"tokens": 120, "pass_at_1": 0.5, "val_pass_at_1": 0.6},
+        {"tokens": 150, "pass_at_1": 0.7, "val_pass_at_1": 0.9}]}
     assert study.final_of(run) == pytest.approx((0.3 + 0.2 * 40 / 60 + 0.7) / 2)
     assert study.final_of(run, "val_pass_at_1") == pytest.approx((0.4 + 0.2 * 40 / 60 + 0.9) / 2)
     # the same curve checkpointed elsewhere gives the same end point: 0.5 at 120 on a straight line
