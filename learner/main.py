@@ -161,7 +161,7 @@ class Learner:
         """learner.log_trees: a received tree, with what it costs and how stale it came (event 'received')."""
         version = self.state.version
         paths = tree.path_lengths()
-        self._log_tree_event({
+        self._log_tree_events({
             "event": "received", "tree_id": tree.tree_id, "actor_id": tree.actor_id, "verdict": verdict,
             "min_version": tree.min_version(), "max_version": max(n.version for n in tree.nodes),
             "incarnation": tree.meta.get("incarnation"), "learner_version": version,
@@ -171,13 +171,13 @@ class Learner:
     def _on_drop(self, event) -> None:
         self.metrics.dropped(event.reason, event.count)
         if self.cfg.learner.log_trees and event.tree_id is not None:  # each tree's later fate, too
-            self._log_tree_event({"event": "dropped", "tree_id": event.tree_id, "reason": event.reason,
-                                  "learner_version": self.state.version})
+            self._log_tree_events({"event": "dropped", "tree_id": event.tree_id, "reason": event.reason,
+                                   "learner_version": self.state.version})
 
-    def _log_tree_event(self, record: dict) -> None:
-        record["time"] = time.time()
+    def _log_tree_events(self, *records: dict) -> None:
+        now = time.time()
         with self._trees_log_lock, open(self.run_dir / "trees.jsonl", "a") as f:  # ingest and train threads
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps({**record, "time": now}) + "\n" for record in records))
 
     # -- weight sync -----------------------------------------------------------------------
     def sync(self, members: list[str]) -> None:
@@ -271,11 +271,10 @@ class Learner:
             if not trees:
                 self.metrics.idle_seconds.inc(time.monotonic() - t_wait)
                 continue
-            if cfg.learner.log_trees:
-                for tree in trees:
-                    self._log_tree_event({"event": "trained", "tree_id": tree.tree_id,
-                                          "learner_version": self.state.version,
-                                          "staleness": self.state.version - tree.min_version()})
+            if cfg.learner.log_trees:  # one append for the batch
+                self._log_tree_events(*({"event": "trained", "tree_id": tree.tree_id,
+                                         "learner_version": self.state.version,
+                                         "staleness": self.state.version - tree.min_version()} for tree in trees))
             optimizer_steps = self.train_one(trees)
             # the version counts optimizer steps, published or not, so staleness is in steps even
             # when weights go out only every sync_every steps (design §4.3)
