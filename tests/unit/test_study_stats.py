@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 
 import pytest
 
@@ -14,6 +15,7 @@ from tests.support.paths import REPO
 def load_study():
     spec = importlib.util.spec_from_file_location("treerpo_bench_study", REPO / "bench" / "study.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -64,11 +66,28 @@ def test_welch_interval_by_hand():
 
 @pytest.mark.parametrize("task", sorted(study.TASKS))
 def test_every_method_and_variant_makes_a_valid_job_on_every_task(task):
-    for name in study.ALL:
-        cfg = study.load_config(["demo"], [*study.job_overrides(name, task), "model.path=/nonexistent"])
+    spec = study.TASKS[task]
+    for name in spec.methods or study.ALL:
+        cfg = study.load_config([spec.preset], [*study.job_overrides(name, task), "model.path=/nonexistent"])
         assert cfg.tree.depth == len(cfg.tree.branching) and study.tokens_per_tree(cfg, task) > 0
-    settings = study.WarmupSettings(**study.TASKS[task][1])
+    if spec.warmup is None:  # a real model: no warm-up, the task's own methods only
+        assert spec.model and spec.methods
+        with pytest.raises(ValueError, match="runs only"):
+            study.job_overrides("tree-k2", task)
+        return
+    settings = study.WarmupSettings(**spec.warmup)
     assert (settings.task == "chain") == task.startswith("chain")
+
+
+def test_the_real_model_check_gives_grpo_the_trees_updates_per_token():
+    """smollm2-chain_sum: GRPO's trees per step make its estimated generated tokens per step (so its
+    optimizer updates per generated token) equal TreeRPO's."""
+    def per_step(name):
+        cfg = study.load_config(["smollm2"], [*study.job_overrides(name, "smollm2-chain_sum"), "model.path=/x"])
+        return cfg.replay.batch_trees * study.tokens_per_tree(cfg, "smollm2-chain_sum")
+
+    # TreeRPO [2,2]: 8 trees x 6 nodes x 50/2 tokens; GRPO [4]: 6 trees x 4 x 50
+    assert per_step("treerpo") == per_step("grpo") == 1200.0
 
 
 def test_length_bias_by_hand(tmp_path):
