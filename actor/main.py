@@ -40,7 +40,7 @@ from common.metrics import ActorMetrics, MetricsServer, new_registry
 from common.rewards import make_reward
 from common.rundir import ENDPOINTS, actor_info_path, read_json, require_model_path, setup_logging, write_json_atomic
 from common.transport import ActorEndpoints, check_ports_free
-from common.weightsync import WeightSyncError
+from common.weightsync import WeightSyncError, bound_nccl_setup
 from common.wire import (
     Credit,
     Heartbeat,
@@ -372,6 +372,7 @@ def run(args) -> int:
     endpoints = resolve_endpoints(args, cfg, run_dir, stop)
     if endpoints is None:
         return 0
+    bound_nccl_setup(cfg.weights.timeout_s)  # before the engine starts: a vLLM worker inherits it
     actor = Actor(cfg, run_dir, actor_id, actor_index(actor_id, args.actor_index) % num_actors, num_actors,
                   endpoints)
     signal.signal(signal.SIGTERM, lambda *_: actor.stop.set())

@@ -42,11 +42,14 @@ Guarantees:
   the MAC is valid and what arrived hashes to that checksum (`open_seal`). With `weights.checksum`
   off the seal still proves the sender holds the secret, but not the bytes.
 * **NCCL never outlives Python's deadline.** Before an NCCL group is built every member meets at
-  the store within the deadline (`meet`; NCCL creates its communicator lazily at the first
-  collective, where a missing peer would block without a bound); the communicator is
-  non-blocking, every NCCL op is polled and its group aborted by Python at the deadline, and
-  NCCL's own timeout (whose watchdog kills the whole process) is the deadline plus
-  `NCCL_WATCHDOG_MARGIN_S`, so Python always aborts first.
+  the store within the deadline (`meet`); then its communicator is formed at once by a
+  one-element broadcast posted in a thread abandoned (and the group aborted) at the deadline
+  (`_connected_within`): NCCL forms a communicator lazily inside the first collective's posting,
+  which blocks for TORCH_NCCL_NONBLOCKING_TIMEOUT when a peer met and died. That wait itself is
+  bounded per process by `bound_nccl_setup` (the sync timeout plus `NCCL_WATCHDOG_MARGIN_S`),
+  so an abandoned formation ends too. The communicator is non-blocking, every NCCL op is polled
+  and its group aborted by Python at the deadline, and NCCL's own timeout (whose watchdog kills
+  the whole process) is the deadline plus `NCCL_WATCHDOG_MARGIN_S`, so Python always aborts first.
 
 Nothing here imports actor/ or learner/; torch is imported inside functions only.
 """
@@ -56,6 +59,8 @@ from __future__ import annotations
 import atexit
 import hashlib
 import hmac
+import logging
+import math
 import os
 import secrets
 import socket
@@ -72,6 +77,8 @@ import torch.distributed as dist
 import xxhash
 
 from common.errors import one_line
+
+log = logging.getLogger(__name__)
 
 SYNC_ERROR_REASONS: tuple[str, ...] = (
     "timeout", "peer_lost", "rendezvous", "invalid_announce", "load", "forged", "error",
@@ -604,14 +611,17 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
     (WeightSyncError('rendezvous'/'timeout'/'forged')). Drop the group to end it."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a group of {world_size}")
+    deadline = Deadline(timeout_s)
     if store is None:
         store = connect_store(host, port, timeout_s)
     prefixed = group_store(store, group_name, secret)
     td = timedelta(seconds=max(0.05, timeout_s))
     try:
         if backend == "nccl":
-            meet(prefixed, rank, world_size, timeout_s, f"NCCL group {group_name!r}")
-            return _holding_store(dist.ProcessGroupNCCL, prefixed, rank, world_size, nccl_options(timeout_s))
+            what = f"NCCL group {group_name!r} (rank {rank} of {world_size})"
+            meet(prefixed, rank, world_size, deadline.remaining(), what)
+            pg = _nccl_group(prefixed, rank, world_size, deadline.remaining())
+            return _connected_within(pg, deadline, what)
         if backend != "gloo":
             raise ValueError(f"make_group: backend must be gloo or nccl, got {backend!r}")
         opts = dist.ProcessGroupGloo._Options()
@@ -630,6 +640,47 @@ def make_group(host: str, port: int, group_name: str, rank: int, world_size: int
                   "timeout" if "timeout" in text.lower() or "timed out" in text.lower() else "rendezvous")
         raise WeightSyncError(reason, f"group {group_name!r} (rank {rank} of {world_size}, {backend}) did not "
                               f"form within {timeout_s:.1f}s: {text[:300]}") from e
+
+
+def _nccl_group(store: Any, rank: int, world_size: int, timeout_s: float) -> Any:
+    """A ProcessGroupNCCL on `store` (non-blocking communicator, `nccl_options`); its communicator
+    is not formed yet (`_connected_within` forms it)."""
+    return _holding_store(dist.ProcessGroupNCCL, store, rank, world_size, nccl_options(timeout_s))
+
+
+def _connected_within(pg: Any, deadline: Deadline, what: str) -> Any:
+    """pg with its NCCL communicator formed, or WeightSyncError('timeout') at the deadline.
+
+    NCCL forms a communicator lazily, inside the first collective's *posting*, which then blocks
+    for TORCH_NCCL_NONBLOCKING_TIMEOUT (30 min by default) while a peer that met at the store and
+    died never joins: no deadline polled after posting could end it. So a one-element broadcast
+    forms it here, posted in a thread abandoned at the deadline (`_formed_within`), and the group
+    is aborted; the thread ends within the bound `bound_nccl_setup` put on that wait."""
+    def connect() -> Any:
+        buf = torch.zeros(1, device=bucket_device("nccl"))
+        wait_work(broadcast_bucket(pg, buf, deadline, f"{what}: connect"), deadline, "nccl", f"{what}: connect", pg)
+        return pg
+
+    try:
+        return _formed_within(connect, deadline.remaining(), f"{what}: its communicator")
+    except WeightSyncError:
+        try:
+            pg.abort()  # a communicator still forming is abandoned with its group
+        except Exception as e:  # noqa: BLE001 - best effort: the sync fails either way
+            log.debug("abort of %s failed: %s", what, one_line(e))
+        raise
+
+
+def bound_nccl_setup(timeout_s: float, env: dict[str, str] | None = None) -> None:
+    """Bound, for this process, how long an NCCL communicator may take to form: torch waits for a
+    non-blocking communicator's setup for TORCH_NCCL_NONBLOCKING_TIMEOUT seconds (30 min unless
+    set, read once per process at its first NCCL use: call this at start-up). Sets it to the sync
+    timeout plus NCCL_WATCHDOG_MARGIN_S unless the operator set it; and NCCL_CUMEM_ENABLE=0 (as
+    vLLM sets for its own process, and OpenRLHF and AReaL for trainer-to-vLLM NCCL groups: cuMem
+    buffers break NCCL between a trainer and a vLLM worker) unless set."""
+    env = os.environ if env is None else env
+    env.setdefault("TORCH_NCCL_NONBLOCKING_TIMEOUT", str(math.ceil(timeout_s + NCCL_WATCHDOG_MARGIN_S)))
+    env.setdefault("NCCL_CUMEM_ENABLE", "0")
 
 
 def _formed_within(build: Any, timeout_s: float, what: str) -> Any:

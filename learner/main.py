@@ -41,7 +41,7 @@ from common.errors import CheckpointError, PortInUse
 from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new_registry
 from common.rundir import ENDPOINTS, read_json, require_model_path, setup_logging, write_json_atomic
 from common.transport import LearnerEndpoints, check_ports_free
-from common.weightsync import WeightSyncError
+from common.weightsync import WeightSyncError, bound_nccl_setup
 from learner.buffer import ReplayBuffer
 from learner.checkpoint import (
     LearnerState,
@@ -374,6 +374,7 @@ def run(args) -> int:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.learner.yaml")
+    bound_nccl_setup(cfg.weights.timeout_s)  # before any NCCL use (DeepSpeed's included)
     learner = Learner(cfg, run_dir, args.resume or cfg.learner.resume)
     signal.signal(signal.SIGTERM, lambda *_: learner.stop_requested.set())
     signal.signal(signal.SIGINT, lambda *_: learner.stop_requested.set())

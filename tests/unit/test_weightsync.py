@@ -24,10 +24,12 @@ from common.weightsync import (
     Deadline,
     SealedStore,
     WeightSyncError,
+    bound_nccl_setup,
     check_layout,
     connect_store,
     drop_group_later,
     flatten_into,
+    make_group,
     make_seal,
     meet,
     nccl_options,
@@ -196,6 +198,48 @@ def test_nccl_timeouts_leave_python_the_first_abort():
     opts = nccl_options(10.0)
     assert opts._timeout.total_seconds() == 10.0 + NCCL_WATCHDOG_MARGIN_S
     assert opts.config.blocking == 0  # non-blocking communicator: abortable while it forms
+
+
+class _NcclNeverForms:
+    """Fault injection: a ProcessGroupNCCL whose communicator never forms. NCCL forms it inside the
+    first collective's posting, which waits (TORCH_NCCL_NONBLOCKING_TIMEOUT, 30 min by default)
+    for a peer that met at the store and died; here it waits until the group is aborted."""
+
+    def __init__(self):
+        self.posted, self.aborted = threading.Event(), threading.Event()
+
+    def broadcast(self, bufs, opts):
+        self.posted.set()
+        self.aborted.wait(600.0)
+        raise RuntimeError("NCCL communicator was aborted")
+
+    def abort(self):
+        self.aborted.set()
+
+
+def test_an_nccl_communicator_that_never_forms_fails_the_group_by_its_deadline(monkeypatch):
+    # before: the group was handed out unformed and the sync's first bucket blocked in posting,
+    # past every deadline (the learner frozen, a vLLM actor's whole engine with it)
+    import common.weightsync as weightsync  # noqa: PLC0415
+
+    pg = _NcclNeverForms()
+    monkeypatch.setattr(weightsync, "_nccl_group", lambda *args: pg)
+    monkeypatch.setattr(weightsync, "bucket_device", lambda backend: torch.device("cpu"))
+    store = _store()
+    with pytest.raises(WeightSyncError, match=r"\[timeout\].*communicator did not form"):
+        make_group("127.0.0.1", store.port, "g", 0, 1, 0.5, "nccl", secret=new_secret(), store=store)
+    assert pg.posted.is_set()  # formed at once, not at the first bucket
+    assert pg.aborted.is_set()  # and abandoned with its group
+    assert wait_group_drops(10.0)  # the abandoned formation ended with the abort
+
+
+def test_bound_nccl_setup_bounds_the_communicator_wait_and_keeps_an_operators_choice():
+    env = {}
+    bound_nccl_setup(120.0, env)
+    assert env == {"TORCH_NCCL_NONBLOCKING_TIMEOUT": str(int(120 + NCCL_WATCHDOG_MARGIN_S)), "NCCL_CUMEM_ENABLE": "0"}
+    env = {"TORCH_NCCL_NONBLOCKING_TIMEOUT": "30", "NCCL_CUMEM_ENABLE": "1"}
+    bound_nccl_setup(120.0, env)
+    assert env == {"TORCH_NCCL_NONBLOCKING_TIMEOUT": "30", "NCCL_CUMEM_ENABLE": "1"}
 
 
 def test_a_kept_group_is_dropped_at_exit_not_left_to_abort_the_interpreter():
