@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import signal as signals
 import sys
 import time
 from dataclasses import dataclass
@@ -601,6 +602,8 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=128, help="signal: prompts sampled per tree shape")
     p.add_argument("--tiny", action="store_true", help="a random tiny model instead of the warm one (the test)")
     a = p.parse_args()
+    # SIGTERM (kill, a CI runner) unwinds like Ctrl-C: the running job's supervisor stops its children
+    signals.signal(signals.SIGTERM, lambda *_: sys.exit(143))
     out = Path(a.out)
     if out.exists() and a.what not in ("report", "bias"):
         other = {r.get("task", "add_mul") for r in load_results(out)} - {a.task}
