@@ -36,6 +36,7 @@ from actor.sampler import TreeSampler
 from actor.weights import WeightReceiver
 from common.config import ConfigError, JobConfig, load_config
 from common.data import PromptSource
+from common.device import gpu_uuid
 from common.metrics import ActorMetrics, MetricsServer, new_registry
 from common.rewards import make_reward
 from common.rundir import ENDPOINTS, actor_info_path, read_json, require_model_path, setup_logging, write_json_atomic
@@ -134,6 +135,7 @@ class Actor:
                     actor_id=self.actor_id, incarnation_seen=self.incarnation, version=self.engine.version,
                     pid=os.getpid(), hostname=socket.gethostname(), engine=self.cfg.actor.engine,
                     vocab_size=self.engine.vocab_size, has_cuda=self.engine.device.type == "cuda",
+                    gpu_uuid=gpu_uuid(self.engine.device),  # "" without CUDA: learner and actors on one GPU use gloo
                 ), timeout_s=0.5)
                 next_register = now + backoff
                 backoff = min(backoff * 2, 10.0)

@@ -240,7 +240,7 @@ def run_transport(args, work: Path, names: list[str], prof: cProfile.Profile | N
     buffer = ReplayBuffer(ReplayConfig(capacity=1024, credits_per_actor=args.credits, batch_trees=args.batch_trees),
                           0, on_drop=lambda ev: metrics.dropped(ev.reason, ev.count))
     endpoints = LearnerEndpoints(cfg)
-    control = ControlPlane(endpoints, buffer, ControlState(0, 0, 4, "127.0.0.1", 0),
+    control = ControlPlane(endpoints, buffer, ControlState(0, 0, "127.0.0.1", 0),
                            peer_timeout_s=cfg.peer_timeout_s, metrics=metrics)
     host = IngestHost(endpoints, buffer, control, metrics, VOCAB)
     done = threading.Event()

@@ -311,7 +311,12 @@ class ActorConfig(Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="Inference engine.")
     num_actors: int = Field(2, ge=1, le=4096, description="Actors `treerpo up` starts.")
     prompts_per_batch: int = Field(4, ge=1, le=100_000, description="Prompts whose trees are expanded together.")
-    gpu_memory_utilization: float = Field(0.85, gt=0.0, le=1.0, description="vLLM: fraction of GPU memory.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0,
+        description="vLLM: fraction of its GPU's memory an actor takes. `up` and launch_local.sh treat it as what "
+                    "the processes sharing a GPU plan for together and split it among the vLLM actors there, after "
+                    "the learner's up.learner_memory_fraction (design §1.5).",
+    )
     seed: int = Field(0, ge=0, description="Base sampling seed; each actor offsets it by its index.")
     max_batch_rows: int = Field(
         256, ge=1, le=1_000_000, description="HF engine: most sequences decoded together; bigger calls are chunked."
@@ -422,7 +427,12 @@ class SupervisorConfig(Section):
         description="GPUs per child, as CUDA_VISIBLE_DEVICES: 'auto' = of the visible GPUs, the learner gets the "
                     "first and the actors the others round-robin (all share it when there is one); 'inherit' = "
                     "children see what `up` sees; a list = [learner, actor-0, actor-1, ...] (actors cycle over "
-                    "their entries; '' = no GPU).",
+                    "their entries; '' = no GPU). vLLM actors sharing a GPU split its memory (design §1.5).",
+    )
+    learner_memory_fraction: float = Field(
+        0.4, ge=0.0, lt=1.0,
+        description="Where vLLM actors share the learner's GPU: the fraction of that GPU left to the learner; the "
+                    "actors there split actor.gpu_memory_utilization minus it (design §1.5).",
     )
 
     cpus: list[str] | None = Field(

@@ -2,12 +2,14 @@
 
 One rule for the actor's HF engine and the learner: `device='auto'` is CUDA when available,
 else CPU; `dtype='auto'` is bfloat16 on CUDA and float32 on CPU; `device='cuda'` without CUDA
-raises `DeviceError` (saying the fix). Only torch processes import this module (the HF engine,
-the learner), so it imports torch at the top.
+raises `DeviceError` (saying the fix). `gpu_uuid` names the GPU a process computes on, for the
+weight sync's backend choice. Only torch processes import this module (the HF engine, the
+learner, the actor), so it imports torch at the top.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,3 +36,13 @@ def resolve_device_dtype(model_cfg: ModelConfig,
     if model_cfg.dtype == "auto":
         return device, torch.bfloat16 if use_cuda else torch.float32
     return device, getattr(torch, _TORCH_DTYPES[model_cfg.dtype])
+
+
+def gpu_uuid(device: torch.device) -> str:
+    """The UUID of the CUDA device `device` as nvidia-smi spells it ('GPU-8-4-4-4-12 hex'); "" for
+    a device that is not CUDA, without touching CUDA (a CPU run never initialises it)."""
+    if device.type != "cuda":
+        return ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch.cuda.get_device_properties(index), "uuid", None)  # absent in some builds: unknown
+    return f"GPU-{uuid.UUID(bytes=bytes(raw.bytes))}" if raw is not None else ""

@@ -66,6 +66,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -503,14 +504,25 @@ def open_seal(secret: str, sync_id: int, version: int, seal: bytes) -> str:
 # --------------------------------------------------------------------------------------------
 # Groups
 # --------------------------------------------------------------------------------------------
-def resolve_backend(backend: str, all_have_cuda: bool) -> str:
-    """'nccl' when asked (or auto) and every member has CUDA, else 'gloo'."""
+def shared_gpus(gpus: Sequence[str]) -> list[str]:
+    """The GPU UUIDs held by more than one process of `gpus` ("" = none or unknown: never shared)."""
+    return sorted(g for g, n in Counter(g for g in gpus if g).items() if n > 1)
+
+
+def resolve_backend(backend: str, all_have_cuda: bool, gpus: Sequence[str] = ()) -> str:
+    """The sync group's backend: 'nccl' when asked (or auto), every process of the group has CUDA
+    (`all_have_cuda`, the learner's own included) and no two of them compute on one GPU (`gpus`:
+    each process's GPU UUID, "" = none or unknown); else 'gloo'. NCCL refuses two ranks on one
+    device ("Duplicate GPU detected"), so a shared GPU means gloo for the whole group (design §6.1)."""
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"weights.backend must be auto, gloo or nccl, got {backend!r}")
-    cuda = torch.cuda.is_available() and all_have_cuda
-    if backend == "nccl" and not cuda:
+    shared = shared_gpus(gpus)
+    if backend == "nccl" and not all_have_cuda:
         raise ValueError("weights.backend=nccl but not every sync member has CUDA; use backend=auto or gloo")
-    return "nccl" if backend == "nccl" or (backend == "auto" and cuda) else "gloo"
+    if backend == "nccl" and shared:
+        raise ValueError(f"weights.backend=nccl but sync members share GPU {shared[0]}: NCCL refuses two ranks on "
+                         "one device; use backend=auto (gloo then) or give each process a GPU of its own")
+    return "nccl" if backend == "nccl" or (backend == "auto" and all_have_cuda and not shared) else "gloo"
 
 
 def bucket_device(backend: str) -> torch.device:

@@ -12,7 +12,7 @@ Guarantees
 * Decoding is zero-copy for the token data: node `token_ids` / `logprobs` are read-only
   slices of two `np.frombuffer` views over the received buffer (which they keep alive).
 
-Frame layout (protocol version 2)
+Frame layout (protocol version 3)
 
     frame   = header payload
     header  = msgpack [MAGIC: bin "TRPO", VERSION: int, kind: str, body: map]
@@ -24,13 +24,17 @@ arrays: {name: [dtype str, shape list]}} with the arrays of `TREE_ARRAYS`: all n
 concatenated in one int32 array, all log-probs in one float32 array, and one entry per node in
 `lengths`, `parents`, `versions`, `finish` (codes into FINISH_REASONS) and `rewards` (NaN = none).
 A control message's body is its dataclass fields; it has no payload. Adding a control message
-is one `@message`-decorated frozen dataclass whose fields carry their bounds.
+is one `@message`-decorated frozen dataclass whose fields carry their bounds. A field added to a
+message within a protocol version has a default: a frame without it (an older peer's) decodes to
+the default, and the field is left out of a frame while it holds its default (so an older peer
+reads it); any other missing key, and every unknown one, is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -50,7 +54,7 @@ from common.tree import (
 )
 
 MAGIC = b"TRPO"
-PROTOCOL_VERSION = 2  # 2: credits as cumulative limits per registration (Welcome, Heartbeat, Credit)
+PROTOCOL_VERSION = 3  # 2: credits as cumulative limits per registration; 3: Welcome without max_staleness
 TREE_KIND = "tree"
 _PREFIX = b"\x94\xc4\x04" + MAGIC  # fixarray(4), bin8(len 4), magic: every frame starts so
 _ALIGN = 8
@@ -159,11 +163,11 @@ def _read_header(view: memoryview, limits: WireLimits, max_bin: int) -> tuple[st
     return kind, body, end
 
 
-def _check_keys(where: str, got: dict, expected: typing.Iterable[str]) -> None:
+def _check_keys(where: str, got: dict, expected: typing.Iterable[str], optional: typing.Iterable[str] = ()) -> None:
     expected = tuple(expected)
-    if set(got) != set(expected):
-        missing = sorted(set(expected) - set(got))
-        extra = sorted(map(str, set(got) - set(expected)))
+    missing = sorted(set(expected) - set(got) - set(optional))
+    extra = sorted(map(str, set(got) - set(expected)))
+    if missing or extra:
         raise WireError("schema", f"{where}: missing keys {missing}, unknown keys {extra}")
 
 
@@ -437,9 +441,9 @@ def bounded(lo: float, hi: float, **kw: Any) -> Any:
     return field(metadata={"lo": lo, "hi": hi}, **kw)
 
 
-def text(max_len: int = 256, **kw: Any) -> Any:
-    """A dataclass field holding a string of at most max_len characters."""
-    return field(metadata={"max_len": max_len}, **kw)
+def text(max_len: int = 256, *, pattern: str | None = None, **kw: Any) -> Any:
+    """A dataclass field holding a string of at most max_len characters (matching `pattern` in full, if given)."""
+    return field(metadata={"max_len": max_len, **({"pattern": re.compile(pattern)} if pattern else {})}, **kw)
 
 
 def items(max_len: int = 1 << 16, *, lo: float = 0, hi: float = _I64, max_str: int = 256) -> Any:
@@ -456,6 +460,7 @@ def message(cls: type) -> type:
     cls = dataclass(frozen=True)(cls)
     hints = typing.get_type_hints(cls)
     cls._fields = tuple((f.name, hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls))
+    cls._defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     MESSAGE_TYPES[cls.__name__] = cls
     return cls
 
@@ -495,6 +500,8 @@ def _check_value(where: str, tp: Any, value: Any, meta: dict[str, Any]) -> None:
             raise WireError("schema", f"{where} must be a string, got {type(value).__name__}")
         if len(value) > meta.get("max_len", 256):
             raise WireError("too_large", f"{where} has {len(value)} chars > {meta.get('max_len', 256)}")
+        if "pattern" in meta and not meta["pattern"].fullmatch(value):
+            raise WireError("out_of_range", f"{where} = {value[:64]!r} is not of the form {meta['pattern'].pattern}")
     else:  # a message declared a type this codec cannot check: a programming error
         raise TypeError(f"{where}: unsupported control-message field type {tp!r}")
 
@@ -512,7 +519,8 @@ def encode_message(msg: Any) -> bytes:
     kind = type(msg).__name__
     if MESSAGE_TYPES.get(kind) is not type(msg):
         raise TypeError(f"{kind} is not a registered control message; decorate it with @message")
-    return _pack_header(kind, {name: getattr(msg, name) for name, _, _ in msg._fields})
+    body = {name: getattr(msg, name) for name, _, _ in msg._fields}
+    return _pack_header(kind, {k: v for k, v in body.items() if k not in msg._defaults or v != msg._defaults[k]})
 
 
 def decode_message(buf: bytes | memoryview, *, limits: WireLimits | None = None) -> Any:
@@ -525,12 +533,13 @@ def decode_message(buf: bytes | memoryview, *, limits: WireLimits | None = None)
         raise WireError("bad_kind", f"unknown control message kind {kind!r}; known: {sorted(MESSAGE_TYPES)}")
     if end != len(view):
         raise WireError("malformed", f"{len(view) - end} trailing bytes after a control message")
-    _check_keys(kind, body, (name for name, _, _ in cls._fields))
+    _check_keys(kind, body, (name for name, _, _ in cls._fields), optional=cls._defaults)
     return cls(**body)
 
 
 _U31 = 2**31 - 1
 _PORT = 65535
+GPU_UUID_PATTERN = r"GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|"  # or "" (no GPU)
 
 
 @message
@@ -545,6 +554,10 @@ class Register:
     engine: str = text(32)
     vocab_size: int = bounded(1, _U31)
     has_cuda: bool
+    # the GPU it computes on, as nvidia-smi names it ("" = none): processes on one GPU sync over gloo
+    # (NCCL refuses two ranks on one device; common.weightsync.resolve_backend). Optional (added
+    # within a version): a Register without it decodes with "" (GPU unknown).
+    gpu_uuid: str = text(40, pattern=GPU_UUID_PATTERN, default="")
 
 
 @message
@@ -555,7 +568,6 @@ class Welcome:
     incarnation: int = bounded(0, _I64)
     version: int = bounded(0, _I64)
     registration: int = bounded(0, _I64)
-    max_staleness: int = bounded(0, _U31)
     rendezvous_host: str = text(255)
     rendezvous_port: int = bounded(0, _PORT)
 

@@ -40,6 +40,7 @@ class Member:
     registered_at: float
     last_seen: float
     has_cuda: bool
+    gpu_uuid: str = ""  # the GPU it computes on ("" = none or unknown): members on one GPU rule NCCL out
     version: int = -1  # weights confirmed by a WeightAck
     pending: bool = True  # needs the current weights before its trees count
     registration: int = 0
@@ -51,7 +52,6 @@ class Member:
 class ControlState:
     incarnation: int
     version: int
-    max_staleness: int
     rendezvous_host: str
     rendezvous_port: int
     members: dict[str, Member] = field(default_factory=dict)
@@ -119,6 +119,11 @@ class ControlPlane:
     def all_have_cuda(self, ids: list[str]) -> bool:
         with self.lock:
             return all(self.state.members[a].has_cuda for a in ids if a in self.state.members)
+
+    def gpu_uuids(self, ids: list[str]) -> list[str]:
+        """Each member's GPU UUID, in the order of `ids` ("" for none, unknown, or no longer a member)."""
+        with self.lock:
+            return [self.state.members[a].gpu_uuid if a in self.state.members else "" for a in ids]
 
     def membership(self, ids: list[str]) -> tuple:
         """Who `ids` are right now: (actor_id, registered_at) each; changes when any re-registers
@@ -206,14 +211,16 @@ class ControlPlane:
                 return
             registration = self.buffer.register_actor(identity)
             with self.lock:
-                self.state.members[identity] = Member(identity, now, now, msg.has_cuda, registration=registration)
+                self.state.members[identity] = Member(identity, now, now, msg.has_cuda, msg.gpu_uuid,
+                                                      registration=registration)
                 st = self.state
             self._send_now(identity, Welcome(
                 incarnation=st.incarnation, version=st.version, registration=registration,
-                max_staleness=st.max_staleness, rendezvous_host=st.rendezvous_host,
+                rendezvous_host=st.rendezvous_host,
                 rendezvous_port=st.rendezvous_port,
             ))
-            log.info("actor %s registered (pid %d on %s, engine %s)", identity, msg.pid, msg.hostname, msg.engine)
+            log.info("actor %s registered (pid %d on %s, engine %s%s)", identity, msg.pid, msg.hostname, msg.engine,
+                     f", {msg.gpu_uuid}" if msg.gpu_uuid else "")
             self._update_gauges()
         elif isinstance(msg, Heartbeat):
             with self.lock:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from common.config import JobConfig, dump_config, load_config
+from common.device import gpu_uuid
 from common.errors import CheckpointError, PortInUse
 from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new_registry
 from common.rundir import ENDPOINTS, read_json, require_model_path, setup_logging, write_json_atomic
@@ -133,7 +134,8 @@ class Learner:
         self.endpoints = LearnerEndpoints(cfg.transport)
         host = advertised_host(cfg.transport.bind_host)
         try:
-            self.publisher = WeightPublisher(cfg.weights, cfg.transport.bind_host, advertise=host)
+            self.publisher = WeightPublisher(cfg.weights, cfg.transport.bind_host, advertise=host,
+                                             gpu=gpu_uuid(self.trainer.device))
         except WeightSyncError as e:
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
                 raise PortInUse.at(cfg.transport.bind_host, cfg.weights.rendezvous_port,
@@ -141,7 +143,7 @@ class Learner:
             raise
         self.control = ControlPlane(
             self.endpoints, self.buffer,
-            ControlState(state.incarnation, state.version, cfg.replay.max_staleness, host, self.publisher.port),
+            ControlState(state.incarnation, state.version, host, self.publisher.port),
             peer_timeout_s=cfg.transport.peer_timeout_s, metrics=self.metrics,
             stalled_after_s=STALLED_AFTER_HEARTBEATS * cfg.transport.heartbeat_interval_s,
         )
@@ -187,7 +189,7 @@ class Learner:
         version = self.state.version
         plan = self.publisher.plan(self.trainer.parameter_specs(), version)
         prepared = self.publisher.prepare(plan, members, self.control.all_have_cuda(members),
-                                          epoch=self.control.membership(members))
+                                          self.control.gpu_uuids(members), epoch=self.control.membership(members))
         for actor_id, announce in zip(prepared.members, prepared.announcements, strict=True):
             self.control.send(actor_id, announce)
         # one deadline for the whole sync (rendezvous, buckets, acks), with a short grace for the

@@ -21,6 +21,9 @@ Guarantees:
   buffers at once. Buckets go out in layout order, up to `weightsync.MAX_IN_FLIGHT` posted at once (of
   them at most `POOLED_IN_FLIGHT` flattened ones: extra memory <= 3 buckets), so the next bucket
   is filled (and hashed) while earlier ones are on the wire.
+* The backend is NCCL when every member and the learner have CUDA and no two of them compute on
+  one GPU (by their GPU UUIDs: the learner's `gpu`, each member's from its Register), else gloo;
+  the first sync that falls back to gloo for a shared GPU says so in the log (design §6.1).
 * With `weights.checksum`, `SyncResult.checksum` is `tensor_checksum` of exactly what was sent;
   an actor's WeightAck must carry the same string (`check_ack`).
 * Only holders of the sync's secret shape it (design §6.1): each sync has a fresh `secret`,
@@ -32,9 +35,9 @@ Guarantees:
 
 Driving it (learner process)::
 
-    pub = WeightPublisher(cfg.weights, bind_host, advertise=host)  # once; advertise host:pub.port
+    pub = WeightPublisher(cfg.weights, bind_host, advertise=host, gpu=uuid)  # once; advertise host:pub.port
     plan = pub.plan(meta_or_named, version)                    # names/shapes/dtypes, no data
-    sync = pub.prepare(plan, members, all_have_cuda)           # sync.announcements[i] -> members[i]
+    sync = pub.prepare(plan, members, all_have_cuda, gpus)     # sync.announcements[i] -> members[i]
     ... send each WeightAnnounce over the control channel ...
     result = pub.broadcast(sync, trainer.named_parameters_for_sync())
     ... collect WeightAcks until the deadline; pub.check_ack(sync, result, ack) -> None | reason;
@@ -44,6 +47,7 @@ Driving it (learner process)::
 from __future__ import annotations
 
 import gc
+import logging
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -77,11 +81,14 @@ from common.weightsync import (
     plan_layout,
     release_group,
     resolve_backend,
+    shared_gpus,
     take_group,
     tensor_digest,
     torch_dtype,
 )
 from common.wire import WeightAnnounce
+
+log = logging.getLogger(__name__)
 
 REPORT_GRACE_S = 2.0  # after a failure: how long members get to say "alive, but failed" via the store
 POOLED_IN_FLIGHT = 2  # flattened buckets on the wire at once (bounds the learner's extra memory)
@@ -133,8 +140,10 @@ class WeightPublisher:
     """Learner rank 0's end of the weight sync; see the module docstring for the protocol."""
 
     def __init__(self, cfg: WeightsConfig, host: str, *, advertise: str | None = None,
-                 solo_bytes: int | None = SOLO_BYTES):
+                 solo_bytes: int | None = SOLO_BYTES, gpu: str = ""):
         self.cfg = cfg
+        self.gpu = gpu  # the learner's GPU UUID ("" = none): a member on it rules NCCL out
+        self._told_shared = False  # the gloo fallback for a shared GPU is logged once
         self.solo_bytes = solo_bytes  # None: pack every tensor into buckets (always one flatten copy)
         self.host = host  # the store listens here (a wildcard: on every interface)
         self.advertise = advertise or host  # members dial this (learner.main: advertised_host)
@@ -167,16 +176,28 @@ class WeightPublisher:
         return plan_layout((_meta_of(x) for x in named), bucket_bytes, version, solo_bytes=self.solo_bytes)
 
     def prepare(self, plan: SyncPlan, members: Sequence[str], all_have_cuda: bool = False,
-                epoch: Any = None) -> PreparedSync:
+                gpus: Sequence[str] = (), epoch: Any = None) -> PreparedSync:
         """Allocate a sync id and group, and build one WeightAnnounce per member (rank = index + 1).
 
+        `all_have_cuda`: every member has CUDA; `gpus`: their GPU UUIDs ("" = none or unknown), for
+        the backend (`resolve_backend`, with the learner's own CUDA and `gpu`).
         `epoch` names the membership (e.g. each member's registration time): the group kept from
         the previous sync is reused when members, backend and epoch are the same (None: never)."""
         if len(set(members)) != len(members):
             raise ValueError(f"duplicate sync members: {list(members)}")
+        if gpus and len(gpus) != len(members):
+            raise ValueError(f"{len(gpus)} GPU UUIDs for {len(members)} sync members")
         sync_id = self._next_sync_id
         self._next_sync_id += 1
-        backend = resolve_backend(self.cfg.backend, all_have_cuda)
+        cuda = all_have_cuda and torch.cuda.is_available()
+        placed = [("learner", self.gpu), *zip(members, gpus or [""] * len(members), strict=True)]
+        backend = resolve_backend(self.cfg.backend, cuda, [g for _, g in placed])
+        shared = shared_gpus([g for _, g in placed])
+        if cuda and shared and not self._told_shared:
+            self._told_shared = True
+            log.warning("weight sync over gloo, not NCCL: %s share a GPU (%s), and NCCL refuses two ranks on one "
+                        "device; give each a GPU of its own for NCCL",
+                        ", ".join(n for n, g in placed if g in shared), ", ".join(shared))
         kept = self._kept
         reuse = epoch is not None and kept is not None and kept[1:4] == (tuple(members), backend, epoch)
         group = kept[0] if reuse else new_group_name()

@@ -109,6 +109,9 @@ def add_actor_args(p: argparse.ArgumentParser) -> None:
 def add_up_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p)
     p.add_argument("--num-actors", type=int, default=None, help="actors to start (default: actor.num_actors)")
+    p.add_argument("--plan", action="store_true",
+                   help="print where each child would run (CUDA_VISIBLE_DEVICES, a vLLM actor's memory share: "
+                        "design §1.5), one line each, and start nothing")
 
 
 def add_warmup_args(p: argparse.ArgumentParser) -> None:

@@ -20,9 +20,11 @@ Guarantees:
   SIGTERM, a grace period, then SIGKILL -- always by pid, never by name;
 * each child runs on its own CPU cores when `up.cpus` names them (`plan_cpus`, set between fork
   and exec so every thread inherits it);
-* each child sees its own GPUs (`up.devices`, as CUDA_VISIBLE_DEVICES; `plan_devices`): by
+* each child sees its own GPUs (`up.devices`, as CUDA_VISIBLE_DEVICES; treerpo.placement): by
   default the learner gets the first visible GPU and the actors the others round-robin, so a
-  vLLM actor never lands on the learner's GPU while another is free.
+  vLLM actor never lands on the learner's GPU while another is free; vLLM actors that share a
+  GPU split its memory (`actor.gpu_memory_utilization` on their command line), and a placement
+  that cannot fit is refused before anything starts (ConfigError, design §1.5).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 from common.config import JobConfig, dump_config, load_config
 from common.errors import EXIT_CHILD_FAILED
 from common.rundir import ENDPOINTS, actor_info_path, logs_dir, read_json, wait_for_json
+from treerpo.placement import Placement, format_plan, plan_placement, visible_gpus
 
 PR_SET_PDEATHSIG = 1
 
@@ -59,38 +62,6 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"
 
 def child_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in DIST_ENV}
-
-
-def visible_gpus(env: dict[str, str], proc_root: Path = Path("/proc/driver/nvidia/gpus")) -> list[str]:
-    """The GPUs `up` may hand out: CUDA_VISIBLE_DEVICES's entries when set, else every GPU the
-    NVIDIA driver lists (none without one). No CUDA library is loaded."""
-    if "CUDA_VISIBLE_DEVICES" in env:
-        entries = [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",")]
-        out = []
-        for d in entries:
-            if not d or d == "-1":  # CUDA stops at the first invalid entry
-                break
-            out.append(d)
-        return out
-    try:
-        return [str(i) for i in range(sum(1 for _ in proc_root.iterdir()))]
-    except OSError:
-        return []
-
-
-def plan_devices(devices: str | list[str], visible: list[str], num_actors: int) -> tuple[str | None, list[str | None]]:
-    """(learner, [actor i]) CUDA_VISIBLE_DEVICES values; None = inherit `up`'s environment.
-
-    'auto': no GPU -> inherit; one GPU -> everyone shares it; G >= 2 -> the learner gets the
-    first, actor i the (1 + i mod (G - 1))-th. A list: [learner, actors...], actors cycling."""
-    if devices == "inherit" or (devices == "auto" and not visible):
-        return None, [None] * num_actors
-    if devices == "auto":
-        if len(visible) == 1:
-            return visible[0], [visible[0]] * num_actors
-        return visible[0], [visible[1 + i % (len(visible) - 1)] for i in range(num_actors)]
-    learner, actors = devices[0], list(devices[1:])
-    return learner, [actors[i % len(actors)] for i in range(num_actors)]
 
 
 def parse_cpus(spec: str) -> frozenset[int]:
@@ -233,26 +204,26 @@ class Supervisor:
         root = str(Path(__file__).resolve().parents[1])
         self.env["PYTHONPATH"] = root + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
 
-    def devices(self, num_actors: int) -> tuple[str | None, list[str | None]]:
-        """CUDA_VISIBLE_DEVICES of the learner and of actors 0..num_actors-1 (`plan_devices`)."""
-        return plan_devices(self.cfg.up.devices, visible_gpus(self.env), num_actors)
+    def placement(self, name: str) -> Placement:
+        """Where a child runs (treerpo.placement), planned for every actor started so far or due."""
+        index = 0 if name == "learner" else int(name.rsplit("-", 1)[-1]) + 1
+        learner, actors = plan_placement(self.cfg, visible_gpus(self.env),
+                                         max(self.num_actors, len(self.actors), index))
+        return learner if name == "learner" else actors[index - 1]
 
     def child_env(self, name: str) -> dict[str, str]:
         """The environment a child starts with: `up`'s, with the child's GPUs."""
         env = dict(self.env)
-        index = 0 if name == "learner" else int(name.rsplit("-", 1)[-1]) + 1
-        learner, actors = self.devices(max(self.num_actors, index))
-        device = learner if name == "learner" else actors[index - 1]
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
+        devices = self.placement(name).devices
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
         return env
 
     def start(self, startup_timeout_s: float = 600.0) -> dict:
         logs = logs_dir(self.run_dir)
-        learner_gpu, actor_gpus = self.devices(self.num_actors)
-        if learner_gpu is not None:
-            self.on_event(f"GPUs (CUDA_VISIBLE_DEVICES): learner {learner_gpu!r}, "
-                          + ", ".join(f"actor-{i} {d!r}" for i, d in enumerate(actor_gpus)))
+        learner, actors = plan_placement(self.cfg, visible_gpus(self.env), self.num_actors)  # refused: nothing starts
+        if learner.devices is not None or any(a.overrides for a in actors):
+            self.on_event("placement: " + "; ".join(format_plan(learner, actors).splitlines()))
         (self.run_dir / ENDPOINTS).unlink(missing_ok=True)
         learner_cpus, actor_cpus = plan_cpus(self.cfg.up.cpus, self.num_actors)
         if learner_cpus is not None:
@@ -274,17 +245,24 @@ class Supervisor:
         self.on_event(f"learner metrics: {self.endpoints.get('metrics')}/metrics")
         return self.endpoints
 
-    def add_actor(self, env: dict[str, str] | None = None) -> Child:
-        """Start actor-<next index> (also later: a late joiner gets the current weights first)."""
-        i = len(self.actors)
-        shards = max(self.num_actors, i + 1)
+    def actor_argv(self, i: int) -> list[str]:
+        """The command line of actor-i."""
         actor_id = f"actor-{i}"
         argv = treerpo_command(
             "actor", "--config", str(self.config_path), "--run-dir", str(self.run_dir),
-            "--actor-id", actor_id, "--actor-index", str(i), "--num-actors", str(shards),
+            "--actor-id", actor_id, "--actor-index", str(i), "--num-actors", str(max(self.num_actors, i + 1)),
         )
         if self.cfg.metrics.actor_port:  # actor i serves metrics on actor_port + i (deploy/prometheus)
             argv += ["--set", f"metrics.actor_port={self.cfg.metrics.actor_port + i}"]
+        for override in self.placement(actor_id).overrides:  # its share of a shared GPU (design §1.5)
+            argv += ["--set", override]
+        return argv
+
+    def add_actor(self, env: dict[str, str] | None = None) -> Child:
+        """Start actor-<next index> (also later: a late joiner gets the current weights first)."""
+        i = len(self.actors)
+        actor_id = f"actor-{i}"
+        argv = self.actor_argv(i)
         child = Child(actor_id, argv, logs_dir(self.run_dir) / f"{actor_id}.log", restartable=True,
                       ready_file=actor_info_path(self.run_dir, actor_id),
                       cpus=plan_cpus(self.cfg.up.cpus, i + 1)[1][i])
@@ -399,6 +377,10 @@ def _wait(child: Child, timeout_s: float) -> int | None:
 
 def run_up(args) -> int:
     cfg = load_config(args.config or ["demo"], args.overrides)
+    if args.plan:  # where each child would run; nothing starts
+        sys.stdout.write(format_plan(*plan_placement(cfg, visible_gpus(dict(os.environ)),
+                                                     args.num_actors or cfg.actor.num_actors)))
+        return 0
     run_dir = Path(args.run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)
     sup = Supervisor(cfg, run_dir, args.num_actors or cfg.actor.num_actors)

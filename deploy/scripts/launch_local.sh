@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Run a whole treerpo job on this machine: one learner and NUM_ACTORS actors, all on loopback,
 # optionally with a Prometheus scraping them (WITH_PROMETHEUS=1, deploy/prometheus/prometheus.yml).
+# Each process gets its GPUs (CUDA_VISIBLE_DEVICES) and, where vLLM actors share a GPU, its share
+# of the memory exactly as `treerpo up` places them (`treerpo up --plan`; design §1.5); a placement
+# that cannot fit is refused before anything starts.
 # Ctrl-C (or SIGTERM) stops every process this script started, by pid, learner last so it can
 # write its final checkpoint.
 #
@@ -12,6 +15,7 @@
 #   METRICS_BASE     learner metrics port; actor i uses METRICS_BASE + 1 + i (default 9400)
 #   WITH_PROMETHEUS  1 to also start Prometheus on 127.0.0.1:${PROMETHEUS_PORT:-9090}
 #   READY_TIMEOUT_S  seconds to wait for the learner's endpoints.json (default 600)
+#   TREERPO_DRY_RUN  if 1, print each process's placement and command instead of starting it
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,6 +26,43 @@ METRICS_BASE="${METRICS_BASE:-9400}"
 READY_TIMEOUT_S="${READY_TIMEOUT_S:-600}"
 
 common_sets="run_dir=$RUN_DIR transport.bind_host=127.0.0.1 transport.learner_host=127.0.0.1 metrics.host=127.0.0.1"
+
+# where each process runs: `treerpo up --plan` prints `NAME [CUDA_VISIBLE_DEVICES=...] [KEY=VALUE...]`
+plan_args=(up --plan --num-actors "$NUM_ACTORS")
+read -r -a configs <<< "$TREERPO_CONFIG"
+for c in "${configs[@]}"; do plan_args+=(--config "$c"); done
+read -r -a user_sets <<< "${TREERPO_SET:-}"
+for s in ${user_sets[@]+"${user_sets[@]}"}; do plan_args+=(--set "$s"); done
+plan="$(treerpo "${plan_args[@]}")"  # a placement that cannot fit ends the script here (exit 2)
+declare -A gpus=() sets=()  # NAME -> CUDA_VISIBLE_DEVICES (absent: inherit), NAME -> its overrides
+while read -r -a words; do
+  for w in "${words[@]:1}"; do
+    case "$w" in
+      CUDA_VISIBLE_DEVICES=*) gpus[${words[0]}]="${w#*=}" ;;
+      *) sets[${words[0]}]+=" $w" ;;
+    esac
+  done
+done <<< "$plan"
+
+# child_env NAME EXTRA_SETS: NAME's launch-script environment, in env_args: its GPUs, and the common
+# overrides, EXTRA_SETS, the user's TREERPO_SET, then NAME's own (last, so its memory share wins)
+child_env() {
+  env_args=("TREERPO_CONFIG=$TREERPO_CONFIG" "TREERPO_SET=$common_sets $2 ${TREERPO_SET:-}${sets[$1]:-}")
+  if [[ "$1" != learner ]]; then env_args+=("ACTOR_ID=$1"); fi
+  if [[ -n "${gpus[$1]+set}" ]]; then env_args+=("CUDA_VISIBLE_DEVICES=${gpus[$1]}"); fi
+}
+actor_sets() { echo "metrics.actor_port=$((METRICS_BASE + 1 + $1)) actor.seed=$1"; }
+
+if [[ "${TREERPO_DRY_RUN:-0}" == 1 ]]; then  # each process's GPUs and command (the launch scripts print it)
+  child_env learner "metrics.learner_port=$METRICS_BASE"
+  echo "learner: ${gpus[learner]+CUDA_VISIBLE_DEVICES=${gpus[learner]} }$(env "${env_args[@]}" "$HERE/launch_learner.sh")"
+  for (( i=0; i<NUM_ACTORS; i++ )); do
+    child_env "actor-$i" "$(actor_sets "$i")"
+    echo "actor-$i: ${gpus[actor-$i]+CUDA_VISIBLE_DEVICES=${gpus[actor-$i]} }$(env "${env_args[@]}" "$HERE/launch_actor.sh")"
+  done
+  exit 0
+fi
+
 mkdir -p "$RUN_DIR/logs"
 pids=()      # learner first, then actors, in start order
 prom_pid=""
@@ -41,9 +82,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 rm -f "$RUN_DIR/endpoints.json"
-TREERPO_CONFIG="$TREERPO_CONFIG" \
-TREERPO_SET="$common_sets metrics.learner_port=$METRICS_BASE ${TREERPO_SET:-}" \
-  "$HERE/launch_learner.sh" >"$RUN_DIR/logs/learner.log" 2>&1 &
+child_env learner "metrics.learner_port=$METRICS_BASE"
+env "${env_args[@]}" "$HERE/launch_learner.sh" >"$RUN_DIR/logs/learner.log" 2>&1 &
 learner_pid=$!
 pids+=("$learner_pid")
 echo "learner pid $learner_pid, log $RUN_DIR/logs/learner.log"
@@ -64,9 +104,8 @@ done
 echo "learner endpoints: $(cat "$RUN_DIR/endpoints.json")"
 
 for (( i=0; i<NUM_ACTORS; i++ )); do
-  ACTOR_ID="actor-$i" TREERPO_CONFIG="$TREERPO_CONFIG" \
-  TREERPO_SET="$common_sets metrics.actor_port=$((METRICS_BASE + 1 + i)) actor.seed=$i ${TREERPO_SET:-}" \
-    "$HERE/launch_actor.sh" >"$RUN_DIR/logs/actor-$i.log" 2>&1 &
+  child_env "actor-$i" "$(actor_sets "$i")"
+  env "${env_args[@]}" "$HERE/launch_actor.sh" >"$RUN_DIR/logs/actor-$i.log" 2>&1 &
   pids+=("$!")
   echo "actor-$i pid $!, log $RUN_DIR/logs/actor-$i.log"
 done

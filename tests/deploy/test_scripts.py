@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.support.monitoring import DEPLOY
+from tests.support.monitoring import DEPLOY, REPO
 from tests.support.tools import require_tool, run
 
 SCRIPTS = sorted((DEPLOY / "scripts").glob("*.sh"))
@@ -65,3 +65,27 @@ def test_launch_actor_command():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["treerpo", "actor", "--actor-id", "treerpo-actor-2", "--config", "a.yaml",
                                   "--set", "transport.learner_host=10.1.2.3"]
+
+
+def test_launch_local_places_each_process_as_up_does(tmp_path):
+    # `treerpo up --plan` gives the placement (design §1.5): on 2 GPUs the learner gets GPU 0 and both vLLM
+    # actors GPU 1, splitting its memory; the plan runs from this checkout (PYTHONPATH), the children dry
+    require_tool("treerpo")
+    env = {"PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "0,1", "NUM_ACTORS": "2", "RUN_DIR": str(tmp_path / "run"),
+           "TREERPO_SET": "actor.engine=vllm model.device=auto"}
+    out = launch("launch_local.sh", env)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    assert list(lines) == ["learner", "actor-0", "actor-1"]
+    assert lines["learner"].split()[:3] == ["CUDA_VISIBLE_DEVICES=0", "treerpo", "learner"]
+    assert "gpu_memory_utilization" not in lines["learner"]
+    for i in range(2):
+        words = lines[f"actor-{i}"].split()
+        assert words[:5] == ["CUDA_VISIBLE_DEVICES=1", "treerpo", "actor", "--actor-id", f"actor-{i}"]
+        assert words[-2:] == ["--set", "actor.gpu_memory_utilization=0.425"]  # last: it wins over TREERPO_SET
+    # one GPU shared by the learner and 5 vLLM actors cannot fit: refused before anything starts, with
+    # `up`'s one-line error and exit code
+    crowded = launch("launch_local.sh", {**env, "CUDA_VISIBLE_DEVICES": "0", "NUM_ACTORS": "5"})
+    assert crowded.returncode == 2 and not crowded.stdout
+    assert "treerpo up: 5 vLLM actors on GPU '0' would get 0.090 of it each" in crowded.stderr
+    assert not (tmp_path / "run").exists()

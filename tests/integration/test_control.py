@@ -15,9 +15,10 @@ from learner.control import ControlPlane, ControlState
 WAIT = 5.0
 
 
-def _register(actor: ActorEndpoints, actor_id: str) -> None:
+def _register(actor: ActorEndpoints, actor_id: str, gpu_uuid: str = "") -> None:
     assert actor.send_control(Register(actor_id=actor_id, incarnation_seen=-1, version=-1, pid=1, hostname="h",
-                                       engine="hf", vocab_size=99, has_cuda=False), timeout_s=WAIT)
+                                       engine="hf", vocab_size=99, has_cuda=bool(gpu_uuid), gpu_uuid=gpu_uuid),
+                              timeout_s=WAIT)
 
 
 def _heartbeat(actor: ActorEndpoints, actor_id: str, registration: int = -1) -> None:
@@ -39,7 +40,7 @@ def plane():
     cfg = TransportConfig(data_port=0, control_port=0, linger_s=0.2)
     endpoints = LearnerEndpoints(cfg)
     buffer = ReplayBuffer(ReplayConfig(credits_per_actor=5), incarnation=3)
-    control = ControlPlane(endpoints, buffer, ControlState(3, 7, 4, "127.0.0.1", 1234), peer_timeout_s=60).start()
+    control = ControlPlane(endpoints, buffer, ControlState(3, 7, "127.0.0.1", 1234), peer_timeout_s=60).start()
     actors: list[ActorEndpoints] = []
 
     def connect(actor_id: str) -> ActorEndpoints:
@@ -60,7 +61,7 @@ def test_register_gets_welcome_and_credits_follow_the_weights(plane):
     actor = connect("a0")
     _register(actor, "a0")
     welcome = _recv(actor, Welcome)
-    assert (welcome.incarnation, welcome.version, welcome.max_staleness) == (3, 7, 4)
+    assert (welcome.incarnation, welcome.version) == (3, 7)
     assert welcome.registration == (3 << 32) + 1  # unique across incarnations
     assert (welcome.rendezvous_host, welcome.rendezvous_port) == ("127.0.0.1", 1234)
     assert control.pending() == ["a0"]  # no credit until its weights are confirmed
@@ -71,6 +72,17 @@ def test_register_gets_welcome_and_credits_follow_the_weights(plane):
     assert control.pending() == [] and control.is_member("a0")
     _heartbeat(actor, "a0", welcome.registration)
     assert _recv(actor, Credit).limit == 5
+
+
+def test_the_learner_keeps_each_members_gpu_for_the_sync_backend(plane):
+    control, connect = plane
+    gpu = "GPU-8f1e2a3b-0c4d-5e6f-7a8b-9c0d1e2f3a4b"
+    for actor_id, uuid in (("a0", gpu), ("a1", "")):  # a1: no GPU, or an older actor that sends none
+        actor = connect(actor_id)
+        _register(actor, actor_id, uuid)
+        _recv(actor, Welcome)
+    assert control.gpu_uuids(["a1", "a0", "gone"]) == ["", gpu, ""]
+    assert control.all_have_cuda(["a0"]) and not control.all_have_cuda(["a0", "a1"])
 
 
 def test_unknown_or_dropped_actor_is_told_to_rejoin(plane):

@@ -68,7 +68,7 @@ class Learner:
         kw = {"clock": clock} if clock else {}
         self.buffer = ReplayBuffer(ReplayConfig(credits_per_actor=C, batch_trees=C), incarnation,
                                    on_drop=lambda ev: self.metrics.dropped(ev.reason, ev.count), **kw)
-        self.control = ControlPlane(self.endpoints, self.buffer, ControlState(incarnation, 0, 4, "127.0.0.1", 1),
+        self.control = ControlPlane(self.endpoints, self.buffer, ControlState(incarnation, 0, "127.0.0.1", 1),
                                     peer_timeout_s=600, metrics=self.metrics, stalled_after_s=10.0)
         self.ingest = Ingest(self.endpoints, self.buffer, self.control, self.metrics, vocab_size=50,
                              longest_allowed=longest_allowed, version=lambda: 0)

@@ -80,7 +80,7 @@ def test_control_round_trip_over_router_and_dealer():
         assert actor.send_control(reg)
         identity, msg = learner.recv_control(WAIT)
         assert identity == b"actor-7" and msg == reg
-        welcome = Welcome(incarnation=1, version=0, registration=(1 << 32) + 1, max_staleness=2,
+        welcome = Welcome(incarnation=1, version=0, registration=(1 << 32) + 1,
                           rendezvous_host="127.0.0.1", rendezvous_port=29600)
         assert learner.send_control(identity, welcome)
         assert actor.recv_control(WAIT) == welcome

@@ -1,5 +1,6 @@
 """Weight sync units: bucket layout, flatten/unflatten, checksums, group drops, swap_in validation,
-the sync's secret (sealed store values, the seal) and where the rendezvous store listens.
+the sync's secret (sealed store values, the seal), where the rendezvous store listens, and the
+check that an install holds what arrived.
 
 The real-process syncs (gloo + ZeroMQ control, actors as subprocesses) are in
 tests/integration/test_weightsync.py.
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from actor.engine import EngineError
+from actor.weights import expected_installed, installed_mismatches, installed_view
 from common.config import WeightsConfig
 from common.weightsync import (
     NCCL_WATCHDOG_MARGIN_S,
@@ -38,6 +40,7 @@ from common.weightsync import (
     open_seal,
     plan_layout,
     tensor_checksum,
+    tensor_digest,
     unflatten,
     wait_group_drops,
 )
@@ -351,3 +354,32 @@ def test_the_rendezvous_store_listens_on_its_host_only_and_announces_the_adverti
     assert sync.secret not in sync.group and anywhere.prepare(plan, ["a"]).secret != sync.secret
     anywhere.close()
 
+
+
+def test_the_installed_check_reads_back_what_holds_a_sent_tensor_one_to_one():
+    """issue 21 (7): after an install, the parameters that hold a sent tensor byte for byte (same
+    name; same shape, or vocabulary rows padded) must hash to what arrived; fused or repacked ones
+    (another name, or shape [0] on vLLM's CPU backend) cannot be read back and are left out."""
+    g = torch.Generator().manual_seed(0)
+    sent = {"norm.weight": torch.randn(8, generator=g), "embed.weight": torch.randn(5, 4, generator=g),
+            "head.weight": torch.randn(3, 4, generator=g), "o_proj.weight": torch.randn(4, 4, generator=g),
+            "q_proj.weight": torch.randn(4, 4, generator=g)}
+    params = {"norm.weight": torch.zeros(8), "embed.weight": torch.zeros(8, 4),  # 3 padding rows
+              "head.weight": torch.zeros(3, 4, dtype=torch.bfloat16),  # the loader casts
+              "o_proj.weight": torch.zeros(0), "qkv_proj.weight": torch.zeros(12, 4)}  # repacked; fused
+    digests = {n: tensor_digest(t) for n, t in sent.items()}
+    expected = expected_installed(params.items(), sent.items(), digests)
+    assert sorted(expected) == ["embed.weight", "head.weight", "norm.weight"]
+    assert expected["norm.weight"] == ((8,), digests["norm.weight"])  # the receive's own digest
+    assert expected["head.weight"][1] == tensor_digest(sent["head.weight"].to(torch.bfloat16))
+    assert installed_mismatches(params.items(), expected) == ["embed.weight", "head.weight", "norm.weight"]
+
+    for name in expected:  # the install, as a loader does it: copy (and cast) into the parameter
+        installed_view(params[name], sent[name].shape).copy_(sent[name])
+    params["embed.weight"][5:] = 7.0  # padding rows are the engine's business
+    assert installed_mismatches(params.items(), expected) == []
+    params["norm.weight"].zero_()  # a layer the finalize left with its old weights
+    assert installed_mismatches(params.items(), expected) == ["norm.weight"]
+    params["norm.weight"] = torch.empty(8, device="meta")  # or never materialized
+    del params["head.weight"]  # or gone
+    assert installed_mismatches(params.items(), expected) == ["head.weight", "norm.weight"]

@@ -345,7 +345,7 @@ def test_meta_bombs_and_non_json_meta():
 EXAMPLES = [
     Register(actor_id="actor-0", incarnation_seen=-1, version=-1, pid=4242, hostname="h", engine="hf",
              vocab_size=151_936, has_cuda=False),
-    Welcome(incarnation=3, version=17, registration=(3 << 32) + 1, max_staleness=4, rendezvous_host="10.0.0.1",
+    Welcome(incarnation=3, version=17, registration=(3 << 32) + 1, rendezvous_host="10.0.0.1",
             rendezvous_port=29600),
     Heartbeat(actor_id="actor-0", incarnation_seen=3, registration=(3 << 32) + 1, version=17, trees_sent=12,
               credits=2),
@@ -357,6 +357,8 @@ EXAMPLES = [
     WeightAck(actor_id="actor-0", sync_id=5, version=18, ok=True, checksum="ab" * 32, load_seconds=0.25, error=""),
     Shutdown(reason="max_steps reached"),
     Rejoin(incarnation=2, reason="not a member of this learner"),
+    Register(actor_id="actor-1", incarnation_seen=3, version=17, pid=4243, hostname="h", engine="vllm",
+             vocab_size=151_936, has_cuda=True, gpu_uuid="GPU-8f1e2a3b-0c4d-5e6f-7a8b-9c0d1e2f3a4b"),
 ]
 
 
@@ -400,8 +402,30 @@ def test_message_rejections():
     # an int float field is accepted and normalised (msgpack may carry 60.0 as 60)
     assert decode_message(_msg_frame("WeightAnnounce", {**ann, "timeout_s": 60})).timeout_s == 60.0
     with pytest.raises(WireError) as info:
-        Welcome(incarnation=0, version=0, registration=1, max_staleness=1, rendezvous_host="h", rendezvous_port=-1)
+        Welcome(incarnation=0, version=0, registration=1, rendezvous_host="h", rendezvous_port=-1)
     assert info.value.reason == "out_of_range"
+
+
+def test_register_carries_its_gpu_uuid_and_stays_readable_by_older_peers():
+    with_gpu, without = EXAMPLES[-1], EXAMPLES[0]
+    assert decode_message(encode_message(with_gpu)).gpu_uuid == "GPU-8f1e2a3b-0c4d-5e6f-7a8b-9c0d1e2f3a4b"
+    # no GPU: the field is left out, so the frame is the one an older Register made (older learners read it) ...
+    older_body = {k: getattr(without, k) for k in wire.Register.__dataclass_fields__ if k != "gpu_uuid"}
+    assert encode_message(without) == _msg_frame("Register", older_body)
+    # ... and an older actor's Register, without the key, decodes with the GPU unknown
+    assert decode_message(_msg_frame("Register", older_body)) == without and without.gpu_uuid == ""
+    body = {k: getattr(with_gpu, k) for k in wire.Register.__dataclass_fields__}
+    assert decode_message(_msg_frame("Register", {**body, "gpu_uuid": ""})).gpu_uuid == ""
+    # a hostile or garbled UUID is refused with a reason; other keys stay required, unknown ones refused
+    for bad, reason in [("GPU-" + "f" * 200, "too_large"), ("GPU-8f1e2a3b", "out_of_range"),
+                        ("GPU-8F1E2A3B-0C4D-5E6F-7A8B-9C0D1E2F3A4B", "out_of_range"),
+                        ("GPU-8f1e2a3b-0c4d-5e6f-7a8b-9c0d1e2f3a4\n", "out_of_range"), ("0", "out_of_range"),
+                        (7, "schema"), (None, "schema")]:
+        assert _msg_reason(_msg_frame("Register", {**body, "gpu_uuid": bad})) == reason, bad
+    assert _msg_reason(_msg_frame("Register", {k: v for k, v in body.items() if k != "has_cuda"})) == "schema"
+    assert _msg_reason(_msg_frame("Register", {**body, "gpu": "x"})) == "schema"
+    with pytest.raises(WireError, match="gpu_uuid"):
+        Register(**{**body, "gpu_uuid": "cuda:0"})
 
 
 @FUZZ
