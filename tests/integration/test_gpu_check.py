@@ -34,5 +34,8 @@ def test_gpu_check_on_a_gpu():
         pytest.skip("needs CUDA")
     pytest.importorskip("vllm", reason="needs vLLM with CUDA: pip install -e '.[vllm]'")
     out, line = _run(8 * 60 + 60)
-    assert out.returncode == 0 and line["ok"] and line["checksum_ok"], out.stderr[-4000:]
+    assert out.returncode == 0 and line["ok"] and not line["failed"], (line, out.stderr[-4000:])
+    assert set(line["checks"]) == {"placement", "backend", "bf16_step", "fidelity", "sync_streaming", "installed",
+                                   "second_sync", "seed", "nccl"}
+    assert all(c["guards"] for c in line["checks"].values())
     assert line["seconds"] <= 8 * 60 and line["vllm_tok_s"] > 0 and line["learner_tok_s"] > 0
