@@ -20,14 +20,19 @@ the actor's threads reach it through blocking calls. Guarantees (on top of actor
 * versions: a sample records the engine version read when its request was added, or its
   parent's if older (a child may reuse its parent's KV blocks): never newer than any weights
   that computed a token or a KV entry it used, so staleness is never under-stated;
-* weight syncs land in flight through vLLM's weight-transfer API (`receive_weights`):
-  `pause_generation(mode="keep")` -> `start_weight_update` -> `update_weights` (the worker
-  joins the learner's sync group and stages every bucket) -> `finish_weight_update` (the
-  worker installs the staged weights with vLLM's layerwise reload) -> the prefix cache is reset
-  with the running requests' KV recomputed -> the version switches -> `resume_generation`.
-  Running requests continue with the new weights; a failed sync leaves weights and version
-  untouched. The worker side is actor/vllm_worker.py (the "treerpo" transfer engine, registered
-  through vLLM's `vllm.general_plugins` entry point). Every step has the sync's deadline.
+* weight syncs land in flight (`receive_weights`), and generation pauses only for the install:
+  the worker receives and stages every bucket on a thread of its own while generation goes on,
+  handed the announcement over a private channel (a ZeroMQ PAIR over ipc:// that bypasses the
+  engine core: no vLLM RPC is made while generating); once it answered, through vLLM's
+  weight-transfer API, `pause_generation(mode="keep")` -> `start_weight_update` ->
+  `update_weights` (takes the staged sync) -> `finish_weight_update` (the worker installs it with
+  vLLM's layerwise reload and checks what was installed) -> the prefix cache is reset with the
+  running requests' KV recomputed -> the version switches -> `resume_generation`. Running requests
+  continue with the new weights; a failed receive leaves weights and version untouched and pauses
+  nothing; a failed install or check leaves the version. `last_pause_s` is the pause,
+  `last_receive_s` the part before it. The worker side is actor/vllm_worker.py (the "treerpo"
+  transfer engine, registered through vLLM's `vllm.general_plugins` entry point). Every step has
+  the sync's deadline.
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ import asyncio
 import dataclasses
 import importlib.metadata
 import itertools
+import json
 import logging
 import math
 import queue
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Hashable, Iterable, Sequence
@@ -60,6 +68,7 @@ from actor.engine import (
 from common.errors import ModelError, one_line
 from common.rundir import check_model_folder
 from common.weightsync import SYNC_ERROR_REASONS, Deadline, WeightSyncError, dtype_name
+from common.wire import encode_message
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.config import ActorConfig, ModelConfig
@@ -130,6 +139,19 @@ def _sync_error(e: BaseException, what: str) -> WeightSyncError:
     return WeightSyncError(found.group(1) if found else "error", f"{what}: {text[:500]}")
 
 
+def _channel_answer(raw: bytes) -> dict[str, Any]:
+    """The stager's answer on the private channel: {"sync_id": int, "error": str}; else WeightSyncError."""
+    try:
+        answer = json.loads(raw)
+        if set(answer) != {"sync_id", "error"} or not isinstance(answer["sync_id"], int) \
+                or not isinstance(answer["error"], str):
+            raise ValueError(f"keys {sorted(answer)}")
+    except (ValueError, TypeError) as e:
+        raise WeightSyncError("error", f"the vLLM worker's stager answered something else than a receive's "
+                              f"outcome: {one_line(e)[:200]}") from e
+    return answer
+
+
 class _Loop:
     """An asyncio event loop in a daemon thread: `run` blocks on a coroutine, `submit` does not."""
 
@@ -196,8 +218,13 @@ class VLLMEngine:
         self.stats = {"generated_tokens": 0, "requests": 0}
         self.last_pause_s = 0.0  # generation paused by the latest weight sync
         self.last_pause_requests = 0  # requests in flight (kept, not drained) during that pause
+        self.last_receive_s = 0.0  # announcement to staged (generation going on), the latest weight sync
         self.running = 0  # requests submitted and not yet ended (read and written on the loop thread)
         self._transfer_addr: tuple[str, int] | None = None  # the store the worker's transfer engine talks to
+        self._zmq: Any = None  # zmq.asyncio context of the private channel to the worker's stager
+        self._channel: Any = None
+        self._channel_dir: str | None = None
+        self._channels = itertools.count()
         self._ids = itertools.count()
         self._closed = False
 
@@ -251,8 +278,9 @@ class VLLMEngine:
         """One weight sync, in flight (module docstring): (checksum of what arrived, seconds).
 
         Raises WeightSyncError; the engine's version is then unchanged, and so are its weights,
-        except when vLLM installed them and then could not reset its prefix cache
-        (`_reset_prefix_cache`)."""
+        except when vLLM installed them and then the installed check failed or the prefix cache could
+        not be reset (`_reset_prefix_cache`): the new weights (or part of them) then run under the old
+        version, which over-states staleness, never under-states it."""
         deadline = Deadline(announce.timeout_s)
         future = self._loop.submit(self._sync(announce, deadline))
         try:
@@ -277,28 +305,35 @@ class VLLMEngine:
         address = (announce.rendezvous_host, int(announce.rendezvous_port))
         if self._transfer_addr != address:  # first sync, a new learner, or reset after a Register
             init = {"host": address[0], "port": address[1], "timeout_s": float(announce.timeout_s),
-                    "checksum": self.checksum}
+                    "checksum": self.checksum, "channel": self._open_channel()}
             await self._step(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init)), deadline,
                              "init_weight_transfer_engine")
             self._transfer_addr = address
+        self.last_pause_s, self.last_pause_requests = 0.0, 0
+        try:  # the worker receives and stages on a thread of its own while generation goes on
+            await self._staged(announce, deadline)
+        except BaseException:
+            self._transfer_addr = None  # a fresh transfer engine (store connection, group, channel) next time
+            raise
+        self.last_receive_s = deadline.elapsed()
         paused = time.perf_counter()
         await llm.pause_generation(mode="keep", clear_cache=False)  # running requests stay, frozen
         self.last_pause_requests = self.running
         active = False
-        try:
+        try:  # only the install is in the pause
             await self._step(llm.start_weight_update(), deadline, "start_weight_update")
             active = True
             update = WeightTransferUpdateRequest(update_info={"announce": dataclasses.asdict(announce)})
-            await self._step(llm.update_weights(update), deadline, "update_weights")
+            await self._step(llm.update_weights(update), deadline, "update_weights")  # takes the staged sync
             await self._step(llm.finish_weight_update(weight_version=str(announce.version)), deadline,
-                             "finish_weight_update")
+                             "finish_weight_update")  # installs, then checks what was installed
             active = False
             (report,) = await self._step(llm.collective_rpc("treerpo_sync_report"), deadline, "sync report")
             # no KV computed with the old weights survives: the running requests' KV is recomputed
             await self._reset_prefix_cache(deadline)
             self.version = int(announce.version)  # the switch: requests added from here on record it
         except BaseException:
-            self._transfer_addr = None  # a fresh transfer engine (store connection, group) next time
+            self._transfer_addr = None
             if active:
                 try:
                     await asyncio.wait_for(llm.collective_rpc("treerpo_abort_update"), RPC_GRACE_S)
@@ -309,6 +344,47 @@ class VLLMEngine:
             await llm.resume_generation()
             self.last_pause_s = time.perf_counter() - paused
         return str(report["checksum"]), deadline.elapsed()
+
+    def _open_channel(self) -> str:
+        """A fresh private channel to the worker's stager (a ZeroMQ PAIR over ipc:// in a directory
+        only this user can enter); the previous one is closed. Runs on the loop thread."""
+        import zmq  # noqa: PLC0415 -- vLLM's own dependency
+        import zmq.asyncio  # noqa: PLC0415
+
+        self._close_channel()
+        if self._channel_dir is None:
+            self._channel_dir = tempfile.mkdtemp(prefix="treerpo-vllm-")  # mode 0700
+        self._zmq = self._zmq or zmq.asyncio.Context()
+        address = f"ipc://{self._channel_dir}/weights-{next(self._channels)}"
+        self._channel = self._zmq.socket(zmq.PAIR)
+        self._channel.linger = 0
+        self._channel.bind(address)
+        return address
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    async def _staged(self, announce: Any, deadline: Deadline) -> None:
+        """Hand `announce` to the worker's stager over the private channel and wait, generation going
+        on, for its answer; raise its error (WeightSyncError with the worker's reason) if the receive
+        failed. No vLLM RPC is made meanwhile: the channel bypasses the engine core."""
+        end = time.monotonic() + deadline.remaining() + RPC_GRACE_S  # the receive's own waits end by the deadline
+        try:
+            await asyncio.wait_for(self._channel.send(encode_message(announce)), deadline.check("announce"))
+            while True:
+                raw = await asyncio.wait_for(self._channel.recv(), max(0.0, end - time.monotonic()))
+                answer = _channel_answer(raw)
+                if answer["sync_id"] == int(announce.sync_id):
+                    break
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            raise WeightSyncError("timeout", f"sync {announce.sync_id}: the vLLM worker's receive did not end by "
+                                  "the deadline") from e
+        except Exception as e:  # noqa: BLE001 - a channel error fails the sync, not the actor
+            raise _sync_error(e, "receive channel") from e
+        if answer["error"]:
+            raise _sync_error(RuntimeError(answer["error"]), "receive")
 
     async def _reset_prefix_cache(self, deadline: Deadline | None) -> None:
         """Drop every cached KV block and recompute the running requests' KV, or raise
@@ -388,6 +464,11 @@ class VLLMEngine:
         finally:
             llm = None  # AsyncLLM.__del__ shuts down again: now, not while the interpreter finalizes
             self._loop.stop()
+            self._close_channel()
+            if self._zmq is not None:
+                self._zmq.term()
+            if self._channel_dir is not None:
+                shutil.rmtree(self._channel_dir, ignore_errors=True)
 
 
 class VLLMStream:

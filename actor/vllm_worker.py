@@ -9,31 +9,43 @@ process imports it). vLLM finds it twice:
   `weight_transfer_config={"backend": "treerpo"}`, so the worker creates one at model load;
 * `TreeRPOWorkerExtension` is the `worker_extension_cls`: a few RPCs around the engine.
 
-Guarantees of one update (`start_weight_update` -> `update_weights` -> `finish_weight_update`):
+Guarantees of one sync (design §6.6):
 
-* `update_weights` joins the learner's announced sync group from this process (gloo, or NCCL
-  straight onto the worker's GPU) with `actor.weights.WeightReceiver`: the announcement's
-  deadline bounds the rendezvous and every bucket, a dead learner fails it, a failure is
-  reported to the learner's store ("alive, but failed"), and the checksum is that of what
-  arrived (`weights.checksum`). The announcement's secret (passed through with its other
-  fields) admits only the learner: the group forms on store values MAC'd with it, and what
-  arrived must match the learner's seal before it is staged (design §6.1). Buckets are staged
-  in host memory; on a GPU only a bounded ring of buckets lives on the device (no whole-model
-  copy beside vLLM's `gpu_memory_utilization`).
-  The model is not touched: a failed receive leaves the weights as they were;
-* `finish_weight_update` installs the staged tensors with vLLM's layerwise reload
-  (`initialize_layerwise_reload`, the model's own `load_weights`, `finalize_layerwise_reload`),
-  so vLLM's fused (q/k/v -> qkv_proj), repacked (on CPU a packed GEMM handle; the parameter reads
-  back with shape [0]) and quantized layouts are rebuilt by vLLM's own post-load processing; a
-  tied LM head, which receives no weights of its own, has its post-load processing re-run so it
-  follows the new embedding (layerwise reload skips tied parameters);
+* Receive while generating: `init_weight_transfer_engine` names the actor's private channel (a
+  ZeroMQ PAIR over ipc://) and a thread of this process (`Stager`) listens there; each
+  announcement is received at once, while generation goes on, and answered there when it ended.
+  The channel bypasses vLLM's engine core: the actor makes no RPC while the worker generates. The
+  thread joins the learner's announced sync group (gloo, or NCCL straight onto the worker's GPU)
+  with `actor.weights.WeightReceiver`: the announcement's deadline bounds the rendezvous and every
+  bucket, a dead learner fails it, a failure is reported to the learner's store ("alive, but
+  failed"), and the checksum is that of what arrived (`weights.checksum`). The announcement's
+  secret admits only the learner: the group forms on store values MAC'd with it, and what arrived
+  must match the learner's seal before it is staged (design §6.1). Buckets are staged in host
+  memory; on a GPU only a bounded ring of buckets lives on the device (no whole-model copy beside
+  vLLM's `gpu_memory_utilization`). The model is not touched: a failed receive leaves it as it was.
+* Install in the pause (`start_weight_update` -> `update_weights` -> `finish_weight_update`, the
+  actor having paused generation): `update_weights` takes the staged sync (receiving it then and
+  there if nobody staged it first); `finish_weight_update` installs it with vLLM's layerwise reload
+  (`initialize_layerwise_reload`, the model's own `load_weights`, `finalize_layerwise_reload`), so
+  vLLM's fused (q/k/v -> qkv_proj), repacked (on CPU a packed GEMM handle; the parameter reads back
+  with shape [0]) and quantized layouts are rebuilt by vLLM's own post-load processing; a tied LM
+  head, which receives no weights of its own, has its post-load processing re-run so it follows
+  the new embedding (layerwise reload skips tied parameters).
+* Installed, not only arrived: `finish_weight_update` fails (`WeightSyncError('load')`, the actor
+  then keeps its version) when a layer with parameters received none of the sent tensors (vLLM's
+  finalize would silently put its old weights back), or when a parameter that holds a sent tensor
+  1:1 (norms, embeddings; not fused or repacked ones) does not hash, read back, to what arrived.
 * a new `init_weight_transfer_engine` (after a learner restart or a re-registration) starts
-  from a fresh receiver: no store connection or group survives it.
+  from a fresh receiver: no store connection or group survives it (a receive still running on
+  the old one finishes by its own deadline and is discarded).
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,13 +57,17 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+from vllm.model_executor.layers.attention import is_deferred_attention_layer
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-from actor.weights import WeightReceiver
-from common.weightsync import torch_dtype
-from common.wire import WeightAnnounce
+from actor.weights import Expected, WeightReceiver, expected_installed, installed_mismatches
+from common.weightsync import WeightSyncError, torch_dtype
+from common.wire import WeightAnnounce, WireError, decode_message
 
 BACKEND = "treerpo"  # actor/vllm_engine.py TRANSFER_BACKEND
+JOIN_GRACE_S = 5.0  # beyond the announcement's deadline: the receive's own waits end by it
+LISTEN_POLL_MS = 200  # how often a listening stager checks whether it was closed
 
 
 def register() -> None:
@@ -72,15 +88,142 @@ def refresh_tied_lm_head(model: torch.nn.Module) -> bool:
     return True
 
 
+def unloaded_layers(model: torch.nn.Module) -> list[str]:
+    """Layers with parameters that received none of the weights loaded since
+    `initialize_layerwise_reload` (call it before `finalize_layerwise_reload`, which would put their
+    old weights back with only a log line). Not counted: attention layers (vLLM finalizes them
+    apart; their scales are optional), layers without parameters (a rotary cache is a buffer), and a
+    layer whose parameters are all shared with one that did load (a tied LM head)."""
+    layers = []
+    for name, layer in model.named_modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is None or not info.can_load() or info.kernel_tensors is None:
+            continue
+        params = [t for t in info.kernel_tensors[0].values() if t.numel()]
+        layers.append((name, layer, info, params))
+    loaded = {id(t) for _, _, info, params in layers if info.load_numel > 0 for t in params}
+    return [name for name, layer, info, params in layers
+            if info.load_numel <= 0 and not is_deferred_attention_layer(layer)
+            and any(id(t) not in loaded for t in params)]
+
+
 @torch.no_grad()
-def load_layerwise(model: torch.nn.Module, model_config: Any, named: list[tuple[str, torch.Tensor]]) -> None:
-    """Install HF-named tensors the way vLLM's own weight-transfer engines do (layerwise reload)."""
+def load_layerwise(model: torch.nn.Module, model_config: Any, named: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Install HF-named tensors the way vLLM's own weight-transfer engines do (layerwise reload);
+    returns the layers that received none of them (`unloaded_layers`: they keep their old weights)."""
     initialize_layerwise_reload(model)
     try:
         model.load_weights(iter(named))
+        unloaded = unloaded_layers(model)
     finally:
         finalize_layerwise_reload(model, model_config)
     refresh_tied_lm_head(model)
+    return unloaded
+
+
+class Stager:
+    """Receives the syncs of one transfer engine into staging buffers (`WeightReceiver`), and notes
+    what the model's 1:1 parameters must hold once they are installed (`expected_installed`).
+
+    With a `channel` (the actor's private ZeroMQ PAIR address) a thread of its own listens there:
+    each `WeightAnnounce` (the wire's encoding, validated on decode) is received at once, while
+    generation goes on, and answered with a JSON line {"sync_id", "error": "" or the failure's
+    text with its `[reason]`}. The thread touches neither vLLM's RPC queues nor the model's
+    weights: an RPC while generating competes with the engine's own traffic, and the install is
+    `take`n in the pause. Without a channel, or for a sync nobody announced there, `take` receives
+    inline. One receive at a time; the thread owns the receiver while it runs."""
+
+    def __init__(self, receiver: WeightReceiver, model: torch.nn.Module, device: torch.device,
+                 channel: str = "") -> None:
+        self.receiver, self.model, self.device = receiver, model, device
+        self._lock = threading.Condition()
+        self._busy: int | None = None  # the sync being received
+        self._outcome: dict[int, tuple[Any, BaseException | None]] = {}  # sync id -> (staged...) or error
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if channel:
+            self._thread = threading.Thread(target=self._listen, args=(channel,), name="treerpo-receive", daemon=True)
+            self._thread.start()
+
+    def _receive(self, announce: WeightAnnounce) -> tuple[list[tuple[str, torch.Tensor]], Expected, dict[str, Any]]:
+        staged: list[tuple[str, torch.Tensor]] = []
+        checksum, seconds = self.receiver.receive(announce, staged.extend, checksum_received=True)
+        expected = expected_installed(self.model.named_parameters(), staged, self.receiver.last_digests)
+        return staged, expected, {"sync_id": int(announce.sync_id), "version": int(announce.version),
+                                  "checksum": checksum, "receive_s": seconds}
+
+    def _run(self, announce: WeightAnnounce) -> BaseException | None:
+        """Receive `announce` and record the outcome (taken by `take`); returns the error, if any."""
+        sync_id = int(announce.sync_id)
+        with self._lock:
+            self._busy = sync_id
+            self._outcome.clear()  # a staged sync nobody took is superseded
+        try:
+            outcome: tuple[Any, BaseException | None] = (self._receive(announce), None)
+        except BaseException as e:  # noqa: BLE001 - recorded for `take`, and answered on the channel
+            traceback.clear_frames(e.__traceback__)  # the frames may hold the group
+            outcome = (None, e)
+        with self._lock:
+            self._busy = None
+            self._outcome[sync_id] = outcome
+            self._lock.notify_all()
+        return outcome[1]
+
+    def _listen(self, channel: str) -> None:
+        import zmq  # noqa: PLC0415 -- vLLM's own dependency; only a listening stager needs it
+
+        context = zmq.Context()
+        sock = context.socket(zmq.PAIR)
+        sock.linger = 0
+        try:
+            sock.connect(channel)
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # a new thread starts on device 0
+            while not self._stop.is_set():
+                if not sock.poll(LISTEN_POLL_MS):
+                    continue
+                raw = sock.recv()
+                try:
+                    announce = decode_message(raw)
+                    if not isinstance(announce, WeightAnnounce):
+                        raise WireError("bad_kind", f"expected a WeightAnnounce, got {type(announce).__name__}")
+                except (ValueError, TypeError) as e:  # WireError is a ValueError
+                    sock.send(json.dumps({"sync_id": -1, "error": f"[invalid_announce] {e}"}).encode())
+                    continue
+                error = self._run(announce)
+                sock.send(json.dumps({"sync_id": int(announce.sync_id), "error": str(error)[:4000] if error else ""})
+                          .encode())
+        finally:
+            sock.close()
+            context.term()
+            self.receiver.close()
+
+    def take(self, announce: WeightAnnounce) -> tuple[list[tuple[str, torch.Tensor]], Expected, dict[str, Any]]:
+        """The staged outcome of `announce` (waiting, by its deadline, for a receive in progress),
+        received now if nobody began it; raises the receive's error. A channel's driver takes a sync
+        only once the channel answered for it."""
+        sync_id = int(announce.sync_id)
+        with self._lock:
+            ended = self._lock.wait_for(lambda: self._busy != sync_id,
+                                        float(announce.timeout_s) + JOIN_GRACE_S)
+            outcome = self._outcome.pop(sync_id, None)
+            if not ended:
+                raise WeightSyncError("timeout", f"sync {sync_id}: the receive did not end by its deadline")
+        if outcome is None:  # not announced on the channel: receive here, inline
+            self._run(announce)
+            with self._lock:
+                outcome = self._outcome.pop(sync_id)
+        result, error = outcome
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        """Stop listening; the receiver (store connection, kept group, buffers) is closed now, or by
+        the listening thread once a receive in progress ended (by its deadline)."""
+        self._stop.set()
+        if self._thread is None or not self._thread.is_alive():
+            self.receiver.close()
 
 
 @dataclass
@@ -89,6 +232,7 @@ class TreeRPOInitInfo(WeightTransferInitInfo):
     port: int
     timeout_s: float = 60.0
     checksum: bool = True  # weights.checksum
+    channel: str = ""  # the actor's private ZeroMQ PAIR address for announcements (`Stager`); "": none
 
 
 @dataclass
@@ -105,49 +249,59 @@ class TreeRPOTransferEngine(WeightTransferEngine[TreeRPOInitInfo, TreeRPOUpdateI
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
-        self.receiver: WeightReceiver | None = None
-        self.staged: list[tuple[str, torch.Tensor]] | None = None
+        self.stager: Stager | None = None
+        self.staged: list[tuple[str, torch.Tensor]] | None = None  # taken by update_weights, for finish
+        self.expected: Expected = {}
         self.report: dict[str, Any] = {}
 
     def init_transfer_engine(self, init_info: TreeRPOInitInfo) -> None:
         self.shutdown()
-        self.receiver = WeightReceiver(checksum=init_info.checksum, stage_on_host=self.device.type != "cpu")
+        receiver = WeightReceiver(checksum=init_info.checksum, stage_on_host=self.device.type != "cpu")
+        self.stager = Stager(receiver, self.model, self.device, init_info.channel)
 
     def start_weight_update(self) -> None:
-        self.staged, self.report = None, {}
+        self.staged, self.expected, self.report = None, {}, {}
 
     def receive_weights(self, update_info: TreeRPOUpdateInfo) -> None:
-        if self.receiver is None:
+        """Take the announced sync, staged before the pause (received now if it was not)."""
+        if self.stager is None:
             raise RuntimeError("init_weight_transfer_engine must come before update_weights")
-        announce = WeightAnnounce(**update_info.announce)
-        staged: list = []
-        checksum, seconds = self.receiver.receive(announce, staged.extend, checksum_received=True)
-        self.staged = staged
-        self.report = {"sync_id": announce.sync_id, "version": announce.version, "checksum": checksum,
-                       "receive_s": seconds}
+        self.staged, self.expected, self.report = self.stager.take(WeightAnnounce(**update_info.announce))
 
     def finish_weight_update(self) -> None:
         if self.staged is None:
             raise RuntimeError("finish_weight_update without a complete update_weights")
         t0 = time.perf_counter()
         staged, self.staged = self.staged, None
-        load_layerwise(self.model, self.model_config, staged)
+        version = self.report.get("version")
+        unloaded = load_layerwise(self.model, self.model_config, staged)
+        if unloaded:
+            raise WeightSyncError("load", f"version {version}: {len(unloaded)} layers received none of the tensors "
+                                  f"sent (e.g. {unloaded[:3]}); vLLM kept their old weights, so the version was "
+                                  "not switched")
         self.report["load_s"] = time.perf_counter() - t0
+        wrong = installed_mismatches(self.model.named_parameters(), self.expected)
+        if wrong:
+            raise WeightSyncError("load", f"version {version}: {len(wrong)} of the {len(self.expected)} parameters "
+                                  f"checked do not hold what arrived after the install (e.g. {wrong[:3]}), so the "
+                                  "version was not switched")
+        self.report["installed_checked"] = len(self.expected)
+        self.report["install_s"] = time.perf_counter() - t0
 
     def abort(self) -> None:
         self.staged = None
 
     def shutdown(self) -> None:
-        if self.receiver is not None:
-            self.receiver.close()
-        self.receiver, self.staged = None, None
+        if self.stager is not None:
+            self.stager.close()
+        self.stager, self.staged = None, None
 
 
 class TreeRPOWorkerExtension:
     """Mixed into vLLM's worker (`worker_extension_cls`); `self` is the worker."""
 
     def treerpo_sync_report(self) -> dict[str, Any]:
-        """What the latest update received: sync_id, version, checksum, receive_s, load_s."""
+        """What the latest update did: sync_id, version, checksum, receive_s, load_s, installed_checked."""
         return dict(self.weight_transfer_engine.report)
 
     def treerpo_abort_update(self) -> bool:
@@ -159,7 +313,8 @@ class TreeRPOWorkerExtension:
         return True
 
     def treerpo_load_tensors(self, items: list[tuple[str, str, list[int], bytes]]) -> int:
-        """Install (name, dtype, shape, raw bytes) tensors with layerwise reload (`VLLMEngine.load_weights`)."""
+        """Install (name, dtype, shape, raw bytes) tensors with layerwise reload (`VLLMEngine.load_weights`;
+        a subset may be loaded: the layers it leaves out keep their weights)."""
         named = [(name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
                   if raw else torch.empty(shape, dtype=torch_dtype(dtype))) for name, dtype, shape, raw in items]
         with set_current_vllm_config(self.vllm_config):

@@ -49,7 +49,7 @@ Driving it (actor process), on a WeightAnnounce from the control channel::
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -75,6 +75,7 @@ from common.weightsync import (
     secret_key,
     take_group,
     tensor_checksum,
+    tensor_digest,
     torch_dtype,
     unflatten,
 )
@@ -82,6 +83,60 @@ from common.weightsync import (
 LoadFn = Callable[[list[tuple[str, Any]]], Any]
 ReadBackFn = Callable[[], Iterable[tuple[str, Any]]]
 SwapFn = Callable[[list[tuple[str, Any]]], bool]
+Expected = dict[str, tuple[tuple[int, ...], bytes]]  # name -> (shape sent, digest the installed parameter must have)
+
+
+def installed_view(param: Any, shape: Sequence[int]) -> Any:
+    """The part of an engine parameter that holds a sent tensor of `shape` byte for byte, or None.
+
+    That is the whole parameter when the shapes are equal, or its leading rows when only the first
+    dimension grew (vLLM pads an embedding's vocabulary). A fused, sharded or repacked parameter
+    (vLLM's qkv_proj; on CPU a packed GEMM weight reads back with shape [0]) holds it in another
+    layout: None."""
+    shape = tuple(int(s) for s in shape)
+    if tuple(param.shape) == shape:
+        return param
+    if len(shape) >= 1 and param.dim() == len(shape) and tuple(param.shape[1:]) == shape[1:] \
+            and param.shape[0] > shape[0]:
+        return param[:shape[0]]
+    return None
+
+
+def expected_installed(params: Iterable[tuple[str, Any]], staged: Iterable[tuple[str, Any]],
+                       digests: Mapping[str, bytes]) -> Expected:
+    """What the engine's 1:1 parameters (same name, `installed_view`) must hold once `staged` is
+    installed: the digest of what arrived (`digests`, hashed on arrival; else hashed here), of the
+    tensor cast to the parameter's dtype where the two differ (the loader's copy casts the same way)."""
+    held = dict(params)
+    out: Expected = {}
+    for name, t in staged:
+        param = held.get(name)
+        if param is None or installed_view(param, t.shape) is None:
+            continue
+        same = t.dtype == param.dtype
+        out[name] = (tuple(t.shape), digests[name] if same and digests.get(name) else
+                     tensor_digest(t if same else t.to(param.dtype)))
+    return out
+
+
+def installed_mismatches(params: Iterable[tuple[str, Any]], expected: Expected) -> list[str]:
+    """The names of `expected` whose installed parameter does not hold what arrived (read back and
+    hashed after the install; a parameter gone, in another layout or not materialized counts too)."""
+    held = dict(params)
+    bad: list[str] = []
+    hashing = Digests(True)
+    try:
+        for name, (shape, _) in expected.items():
+            param = held.get(name)
+            view = None if param is None else installed_view(param, shape)
+            if view is None or view.device.type == "meta":
+                bad.append(name)
+            else:
+                hashing.add(name, view)
+        got = hashing.result()
+    finally:
+        hashing.close()
+    return sorted(bad + [n for n, d in got.items() if d != expected[n][1]])
 
 
 class WeightReceiver:
@@ -107,6 +162,7 @@ class WeightReceiver:
         self._store_addr: tuple[str, int] | None = None
         self._group: tuple[str, list] | None = None  # (name, keep_group holder) kept for the next sync in it
         self.last_swapped = False  # did the last successful receive install by swap (else by copy)?
+        self.last_digests: dict[str, bytes] = {}  # name -> digest of what arrived (hashed on arrival), last receive
 
     def reset(self) -> None:
         """Forget the store connection and the kept group (the learner restarted: its store is a new one)."""
@@ -156,6 +212,7 @@ class WeightReceiver:
             if e.reason != "invalid_announce":
                 self.reset()  # the store may be gone with its learner: reconnect next time
             raise
+        self.last_digests = digests if early else {}
         swapped = False
         try:
             if swap_fn is not None:

@@ -4,8 +4,10 @@ README "vLLM actors"), CUDA on a GPU machine. One engine serves the whole sessio
 What runs for real: AsyncLLM streaming (each sibling reported as it finishes), log-prob fidelity
 of sampled trees against the learner's recompute, the weight sync through vLLM's weight-transfer
 API with the learner's publisher (checksum, reused group, a failed sync leaving weights intact),
-an in-flight update (a running request continues with the new weights), raw-bytes `load_weights`,
-and vLLM's own metrics. Without vLLM every `vllm` test skips, naming what is missing.
+an in-flight update (a running request continues with the new weights; generation goes on while
+the worker receives, the pause is the install), the check of what was installed (a layer that
+received nothing fails the sync), raw-bytes `load_weights`, and vLLM's own metrics. Without vLLM
+every `vllm` test skips, naming what is missing.
 """
 
 from __future__ import annotations
@@ -76,9 +78,12 @@ def _ref_logprobs(model, context: np.ndarray, tokens: np.ndarray, temperature: f
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens).long()[:, None]).squeeze(1).numpy()
 
 
-def _sync(engine, pub: WeightPublisher, model, version: int, epoch=("test",)):
-    """One learner -> vLLM sync: (prepared, learner result, (checksum, seconds) or the actor's error)."""
-    named = list(model.named_parameters())
+def _sync(engine, pub: WeightPublisher, model, version: int, epoch=("test",), leave_out: str = "",
+          before_broadcast=None):
+    """One learner -> vLLM sync: (prepared, learner result, (checksum, seconds) or the actor's error).
+    `leave_out`: a parameter the learner does not send; `before_broadcast()` runs once the actor
+    has the announcement, before the learner sends anything."""
+    named = [(n, p) for n, p in model.named_parameters() if n != leave_out]
     prepared = pub.prepare(pub.plan(named, version), ["vllm-0"], engine.device.type == "cuda", epoch=epoch)
     got: dict = {}
 
@@ -90,6 +95,8 @@ def _sync(engine, pub: WeightPublisher, model, version: int, epoch=("test",)):
 
     thread = threading.Thread(target=actor)
     thread.start()
+    if before_broadcast is not None:
+        before_broadcast()
     result = pub.broadcast(prepared, named)
     thread.join(120)
     return prepared, result, got.get("ack", got.get("error"))
@@ -352,6 +359,70 @@ def test_inflight_update_running_requests_continue_with_new_weights(vllm_engine,
     print(f"\nin-flight update: generation paused {pause_ms:.1f} ms; samples switched weights at tokens {switches}")
     # a request added after the switch records the new version
     assert vllm_engine.generate([GenerationRequest(ctx, 1, 4, seed=1)]) and vllm_engine.version == 11
+
+
+@pytest.mark.vllm
+def test_generation_goes_on_while_the_worker_receives_and_pauses_only_for_the_install(vllm_engine, vllm_model_dir,
+                                                                                     monkeypatch):
+    """issue 21 (4): the worker received, staged and reloaded inside the pause, so generation stood
+    still for the whole transfer. Now it receives on a thread first: here the learner holds its
+    buckets back until a request submitted after the announcement has finished, and that request
+    finishes while the sync is still receiving; then the pause is the install alone."""
+    _install(vllm_engine, _hf(vllm_model_dir), version=0)
+    params = vllm_engine.sampling_params
+
+    def no_eos(req):  # long enough that an old-style pause, taken at the announcement, freezes it
+        p = params(req)
+        p.ignore_eos, p.stop_token_ids = True, []
+        return p
+
+    monkeypatch.setattr(vllm_engine, "sampling_params", no_eos)
+    generated = threading.Event()
+    during: dict = {}
+
+    def generate_while_receiving():  # runs once the actor has the announcement, before any bucket is sent
+        def run():
+            during["samples"] = vllm_engine.generate([GenerationRequest(_context(vllm_engine), 2, 160, seed=8)])
+            generated.set()
+
+        threading.Thread(target=run, daemon=True).start()
+        during["before_broadcast"] = generated.wait(20)
+
+    pub = WeightPublisher(WeightsConfig(rendezvous_port=0, timeout_s=60), "127.0.0.1")
+    new = _perturbed(vllm_model_dir, seed=5)
+    _, result, ack = _sync(vllm_engine, pub, new, version=1, before_broadcast=generate_while_receiving)
+    pub.close()
+    assert result.ok and isinstance(ack, tuple) and ack[0] == result.checksum, ack
+    assert during["before_broadcast"], "generation stood still while the worker waited for the buckets"
+    assert all(len(s.token_ids) == 160 for s in during["samples"][0])
+    assert vllm_engine.version == 1 and vllm_engine.last_pause_s < vllm_engine.last_receive_s  # the pause: install
+
+
+@pytest.mark.vllm
+def test_a_layer_that_received_nothing_fails_the_sync_and_keeps_the_version(vllm_engine, vllm_model_dir):
+    """issue 21 (7): the ack's checksum covered what arrived, not what was installed, and vLLM's
+    layerwise finalize silently puts a layer's old weights back when it received nothing. A sync
+    that leaves a norm out now fails ('load') with the version unswitched; a full sync then checks
+    every parameter that holds a sent tensor 1:1 (norms, the vocab-padded embedding), read back."""
+    _install(vllm_engine, _hf(vllm_model_dir), version=0)
+    pub = WeightPublisher(WeightsConfig(rendezvous_port=0, timeout_s=30), "127.0.0.1")
+    new = _perturbed(vllm_model_dir, seed=6)
+    _, result, err = _sync(vllm_engine, pub, new, version=1, leave_out="model.layers.1.post_attention_layernorm.weight")
+    assert result.ok  # everything sent arrived, checksum and all: only the install shows the gap
+    assert isinstance(err, WeightSyncError) and err.reason == "load", err
+    assert "post_attention_layernorm" in str(err) and "received none" in str(err), err
+    assert vllm_engine.version == 0
+    _, result, ack = _sync(vllm_engine, pub, new, version=2, epoch=("full",))
+    pub.close()
+    assert result.ok and isinstance(ack, tuple) and ack[0] == result.checksum and vllm_engine.version == 2, ack
+    (report,) = vllm_engine.collective_rpc("treerpo_sync_report")
+    specs = {n: shape for n, shape, _ in vllm_engine.collective_rpc("treerpo_parameter_specs")[0]}
+    norms = [n for n in specs if n.endswith("norm.weight")]
+    assert len(norms) == 5 and specs["model.embed_tokens.weight"][0] > new.config.vocab_size  # padded rows
+    assert report["installed_checked"] == len(norms) + 1  # the norms and the embedding; fused ones are not 1:1
+    ctx = _context(vllm_engine)
+    for s in vllm_engine.generate([GenerationRequest(ctx, 2, 12, temperature=1.0, seed=9)])[0]:
+        np.testing.assert_allclose(s.logprobs, _ref_logprobs(new, ctx, s.token_ids, 1.0), atol=FIDELITY_TOL)
 
 
 @pytest.mark.vllm
