@@ -191,12 +191,13 @@ def nccl_checks(trainer, version: int) -> dict:
     from common.config import WeightsConfig  # noqa: PLC0415
     from common.device import gpu_uuid  # noqa: PLC0415
     from learner.weights import WeightPublisher  # noqa: PLC0415
+    from treerpo.placement import visible_gpus  # noqa: PLC0415
 
     if torch.cuda.device_count() < 2:
         return {"ok": True, "skipped": "one GPU: NCCL needs two devices (run on a 2-GPU machine to check it)"}
     out: dict = {}
     peer_gpu = gpu_uuid(torch.device("cuda", 1))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(_physical(1))}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible_gpus(os.environ)[1]}
     for case, timeout_s in (("receives", 120.0), ("dies_after_meet", 20.0)):
         pub = WeightPublisher(WeightsConfig(backend="auto", rendezvous_port=0, timeout_s=timeout_s), "127.0.0.1",
                               gpu=gpu_uuid(torch.device("cuda", 0)))
@@ -220,11 +221,6 @@ def nccl_checks(trainer, version: int) -> dict:
                          "seconds": round(took, 1), "deadline_s": timeout_s}
     out["ok"] = all(v["ok"] for v in out.values())
     return out
-
-
-def _physical(index: int) -> str:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible.split(",")[index] if visible else str(index)
 
 
 def main(argv=None) -> dict:

@@ -43,14 +43,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.config import load_config  # noqa: E402
 from learner.checkpoint import list_checkpoints  # noqa: E402
-from treerpo.demo import child_env, imported_model_dir, read_metrics  # noqa: E402
+from treerpo.demo import child_env, imported_here, read_metrics  # noqa: E402
 from treerpo.supervisor import Supervisor  # noqa: E402
 from treerpo.tinymodel import build_tiny_model  # noqa: E402
 from treerpo.warmup import WarmupSettings, default_cache_dir, ensure_warm_model  # noqa: E402
@@ -155,12 +154,7 @@ def warm_model(a) -> Path:
         return path
     task = TASKS[a.task]
     if task.warmup is None:  # a real model: imported once into the cache, where `treerpo demo` keeps it
-        out = imported_model_dir(SimpleNamespace(cache_dir=a.cache_dir), task.model)
-        if not (out / "config.json").is_file():
-            from treerpo.modelimport import import_gguf  # noqa: PLC0415
-
-            import_gguf(task.model, out, say=lambda line: print(line, file=sys.stderr))
-        return out
+        return imported_here(task.model, a.cache_dir)
     settings = WarmupSettings(**task.warmup)
     cache = Path(a.cache_dir)
     path, _ = ensure_warm_model(settings, cache, threads=max(1, min(4, os.cpu_count() or 1)))

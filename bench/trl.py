@@ -54,7 +54,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from common.config import load_config  # noqa: E402
 from common.data import PromptSource  # noqa: E402
 from common.rewards import make_reward  # noqa: E402
-from treerpo.demo import child_env, imported_model_dir, read_metrics  # noqa: E402
+from treerpo.demo import child_env, imported_here, read_metrics  # noqa: E402
 from treerpo.supervisor import Supervisor  # noqa: E402
 
 TARGET_TREE = 1.5
@@ -99,12 +99,7 @@ def model_folder(args, work: Path) -> Path:
     path = Path(args.model).expanduser()
     if (path / "config.json").is_file():
         return path
-    out = imported_model_dir(SimpleNamespace(cache_dir=None), args.model)  # where `treerpo demo` keeps it
-    if not (out / "config.json").is_file():
-        from treerpo.modelimport import import_gguf  # noqa: PLC0415
-
-        import_gguf(args.model, out, say=lambda line: print(line, file=sys.stderr))
-    return out
+    return imported_here(args.model)  # where `treerpo demo` keeps it
 
 
 def job_config(args, arm: str, model: Path, run_dir: Path):

@@ -37,6 +37,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from rich.console import Console
@@ -345,6 +346,17 @@ def imported_model_dir(args, src: str) -> Path:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(src).stem if src.endswith(".gguf") else src).strip("-")
     return cache / "models" / f"{slug}-{hashlib.sha256(str(Path(src).resolve()).encode()).hexdigest()[:8]}"
+
+
+def imported_here(src: str, cache_dir: str | None = None) -> Path:
+    """`src` (a GGUF path or a package name) imported into the cache once, in this process (the
+    benches; the demo imports in a child process): the folder `imported_model_dir` names."""
+    out = imported_model_dir(SimpleNamespace(cache_dir=cache_dir), src)
+    if not (out / "config.json").is_file():
+        from treerpo.modelimport import import_gguf  # noqa: PLC0415 -- gguf only when importing
+
+        import_gguf(src, out, say=lambda line: print(line, file=sys.stderr))
+    return out
 
 
 def model_parameters(path: Path) -> int:
