@@ -15,11 +15,22 @@ One implementation for `treerpo up` (treerpo/supervisor.py) and deploy/scripts/l
 * HF actors (and the learner) allocate as they go: they take no share, but they count as sharing
   a GPU for the backend check. GPUs are compared by the names `up.devices` gives them; the
   learner compares the GPUs' UUIDs at run time (common.weightsync.resolve_backend).
+* Cores, for vLLM on its CPU backend: left alone (VLLM_CPU_OMP_THREADS_BIND=auto), every vLLM CPU
+  worker pins itself to the same first cores of the host (vLLM plans for one instance per
+  host), so k >= 2 vLLM CPU actors share one core and, since an idle worker spins on it (its
+  shared-memory queue's `sched_yield` loop), one can starve another's start-up for minutes. So
+  `plan_cpu_binds` gives each of them `VLLM_CPU_OMP_THREADS_BIND` of its own: the host's allowed
+  CPUs cut into k equal slices, actor i bound to its slice less its last CPU (left, as vLLM's own
+  `auto` leaves one, for its engine-core process); with fewer than 2 CPUs per actor, `nobind`
+  (the OS schedules them). Not when `up.cpus` pins the actors (vLLM binds inside each one's set)
+  nor when the operator set VLLM_CPU_OMP_THREADS_BIND (`host_cpus` gives None then).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +39,7 @@ from common.config import ConfigError, JobConfig
 # Below a tenth of a GPU a vLLM instance holds little KV cache beyond its weights and activations:
 # one actor batches its requests itself, so fewer actors (or more GPUs) serve better.
 MIN_VLLM_SHARE = 0.1
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU backend: the cores its worker's threads pin to
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class Placement:
     devices: str | None  # its CUDA_VISIBLE_DEVICES; None = `up`'s own (inherit)
     gpu: str | None  # the GPU it computes on (the first it sees); None = none
     overrides: tuple[str, ...] = ()  # dotted config overrides it starts with ("actor.gpu_memory_utilization=0.425")
+    env: tuple[tuple[str, str], ...] = ()  # environment it starts with, beyond its GPUs (VLLM_CPU_OMP_THREADS_BIND)
 
 
 def visible_gpus(env: dict[str, str], proc_root: Path = Path("/proc/driver/nvidia/gpus")) -> list[str]:
@@ -55,6 +68,23 @@ def visible_gpus(env: dict[str, str], proc_root: Path = Path("/proc/driver/nvidi
         return [str(i) for i in range(sum(1 for _ in proc_root.iterdir()))]
     except OSError:
         return []
+
+
+def host_cpus(env: Mapping[str, str]) -> list[int] | None:
+    """The CPUs this process may run on, for `plan_cpu_binds`; None when the operator chose vLLM's
+    binding (VLLM_CPU_OMP_THREADS_BIND set): theirs is kept."""
+    if CPU_BIND_ENV in env:
+        return None
+    return sorted(os.sched_getaffinity(0))
+
+
+def plan_cpu_binds(num: int, cpus: list[int]) -> list[str]:
+    """VLLM_CPU_OMP_THREADS_BIND for each of `num` vLLM CPU actors on a host whose allowed CPUs are
+    `cpus` (module docstring): disjoint slices less their last CPU, else 'nobind'."""
+    per = len(cpus) // num
+    if per < 2:
+        return ["nobind"] * num
+    return [",".join(str(c) for c in cpus[i * per:(i + 1) * per - 1]) for i in range(num)]
 
 
 def plan_devices(devices: str | list[str], visible: list[str], num_actors: int) -> tuple[str | None, list[str | None]]:
@@ -79,10 +109,12 @@ def _gpu_of(devices: str | None, visible: list[str]) -> str | None:
     return devices.split(",")[0] or None
 
 
-def plan_placement(cfg: JobConfig, visible: list[str], num_actors: int) -> tuple[Placement, list[Placement]]:
+def plan_placement(cfg: JobConfig, visible: list[str], num_actors: int,
+                   cpus: list[int] | None = None) -> tuple[Placement, list[Placement]]:
     """(learner, [actor i]): each child's GPUs and, where vLLM actors share a GPU, their memory
-    share (module docstring); ConfigError when a share would be too small or NCCL would meet a
-    shared GPU."""
+    share, and where vLLM actors share the host's CPUs, their cores (`cpus`: the host's allowed
+    CPUs, `host_cpus`; None: no binding planned) (module docstring); ConfigError when a share would
+    be too small or NCCL would meet a shared GPU."""
     learner_devices, actor_devices = plan_devices(cfg.up.devices, visible, num_actors)
     on_gpu = cfg.model.device != "cpu"  # the learner and HF actors; vLLM runs on the GPU it sees
     learner_gpu = _gpu_of(learner_devices, visible) if on_gpu else None
@@ -120,18 +152,26 @@ def plan_placement(cfg: JobConfig, visible: list[str], num_actors: int) -> tuple
                     + (" or lower up.learner_memory_fraction" if with_learner else ""))
             shares[gpu] = share
 
+    binds: dict[int, str] = {}  # actor index -> VLLM_CPU_OMP_THREADS_BIND
+    on_cpu = [i for i, g in enumerate(actor_gpus) if vllm and g is None]
+    if len(on_cpu) >= 2 and cpus and cfg.up.cpus is None:
+        binds = dict(zip(on_cpu, plan_cpu_binds(len(on_cpu), cpus), strict=True))
+
     learner = Placement("learner", learner_devices, learner_gpu)
     actors = [Placement(f"actor-{i}", d, g,
-                        (f"actor.gpu_memory_utilization={shares[g]}",) if g in shares else ())
+                        (f"actor.gpu_memory_utilization={shares[g]}",) if g in shares else (),
+                        ((CPU_BIND_ENV, binds[i]),) if i in binds else ())
               for i, (d, g) in enumerate(zip(actor_devices, actor_gpus, strict=True))]
     return learner, actors
 
 
 def format_plan(learner: Placement, actors: list[Placement]) -> str:
-    """One line per child, `NAME [CUDA_VISIBLE_DEVICES=...] [KEY=VALUE ...]` (no CUDA_VISIBLE_DEVICES:
-    it inherits), read by deploy/scripts/launch_local.sh."""
+    """One line per child, `NAME [CUDA_VISIBLE_DEVICES=...] [ENV_NAME=VALUE ...] [dotted.key=VALUE ...]`
+    (no CUDA_VISIBLE_DEVICES: it inherits; environment names are upper case, config keys lower
+    case), read by deploy/scripts/launch_local.sh."""
     lines = []
     for p in (learner, *actors):
-        words = [p.name] + ([] if p.devices is None else [f"CUDA_VISIBLE_DEVICES={p.devices}"]) + list(p.overrides)
+        words = ([p.name] + ([] if p.devices is None else [f"CUDA_VISIBLE_DEVICES={p.devices}"])
+                 + [f"{k}={v}" for k, v in p.env] + list(p.overrides))
         lines.append(" ".join(words))
     return "\n".join(lines) + "\n"

@@ -42,7 +42,7 @@ from pathlib import Path
 from common.config import JobConfig, dump_config, load_config
 from common.errors import EXIT_CHILD_FAILED
 from common.rundir import ENDPOINTS, actor_info_path, logs_dir, read_json, wait_for_json
-from treerpo.placement import Placement, format_plan, plan_placement, visible_gpus
+from treerpo.placement import Placement, format_plan, host_cpus, plan_placement, visible_gpus
 
 PR_SET_PDEATHSIG = 1
 
@@ -207,22 +207,26 @@ class Supervisor:
     def placement(self, name: str) -> Placement:
         """Where a child runs (treerpo.placement), planned for every actor started so far or due."""
         index = 0 if name == "learner" else int(name.rsplit("-", 1)[-1]) + 1
-        learner, actors = plan_placement(self.cfg, visible_gpus(self.env),
-                                         max(self.num_actors, len(self.actors), index))
+        learner, actors = self.plan(max(self.num_actors, len(self.actors), index))
         return learner if name == "learner" else actors[index - 1]
 
+    def plan(self, num_actors: int) -> tuple[Placement, list[Placement]]:
+        return plan_placement(self.cfg, visible_gpus(self.env), num_actors, host_cpus(self.env))
+
     def child_env(self, name: str) -> dict[str, str]:
-        """The environment a child starts with: `up`'s, with the child's GPUs."""
+        """The environment a child starts with: `up`'s, with the child's GPUs (and, for a vLLM CPU
+        actor beside others, its cores)."""
         env = dict(self.env)
-        devices = self.placement(name).devices
-        if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices
+        placement = self.placement(name)
+        if placement.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = placement.devices
+        env.update(placement.env)
         return env
 
     def start(self, startup_timeout_s: float = 600.0) -> dict:
         logs = logs_dir(self.run_dir)
-        learner, actors = plan_placement(self.cfg, visible_gpus(self.env), self.num_actors)  # refused: nothing starts
-        if learner.devices is not None or any(a.overrides for a in actors):
+        learner, actors = self.plan(self.num_actors)  # refused: nothing starts
+        if learner.devices is not None or any(a.overrides or a.env for a in actors):
             self.on_event("placement: " + "; ".join(format_plan(learner, actors).splitlines()))
         (self.run_dir / ENDPOINTS).unlink(missing_ok=True)
         learner_cpus, actor_cpus = plan_cpus(self.cfg.up.cpus, self.num_actors)
@@ -378,8 +382,8 @@ def _wait(child: Child, timeout_s: float) -> int | None:
 def run_up(args) -> int:
     cfg = load_config(args.config or ["demo"], args.overrides)
     if args.plan:  # where each child would run; nothing starts
-        sys.stdout.write(format_plan(*plan_placement(cfg, visible_gpus(dict(os.environ)),
-                                                     args.num_actors or cfg.actor.num_actors)))
+        num_actors = args.num_actors or cfg.actor.num_actors
+        sys.stdout.write(format_plan(*plan_placement(cfg, visible_gpus(os.environ), num_actors, host_cpus(os.environ))))
         return 0
     run_dir = Path(args.run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)

@@ -27,29 +27,35 @@ READY_TIMEOUT_S="${READY_TIMEOUT_S:-600}"
 
 common_sets="run_dir=$RUN_DIR transport.bind_host=127.0.0.1 transport.learner_host=127.0.0.1 metrics.host=127.0.0.1"
 
-# where each process runs: `treerpo up --plan` prints `NAME [CUDA_VISIBLE_DEVICES=...] [KEY=VALUE...]`
+# where each process runs: `treerpo up --plan` prints `NAME [CUDA_VISIBLE_DEVICES=...] [ENV_NAME=VALUE...]
+# [dotted.key=VALUE...]` (environment names upper case: a vLLM CPU actor's cores)
 plan_args=(up --plan --num-actors "$NUM_ACTORS")
 read -r -a configs <<< "$TREERPO_CONFIG"
 for c in "${configs[@]}"; do plan_args+=(--config "$c"); done
 read -r -a user_sets <<< "${TREERPO_SET:-}"
 for s in ${user_sets[@]+"${user_sets[@]}"}; do plan_args+=(--set "$s"); done
 plan="$(treerpo "${plan_args[@]}")"  # a placement that cannot fit ends the script here (exit 2)
-declare -A gpus=() sets=()  # NAME -> CUDA_VISIBLE_DEVICES (absent: inherit), NAME -> its overrides
+declare -A gpus=() envs=() sets=()  # NAME -> CUDA_VISIBLE_DEVICES (absent: inherit), its environment, its overrides
 while read -r -a words; do
   for w in "${words[@]:1}"; do
     case "$w" in
       CUDA_VISIBLE_DEVICES=*) gpus[${words[0]}]="${w#*=}" ;;
+      [A-Z]*=*) envs[${words[0]}]+=" $w" ;;
       *) sets[${words[0]}]+=" $w" ;;
     esac
   done
 done <<< "$plan"
 
-# child_env NAME EXTRA_SETS: NAME's launch-script environment, in env_args: its GPUs, and the common
+# child_env NAME EXTRA_SETS: NAME's launch-script environment, in env_args: its GPUs, its planned
+# environment, and the common
 # overrides, EXTRA_SETS, the user's TREERPO_SET, then NAME's own (last, so its memory share wins)
 child_env() {
   env_args=("TREERPO_CONFIG=$TREERPO_CONFIG" "TREERPO_SET=$common_sets $2 ${TREERPO_SET:-}${sets[$1]:-}")
   if [[ "$1" != learner ]]; then env_args+=("ACTOR_ID=$1"); fi
   if [[ -n "${gpus[$1]+set}" ]]; then env_args+=("CUDA_VISIBLE_DEVICES=${gpus[$1]}"); fi
+  local planned
+  read -r -a planned <<< "${envs[$1]:-}"
+  env_args+=(${planned[@]+"${planned[@]}"})
 }
 actor_sets() { echo "metrics.actor_port=$((METRICS_BASE + 1 + $1)) actor.seed=$1"; }
 
@@ -58,7 +64,7 @@ if [[ "${TREERPO_DRY_RUN:-0}" == 1 ]]; then  # each process's GPUs and command (
   echo "learner: ${gpus[learner]+CUDA_VISIBLE_DEVICES=${gpus[learner]} }$(env "${env_args[@]}" "$HERE/launch_learner.sh")"
   for (( i=0; i<NUM_ACTORS; i++ )); do
     child_env "actor-$i" "$(actor_sets "$i")"
-    echo "actor-$i: ${gpus[actor-$i]+CUDA_VISIBLE_DEVICES=${gpus[actor-$i]} }$(env "${env_args[@]}" "$HERE/launch_actor.sh")"
+    echo "actor-$i: ${gpus[actor-$i]+CUDA_VISIBLE_DEVICES=${gpus[actor-$i]} }${envs[actor-$i]:+${envs[actor-$i]# } }$(env "${env_args[@]}" "$HERE/launch_actor.sh")"
   done
   exit 0
 fi

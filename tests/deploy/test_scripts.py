@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.monitoring import DEPLOY, REPO
 from tests.support.tools import require_tool, run
+from treerpo.placement import plan_cpu_binds
 
 SCRIPTS = sorted((DEPLOY / "scripts").glob("*.sh"))
 
@@ -89,3 +90,11 @@ def test_launch_local_places_each_process_as_up_does(tmp_path):
     assert crowded.returncode == 2 and not crowded.stdout
     assert "treerpo up: 5 vLLM actors on GPU '0' would get 0.090 of it each" in crowded.stderr
     assert not (tmp_path / "run").exists()
+    # vLLM on its CPU backend: each actor starts with the cores `up` gives it (treerpo.placement.plan_cpu_binds)
+    cpu_env = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    out = launch("launch_local.sh", {**cpu_env, "TREERPO_SET": "actor.engine=vllm"})
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
+    binds = plan_cpu_binds(2, sorted(os.sched_getaffinity(0)))
+    assert [lines[f"actor-{i}"].split()[0] for i in range(2)] == [f"VLLM_CPU_OMP_THREADS_BIND={b}" for b in binds]
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in lines["learner"]

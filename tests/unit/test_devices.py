@@ -12,7 +12,16 @@ import pytest
 from common.config import ConfigError, WeightsConfig, load_config
 from common.weightsync import resolve_backend
 from learner.weights import WeightPublisher
-from treerpo.placement import MIN_VLLM_SHARE, format_plan, plan_devices, plan_placement, visible_gpus
+from treerpo.placement import (
+    CPU_BIND_ENV,
+    MIN_VLLM_SHARE,
+    format_plan,
+    host_cpus,
+    plan_cpu_binds,
+    plan_devices,
+    plan_placement,
+    visible_gpus,
+)
 from treerpo.supervisor import Child, Supervisor, parse_cpus, plan_cpus
 
 
@@ -139,6 +148,42 @@ def test_the_plan_prints_one_line_per_child():
     assert format_plan(*plan_placement(load_config("demo", ["up.devices=['', '0']"]), [], 1)) == (
         "learner CUDA_VISIBLE_DEVICES=\nactor-0 CUDA_VISIBLE_DEVICES=0\n")
     assert format_plan(*plan_placement(cfg, [], 1)) == "learner\nactor-0\n"  # no GPU: both inherit
+
+
+@pytest.mark.parametrize(("num", "cpus", "binds"), [
+    (2, [0, 1], ["nobind", "nobind"]),  # this machine: under 2 CPUs each, the OS schedules them
+    (2, [0, 1, 2, 3], ["0", "2"]),  # a slice each, less its last CPU (the engine core's)
+    (2, list(range(16)), ["0,1,2,3,4,5,6", "8,9,10,11,12,13,14"]),
+    (3, [4, 5, 6, 7, 9, 11, 12], ["4", "6", "9"]),  # the allowed CPUs, in order; the spare one unused
+    (4, list(range(7)), ["nobind"] * 4),
+])
+def test_vllm_cpu_actors_get_disjoint_cores(num, cpus, binds):
+    assert plan_cpu_binds(num, cpus) == binds
+
+
+def test_only_vllm_cpu_actors_beside_others_are_bound_and_never_against_the_operator(tmp_path):
+    # vLLM's own `auto` pins every CPU worker of a host to the same first cores: two of them met on
+    # core 0 and one starved the other's start-up for minutes (the 2-actor vLLM system test hung in CI)
+    vllm = load_config("demo", ["actor.engine=vllm"])
+    _, actors = plan_placement(vllm, [], 2, [0, 1, 2, 3])
+    assert [a.env for a in actors] == [((CPU_BIND_ENV, "0"),), ((CPU_BIND_ENV, "2"),)]
+    assert format_plan(*plan_placement(vllm, [], 2, [0, 1, 2, 3])) == (
+        f"learner\nactor-0 {CPU_BIND_ENV}=0\nactor-1 {CPU_BIND_ENV}=2\n")
+    assert plan_placement(vllm, [], 1, [0, 1, 2, 3])[1][0].env == ()  # alone: vLLM's auto is right
+    assert all(a.env == () for a in plan_placement(vllm, ["0"], 2, [0, 1, 2, 3])[1])  # on a GPU
+    assert all(a.env == () for a in plan_placement(vllm, [], 2, None)[1])  # the operator's binding
+    assert all(a.env == () for a in plan_placement(load_config("demo", []), [], 2, [0, 1, 2, 3])[1])  # HF
+    pinned = load_config("demo", ["actor.engine=vllm", "up.cpus=['0', '1', '2']"])
+    assert all(a.env == () for a in plan_placement(pinned, [], 2, [0, 1, 2, 3])[1])  # vLLM binds inside up.cpus
+    assert host_cpus({CPU_BIND_ENV: "0-3"}) is None
+    assert host_cpus({}) == sorted(os.sched_getaffinity(0))
+
+    sup = Supervisor(vllm, tmp_path, 2, env={"X": "1"}, on_event=lambda m: None)
+    want = plan_cpu_binds(2, sorted(os.sched_getaffinity(0)))
+    assert [sup.child_env(f"actor-{i}").get(CPU_BIND_ENV) for i in range(2)] == want
+    assert CPU_BIND_ENV not in sup.child_env("learner")
+    mine = Supervisor(vllm, tmp_path, 2, env={CPU_BIND_ENV: "nobind"}, on_event=lambda m: None)
+    assert {mine.child_env(f"actor-{i}")[CPU_BIND_ENV] for i in range(2)} == {"nobind"}
 
 
 A, B, C = (f"GPU-{n}2345678-1234-1234-1234-123456789abc" for n in "abc")
