@@ -24,6 +24,17 @@ and stop rules) into `Sample`s. Guarantees every engine gives:
   `node_finish`);
 * `engine.version` is the weight version the engine holds; `load_weights` bumps it.
 
+Weight sync (design §6). `receive_weights(announce)` is the whole of an engine's part in a sync
+(the actor only routes announcements and acks): join the announced group, receive, check the
+seal, install, set `version`, and return `Installed` (the checksum of what the engine holds, or
+of what arrived where it cannot read its weights back, and the generation pause, where the engine
+generates through the install); on any failure `WeightSyncError`, with weights and version as
+they were (vLLM: the version as it was). The HF engine receives in the calling thread into
+staging buffers with `weightsync.receiver.WeightReceiver` and adopts them under its lock; the vLLM
+engine receives in its worker while generation goes on and pauses only to install
+(actor/vllm_engine.py). `reset_weight_transfer()` forgets the group and store kept between syncs
+(a new registration may mean a new learner); `close()` releases the engine.
+
 Streaming (continuous batching). `open_stream(engine, seed)` returns an `EngineStream`: requests
 are `add`ed at any time and `step()` advances generation, reporting each sample as soon as it
 finishes (a `StreamResult`) with the engine version read when its request was admitted. A
@@ -109,23 +120,43 @@ class Sample:
                                   "tokens")
 
 
+@dataclass(frozen=True)
+class Installed:
+    """A weight sync an engine received and installed (`Engine.receive_weights`)."""
+
+    checksum: str  # weightsync.seal.tensor_checksum of what the engine holds (vLLM: of what arrived)
+    seconds: float  # this side's whole sync: rendezvous, receive, install
+    pause_s: float | None = None  # generation paused for the install; None: not measured (HF: between steps)
+    kept: int = 0  # requests that stayed in flight through the pause
+
+
 @runtime_checkable
 class Engine(Protocol):
     version: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     tokenizer: Any
+    device: torch.device
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Sample]]:
         """One list of `request.n` samples per request, in request order."""
         ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Copy the tensors into the live weights, then set `self.version = version`."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> Any:
+        """Install tensors held in this process (tests, tools), then set `self.version = version`."""
         ...
 
-    def named_parameters_for_sync(self) -> list[tuple[str, torch.Tensor]]:
-        """The live parameters, for an in-place receive (HF only)."""
+    def receive_weights(self, announce: Any) -> Installed:
+        """Take part in the announced sync (a common.wire.WeightAnnounce): receive, check, install,
+        set the version; WeightSyncError otherwise (module docstring)."""
+        ...
+
+    def reset_weight_transfer(self) -> None:
+        """Forget the sync group and store kept between syncs (a new registration)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the engine holds (vLLM: its engine-core and worker processes)."""
         ...
 
 
@@ -153,6 +184,14 @@ class EngineStream(Protocol):
         """True while any request is queued or running."""
         ...
 
+    def free_rows(self) -> int | None:
+        """Sample rows the engine could start now without queueing (None: no limit known)."""
+        ...
+
+    def close(self) -> None:
+        """Drop the requests still in flight (the caller stopped early)."""
+        ...
+
 
 class GenerateStream:
     """`EngineStream` over any engine's `generate`: a step is one call over all queued requests.
@@ -171,6 +210,12 @@ class GenerateStream:
 
     def busy(self) -> bool:
         return bool(self._queue)
+
+    def free_rows(self) -> int | None:
+        return None  # each step is one generate call over whatever is queued
+
+    def close(self) -> None:
+        self._queue = []
 
     def step(self) -> list[StreamResult]:
         queued, self._queue = self._queue, []

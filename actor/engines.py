@@ -44,7 +44,7 @@ def make_engine(cfg: JobConfig | ModelConfig, actor: ActorConfig | None = None, 
         )
     seed = actor.seed if seed is None else seed
     if actor.engine == "hf":
-        return HFEngine(model_cfg, actor, seed=seed)
+        return HFEngine(model_cfg, actor, seed=seed, checksum=checksum)
     if actor.engine == "vllm":
         require_vllm()
         return VLLMEngine(model_cfg, actor, seed=seed, checksum=checksum)

@@ -14,7 +14,11 @@ Guarantees (on top of actor/engine.py's contract):
   request's samples depend on its batch mates too;
 * stop strings are found by decoding only the last `len(stop) + 1` generated tokens;
 * `generate`, `load_weights`, `swap_in` and every stream step hold the engine's `lock`, so
-  weights never change inside a forward.
+  weights never change inside a forward;
+* weight syncs (`receive_weights`): `weightsync.receiver.WeightReceiver` receives every bucket
+  into staging buffers in the calling thread while generation goes on, then the engine adopts
+  them as its parameters (`swap_in`, no copy) or copies them (`load_weights`) under its lock,
+  between forwards; the checksum is of the parameters it then holds.
 
 Continuous batching: `open_stream(seed)` returns an `HFStream` (actor/hf_stream.py) over this
 engine. `generate` and the stream decode through the same public surface of the engine (`lock`,
@@ -28,17 +32,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from actor.decoding import DecodeRow, sample_rows
-from actor.engine import EngineError, GenerationRequest, Sample, collect_eos_ids
+from actor.engine import EngineError, GenerationRequest, Installed, Sample, collect_eos_ids
 from actor.hf_stream import HFStream
 from common.device import resolve_device_dtype
 from common.errors import ModelError, one_line
 from common.rundir import check_model_folder
+from weightsync.receiver import WeightReceiver
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.config import ActorConfig, ModelConfig
@@ -47,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 class HFEngine:
     """A transformers `AutoModelForCausalLM` in eval mode behind the Engine protocol."""
 
-    def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, *, seed: int = 0) -> None:
+    def __init__(self, model_cfg: ModelConfig, actor_cfg: ActorConfig, *, seed: int = 0, checksum: bool = True) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 -- loads with a model
 
         self.device, self.dtype = resolve_device_dtype(model_cfg)  # DeviceError names the fix
@@ -75,12 +80,27 @@ class HFEngine:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # for calls without seeds
         self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "forward_calls": 0, "seconds": 0.0}
         self.lock = threading.RLock()  # generate / stream step vs load_weights / swap_in
+        self.receiver = WeightReceiver(checksum=checksum)  # weight syncs (receive_weights)
 
     def _find_eos_ids(self) -> tuple[int, ...]:
         return collect_eos_ids(getattr(self.model.generation_config, "eos_token_id", None),
                                getattr(self.model.config, "eos_token_id", None), self.tokenizer.eos_token_id)
 
     # -- weights -----------------------------------------------------------------------------
+    def receive_weights(self, announce: Any) -> Installed:
+        """One weight sync (module docstring); WeightSyncError leaves weights and version as they were."""
+        version = announce.version
+        checksum, seconds = self.receiver.receive(
+            announce, lambda named: self.load_weights(named, version), read_back=self.named_parameters_for_sync,
+            swap_fn=lambda named: self.swap_in(named, version))
+        return Installed(checksum, seconds)
+
+    def reset_weight_transfer(self) -> None:
+        self.receiver.reset()
+
+    def close(self) -> None:
+        self.receiver.close()
+
     def named_parameters_for_sync(self) -> list[tuple[str, torch.Tensor]]:
         """The live parameters (tied weights once), to receive into in place."""
         return list(self.model.named_parameters())

@@ -98,6 +98,14 @@ class HFStream:
         queued = sum(req.n for req, _, _ in self._queue)
         return max(0, self.engine.max_batch_rows - self.running() - queued)
 
+    def close(self) -> None:
+        """Drop every queued and running request and the batch's cache (the caller stopped early)."""
+        self._queue.clear()
+        self.rows = []
+        self.cache = self.mask = self.pos = self.tok = self.params = None
+        self._forkable.clear()
+        self._parked.clear()
+
     def step(self) -> list[StreamResult]:
         with self.engine.lock, torch.inference_mode():
             started = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Three threads. The *control* thread owns the DEALER socket: it registers (and re-registers when
 the learner restarts or goes silent), heartbeats and takes credits. The *weights* thread receives
-the syncs it announces: into the HF engine between engine calls (the engine lock), into the vLLM
-engine in flight (generation paused, not drained; actor/vllm_engine.py). The *main* thread loops
+the syncs it announces, each handed whole to the engine (`Engine.receive_weights`, actor/engine.py):
+the HF engine stages them and installs between forwards, the vLLM engine in flight (generation
+paused for the install only, not drained; actor/vllm_engine.py). The *main* thread loops
 prompts -> trees -> PUSH, never holding more trees in flight than its credits allow.
 
 Guarantees:
@@ -33,7 +34,6 @@ from pathlib import Path
 from actor.credits import Credits, TreeSender
 from actor.engines import make_engine
 from actor.sampler import TreeSampler
-from actor.weights import WeightReceiver
 from common.config import ConfigError, JobConfig, load_config
 from common.data import PromptSource
 from common.device import gpu_uuid
@@ -41,7 +41,6 @@ from common.metrics import ActorMetrics, MetricsServer, new_registry
 from common.rewards import make_reward
 from common.rundir import ENDPOINTS, actor_info_path, read_json, require_model_path, setup_logging, write_json_atomic
 from common.transport import ActorEndpoints, check_ports_free
-from common.weightsync import WeightSyncError, bound_nccl_setup
 from common.wire import (
     Credit,
     Heartbeat,
@@ -53,22 +52,10 @@ from common.wire import (
     Welcome,
     WireError,
 )
+from weightsync.errors import WeightSyncError
+from weightsync.group import bound_nccl_setup
 
 log = logging.getLogger("treerpo.actor")
-
-
-class LockedEngine:
-    """The engine with every generate call under a lock that weight loads also take."""
-
-    def __init__(self, engine, lock: threading.Lock) -> None:
-        self._engine, self._lock = engine, lock
-
-    def generate(self, requests):
-        with self._lock:
-            return self._engine.generate(requests)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
 
 
 class Actor:
@@ -76,14 +63,12 @@ class Actor:
                  endpoints: dict[str, str]) -> None:
         self.cfg, self.run_dir, self.actor_id = cfg, run_dir, actor_id
         self.stop = threading.Event()
-        self.lock = threading.Lock()  # engine lock: generate vs weight load
         # the reward first: a custom function or dataset that cannot load fails before the model loads
         self.reward = make_reward(cfg.data.reward, cfg.data.reward_timeout_s, cfg.data)
         self.engine = make_engine(cfg, seed=cfg.actor.seed + 1_000_003 * index)
         self.prompts = PromptSource(cfg.data, self.engine.tokenizer, index, num_actors)
-        self.sampler = TreeSampler(LockedEngine(self.engine, self.lock), cfg.tree, self.reward, actor_id,
+        self.sampler = TreeSampler(self.engine, cfg.tree, self.reward, actor_id,
                                    seed=cfg.actor.seed + 7919 * index)
-        self.receiver = WeightReceiver(checksum=cfg.weights.checksum)
         self.registry = new_registry()
         self.metrics = ActorMetrics(self.registry, actor_id, cfg.actor.engine)
         self.server = None
@@ -164,10 +149,7 @@ class Actor:
                 self._learner_lost()
             self.credits.welcome(msg)
             self.weights_ready.clear()
-            self.receiver.reset()  # a (re)registration may mean a new learner with a new store
-            reset_transfer = getattr(self.engine, "reset_weight_transfer", None)
-            if reset_transfer is not None:  # vLLM: its worker's transfer engine holds the store
-                reset_transfer()
+            self.engine.reset_weight_transfer()  # a (re)registration may mean a new learner with a new store
             self.metrics.connected.set(1)
             self.metrics.credits.set(0)
             log.info("registered with learner incarnation %d (version %d, registration %d); credits follow "
@@ -199,43 +181,24 @@ class Actor:
                 continue
             self._outbox.put(self._receive_weights(announce))
 
-    def _load(self, named, version: int) -> None:
-        with self.lock:  # between engine calls: a tree may switch versions between levels
-            self.engine.load_weights(named, version)
-
-    def _swap(self, named, version: int) -> bool:
-        """Adopt the received buffers as the weights, no copy (HF engine); False: copy with _load."""
-        with self.lock:
-            return self.engine.swap_in(named, version)
-
     def _receive_weights(self, announce):
-        """Receive into fresh buffers (no lock held: generation goes on), load under the engine lock.
-
-        vLLM: its worker joins the group itself and the update lands in flight (generation paused,
-        not drained: actor/vllm_engine.py); the pause is measured per sync."""
+        """The engine takes part in the sync (no lock held here: generation goes on while it
+        receives); the ack says what it installed, or why not."""
         try:
-            if hasattr(self.engine, "receive_weights"):
-                checksum, seconds = self.engine.receive_weights(announce)
-                self.metrics.weight_pause_seconds.observe(self.engine.last_pause_s)
+            installed = self.engine.receive_weights(announce)
+            if installed.pause_s is not None:
+                self.metrics.weight_pause_seconds.observe(installed.pause_s)
                 log.info("weights v%d landed in flight: generation paused %.1f ms, %d requests kept running",
-                         announce.version, 1e3 * self.engine.last_pause_s, self.engine.last_pause_requests)
-            else:
-                swap = None
-                if hasattr(self.engine, "swap_in"):  # HF: adopt the received buffers, no copy
-                    swap = lambda named: self._swap(named, announce.version)  # noqa: E731
-                checksum, seconds = self.receiver.receive(
-                    announce, lambda named: self._load(named, announce.version),
-                    read_back=self.engine.named_parameters_for_sync, swap_fn=swap,
-                )
+                         announce.version, 1e3 * installed.pause_s, installed.kept)
         except WeightSyncError as e:
             log.warning("weight sync %d failed: %s", announce.sync_id, e)
             return WeightAck(actor_id=self.actor_id, sync_id=announce.sync_id, version=announce.version, ok=False,
                              checksum="", load_seconds=0.0, error=str(e)[:4000])
-        self.metrics.weights_loaded(announce.version, seconds)
+        self.metrics.weights_loaded(announce.version, installed.seconds)
         self.weights_ready.set()
-        log.info("loaded weights v%d in %.2f s", announce.version, seconds)
+        log.info("loaded weights v%d in %.2f s", announce.version, installed.seconds)
         return WeightAck(actor_id=self.actor_id, sync_id=announce.sync_id, version=announce.version, ok=True,
-                         checksum=checksum, load_seconds=seconds, error="")
+                         checksum=installed.checksum, load_seconds=installed.seconds, error="")
 
     @property
     def incarnation(self) -> int:
@@ -307,9 +270,7 @@ class Actor:
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
         self.net.close()
-        close_engine = getattr(self.engine, "close", None)
-        if close_engine is not None:  # vLLM: its engine-core and worker processes
-            close_engine()
+        self.engine.close()  # vLLM: its engine-core and worker processes
         if self.server is not None:
             # the last word: what /metrics would answer now, for whoever reads the run after this
             # process is gone (a short run can end between two scrapes of `treerpo demo`)

@@ -147,9 +147,7 @@ class TreeSampler:
         try:
             yield from self._grow(engine_stream, source, max_trees_in_flight, call)
         finally:  # also when the caller stops early: requests still in flight are dropped
-            close = getattr(engine_stream, "close", None)
-            if close is not None:
-                close()
+            engine_stream.close()
 
     def _grow(self, engine_stream, source: PromptFn, max_trees_in_flight: int,
               call: int) -> Iterator[tuple[int, Any, ReasoningTree]]:
@@ -160,9 +158,9 @@ class TreeSampler:
         while True:
             if not exhausted:
                 free = max_trees_in_flight - len(trees)
-                room = getattr(engine_stream, "free_rows", None)
+                room = engine_stream.free_rows()
                 if room is not None:  # fill the batch, do not queue prompts behind it
-                    free = min(free, -(-room() // self.cfg.branching[0]))
+                    free = min(free, -(-room // self.cfg.branching[0]))
                 got = source(free) if free > 0 else []
                 if got is None:
                     exhausted = True

@@ -60,6 +60,7 @@ from actor.engine import (
     ENTROPY_TOP_K,
     EngineError,
     GenerationRequest,
+    Installed,
     Sample,
     SampleFinish,
     StreamResult,
@@ -67,8 +68,9 @@ from actor.engine import (
 )
 from common.errors import ModelError, one_line
 from common.rundir import check_model_folder
-from common.weightsync import SYNC_ERROR_REASONS, Deadline, WeightSyncError, dtype_name
 from common.wire import encode_message
+from weightsync.errors import SYNC_ERROR_REASONS, Deadline, WeightSyncError
+from weightsync.layout import dtype_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from common.config import ActorConfig, ModelConfig
@@ -274,8 +276,9 @@ class VLLMEngine:
         return out  # type: ignore[return-value]
 
     # -- weights ---------------------------------------------------------------------------------
-    def receive_weights(self, announce: Any) -> tuple[str, float]:
-        """One weight sync, in flight (module docstring): (checksum of what arrived, seconds).
+    def receive_weights(self, announce: Any) -> Installed:
+        """One weight sync, in flight (module docstring): the checksum of what arrived, the seconds,
+        the generation pause and the requests kept running through it.
 
         Raises WeightSyncError; the engine's version is then unchanged, and so are its weights,
         except when vLLM installed them and then the installed check failed or the prefix cache could
@@ -295,7 +298,7 @@ class VLLMEngine:
         except Exception as e:  # noqa: BLE001 - RPC errors arrive wrapped: keep the worker's reason
             raise _sync_error(e, what) from e
 
-    async def _sync(self, announce: Any, deadline: Deadline) -> tuple[str, float]:
+    async def _sync(self, announce: Any, deadline: Deadline) -> Installed:
         from vllm.distributed.weight_transfer.base import (  # noqa: PLC0415 -- vLLM is optional
             WeightTransferInitRequest,
             WeightTransferUpdateRequest,
@@ -343,7 +346,7 @@ class VLLMEngine:
         finally:
             await llm.resume_generation()
             self.last_pause_s = time.perf_counter() - paused
-        return str(report["checksum"]), deadline.elapsed()
+        return Installed(str(report["checksum"]), deadline.elapsed(), self.last_pause_s, self.last_pause_requests)
 
     def _open_channel(self) -> str:
         """A fresh private channel to the worker's stager (a ZeroMQ PAIR over ipc:// in a directory

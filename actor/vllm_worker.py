@@ -16,7 +16,7 @@ Guarantees of one sync (design §6.6):
   announcement is received at once, while generation goes on, and answered there when it ended.
   The channel bypasses vLLM's engine core: the actor makes no RPC while the worker generates. The
   thread joins the learner's announced sync group (gloo, or NCCL straight onto the worker's GPU)
-  with `actor.weights.WeightReceiver`: the announcement's deadline bounds the rendezvous and every
+  with `weightsync.receiver.WeightReceiver`: the announcement's deadline bounds the rendezvous and every
   bucket, a dead learner fails it, a failure is reported to the learner's store ("alive, but
   failed"), and the checksum is that of what arrived (`weights.checksum`). The announcement's
   secret admits only the learner: the group forms on store values MAC'd with it, and what arrived
@@ -61,9 +61,10 @@ from vllm.model_executor.layers.attention import is_deferred_attention_layer
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-from actor.weights import Expected, WeightReceiver, expected_installed, installed_mismatches
-from common.weightsync import WeightSyncError, torch_dtype
 from common.wire import WeightAnnounce, WireError, decode_message
+from weightsync.errors import WeightSyncError
+from weightsync.layout import torch_dtype
+from weightsync.receiver import Expected, WeightReceiver, expected_installed, installed_mismatches
 
 BACKEND = "treerpo"  # actor/vllm_engine.py TRANSFER_BACKEND
 JOIN_GRACE_S = 5.0  # beyond the announcement's deadline: the receive's own waits end by it

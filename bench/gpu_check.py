@@ -167,9 +167,10 @@ def sync(pub, trainer, engine, version: int, member_gpu: str) -> dict:
 def nccl_peer(args) -> None:
     """A receiver on this process's GPU (the check's second device): joins the announced NCCL group
     and receives, or (--die-after-meet) checks in at the store and dies before the communicator forms."""
-    from actor.weights import WeightReceiver  # noqa: PLC0415
-    from common.weightsync import bound_nccl_setup, connect_store, group_store, meet  # noqa: PLC0415
     from common.wire import WeightAnnounce  # noqa: PLC0415
+    from weightsync.group import bound_nccl_setup, connect_store, meet  # noqa: PLC0415
+    from weightsync.receiver import WeightReceiver  # noqa: PLC0415
+    from weightsync.seal import group_store  # noqa: PLC0415
 
     ann = WeightAnnounce(**json.loads(args.nccl_peer))
     bound_nccl_setup(ann.timeout_s)
@@ -190,8 +191,8 @@ def nccl_checks(trainer, version: int) -> dict:
 
     from common.config import WeightsConfig  # noqa: PLC0415
     from common.device import gpu_uuid  # noqa: PLC0415
-    from learner.weights import WeightPublisher  # noqa: PLC0415
     from treerpo.placement import visible_gpus  # noqa: PLC0415
+    from weightsync.publisher import WeightPublisher  # noqa: PLC0415
 
     if torch.cuda.device_count() < 2:
         return {"ok": True, "skipped": "one GPU: NCCL needs two devices (run on a 2-GPU machine to check it)"}
@@ -236,10 +237,10 @@ def main(argv=None) -> dict:
     from common.config import JobConfig  # noqa: PLC0415
     from common.data import Prompt  # noqa: PLC0415
     from common.device import gpu_uuid  # noqa: PLC0415
-    from common.weightsync import bound_nccl_setup  # noqa: PLC0415
     from learner.trainer import Trainer  # noqa: PLC0415
-    from learner.weights import WeightPublisher  # noqa: PLC0415
     from treerpo.placement import plan_placement, visible_gpus  # noqa: PLC0415
+    from weightsync.group import bound_nccl_setup  # noqa: PLC0415
+    from weightsync.publisher import WeightPublisher  # noqa: PLC0415
 
     checks: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ What runs
 * N synthetic actors (threads of this process; --procs: one process each) and one probe. They
   speak the real protocol through the project's own classes: `common.transport.ActorEndpoints`
   (CURVE PUSH + DEALER), `common.wire` messages (Register, Heartbeat every
-  transport.heartbeat_interval_s, WeightAck, Shutdown) and `actor.weights.WeightReceiver` (every
+  transport.heartbeat_interval_s, WeightAck, Shutdown) and `weightsync.receiver.WeightReceiver` (every
   weight sync, on its own thread as in actor/main.py, installed by swap as the HF engine does).
   An actor sends only while it holds credits and the learner's current weights, and stamps each
   tree with that version and the learner's incarnation. Instead of sampling it replays a pool of
@@ -90,11 +90,9 @@ sys.path.insert(0, str(REPO))
 from wire import level_parents  # noqa: E402 -- bench/ is on sys.path: this script runs from it
 
 from actor.credits import Credits  # noqa: E402
-from actor.weights import WeightReceiver  # noqa: E402
 from common.config import TransportConfig  # noqa: E402
 from common.transport import ActorEndpoints, generate_keys  # noqa: E402
 from common.tree import Node, ReasoningTree, new_tree_id  # noqa: E402
-from common.weightsync import WeightSyncError  # noqa: E402
 from common.wire import (  # noqa: E402
     Credit,
     Heartbeat,
@@ -108,6 +106,8 @@ from common.wire import (  # noqa: E402
     encode_tree,
 )
 from treerpo.tinymodel import build_tiny_model  # noqa: E402
+from weightsync.errors import WeightSyncError  # noqa: E402
+from weightsync.receiver import WeightReceiver  # noqa: E402
 
 TARGET = 0.5
 PROBE_HEARTBEAT_S = 0.1

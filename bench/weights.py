@@ -33,10 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actor.weights import WeightReceiver  # noqa: E402
 from common.config import WeightsConfig  # noqa: E402
-from common.weightsync import Deadline, broadcast_bucket, make_group, wait_work  # noqa: E402
-from learner.weights import SOLO_BYTES, WeightPublisher  # noqa: E402
+from weightsync.buckets import broadcast_bucket, wait_work  # noqa: E402
+from weightsync.errors import Deadline  # noqa: E402
+from weightsync.group import make_group  # noqa: E402
+from weightsync.publisher import SOLO_BYTES, WeightPublisher  # noqa: E402
+from weightsync.receiver import WeightReceiver  # noqa: E402
 
 
 def transformer_shapes(vocab: int, hidden: int, layers: int, ffn: int) -> list[tuple[str, list[int]]]:
@@ -97,7 +99,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--ffn", type=int, default=3072)
     ap.add_argument("--bucket-mb", type=float, default=None, help="default: weights.bucket_mb's default")
-    ap.add_argument("--solo-mb", type=float, default=None, help="default: learner.weights.SOLO_BYTES")
+    ap.add_argument("--solo-mb", type=float, default=None, help="default: weightsync.publisher.SOLO_BYTES")
     ap.add_argument("--modes", default="plain,checksum,copy", help="which treerpo syncs to time")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2, help="syncs before timing (the receiver's two buffer sets)")

@@ -555,7 +555,7 @@ class Register:
     vocab_size: int = bounded(1, _U31)
     has_cuda: bool
     # the GPU it computes on, as nvidia-smi names it ("" = none): processes on one GPU sync over gloo
-    # (NCCL refuses two ranks on one device; common.weightsync.resolve_backend). Optional (added
+    # (NCCL refuses two ranks on one device; weightsync.group.resolve_backend). Optional (added
     # within a version): a Register without it decodes with "" (GPU unknown).
     gpu_uuid: str = text(40, pattern=GPU_UUID_PATTERN, default="")
 
@@ -614,7 +614,7 @@ class WeightAnnounce:
     shapes: list[list[int]] = items(1 << 16, hi=1 << 40)
     dtypes: list[str] = items(1 << 16, max_str=32)
     buckets: list[list[int]] = items(1 << 16, hi=1 << 48)  # [first, end, numel]
-    secret: str = text(64, repr=False)  # hex: keys the group's store values and the seal (common.weightsync)
+    secret: str = text(64, repr=False)  # hex: keys the group's store values and the seal (weightsync.seal)
 
 
 @message

@@ -1,4 +1,4 @@
-"""The import graph of treerpo's four packages: draw it into docs/design.md, check the layering.
+"""The import graph of treerpo's five packages: draw it into docs/design.md, check the layering.
 
 Usage (from anywhere; stdlib only, nothing of treerpo is imported):
 
@@ -23,12 +23,13 @@ What counts as an import (read with `ast`, never executed):
 
 Rules (design §1.2):
 
-* layers: common (0) < actor, learner (1) < treerpo (2). A module may import its own package
-  and packages on lower layers only; actor and learner never import each other; nothing in the
-  four packages imports the repository's other top-level folders (tests, bench, deploy, docs);
+* layers: common (0) < weightsync (1) < actor, learner (2) < treerpo (3). A module may import its
+  own package and packages on lower layers only; actor and learner never import each other;
+  nothing in the five packages imports the repository's other top-level folders (tests, bench,
+  deploy, docs);
 * no import cycle between modules (runtime edges: top, lazy, dynamic).
 
-Imports of a module of the four packages that does not exist are listed as warnings.
+Imports of a module of the five packages that does not exist are listed as warnings.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ DESIGN = ROOT / "docs" / "design.md"
 BEGIN = "<!-- import-graph:begin -->"
 END = "<!-- import-graph:end -->"
 
-LAYERS: dict[str, int] = {"common": 0, "actor": 1, "learner": 1, "treerpo": 2}
+LAYERS: dict[str, int] = {"common": 0, "weightsync": 1, "actor": 2, "learner": 2, "treerpo": 3}
 """Package -> floor. An import must go to the same package or a strictly lower floor."""
 
 OUTSIDE = ("tests", "bench", "deploy", "docs")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
@@ -42,7 +41,6 @@ from common.errors import CheckpointError, PortInUse
 from common.metrics import LearnerMetrics, MetricsServer, WeightSyncMetrics, new_registry
 from common.rundir import ENDPOINTS, read_json, require_model_path, setup_logging, write_json_atomic
 from common.transport import LearnerEndpoints, check_ports_free
-from common.weightsync import WeightSyncError, bound_nccl_setup
 from learner.buffer import ReplayBuffer
 from learner.checkpoint import (
     LearnerState,
@@ -55,10 +53,11 @@ from learner.checkpoint import (
 from learner.control import ControlPlane, ControlState
 from learner.ingest import Ingest
 from learner.trainer import Trainer
-from learner.weights import WeightPublisher
+from weightsync.errors import WeightSyncError
+from weightsync.group import bound_nccl_setup
+from weightsync.publisher import WeightPublisher
 
 log = logging.getLogger("treerpo.learner")
-ACK_GRACE_S = 5.0  # after the last bucket: time for members to load, checksum and ack
 STALLED_AFTER_HEARTBEATS = 5  # no tree and no credit anywhere for this many heartbeats: a stall
 
 
@@ -192,39 +191,21 @@ class Learner:
                                           self.control.gpu_uuids(members), epoch=self.control.membership(members))
         for actor_id, announce in zip(prepared.members, prepared.announcements, strict=True):
             self.control.send(actor_id, announce)
-        # one deadline for the whole sync (rendezvous, buckets, acks), with a short grace for the
-        # acks of actors that received everything at the last moment
-        deadline = time.monotonic() + self.cfg.weights.timeout_s
-        result = self.publisher.broadcast(prepared, self.trainer.named_parameters_for_sync())
-        deadline = max(deadline, time.monotonic() + ACK_GRACE_S)
-        acked: dict[str, str | None] = {}  # actor -> None (confirmed) or the failure reason
-        ack_checksums: dict[str, str] = {}
-        waiting = set(result.ok_members) | set(result.aborted_members)
-        while waiting - set(acked) and time.monotonic() < deadline:
-            try:
-                ack = self.control.acks.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if ack.actor_id in waiting and ack.sync_id == prepared.sync_id:
-                acked[ack.actor_id] = self.publisher.check_ack(prepared, result, ack)
-                ack_checksums[ack.actor_id] = ack.checksum
-        ok = [a for a in result.ok_members if a in acked and acked[a] is None]
-        for actor_id in ok:
+        outcome = self.publisher.publish(prepared, self.trainer.named_parameters_for_sync(), self.control.acks)
+        result = outcome.result
+        for actor_id in outcome.confirmed:
             self.control.confirm(actor_id, version)
-        if ok:
+        if outcome.confirmed:
             self.control.grant_soon()  # a newly confirmed member's first credits (design §5.6)
-        for actor_id in members:
-            if actor_id in ok:
-                continue
-            if actor_id in result.aborted_members:
-                self.sync_metrics.failed("error")
-                continue  # alive: it stays pending and gets the next sync
-            reason = acked.get(actor_id) or (result.reason if actor_id in result.failed_members else "timeout")
-            self.sync_metrics.failed(reason if reason != "ok" else "timeout")
+        for _ in outcome.kept:  # alive: it stays pending and gets the next sync
+            self.sync_metrics.failed("error")
+        for actor_id, reason in outcome.dropped.items():
+            self.sync_metrics.failed(reason)
             self.control.drop(actor_id, f"weight sync {prepared.sync_id} failed ({reason})")
+        ok = outcome.confirmed
         record = {"sync_id": prepared.sync_id, "version": version, "time": time.time(), "members": members,
                   "confirmed": ok, "checksum": result.checksum, "seconds": result.seconds, "reason": result.reason,
-                  "acks": {a: {"problem": r, "checksum": ack_checksums[a]} for a, r in acked.items()}}
+                  "acks": outcome.acks}
         with open(self.run_dir / "syncs.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if ok:

@@ -14,7 +14,7 @@ One implementation for `treerpo up` (treerpo/supervisor.py) and deploy/scripts/l
   `weights.backend=nccl` with two GPU processes on one GPU (NCCL refuses "Duplicate GPU").
 * HF actors (and the learner) allocate as they go: they take no share, but they count as sharing
   a GPU for the backend check. GPUs are compared by the names `up.devices` gives them; the
-  learner compares the GPUs' UUIDs at run time (common.weightsync.resolve_backend).
+  learner compares the GPUs' UUIDs at run time (weightsync.group.resolve_backend).
 * Cores, for vLLM on its CPU backend: left alone (VLLM_CPU_OMP_THREADS_BIND=auto), every vLLM CPU
   worker pins itself to the same first cores of the host (vLLM plans for one instance per
   host), so k >= 2 vLLM CPU actors share one core and, since an idle worker spins on it (its

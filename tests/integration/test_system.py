@@ -21,9 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from common.metrics import promql_metric_names, series
-from common.weightsync import tensor_checksum
 from learner.checkpoint import find_latest, read_learner_state
-from learner.main import ACK_GRACE_S
 from tests.support.monitoring import dashboard_queries, is_vllm, rule_exprs
 from tests.support.prom_stack import PromStack
 from tests.support.system import (
@@ -40,6 +38,8 @@ from tests.support.system import (
     wait_until,
 )
 from tests.support.tools import require_tool
+from weightsync.publisher import ACK_GRACE_S
+from weightsync.seal import tensor_checksum
 
 
 @dataclass

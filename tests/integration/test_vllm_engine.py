@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from actor.engine import ENTROPY_TOP_K, EngineError, GenerationRequest
+from actor.engine import ENTROPY_TOP_K, Engine, EngineError, GenerationRequest
 from actor.engines import make_engine
 from actor.sampler import TreeSampler
 from actor.vllm_engine import VLLMEngine, require_vllm, vllm_platform
@@ -30,11 +30,11 @@ from common.config import ActorConfig, AdvantageConfig, ModelConfig, TreeConfig,
 from common.data import Prompt
 from common.rewards import make_reward
 from common.sampling import processed_logprobs
-from common.weightsync import WeightSyncError
 from learner.logprobs import token_logprobs
 from learner.packing import pack_trees
-from learner.weights import WeightPublisher
 from tests.support.paths import REPO
+from weightsync.errors import WeightSyncError
+from weightsync.publisher import WeightPublisher
 
 FIDELITY_TOL = 1e-3  # |vLLM processed_logprobs - learner recompute|, float32 on both sides
 
@@ -112,6 +112,7 @@ def test_engine_runs_here_and_reports_its_device(vllm_engine):
     # actor/main.py puts engine.device into Register (has_cuda): a vLLM actor must have one
     assert require_vllm() == vllm_platform() == vllm_engine.device.type
     assert vllm_engine.vocab_size == len(vllm_engine.tokenizer)
+    assert isinstance(vllm_engine, Engine)  # what the actor calls for a sync is declared, not probed
 
 
 @pytest.mark.vllm

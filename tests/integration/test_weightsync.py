@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -28,27 +29,19 @@ import torch
 import zmq
 from transformers import AutoModelForCausalLM
 
-from actor.engine import EngineError, GenerationRequest
+from actor.engine import Engine, EngineError, GenerationRequest, Installed
 from actor.engines import make_engine
-from actor.weights import WeightReceiver
 from common.config import ActorConfig, ModelConfig, WeightsConfig
-from common.weightsync import (
-    Deadline,
-    WeightSyncError,
-    broadcast_bucket,
-    connect_store,
-    flatten_into,
-    make_group,
-    make_seal,
-    new_secret,
-    tensor_checksum,
-    wait_group_drops,
-    wait_work,
-)
 from common.wire import Register, Shutdown, WeightAck, decode_message, encode_message
-from learner.weights import WeightPublisher
 from tests.support.models import hf_engine
 from tests.support.paths import REPO
+from weightsync.buckets import broadcast_bucket, wait_work
+from weightsync.errors import Deadline, WeightSyncError
+from weightsync.group import connect_store, make_group, wait_group_drops
+from weightsync.layout import flatten_into
+from weightsync.publisher import WeightPublisher
+from weightsync.receiver import WeightReceiver
+from weightsync.seal import make_seal, new_secret, tensor_checksum
 
 ACTOR_SCRIPT = REPO / "tests" / "support" / "weightsync_actor.py"
 ROGUE_SCRIPT = REPO / "tests" / "support" / "rogue_store.py"
@@ -304,6 +297,48 @@ def _step(model, scale: float = 0.01) -> None:
             p.add_(torch.randn_like(p) * scale)
 
 
+def test_publish_confirms_right_acks_and_drops_the_rest_with_their_reasons(models):
+    # the whole sync on the learner's side (WeightPublisher.publish: broadcast, then the acks until
+    # the deadline); each member an HF engine taking part through the Engine protocol
+    # (receive_weights -> Installed). a acks what it installed; b acks a checksum it does not hold;
+    # c installs but never acks (an ack of another sync is discarded)
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    _step(learner)
+    engines = {m: hf_engine(models["a0" if m != "b" else "a1"]) for m in ("a", "b", "c")}
+    assert all(isinstance(e, Engine) for e in engines.values())
+    pub = _publisher(timeout_s=3.0)
+    sync = pub.prepare(pub.plan(learner.named_parameters(), 1), ["a", "b", "c"])
+    acks: queue.Queue = queue.Queue()
+    acks.put(WeightAck(actor_id="c", sync_id=sync.sync_id + 1, version=0, ok=True, checksum="0" * 32,
+                       load_seconds=0.0, error=""))
+    installed: dict[str, Installed] = {}
+
+    def member(m: str, announce) -> None:
+        got = installed[m] = engines[m].receive_weights(announce)
+        if m != "c":
+            acks.put(WeightAck(actor_id=m, sync_id=announce.sync_id, version=announce.version, ok=True,
+                               checksum=got.checksum if m == "a" else "f" * 32, load_seconds=got.seconds, error=""))
+
+    threads = [threading.Thread(target=member, args=(m, a), daemon=True)
+               for m, a in zip(sync.members, sync.announcements, strict=True)]
+    for t in threads:
+        t.start()
+    outcome = pub.publish(sync, learner.named_parameters(), acks)
+    for t in threads:
+        t.join(TEST_TIMEOUT_S)
+    sent = tensor_checksum(learner.named_parameters())
+    assert outcome.result.ok and outcome.result.checksum == sent
+    assert outcome.confirmed == ["a"] and outcome.kept == []
+    assert outcome.dropped == {"b": "checksum", "c": "timeout"}
+    assert outcome.acks == {"a": {"problem": None, "checksum": sent},
+                            "b": {"problem": "checksum", "checksum": "f" * 32}}
+    for m in ("a", "b", "c"):  # every engine installed what was sent; the acks decided
+        assert installed[m].checksum == sent and installed[m].pause_s is None
+        assert engines[m].version == 1 and tensor_checksum(engines[m].named_parameters_for_sync()) == sent
+    pub.close()
+
+
 def test_swap_install_bit_exact_zero_copy_ping_pong_and_tied(models):
     torch.set_num_threads(1)
     learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
@@ -358,15 +393,15 @@ def test_a_broadcast_that_fails_to_post_fails_the_sync_and_nothing_else(models, 
     # restarts into the same error; actor: no 'alive, failed' report). Now it is a failed sync
     # (peer_lost) on the side it happens, the other side fails by the group closing or the deadline,
     # the engine keeps its weights, and the next sync goes through bit-exact.
-    import actor.weights  # noqa: PLC0415 -- patched below
-    import learner.weights  # noqa: PLC0415
+    import weightsync.publisher  # noqa: PLC0415 -- patched below
+    import weightsync.receiver  # noqa: PLC0415
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
     engine = hf_engine(models["a0"])
     pub, receiver = _publisher(timeout_s=5.0), WeightReceiver()
     held = _bits(engine.named_parameters_for_sync())
-    module = learner.weights if side == "learner" else actor.weights
+    module = weightsync.publisher if side == "learner" else weightsync.receiver
     real = module.make_group
     monkeypatch.setattr(module, "make_group", lambda *a, **kw: _PostFails(real(*a, **kw), fail_at=1))
     _step(model)
@@ -512,7 +547,7 @@ def test_stream_across_swap_matches_stream_across_copy(models):
 
 _EXIT_DURING_DROP = """
 import sys, time
-from common.weightsync import drop_group_later
+from weightsync.group import drop_group_later
 
 class SlowTeardown:  # stands in for a gloo group: its destructor takes a while
     def __del__(self):
@@ -573,7 +608,7 @@ def test_bounded_device_ring_stages_on_host(models):
     """`stage_on_host` (the vLLM worker on a GPU): buckets pass through a ring of at most
     MAX_IN_FLIGHT wire buffers and are staged in host memory; the checksum is of what arrived.
     On CPU the ring is forced (`ring=True`): the same code path as over NCCL."""
-    from common.weightsync import MAX_IN_FLIGHT  # noqa: PLC0415 -- one constant for this test
+    from weightsync.buckets import MAX_IN_FLIGHT  # noqa: PLC0415 -- one constant for this test
 
     torch.set_num_threads(1)
     learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))

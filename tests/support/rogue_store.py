@@ -82,7 +82,7 @@ def hold(port: int, out: Path) -> list:
 def impersonate(args: argparse.Namespace, out: Path) -> None:
     from transformers import AutoModelForCausalLM  # noqa: PLC0415 -- the rogue knows the architecture
 
-    from common.weightsync import plan_layout  # noqa: PLC0415 -- the public layout rule
+    from weightsync.layout import plan_layout  # noqa: PLC0415 -- the public layout rule
 
     model = AutoModelForCausalLM.from_pretrained(args.model)
     fake = {n: torch.full_like(p, 0.25) for n, p in model.named_parameters()}

@@ -20,9 +20,9 @@ import torch
 import zmq
 from transformers import AutoModelForCausalLM
 
-from actor.weights import WeightReceiver
-from common.weightsync import WeightSyncError
 from common.wire import Register, Shutdown, WeightAck, WeightAnnounce, decode_message, encode_message
+from weightsync.errors import WeightSyncError
+from weightsync.receiver import WeightReceiver
 
 
 def main(argv: list[str]) -> int:

@@ -10,8 +10,6 @@ import sys
 import pytest
 
 from common.config import ConfigError, WeightsConfig, load_config
-from common.weightsync import resolve_backend
-from learner.weights import WeightPublisher
 from treerpo.placement import (
     CPU_BIND_ENV,
     MIN_VLLM_SHARE,
@@ -23,6 +21,8 @@ from treerpo.placement import (
     visible_gpus,
 )
 from treerpo.supervisor import Child, Supervisor, parse_cpus, plan_cpus
+from weightsync.group import resolve_backend
+from weightsync.publisher import WeightPublisher
 
 
 def test_visible_gpus_from_cuda_visible_devices_or_the_driver(tmp_path):
@@ -212,7 +212,7 @@ def test_the_publisher_falls_back_to_gloo_for_a_shared_gpu_and_says_so_once(monk
     pub = WeightPublisher(WeightsConfig(rendezvous_port=0), "127.0.0.1", gpu=A)
     try:
         plan = pub.plan([("w", (4,), "float32")], 1)
-        with caplog.at_level(logging.WARNING, logger="learner.weights"):
+        with caplog.at_level(logging.WARNING, logger="weightsync.publisher"):
             assert pub.prepare(plan, ["a0", "a1"], True, [B, C]).backend == "nccl"
             assert not caplog.records
             for _ in range(2):

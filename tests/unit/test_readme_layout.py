@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("treerpo", "actor", "learner", "common")
+PACKAGES = ("treerpo", "actor", "learner", "common", "weightsync")
 
 
 def layout_block() -> str:

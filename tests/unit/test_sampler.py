@@ -179,7 +179,7 @@ def test_tree_logprob_fidelity(engine, eos_engine, temperature, top_k, top_p):
 
 # -- streaming (no level barrier) -------------------------------------------------------------
 class GenerateOnly:
-    """An engine without a native stream (as vLLM today): the sampler falls back to GenerateStream."""
+    """An engine without a native stream: the sampler falls back to GenerateStream."""
 
     def __init__(self, engine):
         self._engine, self.calls = engine, 0
@@ -269,7 +269,7 @@ class BumpingEngine:
         inner, engine, steps = self._engine.open_stream(seed), self._engine, [0]
 
         class Stream:
-            add, busy = inner.add, inner.busy
+            add, busy, free_rows, close = inner.add, inner.busy, inner.free_rows, inner.close
 
             def step(self):
                 steps[0] += 1

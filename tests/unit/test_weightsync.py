@@ -18,35 +18,24 @@ import torch
 import torch.distributed as dist
 
 from actor.engine import EngineError
-from actor.weights import expected_installed, installed_mismatches, installed_view
 from common.config import WeightsConfig
-from common.weightsync import (
-    NCCL_WATCHDOG_MARGIN_S,
-    SEAL_BYTES,
-    Deadline,
-    SealedStore,
-    WeightSyncError,
-    bound_nccl_setup,
-    check_layout,
-    connect_store,
-    drop_group_later,
-    flatten_into,
-    make_group,
-    make_seal,
-    meet,
-    nccl_options,
-    new_secret,
-    op_timeout,
-    open_seal,
-    plan_layout,
-    tensor_checksum,
-    tensor_digest,
-    unflatten,
-    wait_group_drops,
-)
-from learner.weights import WeightPublisher
 from tests.support.models import hf_engine
 from tests.support.paths import REPO
+from weightsync.buckets import NCCL_WATCHDOG_MARGIN_S, op_timeout
+from weightsync.errors import Deadline, WeightSyncError
+from weightsync.group import (
+    bound_nccl_setup,
+    connect_store,
+    drop_group_later,
+    make_group,
+    meet,
+    nccl_options,
+    wait_group_drops,
+)
+from weightsync.layout import check_layout, flatten_into, plan_layout, unflatten
+from weightsync.publisher import WeightPublisher
+from weightsync.receiver import expected_installed, installed_mismatches, installed_view
+from weightsync.seal import SEAL_BYTES, SealedStore, make_seal, new_secret, open_seal, tensor_checksum, tensor_digest
 
 
 def test_layout_groups_by_dtype_and_splits_by_size():
@@ -223,11 +212,11 @@ class _NcclNeverForms:
 def test_an_nccl_communicator_that_never_forms_fails_the_group_by_its_deadline(monkeypatch):
     # before: the group was handed out unformed and the sync's first bucket blocked in posting,
     # past every deadline (the learner frozen, a vLLM actor's whole engine with it)
-    import common.weightsync as weightsync  # noqa: PLC0415
+    import weightsync.group as group  # noqa: PLC0415
 
     pg = _NcclNeverForms()
-    monkeypatch.setattr(weightsync, "_nccl_group", lambda *args: pg)
-    monkeypatch.setattr(weightsync, "bucket_device", lambda backend: torch.device("cpu"))
+    monkeypatch.setattr(group, "_nccl_group", lambda *args: pg)
+    monkeypatch.setattr(group, "bucket_device", lambda backend: torch.device("cpu"))
     store = _store()
     with pytest.raises(WeightSyncError, match=r"\[timeout\].*communicator did not form"):
         make_group("127.0.0.1", store.port, "g", 0, 1, 0.5, "nccl", secret=new_secret(), store=store)
@@ -247,7 +236,7 @@ def test_bound_nccl_setup_bounds_the_communicator_wait_and_keeps_an_operators_ch
 
 def test_a_kept_group_is_dropped_at_exit_not_left_to_abort_the_interpreter():
     # a group still alive when the interpreter finalizes makes it call std::terminate (SIGABRT)
-    code = ("import torch.distributed as dist; from common.weightsync import connect_store, keep_group, make_group;"
+    code = ("import torch.distributed as dist; from weightsync.group import connect_store, keep_group, make_group;"
             "store = connect_store('127.0.0.1', 0, 10.0, is_master=True);"
             "h = keep_group(make_group('127.0.0.1', store.port, 'g', 0, 1, 10.0, secret='ab' * 32, store=store));"
             "print('kept')")
@@ -302,7 +291,9 @@ def test_seal_binds_secret_sync_version_and_checksum():
 
 _FORGED_GLOO_ADDRESS = """
 import sys
-from common.weightsync import WeightSyncError, connect_store, make_group, new_secret
+from weightsync.errors import WeightSyncError
+from weightsync.group import connect_store, make_group
+from weightsync.seal import new_secret
 store = connect_store("127.0.0.1", 0, 10.0, is_master=True)
 rogue = connect_store("127.0.0.1", store.port, 10.0)
 rogue.set("g/0/1", bytes.fromhex(sys.argv[1]))  # where rank 0's gloo would read rank 1's address

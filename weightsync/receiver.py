@@ -33,17 +33,18 @@ Guarantees:
   (same memory, shape, stride, dtype), otherwise the read-back parameters are hashed. With
   `checksum_received` it is of what arrived (engines that cannot read back, e.g. vLLM).
 
-Driving it (actor process), on a WeightAnnounce from the control channel::
+Driving it: the HF engine's `receive_weights` (actor/hf_engine.py), on a WeightAnnounce the
+actor's weights thread hands it::
 
-    try:
-        checksum, seconds = receiver.receive(
-            announce, lambda named: engine.load_weights(named, announce.version),
-            read_back=engine.named_parameters_for_sync,
-            swap_fn=lambda named: engine.swap_in(named, announce.version))   # HF engine only
-        send WeightAck(actor_id, announce.sync_id, announce.version, True, checksum, seconds, "")
-    except WeightSyncError as e:
-        send WeightAck(actor_id, announce.sync_id, announce.version, False, "", 0.0, str(e))
-        keep generating with the old weights; wait for the next announcement
+    checksum, seconds = receiver.receive(
+        announce, lambda named: engine.load_weights(named, announce.version),
+        read_back=engine.named_parameters_for_sync,
+        swap_fn=lambda named: engine.swap_in(named, announce.version))
+    # WeightSyncError: the actor acks the failure and keeps generating with the old weights
+
+The vLLM worker (actor/vllm_worker.py) drives it with `stage_on_host` and `checksum_received`
+and installs through vLLM's layerwise reload, checked by `expected_installed` /
+`installed_mismatches`.
 """
 
 from __future__ import annotations
@@ -54,30 +55,20 @@ from typing import Any
 
 import torch
 
-from common.weightsync import (
-    MAX_IN_FLIGHT,
+from weightsync.buckets import MAX_IN_FLIGHT, InFlight, broadcast_bucket
+from weightsync.errors import Deadline, WeightSyncError
+from weightsync.group import bucket_device, connect_store, keep_group, make_group, release_group, take_group
+from weightsync.layout import check_layout, torch_dtype, unflatten
+from weightsync.seal import (
     SEAL_BYTES,
-    Deadline,
     Digests,
-    InFlight,
-    WeightSyncError,
-    broadcast_bucket,
-    bucket_device,
-    check_layout,
     combine_digests,
-    connect_store,
     failure_key,
     group_store,
-    keep_group,
-    make_group,
     open_seal,
-    release_group,
     secret_key,
-    take_group,
     tensor_checksum,
     tensor_digest,
-    torch_dtype,
-    unflatten,
 )
 
 LoadFn = Callable[[list[tuple[str, Any]]], Any]

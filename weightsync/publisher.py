@@ -1,4 +1,4 @@
-"""Learner side of the weight sync: plan, announce, broadcast (design §6).
+"""Learner side of the weight sync: plan, announce, broadcast, collect the acks (design §6).
 
 Guarantees:
 * One rendezvous TCPStore lives as long as the publisher, listening on `host` only (a wildcard
@@ -39,15 +39,20 @@ Driving it (learner process)::
     plan = pub.plan(meta_or_named, version)                    # names/shapes/dtypes, no data
     sync = pub.prepare(plan, members, all_have_cuda, gpus)     # sync.announcements[i] -> members[i]
     ... send each WeightAnnounce over the control channel ...
-    result = pub.broadcast(sync, trainer.named_parameters_for_sync())
-    ... collect WeightAcks until the deadline; pub.check_ack(sync, result, ack) -> None | reason;
-    drop result.failed_members and members whose ack is missing or wrong; retry next sync.
+    outcome = pub.publish(sync, trainer.named_parameters_for_sync(), acks_queue)
+    confirm outcome.confirmed (they hold the version), keep outcome.kept pending (alive, failed:
+    they get the next sync), drop outcome.dropped (member -> reason).
+
+`publish` is `broadcast` (the buckets, `SyncResult`) and then the acks: each WeightAck of this
+sync is checked by `check_ack` (version, ok, the checksum sent), until every member that received
+everything answered or the deadline passed; a member whose ack is missing or wrong is dropped.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import queue
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -59,37 +64,27 @@ import torch
 import torch.distributed as dist
 
 from common.config import WeightsConfig
-from common.weightsync import (
-    Deadline,
-    Digests,
-    InFlight,
-    SyncPlan,
-    WeightSyncError,
-    broadcast_bucket,
+from common.wire import WeightAnnounce
+from weightsync.buckets import InFlight, broadcast_bucket
+from weightsync.errors import Deadline, WeightSyncError
+from weightsync.group import (
     bucket_device,
-    combine_digests,
     connect_store,
     drop_group_later,
-    dtype_name,
-    failure_key,
-    group_store,
     keep_group,
     make_group,
-    make_seal,
     new_group_name,
-    new_secret,
-    plan_layout,
     release_group,
     resolve_backend,
     shared_gpus,
     take_group,
-    tensor_digest,
-    torch_dtype,
 )
-from common.wire import WeightAnnounce
+from weightsync.layout import SyncPlan, dtype_name, plan_layout, torch_dtype
+from weightsync.seal import Digests, combine_digests, failure_key, group_store, make_seal, new_secret, tensor_digest
 
 log = logging.getLogger(__name__)
 
+ACK_GRACE_S = 5.0  # after the last bucket: time for members to load, checksum and ack
 REPORT_GRACE_S = 2.0  # after a failure: how long members get to say "alive, but failed" via the store
 POOLED_IN_FLIGHT = 2  # flattened buckets on the wire at once (bounds the learner's extra memory)
 SOLO_BYTES = 8 << 20  # a tensor this large gets its own bucket and is sent without a copy (below it,
@@ -126,6 +121,17 @@ class SyncResult:
     seconds: float = 0.0
     bytes: int = 0
     checksum: str = ""
+
+
+@dataclass
+class SyncOutcome:
+    """What one whole sync (broadcast and acks) decided for each member (`WeightPublisher.publish`)."""
+
+    result: SyncResult
+    confirmed: list[str]  # received, installed and acked the checksum sent: they hold the version now
+    kept: list[str]  # alive but failed (their "alive, failed" report): they stay and get the next sync
+    dropped: dict[str, str]  # member -> why it failed (a SYNC_ERROR_REASONS label, "checksum", "version")
+    acks: dict[str, dict[str, Any]]  # member -> {"problem": None or the reason, "checksum": what it acked}
 
 
 def _meta_of(item: Any) -> tuple[str, Sequence[int], Any]:
@@ -355,6 +361,35 @@ class WeightPublisher:
         return [m for m in sync.members if m in alive]
 
     # ---------------------------------------------------------------- acks
+    def publish(self, sync: PreparedSync, named_tensors: Iterable[tuple[str, Any]], acks: Any) -> SyncOutcome:
+        """Broadcast (`broadcast`), then collect the members' WeightAcks from `acks` (a queue.Queue
+        the control plane fills) until every member that received everything answered or the
+        sync's deadline passes (`weights.timeout_s` from now, at least `ACK_GRACE_S` after the last
+        bucket). Acks of other syncs are discarded. Call it once the announcements are sent."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        result = self.broadcast(sync, named_tensors)
+        deadline = max(deadline, time.monotonic() + ACK_GRACE_S)
+        problems: dict[str, str | None] = {}  # member -> None (confirmed) or the failure reason
+        checksums: dict[str, str] = {}
+        waiting = set(result.ok_members) | set(result.aborted_members)
+        while waiting - set(problems) and time.monotonic() < deadline:
+            try:
+                ack = acks.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if ack.actor_id in waiting and ack.sync_id == sync.sync_id:
+                problems[ack.actor_id] = self.check_ack(sync, result, ack)
+                checksums[ack.actor_id] = ack.checksum
+        confirmed = [m for m in result.ok_members if m in problems and problems[m] is None]
+        kept = [m for m in sync.members if m not in confirmed and m in result.aborted_members]
+        dropped = {}
+        for m in sync.members:
+            if m not in confirmed and m not in kept:
+                reason = problems.get(m) or (result.reason if m in result.failed_members else "timeout")
+                dropped[m] = reason if reason != "ok" else "timeout"
+        return SyncOutcome(result, confirmed, kept, dropped,
+                           {m: {"problem": r, "checksum": checksums[m]} for m, r in problems.items()})
+
     @staticmethod
     def check_ack(sync: PreparedSync, result: SyncResult, ack: Any) -> str | None:
         """None when `ack` (a WeightAck) confirms this sync, else the failure reason label."""
