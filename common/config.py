@@ -302,6 +302,29 @@ class MetricsConfig(Section):
     actor_port: int = Field(9401, ge=0, le=65535, description="Actor metrics port (0 = any free port).")
 
 
+TRACKER_BACKENDS: tuple[str, ...] = ("tensorboard", "wandb", "mlflow")
+
+
+class TrackingConfig(Section):
+    """Experiment trackers the learner feeds (learner/tracking.py): step records, syncs, evals, the config."""
+
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Trackers to feed: any of tensorboard, wandb, mlflow (none by default).")
+    project: str = Field("treerpo", min_length=1, description="W&B project and MLflow experiment name.")
+    run_name: str | None = Field(None, description="The tracker runs' display name (None: the tracker's own).")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="W&B mode: offline writes RUN_DIR/tracking/wandb (`wandb sync` uploads it).")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (None: a file store in RUN_DIR/tracking/mlruns).")
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"tracking.backends={v} names a tracker twice")
+        return v
+
+
 # --------------------------------------------------------------------------------------------
 # Per-process sections
 # --------------------------------------------------------------------------------------------
@@ -476,6 +499,7 @@ class JobConfig(Section):
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     actor: ActorConfig = Field(default_factory=ActorConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     up: SupervisorConfig = Field(default_factory=SupervisorConfig)
@@ -621,6 +645,21 @@ def load_config(sources: list[str | Path] | str | Path | None = None, overrides:
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+def config_params(cfg: BaseModel) -> dict[str, Any]:
+    """The resolved config as flat dotted keys (`loss.clip_low`), in section order: a tracker run's parameters."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", config_to_dict(cfg))
+    return out
 
 
 def dump_config(cfg: BaseModel, path: str | Path | None = None) -> str:

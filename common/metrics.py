@@ -21,7 +21,8 @@ Guarantees:
 
 * All names start with ``treerpo_``, use base units (seconds, bytes, tokens, versions) and carry
   only bounded labels: ``reason`` from a fixed tuple defined or imported here, ``side`` in
-  {low, high}, ``engine`` in {hf, vllm} and ``actor_id`` (one value per actor process). The
+  {low, high}, ``engine`` in {hf, vllm}, ``backend`` in TRACKER_BACKENDS and ``actor_id`` (one
+  value per actor process). The
   design §8.3 core names are declared exactly as listed there (tests/unit/test_metrics.py copies them).
 * Each process builds its metrics in its own ``CollectorRegistry`` (``new_registry()``), never the
   global default one, so tests can build many in one interpreter.
@@ -65,6 +66,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from common.config import TRACKER_BACKENDS
 from common.errors import PortInUse
 from common.rewards import REWARD_REASONS
 from common.wire import WIRE_ERROR_REASONS
@@ -183,6 +185,9 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_L, "checkpoints", "counter", "Checkpoints written completely (each then named by `latest`)."),
     MetricSpec(_L, "checkpoint_failures", "counter", "Checkpoint saves that failed, by reason; the previous "
                "checkpoint stays the latest.", "", ("reason",), CHECKPOINT_FAILURE_REASONS),
+    MetricSpec(_L, "tracker_errors", "counter", "Calls to an experiment tracker (learner/tracking.py) that "
+               "raised, by backend; training goes on and the tracker is tried again.", "", ("backend",),
+               TRACKER_BACKENDS),
     MetricSpec(_L, "last_checkpoint_timestamp_seconds", "gauge", "Unix time of this process's last complete "
                "checkpoint (0 = none yet).", "seconds"),
     # -- learner: training (written by the trainer / the loss, recorded per step) ----------------
@@ -428,6 +433,9 @@ class LearnerMetrics(_FromTable):
 
     def checkpoint_failed(self, reason: str) -> None:
         self.checkpoint_failures.labels(_check_reason(reason, CHECKPOINT_FAILURE_REASONS, "checkpoint failure")).inc()
+
+    def tracker_failed(self, backend: str) -> None:
+        self.tracker_errors.labels(_check_reason(backend, TRACKER_BACKENDS, "tracker")).inc()
 
     def checkpoint_written(self, now: float | None = None) -> None:
         self.checkpoints.inc()

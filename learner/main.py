@@ -52,6 +52,7 @@ from learner.checkpoint import (
 )
 from learner.control import ControlPlane, ControlState
 from learner.ingest import Ingest
+from learner.tracking import Trackers, numeric, sync_point
 from learner.trainer import Trainer
 from weightsync.errors import WeightSyncError
 from weightsync.group import bound_nccl_setup
@@ -123,6 +124,7 @@ class Learner:
         self.metrics.incarnation.set(state.incarnation)
         self.metrics.version.set(state.version)
         self.metrics.max_staleness.set(cfg.replay.max_staleness)
+        self.trackers = Trackers(cfg, run_dir, on_error=self.metrics.tracker_failed)  # tracking.backends
         self.buffer = ReplayBuffer(
             cfg.replay, state.incarnation, resume_version=state.version if latest is not None else None,
             seed=cfg.learner.seed, on_drop=self._on_drop,
@@ -204,10 +206,11 @@ class Learner:
             self.control.drop(actor_id, f"weight sync {prepared.sync_id} failed ({reason})")
         ok = outcome.confirmed
         record = {"sync_id": prepared.sync_id, "version": version, "time": time.time(), "members": members,
-                  "confirmed": ok, "checksum": result.checksum, "seconds": result.seconds, "reason": result.reason,
-                  "acks": outcome.acks}
+                  "confirmed": ok, "checksum": result.checksum, "seconds": result.seconds, "bytes": result.bytes,
+                  "reason": result.reason, "acks": outcome.acks}
         with open(self.run_dir / "syncs.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.trackers.log(sync_point(record), self.state.step)
         if ok:
             self.sync_metrics.succeeded(version=version, seconds=result.seconds, nbytes=result.bytes, actors=len(ok))
         log.info("sync %d of version %d: %d/%d actors confirmed in %.2f s", prepared.sync_id, version, len(ok),
@@ -301,6 +304,7 @@ class Learner:
         self.metrics.record_step(record, staleness=staleness)  # refuses a key the table lacks
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.trackers.log(numeric(record), self.state.step)
         log.info("step %d v%d trees %d reward %.3f loss %.4f grad %.3f", self.state.step, version, len(trees),
                  m.get("leaf_reward_mean", 0.0), m.get("loss", 0.0), m.get("grad_norm", 0.0))
         return int(m.get("optimizer_steps", 1))
@@ -345,6 +349,7 @@ class Learner:
         if self._ingest.is_alive():  # not started when run() was never reached
             self._ingest.join(2.0)
         self.endpoints.close()
+        self.trackers.close()
         if self.server is not None:
             self.server.stop()
 

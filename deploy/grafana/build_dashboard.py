@@ -103,6 +103,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], str]]]] = [
         ("Checkpoint failures by reason", "none", [
             (f"sum by (reason) (increase({L('checkpoint_failures')}[1h]))", "{{reason}}"),
         ], "Checkpoint saves that failed in the last hour; the previous checkpoint stays the latest."),
+        ("Tracker errors by backend", "none", [
+            (f"sum by (backend) (increase({L('tracker_errors')}[1h]))", "{{backend}}"),
+        ], "Calls to TensorBoard, W&B or MLflow (tracking.backends) that failed in the last hour; training "
+           "goes on and the tracker is tried again."),
         ("Trees lost by actors", "ops", [
             (f"sum by (reason) (rate({A('trees_lost')}[{RI}]))", "{{reason}}"),
         ], "Trees generated but never handed to the learner."),

@@ -2,7 +2,8 @@
 
 `require_tool(name)` returns the tool's path, or skips the calling test with a reason that names
 the tool and where it comes from. Under CI=true a missing tool fails the test instead: CI installs
-them all (.ci/run), so a skip there would hide a broken setup. `run(cmd)` runs one, output captured.
+them all (.ci/run), so a skip there would hide a broken setup. `require_module(name, where)` does
+the same for a Python module of an extra. `run(cmd)` runs one, output captured.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ def require_tool(name: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason}: CI=true, where every tool must be installed")
     pytest.skip(reason)
+
+
+def require_module(name: str, where: str):
+    """The imported Python module `name`, or a skip naming `where` it comes from (a failure under
+    CI=true, which installs every extra)."""
+    try:
+        return __import__(name)
+    except ImportError:
+        reason = f"needs the Python module `{name}` ({where})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: CI=true, where every extra is installed")
+        pytest.skip(reason, allow_module_level=True)
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
