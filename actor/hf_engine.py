@@ -18,7 +18,9 @@ Guarantees (on top of actor/engine.py's contract):
 * weight syncs (`receive_weights`): `weightsync.receiver.WeightReceiver` receives every bucket
   into staging buffers in the calling thread while generation goes on, then the engine adopts
   them as its parameters (`swap_in`, no copy) or copies them (`load_weights`) under its lock,
-  between forwards; the checksum is of the parameters it then holds.
+  between forwards; the checksum is of the parameters it then holds. A sync must cover every
+  parameter (one it left out would keep its old weights under the new version): else nothing is
+  installed and the sync fails ('load').
 
 Continuous batching: `open_stream(seed)` returns an `HFStream` (actor/hf_stream.py) over this
 engine. `generate` and the stream decode through the same public surface of the engine (`lock`,
@@ -89,10 +91,10 @@ class HFEngine:
     # -- weights -----------------------------------------------------------------------------
     def receive_weights(self, announce: Any) -> Installed:
         """One weight sync (module docstring); WeightSyncError leaves weights and version as they were."""
-        version = announce.version
+        version = announce.version  # strict: a parameter the sync does not cover would keep its old weights
         checksum, seconds = self.receiver.receive(
-            announce, lambda named: self.load_weights(named, version), read_back=self.named_parameters_for_sync,
-            swap_fn=lambda named: self.swap_in(named, version))
+            announce, lambda named: self.load_weights(named, version, strict=True),
+            read_back=self.named_parameters_for_sync, swap_fn=lambda named: self.swap_in(named, version, strict=True))
         return Installed(checksum, seconds)
 
     def reset_weight_transfer(self) -> None:
@@ -109,30 +111,31 @@ class HFEngine:
                      strict: bool = False) -> int:
         """Copy each tensor into the parameter of that name (`param.data.copy_`), then set version.
 
-        Names may also be aliases of tied parameters (e.g. lm_head.weight). With `strict`, every
-        parameter must be covered. Returns the number of tensors loaded.
+        Names may also be aliases of tied parameters (e.g. lm_head.weight). Every name and shape is
+        checked before anything is copied (EngineError, nothing changed); with `strict`, so is that
+        every parameter is covered. Returns the number of tensors loaded.
         """
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        covered: set[int] = set()
-        count = 0
-        with self.lock, torch.no_grad():
-            for name, tensor in named_tensors:
-                param = params.get(name)
-                if param is None:
-                    raise EngineError(f"load_weights: the model has no parameter {name!r} "
-                                      f"(first names: {list(params)[:4]})")
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise EngineError(f"load_weights: {name!r} has shape {tuple(tensor.shape)}, "
-                                      f"the model expects {tuple(param.shape)}")
-                param.data.copy_(tensor)
-                covered.add(id(param))
-                count += 1
+        pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        for name, tensor in named_tensors:
+            param = params.get(name)
+            if param is None:
+                raise EngineError(f"load_weights: the model has no parameter {name!r} "
+                                  f"(first names: {list(params)[:4]})")
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise EngineError(f"load_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(param.shape)}")
+            pairs.append((param, tensor))
         if strict:
+            covered = {id(p) for p, _ in pairs}
             missing = [n for n, p in self.model.named_parameters() if id(p) not in covered]
             if missing:
                 raise EngineError(f"load_weights(strict=True): {len(missing)} parameters not sent, e.g. {missing[:3]}")
+        with self.lock, torch.no_grad():
+            for param, tensor in pairs:
+                param.data.copy_(tensor)
         self.version = int(version)
-        return count
+        return len(pairs)
 
     def swap_in(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
                 strict: bool = False) -> bool:

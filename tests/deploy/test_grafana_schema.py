@@ -14,17 +14,15 @@ import pytest
 from tests.support.monitoring import DEPLOY
 from tests.support.tools import require_module
 
-require_module("grafana_foundation_sdk", "pip install -e '.[test]'")
-
-from grafana_foundation_sdk.cog.encoder import JSONEncoder  # noqa: E402
-from grafana_foundation_sdk.cog.plugins import register_default_plugins  # noqa: E402
-from grafana_foundation_sdk.cog.runtime import Runtime  # noqa: E402
-from grafana_foundation_sdk.models.dashboard import Dashboard  # noqa: E402
-
 DASHBOARDS = sorted((DEPLOY / "grafana").glob("*.json"))
 
 
 def roundtrip(data: dict[str, Any]) -> dict[str, Any]:
+    require_module("grafana_foundation_sdk", "pip install -e '.[test]'")  # here, not at import: see tools.py
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder  # noqa: PLC0415
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins  # noqa: PLC0415
+    from grafana_foundation_sdk.models.dashboard import Dashboard  # noqa: PLC0415
+
     register_default_plugins()
     return json.loads(json.dumps(Dashboard.from_json(data), cls=JSONEncoder))
 
@@ -62,6 +60,8 @@ def test_the_checker_sees_a_typo_and_an_obsolete_field():
 def test_every_key_of_the_dashboard_is_in_grafanas_schema(path):
     dash = json.loads(path.read_text())
     assert dropped(dash, roundtrip(dash)) == []
+    from grafana_foundation_sdk.cog.runtime import Runtime  # noqa: PLC0415
+
     runtime = Runtime()
     panels = [p for p in dash["panels"] if p["type"] != "row"]
     assert panels and {p["type"] for p in panels} <= set(runtime.panelcfg_variants)  # typed, not a bag

@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from actor.engine import ENTROPY_TOP_K, Engine, EngineError, GenerationRequest
+from actor.engine import ENTROPY_TOP_K, Engine, EngineError, GenerationRequest, Installed
 from actor.engines import make_engine
 from actor.sampler import TreeSampler
 from actor.vllm_engine import VLLMEngine, require_vllm, vllm_platform
@@ -242,7 +242,7 @@ def test_weight_sync_through_vllm_transfer_api(vllm_engine, vllm_model_dir):
     new = _perturbed(vllm_model_dir, seed=1)
     prepared, result, ack = _sync(vllm_engine, pub, new, version=1)
     assert result.ok and len(prepared.plan.buckets) > 1, result.error
-    assert isinstance(ack, tuple) and ack[0] == result.checksum, ack  # the checksum of what arrived
+    assert isinstance(ack, Installed) and ack.checksum == result.checksum, ack  # the checksum of what arrived
     assert vllm_engine.version == 1
     assert vllm_engine._loop.run(vllm_engine.llm.get_weight_version()) == "1"  # vLLM's own version, too
     ctx = _context(vllm_engine)
@@ -250,7 +250,7 @@ def test_weight_sync_through_vllm_transfer_api(vllm_engine, vllm_model_dir):
         np.testing.assert_allclose(s.logprobs, _ref_logprobs(new, ctx, s.token_ids, 0.8), atol=FIDELITY_TOL)
     # the same membership: the group of the last sync is reused (no new communicator)
     prepared, result, ack = _sync(vllm_engine, pub, new, version=2)
-    assert prepared.reuse and result.ok and ack[0] == result.checksum and vllm_engine.version == 2
+    assert prepared.reuse and result.ok and ack.checksum == result.checksum and vllm_engine.version == 2
 
     # a learner that announces and never sends: the actor fails by the deadline, weights and version intact
     dead = WeightPublisher(WeightsConfig(rendezvous_port=0, timeout_s=3), "127.0.0.1")
@@ -264,7 +264,7 @@ def test_weight_sync_through_vllm_transfer_api(vllm_engine, vllm_model_dir):
     # and the next sync from the live learner works (a fresh transfer engine in the worker)
     newer = _perturbed(vllm_model_dir, seed=2)
     _, result, ack = _sync(vllm_engine, pub, newer, version=4, epoch=("again",))
-    assert result.ok and ack[0] == result.checksum and vllm_engine.version == 4
+    assert result.ok and ack.checksum == result.checksum and vllm_engine.version == 4
     pub.close()
     # weights.checksum=false reaches the worker (after a re-registration: a fresh transfer engine)
     vllm_engine.checksum = False
@@ -272,7 +272,7 @@ def test_weight_sync_through_vllm_transfer_api(vllm_engine, vllm_model_dir):
     try:
         quiet = WeightPublisher(WeightsConfig(rendezvous_port=0, timeout_s=30, checksum=False), "127.0.0.1")
         _, result, ack = _sync(vllm_engine, quiet, newer, version=5)
-        assert result.ok and result.checksum == "" and ack[0] == "" and vllm_engine.version == 5
+        assert result.ok and result.checksum == "" and ack.checksum == "" and vllm_engine.version == 5
         quiet.close()
     finally:
         vllm_engine.checksum = True
@@ -315,7 +315,7 @@ def test_a_prefix_cache_vllm_did_not_reset_fails_the_sync_and_keeps_the_version(
     assert vllm_engine.version == 0
     monkeypatch.setattr(vllm_engine.llm, "reset_prefix_cache", real)
     _, result, ack = _sync(vllm_engine, pub, new, version=2, epoch=("after",))
-    assert result.ok and isinstance(ack, tuple) and ack[0] == result.checksum and vllm_engine.version == 2
+    assert result.ok and isinstance(ack, Installed) and ack.checksum == result.checksum and vllm_engine.version == 2
     pub.close()
 
 
@@ -340,9 +340,10 @@ def test_inflight_update_running_requests_continue_with_new_weights(vllm_engine,
     time.sleep(0.5)
     pub = WeightPublisher(WeightsConfig(rendezvous_port=0, timeout_s=30), "127.0.0.1")
     _, result, ack = _sync(vllm_engine, pub, new, version=11)
-    assert result.ok and ack[0] == result.checksum
-    assert vllm_engine.last_pause_requests >= 1  # kept running, not drained
-    pause_ms = 1e3 * vllm_engine.last_pause_s
+    assert result.ok and ack.checksum == result.checksum
+    assert ack.kept == vllm_engine.last_pause_requests >= 1  # kept running, not drained
+    assert ack.pause_s == vllm_engine.last_pause_s
+    pause_ms = 1e3 * ack.pause_s
     samples = []
     while stream.busy():
         samples += stream.step()
@@ -393,7 +394,7 @@ def test_generation_goes_on_while_the_worker_receives_and_pauses_only_for_the_in
     new = _perturbed(vllm_model_dir, seed=5)
     _, result, ack = _sync(vllm_engine, pub, new, version=1, before_broadcast=generate_while_receiving)
     pub.close()
-    assert result.ok and isinstance(ack, tuple) and ack[0] == result.checksum, ack
+    assert result.ok and isinstance(ack, Installed) and ack.checksum == result.checksum, ack
     assert during["before_broadcast"], "generation stood still while the worker waited for the buckets"
     assert all(len(s.token_ids) == 160 for s in during["samples"][0])
     assert vllm_engine.version == 1 and vllm_engine.last_pause_s < vllm_engine.last_receive_s  # the pause: install
@@ -415,7 +416,8 @@ def test_a_layer_that_received_nothing_fails_the_sync_and_keeps_the_version(vllm
     assert vllm_engine.version == 0
     _, result, ack = _sync(vllm_engine, pub, new, version=2, epoch=("full",))
     pub.close()
-    assert result.ok and isinstance(ack, tuple) and ack[0] == result.checksum and vllm_engine.version == 2, ack
+    assert result.ok and isinstance(ack, Installed) and ack.checksum == result.checksum, ack
+    assert vllm_engine.version == 2
     (report,) = vllm_engine.collective_rpc("treerpo_sync_report")
     specs = {n: shape for n, shape, _ in vllm_engine.collective_rpc("treerpo_parameter_specs")[0]}
     norms = [n for n in specs if n.endswith("norm.weight")]

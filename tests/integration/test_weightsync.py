@@ -339,6 +339,40 @@ def test_publish_confirms_right_acks_and_drops_the_rest_with_their_reasons(model
     pub.close()
 
 
+def test_a_sync_that_leaves_a_parameter_out_installs_nothing_on_the_hf_engine(models):
+    # before: the HF engine adopted what came and kept its old final norm under the new version
+    # (nothing checked that a sync covers the model; the checksum covers only what was sent)
+    torch.set_num_threads(1)
+    learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
+    _step(learner)
+    engine = hf_engine(models["a0"])
+    held = _bits(engine.named_parameters_for_sync())
+    left_out = "model.norm.weight"
+    named = [(n, p) for n, p in learner.named_parameters() if n != left_out]
+    assert len(named) == len(held) - 1
+    pub = _publisher()
+    sync = pub.prepare(pub.plan(named, 1), ["a"])
+    got: dict[str, object] = {}
+
+    def actor() -> None:
+        try:
+            got["ok"] = engine.receive_weights(sync.announcements[0])
+        except WeightSyncError as e:
+            got["err"] = e
+
+    thread = threading.Thread(target=actor, daemon=True)
+    thread.start()
+    result = pub.broadcast(sync, named)
+    thread.join(TEST_TIMEOUT_S)
+    assert result.ok  # all that was announced arrived, sealed
+    err = got["err"]
+    assert isinstance(err, WeightSyncError) and err.reason == "load" and left_out in str(err), err
+    assert engine.version == 0
+    now = _bits(engine.named_parameters_for_sync())
+    assert all(torch.equal(now[n], held[n]) for n in held)
+    pub.close()
+
+
 def test_swap_install_bit_exact_zero_copy_ping_pong_and_tied(models):
     torch.set_num_threads(1)
     learner = AutoModelForCausalLM.from_pretrained(str(models["learner"]))
