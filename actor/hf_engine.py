@@ -107,6 +107,31 @@ class HFEngine:
         """The live parameters (tied weights once), to receive into in place."""
         return list(self.model.named_parameters())
 
+    def _match(self, named_tensors: Iterable[tuple[str, torch.Tensor]], what: str, *, strict: bool,
+               aliases: bool) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        """(parameter, tensor) pairs by name; every name and shape checked first (EngineError, nothing
+        changed). With `strict`, every parameter must be covered; without `aliases`, a tied parameter
+        sent under two of its names is refused."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        covered: dict[int, str] = {}
+        for name, tensor in named_tensors:
+            param = params.get(name)
+            if param is None:
+                raise EngineError(f"{what}: the model has no parameter {name!r} (first names: {list(params)[:4]})")
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise EngineError(f"{what}: {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(param.shape)}")
+            if not aliases and id(param) in covered:
+                raise EngineError(f"{what}: {name!r} and {covered[id(param)]!r} are one tied parameter; send it once")
+            covered.setdefault(id(param), name)
+            pairs.append((param, tensor))
+        if strict:
+            missing = [n for n, p in self.model.named_parameters() if id(p) not in covered]
+            if missing:
+                raise EngineError(f"{what}(strict=True): {len(missing)} parameters not sent, e.g. {missing[:3]}")
+        return pairs
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
                      strict: bool = False) -> int:
         """Copy each tensor into the parameter of that name (`param.data.copy_`), then set version.
@@ -115,22 +140,7 @@ class HFEngine:
         checked before anything is copied (EngineError, nothing changed); with `strict`, so is that
         every parameter is covered. Returns the number of tensors loaded.
         """
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        for name, tensor in named_tensors:
-            param = params.get(name)
-            if param is None:
-                raise EngineError(f"load_weights: the model has no parameter {name!r} "
-                                  f"(first names: {list(params)[:4]})")
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise EngineError(f"load_weights: {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(param.shape)}")
-            pairs.append((param, tensor))
-        if strict:
-            covered = {id(p) for p, _ in pairs}
-            missing = [n for n, p in self.model.named_parameters() if id(p) not in covered]
-            if missing:
-                raise EngineError(f"load_weights(strict=True): {len(missing)} parameters not sent, e.g. {missing[:3]}")
+        pairs = self._match(named_tensors, "load_weights", strict=strict, aliases=True)
         with self.lock, torch.no_grad():
             for param, tensor in pairs:
                 param.data.copy_(tensor)
@@ -148,24 +158,7 @@ class HFEngine:
         parameters stay tied (a tie is one Parameter object; send it under one of its names).
         The caller must never write the adopted tensors again while the engine holds them.
         """
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-        covered: dict[int, str] = {}
-        for name, tensor in named_tensors:
-            param = params.get(name)
-            if param is None:
-                raise EngineError(f"swap_in: the model has no parameter {name!r} (first names: {list(params)[:4]})")
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise EngineError(f"swap_in: {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(param.shape)}")
-            if id(param) in covered:
-                raise EngineError(f"swap_in: {name!r} and {covered[id(param)]!r} are one tied parameter; send it once")
-            covered[id(param)] = name
-            pairs.append((param, tensor))
-        if strict:
-            missing = [n for n, p in self.model.named_parameters() if id(p) not in covered]
-            if missing:
-                raise EngineError(f"swap_in(strict=True): {len(missing)} parameters not sent, e.g. {missing[:3]}")
+        pairs = self._match(named_tensors, "swap_in", strict=strict, aliases=False)
         if any(t.dtype != p.dtype or t.device != p.device or t.requires_grad for p, t in pairs):
             return False
         with self.lock, torch.no_grad():

@@ -6,7 +6,6 @@ directory records, under the same names (common/metrics.py):
 * every step record (`metrics.jsonl`): each numeric key of it, at the learner's step;
 * every weight sync (`syncs.jsonl`): `sync/seconds`, `sync/members`, `sync/confirmed`, `sync/bytes`
   and `sync/version`, at the step it followed;
-* every evaluation (`evals.jsonl`): `eval/<key>` for each numeric key of its record;
 * the resolved config, flattened to dotted keys (`loss.clip_low`), as the run's parameters.
 
 Guarantees:
