@@ -12,7 +12,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -302,13 +302,14 @@ class MetricsConfig(Section):
     actor_port: int = Field(9401, ge=0, le=65535, description="Actor metrics port (0 = any free port).")
 
 
-TRACKER_BACKENDS: tuple[str, ...] = ("tensorboard", "wandb", "mlflow")
+TrackerBackend = Literal["tensorboard", "wandb", "mlflow"]
+TRACKER_BACKENDS: tuple[str, ...] = get_args(TrackerBackend)  # also the metric label's values (common/metrics.py)
 
 
 class TrackingConfig(Section):
     """Experiment trackers the learner feeds (learner/tracking.py): step records, syncs, evals, the config."""
 
-    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+    backends: list[TrackerBackend] = Field(
         default_factory=list, description="Trackers to feed: any of tensorboard, wandb, mlflow (none by default).")
     project: str = Field("treerpo", min_length=1, description="W&B project and MLflow experiment name.")
     run_name: str | None = Field(None, description="The tracker runs' display name (None: the tracker's own).")
