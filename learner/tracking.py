@@ -11,7 +11,7 @@ directory records, under the same names (common/metrics.py):
 Guarantees:
 
 * **A tracker never stops or slows training.** The learner hands points to `Trackers.log`, which
-  only queues them (a bounded queue: a point that finds it full is dropped and counted); one
+  only queues them (a bounded queue: a point that finds it full is dropped and logged); one
   thread of this class calls the backends. Whatever a backend raises, at start-up or on any
   call (disk full, server gone, a library bug), is counted in
   `treerpo_learner_tracker_errors_total{backend}` and logged (the first error and then every
@@ -51,7 +51,7 @@ from common.rundir import write_json_atomic
 
 log = logging.getLogger(__name__)
 
-QUEUE_POINTS = 10_000  # points waiting for the tracker thread; beyond it a point is dropped (counted)
+QUEUE_POINTS = 10_000  # points waiting for the tracker thread; beyond it a point is dropped (logged)
 LOG_EVERY = 100  # a backend's errors after its first are logged once per this many
 RESTART_S = 30.0  # a backend that failed to start is started again at most this often
 CLOSE_TIMEOUT_S = 30.0  # close(): how long the queued points may take to reach the backends
@@ -199,6 +199,9 @@ class Trackers:
             self._queue.put_nowait(("log", dict(values), int(step)))
         except queue.Full:
             self.dropped += 1
+            if self.dropped == 1 or self.dropped % LOG_EVERY == 0:
+                log.warning("trackers: %d points dropped so far: the trackers are slower than training "
+                            "(their queue holds %d points)", self.dropped, QUEUE_POINTS)
 
     def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Send what is queued, close every backend; returns by `timeout_s` whatever they do."""
