@@ -194,17 +194,16 @@ class Learner:
         for actor_id, announce in zip(prepared.members, prepared.announcements, strict=True):
             self.control.send(actor_id, announce)
         outcome = self.publisher.publish(prepared, self.trainer.named_parameters_for_sync(), self.control.acks)
-        result = outcome.result
-        for actor_id in outcome.confirmed:
+        result, ok = outcome.result, outcome.confirmed
+        for actor_id in ok:
             self.control.confirm(actor_id, version)
-        if outcome.confirmed:
+        if ok:
             self.control.grant_soon()  # a newly confirmed member's first credits (design §5.6)
         for _ in outcome.kept:  # alive: it stays pending and gets the next sync
             self.sync_metrics.failed("error")
         for actor_id, reason in outcome.dropped.items():
             self.sync_metrics.failed(reason)
             self.control.drop(actor_id, f"weight sync {prepared.sync_id} failed ({reason})")
-        ok = outcome.confirmed
         record = {"sync_id": prepared.sync_id, "version": version, "time": time.time(), "members": members,
                   "confirmed": ok, "checksum": result.checksum, "seconds": result.seconds, "bytes": result.bytes,
                   "reason": result.reason, "acks": outcome.acks}

@@ -72,7 +72,7 @@ def numeric(record: Mapping[str, Any], prefix: str = "", skip: tuple[str, ...] =
 def sync_point(record: Mapping[str, Any]) -> dict[str, float]:
     """A syncs.jsonl record as tracker values."""
     return {"sync/seconds": float(record["seconds"]), "sync/members": float(len(record["members"])),
-            "sync/confirmed": float(len(record["confirmed"])), "sync/bytes": float(record.get("bytes", 0)),
+            "sync/confirmed": float(len(record["confirmed"])), "sync/bytes": float(record["bytes"]),
             "sync/version": float(record["version"])}
 
 
@@ -186,10 +186,6 @@ class Trackers:
         if self.cfg.backends:
             self._thread = threading.Thread(target=self._run, name="trackers", daemon=True)
             self._thread.start()
-
-    @property
-    def enabled(self) -> bool:
-        return self._thread is not None
 
     def log(self, values: Mapping[str, float], step: int) -> None:
         """Queue one point (never blocks; a full queue drops it)."""

@@ -165,6 +165,11 @@ def plan_placement(cfg: JobConfig, visible: list[str], num_actors: int,
     return learner, actors
 
 
+def plan_for(cfg: JobConfig, env: Mapping[str, str], num_actors: int) -> tuple[Placement, list[Placement]]:
+    """`plan_placement` for a launcher whose environment is `env`: its visible GPUs and host CPUs."""
+    return plan_placement(cfg, visible_gpus(env), num_actors, host_cpus(env))
+
+
 def format_plan(learner: Placement, actors: list[Placement]) -> str:
     """One line per child, `NAME [CUDA_VISIBLE_DEVICES=...] [ENV_NAME=VALUE ...] [dotted.key=VALUE ...]`
     (no CUDA_VISIBLE_DEVICES: it inherits; environment names are upper case, config keys lower

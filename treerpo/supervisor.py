@@ -42,7 +42,7 @@ from pathlib import Path
 from common.config import JobConfig, dump_config, load_config
 from common.errors import EXIT_CHILD_FAILED
 from common.rundir import ENDPOINTS, actor_info_path, logs_dir, read_json, wait_for_json
-from treerpo.placement import Placement, format_plan, host_cpus, plan_placement, visible_gpus
+from treerpo.placement import Placement, format_plan, plan_for
 
 PR_SET_PDEATHSIG = 1
 
@@ -211,7 +211,7 @@ class Supervisor:
         return learner if name == "learner" else actors[index - 1]
 
     def plan(self, num_actors: int) -> tuple[Placement, list[Placement]]:
-        return plan_placement(self.cfg, visible_gpus(self.env), num_actors, host_cpus(self.env))
+        return plan_for(self.cfg, self.env, num_actors)
 
     def child_env(self, name: str) -> dict[str, str]:
         """The environment a child starts with: `up`'s, with the child's GPUs (and, for a vLLM CPU
@@ -383,7 +383,7 @@ def run_up(args) -> int:
     cfg = load_config(args.config or ["demo"], args.overrides)
     if args.plan:  # where each child would run; nothing starts
         num_actors = args.num_actors or cfg.actor.num_actors
-        sys.stdout.write(format_plan(*plan_placement(cfg, visible_gpus(os.environ), num_actors, host_cpus(os.environ))))
+        sys.stdout.write(format_plan(*plan_for(cfg, os.environ, num_actors)))
         return 0
     run_dir = Path(args.run_dir or cfg.run_dir)
     cfg.run_dir = str(run_dir)
