@@ -217,6 +217,11 @@ class DataConfig(Section):
         default_factory=list,
         description="source='files': .jsonl/.parquet files, .arrow files or datasets save_to_disk folders.",
     )
+    eval_paths: list[str] = Field(
+        default_factory=list,
+        description="source='files': the held-out files of learner.eval_every (same formats and fields as paths; "
+                    "no problem may also be in paths: checked).",
+    )
     dataset: str = Field("", description="source='reasoning_gym': the dataset name, e.g. 'chain_sum'.")
     dataset_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -290,7 +295,21 @@ class DataConfig(Section):
             raise ValueError(f"data.operand_min={self.operand_min} exceeds data.operand_max={self.operand_max}")
         if "{problem}" not in self.prompt_template:
             raise ValueError("data.prompt_template must contain '{problem}'")
+        if self.eval_paths and self.source != "files":
+            raise ValueError(f"data.eval_paths are for data.source='files' (it is {self.source!r}, whose held-out "
+                             "set is built in): remove them")
         return self
+
+    def check_held_out(self, problems: int) -> None:
+        """learner.eval_every: the source has a held-out set of at least `problems` problems (as far as the
+        config tells; the evaluator checks the set itself against the training prompts)."""
+        if self.source == "files":
+            if not self.eval_paths:
+                raise ValueError("learner.eval_every needs a held-out set: with data.source='files' give "
+                                 "data.eval_paths (files whose problems are not in data.paths)")
+        elif problems > self.num_eval_problems:
+            raise ValueError(f"learner.eval_problems={problems} exceeds the held-out set "
+                             f"(data.num_eval_problems={self.num_eval_problems}): lower it or raise num_eval_problems")
 
 
 class MetricsConfig(Section):
@@ -418,6 +437,28 @@ class LearnerConfig(Section):
     log_trees: bool = Field(
         False, description="Append one line per received tree (id, actor, versions, verdict) to RUN_DIR/trees.jsonl."
     )
+    eval_every: int = Field(
+        0, ge=0,
+        description="Evaluate the current weights on the held-out set every N steps, at step 0 and at the end, "
+                    "without stopping training: the learner exports them (RUN_DIR/evals/step-N), `treerpo up` "
+                    "runs the evaluator beside it, results go to RUN_DIR/evals.jsonl, Prometheus and the "
+                    "trackers (0 = off; design §8.5).",
+    )
+    eval_problems: int = Field(
+        100, ge=1, le=10**6,
+        description="Held-out problems per evaluation: the first N of the held-out set (synthetic and "
+                    "reasoning-gym: of data.num_eval_problems; files: of data.eval_paths).",
+    )
+    eval_k: int = Field(4, ge=1, le=1024, description="Samples per held-out problem (pass@1 and pass@k).")
+    eval_temperature: float | None = Field(
+        None, ge=0.0, le=10.0, description="Sampling temperature of the evaluations (None = tree.temperature)."
+    )
+    eval_threads: int = Field(1, ge=1, le=1024, description="CPU threads of the evaluator (torch), run at nice 10.")
+    eval_final_wait_s: float = Field(
+        300.0, ge=0.0, le=86400.0,
+        description="A learner that reached its end waits this long for the evaluation of its final weights "
+                    "(while an evaluator is alive), so it reaches the trackers.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LearnerConfig:
@@ -507,6 +548,8 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _check_mode(self) -> JobConfig:
+        if self.learner.eval_every:
+            self.data.check_held_out(self.learner.eval_problems)
         if self.learner.mode == "sync":
             if self.weights.sync_every != 1:
                 raise ValueError("learner.mode='sync' publishes the weights after every batch: set "

@@ -491,3 +491,55 @@ class PromptSource:
             raise DataError(f"prompt source state epoch={epoch}, position={position} is out of range")
         self._epoch, self._position = epoch, position
         self._order = self._epoch_order(epoch)
+
+
+# --------------------------------------------------------------------------------------------
+# the held-out set of evaluation during training (learner.eval_every)
+# --------------------------------------------------------------------------------------------
+HELD_OUT_TRAIN_CHECK = 5000  # train problems drawn to check against the held-out set (synthetic, reasoning-gym)
+
+
+def held_out_config(cfg):
+    """The data config that serves the held-out set of `cfg` (a training data config), in pool order:
+    files -> data.eval_paths; synthetic and reasoning-gym -> their eval split (same seed and
+    num_eval_problems, so the very set their train streams exclude)."""
+    update: dict[str, Any] = {"shuffle": False}
+    if cfg.source == "files":
+        if not cfg.eval_paths:
+            raise DataError("no held-out set: data.source='files' needs data.eval_paths")
+        update.update(paths=list(cfg.eval_paths), eval_paths=[])
+    else:
+        update["split"] = "eval"
+    return cfg.model_copy(update=update)
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def held_out_overlap(cfg, held_out: list[Prompt]) -> list[str]:
+    """Ids of the `held_out` prompts that the training stream of `cfg` can also serve (should be none).
+
+    files: a held-out problem whose text (whitespace and case folded) is a row of data.paths;
+    synthetic: one outside the eval hash split, or equal to one of the first HELD_OUT_TRAIN_CHECK
+    training problems; reasoning-gym: one the train stream does not exclude, or equal to one of
+    its first HELD_OUT_TRAIN_CHECK items."""
+    texts = {_normalise(p.meta["problem"]): p.prompt_id for p in held_out}
+    bad: dict[str, str] = {}
+    if cfg.source == "files":
+        for row in read_rows(cfg.paths, cfg):
+            if _normalise(row.problem) in texts:
+                bad.setdefault(row.problem, texts[_normalise(row.problem)])
+        return sorted(bad.values())
+    train = POOLS[cfg.source](cfg.model_copy(update={"split": "train"}))
+    if cfg.source == "synthetic":
+        spec = train.spec
+        bad.update((p.prompt_id, p.prompt_id) for p in held_out if not tasks.is_eval_prompt(p.meta["problem"], spec))
+    else:
+        excluded = {_normalise(q) for q in train.eval_questions}
+        bad.update((i, i) for t, i in texts.items() if t not in excluded)
+    for index in range(min(len(train), HELD_OUT_TRAIN_CHECK)):
+        problem = _normalise(train.get(index)[1])
+        if problem in texts:
+            bad.setdefault(texts[problem], texts[problem])
+    return sorted(bad.values())

@@ -188,6 +188,15 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(_L, "tracker_errors", "counter", "Calls to an experiment tracker (learner/tracking.py) that "
                "raised, by backend; training goes on and the tracker is tried again.", "", ("backend",),
                TRACKER_BACKENDS),
+    # -- learner: evaluation during training (learner.eval_every, design §8.5) ----------------------
+    MetricSpec(_L, "eval_pass_at_1", "gauge", "Held-out pass@1 of the latest evaluation (RUN_DIR/evals.jsonl)."),
+    MetricSpec(_L, "eval_pass_at_k", "gauge", "Held-out pass@k (k = learner.eval_k) of the latest evaluation."),
+    MetricSpec(_L, "eval_mean_response_tokens", "gauge", "Mean response length of the latest held-out evaluation.",
+               "tokens"),
+    MetricSpec(_L, "eval_step", "gauge", "Step whose weights the latest held-out evaluation scored."),
+    MetricSpec(_L, "evals", "counter", "Held-out evaluations read back from the evaluator."),
+    MetricSpec(_L, "evals_skipped", "counter", "Evaluations skipped because the evaluator had not yet taken the "
+               "previous export (training never waits for one)."),
     MetricSpec(_L, "last_checkpoint_timestamp_seconds", "gauge", "Unix time of this process's last complete "
                "checkpoint (0 = none yet).", "seconds"),
     # -- learner: training (written by the trainer / the loss, recorded per step) ----------------

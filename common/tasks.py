@@ -144,8 +144,13 @@ def _draw(spec: TaskSpec, rng: random.Random) -> Problem:
 
 
 def is_eval_problem(problem: Problem, spec: TaskSpec) -> bool:
+    """Held-out membership of a problem (`is_eval_prompt` of its prompt)."""
+    return is_eval_prompt(problem.prompt, spec)
+
+
+def is_eval_prompt(prompt: str, spec: TaskSpec) -> bool:
     """Held-out membership: a keyed hash of the prompt, uniform in [0, 1), below eval_fraction."""
-    digest = hashlib.blake2b(f"{spec.seed}|{problem.prompt}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{spec.seed}|{prompt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < spec.eval_fraction
 
 

@@ -51,6 +51,7 @@ from learner.checkpoint import (
     save_checkpoint,
 )
 from learner.control import ControlPlane, ControlState
+from learner.evals import EvalRequests, eval_point, mark_finished
 from learner.ingest import Ingest
 from learner.tracking import Trackers, numeric, sync_point
 from learner.trainer import Trainer
@@ -125,6 +126,7 @@ class Learner:
         self.metrics.version.set(state.version)
         self.metrics.max_staleness.set(cfg.replay.max_staleness)
         self.trackers = Trackers(cfg, run_dir, on_error=self.metrics.tracker_failed)  # tracking.backends
+        self.evals = EvalRequests(run_dir, cfg.learner.eval_every, self.trainer.export_hf)  # learner.eval_every
         self.buffer = ReplayBuffer(
             cfg.replay, state.incarnation, resume_version=state.version if latest is not None else None,
             seed=cfg.learner.seed, on_drop=self._on_drop,
@@ -228,7 +230,9 @@ class Learner:
         if self.server is not None:
             self.server.set_ready(True)
         finished, done = False, ""
+        self.evaluate_if_due()  # step 0: the curve's start
         while not self.stop_requested.is_set():
+            self.read_evals()
             done = self.finished()
             if done:
                 finished = True
@@ -270,11 +274,54 @@ class Learner:
                 self.sync(self.control.member_ids())
             if checkpoint_due(self.state.step, lc.checkpoint_every):
                 self.checkpoint()
+            self.evaluate_if_due()
         self.checkpoint(final=True)
         if finished:
+            self.final_eval()
             self.control.broadcast_shutdown(f"learner reached {done}")
             self.control.flush()
         return 0
+
+    # -- evaluation during training (learner/evals.py) -------------------------------------------
+    def evaluate_if_due(self) -> bool:
+        """Export the weights for the evaluator at step 0 and every learner.eval_every steps; skipped, and
+        counted, while the previous export still waits for it."""
+        step = self.state.step
+        if not self.evals.due(step):
+            return False
+        if step in self.evals.evaluated_steps():  # a resumed learner at an evaluated step
+            self.evals.requested.add(step)
+            return False
+        if not self.evals.request(step, self.state.version, self.state.generated_tokens):
+            self.metrics.evals_skipped.inc()
+            return False
+        return True
+
+    def read_evals(self) -> None:
+        self.on_evals(self.evals.poll())
+
+    def on_evals(self, records: list[dict]) -> None:
+        for record in records:
+            self.metrics.evals.inc()
+            self.trackers.log(eval_point(record), int(record["step"]))
+        if records:
+            latest = records[-1]
+            self.metrics.eval_pass_at_1.set(latest["pass_at_1"])
+            self.metrics.eval_pass_at_k.set(latest["pass_at_k"])
+            self.metrics.eval_mean_response_tokens.set(latest["mean_response_tokens"])
+            self.metrics.eval_step.set(latest["step"])
+
+    def final_eval(self) -> None:
+        """The end of the run: the final weights' evaluation, waited for (learner.eval_final_wait_s)."""
+        wait = self.cfg.learner.eval_final_wait_s
+        if not self.evals.enabled:
+            return
+        step = self.state.step
+        if wait > 0 and not self.evals.finish(step, self.state.version, self.state.generated_tokens, wait,
+                                              self.on_evals):
+            log.warning("the evaluation of the final weights (step %d) did not arrive within %.0f s, or no evaluator "
+                        "runs: the trackers do not have it", step, wait)
+        mark_finished(self.run_dir, step)
 
     def finished(self) -> str:
         """The limit the run has reached ('' while it goes on)."""

@@ -57,6 +57,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _run_evaluator(args: argparse.Namespace) -> int:
+    from treerpo.evaluator import run  # noqa: PLC0415 -- imported after parsing: torch stays off --help
+
+    return run(args)
+
+
 def _run_warmup(args: argparse.Namespace) -> int:
     from treerpo.warmup import run  # noqa: PLC0415 -- imported after parsing: --help stays instant
 
@@ -174,6 +180,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, default=None, help="actor processes (default: actor.num_actors, >= 2)")
     p.add_argument("--eval-problems", type=int, default=200, help="held-out problems in each eval")
     p.add_argument("-k", type=int, default=4, help="samples per held-out problem")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="evaluate on held-out problems every N steps during training (learner.eval_every; 0 = off)")
     p.add_argument("--cache-dir", default=None, help="warm-up cache (default: $TREERPO_CACHE or ~/.cache/treerpo)")
     p.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 2000)")
     p.add_argument("--model-hidden", type=int, default=None, help="hidden size of the tiny model (default 128)")
@@ -218,6 +226,8 @@ SUBCOMMANDS: dict[str, tuple[Runner, str, Callable[[argparse.ArgumentParser], No
     "demo": (_run_demo, "the CPU demo: warm up a tiny model, train it with TreeRPO, evaluate before/after",
              add_demo_args),
     "eval": (_run_eval, "pass@1 / pass@k of a model on benchmark JSONL files or the synthetic task", add_eval_args),
+    "evaluator": (_run_evaluator, "evaluation during training: score the weights the learner exports "
+                  "(learner.eval_every) on the held-out set, into RUN_DIR/evals.jsonl", add_run_args),
     "warmup": (_run_warmup, "build and warm up the demo's tiny model (cached)", add_warmup_args),
     "model": (_run_model, "model folders: `treerpo model import SRC --out DIR` (from a GGUF)", add_model_args),
 }

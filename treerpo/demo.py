@@ -46,6 +46,7 @@ from rich.table import Table
 
 from common.config import ConfigError, dump_config, load_config
 from common.metrics import series
+from learner.evals import read_records
 from treerpo.supervisor import Supervisor, _die_with_parent, treerpo_command
 from treerpo.warmup import default_cache_dir
 
@@ -57,7 +58,9 @@ BUFFER_TREES = series("learner", "buffer_trees")
 
 DEMO_ARTIFACTS = ("checkpoints", "logs", "actors", "metrics.jsonl", "syncs.jsonl", "trees.jsonl", "endpoints.json",
                   "summary.json", "demo.png", "eval_before.json", "eval_after.json", "config.yaml",
-                  "config.learner.yaml", "demo.config.yaml", "eval_before.json.tmp", "eval_after.json.tmp")
+                  "config.learner.yaml", "demo.config.yaml", "eval_before.json.tmp", "eval_after.json.tmp",
+                  "evals.jsonl", "evals", "tracking")
+DURING_EVAL_PROBLEMS = 100  # held-out problems of each evaluation during training (fewer with --eval-problems)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,8 +246,10 @@ def plot_title(cfg, model_path: str) -> str:
     return f"treerpo demo: {method} on {task}, {model}, CPU"
 
 
-def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path, title: str) -> None:
-    """Two panels against step: mean leaf reward; leaf accuracy with held-out pass@1 before/after."""
+def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path, title: str,
+         held_out: list[dict[str, Any]] = ()) -> None:
+    """Two panels against step: mean leaf reward; leaf accuracy with held-out pass@1 before/after and, with
+    evaluation during training, the held-out pass@1 curve (RUN_DIR/evals.jsonl)."""
     import matplotlib  # noqa: PLC0415 -- matplotlib loads for the final plot only
 
     matplotlib.use("Agg")
@@ -260,6 +265,9 @@ def plot(rows: list[dict[str, Any]], before: float, after: float, path: Path, ti
         ax.set_ylim(0, max(0.3, min(1.0, 1.25 * max([after, *[y for y in ys if math.isfinite(y)]], default=0.3))))
     bottom.axhline(before, ls="--", c="gray", label=f"held-out pass@1 before ({100 * before:.1f}%)")
     bottom.axhline(after, ls="--", c="k", label=f"held-out pass@1 after ({100 * after:.1f}%)")
+    if held_out:
+        bottom.plot([r["step"] for r in held_out], [r["pass_at_1"] for r in held_out], "o-", c="tab:red", lw=1.5,
+                    label=f"held-out pass@1 during training ({held_out[0]['num_problems']} problems)")
     bottom.set_xlabel("optimizer step")
     for ax in (top, bottom):
         ax.legend(fontsize=7, loc="upper left")
@@ -321,6 +329,12 @@ def demo_config(args, model_path: str):
     if args.actors is not None:
         cfg.actor.num_actors = args.actors
     cfg.learner.min_actors = cfg.actor.num_actors  # every actor takes part from the first step
+    if getattr(args, "eval_every", None) is not None:
+        cfg.learner.eval_every = args.eval_every
+    if cfg.learner.eval_every:  # the held-out curve during training (the evaluator `up` runs beside the learner)
+        cfg.learner.eval_problems = min(args.eval_problems, DURING_EVAL_PROBLEMS)
+        cfg.learner.eval_k = args.k
+        cfg.data.check_held_out(cfg.learner.eval_problems)
     if cfg.learner.max_steps < 1:
         raise ConfigError("the demo needs learner.max_steps >= 1 (--steps)")
     return cfg
@@ -463,7 +477,7 @@ def run(args) -> int:
         summary = make_summary(args, cfg, warm, before, after, progress, sup, time.monotonic() - started, phases)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         plot(progress.rows, before["pass_at_1"], after["pass_at_1"], run_dir / "demo.png",
-             plot_title(cfg, warm["path"]))
+             plot_title(cfg, warm["path"]), held_out=summary["held_out"])
         console.print(result_table(before, after, args.k))
         console.print(f"accuracy {100 * summary['accuracy_before']:.1f}% -> {100 * summary['accuracy_after']:.1f}% "
                       f"({100 * (summary['accuracy_after'] - summary['accuracy_before']):+.1f} points) in "
@@ -541,4 +555,7 @@ def make_summary(args, cfg, warm: dict, before: dict, after: dict, progress: Pro
         "model": {"path": warm["path"], "parameters": warm["parameters"], "warmup_cached": warm["cached"]},
         "config": {"tree": cfg.tree.model_dump(), "lr": cfg.learner.lr, "batch_trees": cfg.replay.batch_trees},
         "phases": phases,
+        # evaluation during training (learner.eval_every): step, pass@1, pass@k, mean response tokens
+        "held_out": [{k: r[k] for k in ("step", "pass_at_1", "pass_at_k", "mean_response_tokens", "num_problems")}
+                     for r in read_records(progress.run_dir)],
     }

@@ -16,7 +16,10 @@ Guarantees:
   (bad config, missing model, an engine this machine cannot run): the job stops with that
   child's last error line and exit code EXIT_CHILD_FAILED; so does a learner whose first start
   fails (the actors need its endpoints);
-* SIGINT/SIGTERM stop the learner first (it writes a final checkpoint), then the actors:
+* with `learner.eval_every`, an evaluator (`treerpo evaluator`) runs beside the learner, supervised
+  like an actor (restarted when it crashes; one that can never start, e.g. a held-out set that
+  overlaps the training prompts, stops the job);
+* SIGINT/SIGTERM stop the learner first (it writes a final checkpoint), then the actors and the evaluator:
   SIGTERM, a grace period, then SIGKILL -- always by pid, never by name;
 * each child runs on its own CPU cores when `up.cpus` names them (`plan_cpus`, set between fork
   and exec so every thread inherits it);
@@ -42,6 +45,7 @@ from pathlib import Path
 from common.config import JobConfig, dump_config, load_config
 from common.errors import EXIT_CHILD_FAILED
 from common.rundir import ENDPOINTS, actor_info_path, logs_dir, read_json, wait_for_json
+from learner.evals import HEARTBEAT, evals_dir
 from treerpo.placement import Placement, format_plan, plan_for
 
 PR_SET_PDEATHSIG = 1
@@ -188,6 +192,7 @@ class Supervisor:
     grace_s: float | None = None
     learner: Child | None = None
     actors: list[Child] = field(default_factory=list)
+    evaluator: Child | None = None  # learner.eval_every: scores the learner's exports (treerpo/evaluator.py)
     endpoints: dict | None = None
     on_event: Callable[[str], None] = lambda msg: print(f"[up] {msg}", flush=True)
 
@@ -246,6 +251,14 @@ class Supervisor:
             raise JobFailed(f"learner did not start ({e}): {last_error_line(self.learner.log_path)}") from None
         for _ in range(self.num_actors):
             self.add_actor()
+        if self.cfg.learner.eval_every:
+            self.evaluator = Child(
+                "evaluator", treerpo_command("evaluator", "--config", str(self.config_path), "--run-dir",
+                                             str(self.run_dir)),
+                logs / "evaluator.log", restartable=True, ready_file=evals_dir(self.run_dir) / HEARTBEAT,
+                cpus=learner_cpus)
+            self.evaluator.start(self.child_env("learner"))  # beside the learner, on its devices
+            self.on_event(f"evaluator pid {self.evaluator.proc.pid}, log {self.evaluator.log_path}")
         self.on_event(f"learner metrics: {self.endpoints.get('metrics')}/metrics")
         return self.endpoints
 
@@ -292,7 +305,7 @@ class Supervisor:
     def poll(self) -> int | None:
         """One supervision pass; the job's exit code once it must end (JobFailed if a child cannot start)."""
         now = time.monotonic()
-        for child in self.actors:
+        for child in self.actors + ([self.evaluator] if self.evaluator else []):
             self._supervise(child, now)
         if self.learner is None:
             return None
@@ -340,6 +353,9 @@ class Supervisor:
             if child is self.learner:
                 child.start(self.child_env("learner"), self.learner_restart_argv())
                 self.on_event(f"learner restarted (#{child.restarts}, --resume auto), pid {child.proc.pid}")
+            elif child is self.evaluator:
+                child.start(self.child_env("learner"))
+                self.on_event(f"evaluator restarted (#{child.restarts}), pid {child.proc.pid}")
             else:
                 child.start(self.child_env(child.name))
                 self.on_event(f"{child.name} restarted (#{child.restarts}), pid {child.proc.pid}")
@@ -352,14 +368,15 @@ class Supervisor:
             code = _wait(self.learner, self.grace_s)
         elif self.learner and self.learner.proc:
             code = self.learner.proc.returncode
-        for child in self.actors:
+        rest = self.actors + ([self.evaluator] if self.evaluator else [])
+        for child in rest:
             child.terminate()
-        for child in self.actors:
+        for child in rest:
             _wait(child, max(5.0, self.grace_s / 4))
         return code
 
     def children(self) -> list[Child]:
-        return ([self.learner] if self.learner else []) + self.actors
+        return ([self.learner] if self.learner else []) + self.actors + ([self.evaluator] if self.evaluator else [])
 
 
 def _port(address: str | None) -> int | None:

@@ -50,6 +50,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]], str]]]] = [
         ], "Mean leaf reward of the last trained batch, and of leaves scored by actors."),
         ("Accuracy", "percentunit", [(L("accuracy"), "accuracy")],
          "Fraction of the last batch's leaves judged correct."),
+        ("Held-out pass@1 and pass@k (evaluation during training)", "percentunit", [
+            (L("eval_pass_at_1"), "pass@1"), (L("eval_pass_at_k"), "pass@k"),
+        ], "The latest evaluation of the learner's weights on the held-out set (learner.eval_every; "
+           "RUN_DIR/evals.jsonl has every one, with the step it scored)."),
         ("Response length", "none", [(L("response_tokens_mean"), "tokens per root-to-leaf path")],
          "Mean generated tokens on a root-to-leaf path."),
         ("Loss terms", "none", [

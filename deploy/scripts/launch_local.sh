@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a whole treerpo job on this machine: one learner and NUM_ACTORS actors, all on loopback,
+# Run a whole treerpo job on this machine: one learner, NUM_ACTORS actors and the evaluator, all on loopback,
 # optionally with a Prometheus scraping them (WITH_PROMETHEUS=1, deploy/prometheus/prometheus.yml).
 # Each process gets its GPUs (CUDA_VISIBLE_DEVICES) and, where vLLM actors share a GPU, its share
 # of the memory exactly as `treerpo up` places them (`treerpo up --plan`; design §1.5); a placement
@@ -66,11 +66,13 @@ if [[ "${TREERPO_DRY_RUN:-0}" == 1 ]]; then  # each process's GPUs and command (
     child_env "actor-$i" "$(actor_sets "$i")"
     echo "actor-$i: ${gpus[actor-$i]+CUDA_VISIBLE_DEVICES=${gpus[actor-$i]} }${envs[actor-$i]:+${envs[actor-$i]# } }$(env "${env_args[@]}" "$HERE/launch_actor.sh")"
   done
+  child_env learner ""
+  echo "evaluator: ${gpus[learner]+CUDA_VISIBLE_DEVICES=${gpus[learner]} }$(env "${env_args[@]}" "$HERE/launch_evaluator.sh")"
   exit 0
 fi
 
 mkdir -p "$RUN_DIR/logs"
-pids=()      # learner first, then actors, in start order
+pids=()      # learner first, then actors and the evaluator, in start order
 prom_pid=""
 
 cleanup() {
@@ -115,6 +117,12 @@ for (( i=0; i<NUM_ACTORS; i++ )); do
   pids+=("$!")
   echo "actor-$i pid $!, log $RUN_DIR/logs/actor-$i.log"
 done
+
+# evaluation during training (learner.eval_every): beside the learner, on its GPUs; idle when it is 0
+child_env learner ""
+env "${env_args[@]}" "$HERE/launch_evaluator.sh" >"$RUN_DIR/logs/evaluator.log" 2>&1 &
+pids+=("$!")
+echo "evaluator pid $!, log $RUN_DIR/logs/evaluator.log"
 
 if [[ "${WITH_PROMETHEUS:-0}" == 1 ]]; then
   prom_dir="$RUN_DIR/prometheus"

@@ -373,3 +373,23 @@ def test_the_image_ships_the_vllm_ci_tests():
     version = re.search(r"^ARG VLLM_VERSION=(\S+)$", text, re.M).group(1)
     assert tuple(int(x) for x in version.split(".")[:2]) == CI_VLLM, version
     assert 'pip install "vllm==${VLLM_VERSION}"' in text
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_evaluator_sidecar_sees_the_learners_config_and_run_directory(overlay):
+    # learner.eval_every: the evaluator must read the learner's config and run directory (RUN_DIR/evals/)
+    job = one(render(overlay), "Job", "treerpo-learner")
+    learner = container(job)
+    (sidecar,) = [c for c in job["spec"]["template"]["spec"]["initContainers"] if c["name"] == "evaluator"]
+    assert sidecar["restartPolicy"] == "Always"  # a native sidecar: it stops with the learner
+    assert sidecar["command"] == ["/opt/treerpo/scripts/launch_evaluator.sh"]
+    assert (DEPLOY / "scripts" / "launch_evaluator.sh").exists()
+
+    def env(c):
+        return {e["name"]: e.get("value") for e in c["env"]}
+
+    assert env(sidecar)["TREERPO_CONFIG"] == env(learner)["TREERPO_CONFIG"]
+    assert env(sidecar)["TREERPO_SET"] == env(learner)["TREERPO_SET"]
+    mounts = {m["name"]: m["mountPath"] for m in learner["volumeMounts"]}
+    assert {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}.items() <= mounts.items()
+    assert {"config", "run"} <= {m["name"] for m in sidecar["volumeMounts"]}

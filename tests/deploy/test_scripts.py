@@ -77,7 +77,8 @@ def test_launch_local_places_each_process_as_up_does(tmp_path):
     out = launch("launch_local.sh", env)
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(": ", 1) for line in out.stdout.splitlines())
-    assert list(lines) == ["learner", "actor-0", "actor-1"]
+    assert list(lines) == ["learner", "actor-0", "actor-1", "evaluator"]
+    assert lines["evaluator"].split()[:3] == ["CUDA_VISIBLE_DEVICES=0", "treerpo", "evaluator"]  # the learner's GPU
     assert lines["learner"].split()[:3] == ["CUDA_VISIBLE_DEVICES=0", "treerpo", "learner"]
     assert "gpu_memory_utilization" not in lines["learner"]
     for i in range(2):

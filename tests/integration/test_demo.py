@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from learner.evals import read_records
 from tests.support.paths import REPO
 from treerpo.demo import parse_prometheus
 from treerpo.warmup import MARKER, WarmupSettings, encode_examples, ensure_warm_model
@@ -47,7 +48,8 @@ def _scrape(url: str) -> dict[str, float] | None:
 def test_short_demo_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "treerpo", "demo", "--run-dir", str(run_dir), "--steps", "3", "--seed", "1",
-            "--actors", "2", "--eval-problems", "6", "-k", "2", "--cache-dir", str(tmp_path / "cache"),
+            "--actors", "2", "--eval-problems", "6", "-k", "2", "--eval-every", "2",
+            "--cache-dir", str(tmp_path / "cache"),
             "--warmup-steps", "5", "--model-hidden", "32", "--model-layers", "1", "--no-live",
             "--set", "replay.batch_trees=2", "--set", "actor.prompts_per_batch=1", "--set", "learner.warmup_steps=0",
             # one tree in flight per actor: every batch of 2 holds one tree of each actor
@@ -114,6 +116,11 @@ def test_short_demo_end_to_end(tmp_path):
     after = json.loads((run_dir / "eval_after.json").read_text())
     assert "checkpoints/step-000000003/hf" in after["model"]
     assert (run_dir / "demo.png").stat().st_size > 1000
+    # the held-out curve during training: step 0, the final step, step 2 unless the evaluator was busy
+    held_out = summary["held_out"]
+    assert [r["step"] for r in held_out][0] == 0 and held_out[-1]["step"] == 3
+    assert all(r["num_problems"] == 6 and 0 <= r["pass_at_1"] <= 1 for r in held_out)
+    assert held_out == [{k: r[k] for k in held_out[0]} for r in read_records(run_dir)]
 
     # clean shutdown: every child the demo started is gone
     pids = set(summary["pids"].values()) | seen_pids

@@ -2,7 +2,7 @@
 event accumulator, MLflow's client, W&B's offline run file (its datastore and protobuf records).
 
 A `treerpo up` run feeds all three; what they hold equals what the run directory recorded
-(metrics.jsonl, syncs.jsonl); the resolved config is each run's parameters; a second learner on the
+(metrics.jsonl, syncs.jsonl, evals.jsonl); the resolved config is each run's parameters; a second learner on the
 same run directory continues the same runs; a tracker that fails costs a counted warning, never a
 step.
 """
@@ -79,7 +79,7 @@ def wandb_history(root: Path) -> tuple[dict, list[dict[str, float]]]:
 # -- a `treerpo up` run ----------------------------------------------------------------------------------
 def test_a_run_reaches_every_tracker_and_each_reads_back_what_the_run_directory_recorded(make_tiny_model, tmp_path):
     overrides = ["tracking.backends=[tensorboard,wandb,mlflow]", "tracking.run_name=t1", "learner.max_steps=4",
-                 "weights.bucket_mb=0.05"]
+                 "weights.bucket_mb=0.05", "learner.eval_every=2", "learner.eval_problems=4", "learner.eval_k=2"]
     system = System(tmp_path / "job", make_tiny_model(**SYSTEM_MODEL), overrides, num_actors=1)
     try:
         system.start()
@@ -89,6 +89,8 @@ def test_a_run_reaches_every_tracker_and_each_reads_back_what_the_run_directory_
     root = tmp_path / "job"
     steps, syncs = read_jsonl(root / "metrics.jsonl"), read_jsonl(root / "syncs.jsonl")
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and syncs
+    evals = {r["step"]: r for r in read_jsonl(root / "evals.jsonl")}  # evaluation during training
+    assert 0 in evals and 4 in evals
     cfg = load_config([root / "config.yaml"])
 
     tb = tensorboard_scalars(root)  # float32 in the event file
@@ -97,6 +99,8 @@ def test_a_run_reaches_every_tracker_and_each_reads_back_what_the_run_directory_
     assert tb["sync/seconds"] and all(any(v == pytest.approx(s["seconds"], rel=1e-6) for s in syncs)
                                       for v in tb["sync/seconds"].values())
     assert set(tb["sync/confirmed"].values()) == {1.0}
+    assert tb["eval/pass_at_1"] == {s: pytest.approx(r["pass_at_1"], rel=1e-6) for s, r in evals.items()}
+    assert tb["eval/pass_at_2"] == {s: pytest.approx(r["pass_at_k"], rel=1e-6) for s, r in evals.items()}
 
     client, run = mlflow_run(root)  # doubles: exact
     assert run.info.run_name == "t1" and run.info.status == "FINISHED"
@@ -106,12 +110,17 @@ def test_a_run_reaches_every_tracker_and_each_reads_back_what_the_run_directory_
     assert run.data.params["tree.branching"] == str(cfg.tree.branching)
     assert mlflow_history(client, run, "sync/bytes")  # every sync, at the step it followed
     assert {v for v in mlflow_history(client, run, "sync/bytes").values()} == {float(syncs[-1]["bytes"])}
+    assert mlflow_history(client, run, "eval/pass_at_1") == {s: r["pass_at_1"] for s, r in evals.items()}
+    assert mlflow_history(client, run, "eval/mean_response_tokens") == {s: r["mean_response_tokens"]
+                                                                        for s, r in evals.items()}
 
     config, rows = wandb_history(root)
     trained = {int(r["step"]): r for r in rows if "loss" in r}
     assert {s: r["loss"] for s, r in trained.items()} == {r["step"]: r["loss"] for r in steps}
     assert config["learner.max_steps"] == 4 and config["tree.branching"] == cfg.tree.branching
     assert any("sync/seconds" in r for r in rows)
+    assert {int(r["step"]): r["eval/pass_at_1"] for r in rows if "eval/pass_at_1" in r} == {
+        s: r["pass_at_1"] for s, r in evals.items()}
 
 
 def test_a_failing_tracker_is_a_counted_warning_and_training_goes_on(make_tiny_model, tmp_path):
