@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from actor.adapter import MergedAdapter
 from actor.decoding import DecodeRow, sample_rows
 from actor.engine import EngineError, GenerationRequest, Installed, Sample, collect_eos_ids
 from actor.hf_stream import HFStream
@@ -83,6 +84,8 @@ class HFEngine:
         self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "forward_calls": 0, "seconds": 0.0}
         self.lock = threading.RLock()  # generate / stream step vs load_weights / swap_in
         self.receiver = WeightReceiver(checksum=checksum)  # weight syncs (receive_weights)
+        # model.lora: syncs carry the adapter only, merged into this copy of the model (actor/adapter.py)
+        self.adapter = MergedAdapter(self.model, model_cfg.lora) if model_cfg.lora.enabled else None
 
     def _find_eos_ids(self) -> tuple[int, ...]:
         return collect_eos_ids(getattr(self.model.generation_config, "eos_token_id", None),
@@ -92,6 +95,10 @@ class HFEngine:
     def receive_weights(self, announce: Any) -> Installed:
         """One weight sync (module docstring); WeightSyncError leaves weights and version as they were."""
         version = announce.version  # strict: a parameter the sync does not cover would keep its old weights
+        if self.adapter is not None:  # the adapter of `version`, merged in (exactly the model's adapter)
+            checksum, seconds = self.receiver.receive(announce, lambda named: self.load_adapter(named, version),
+                                                      read_back=self.adapter.read_back)
+            return Installed(checksum, seconds)
         checksum, seconds = self.receiver.receive(
             announce, lambda named: self.load_weights(named, version, strict=True),
             read_back=self.named_parameters_for_sync, swap_fn=lambda named: self.swap_in(named, version, strict=True))
@@ -146,6 +153,18 @@ class HFEngine:
                 param.data.copy_(tensor)
         self.version = int(version)
         return len(pairs)
+
+    def load_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """model.lora: merge this adapter version into the weights (from the base weights), then set version.
+        Anything but exactly the model's adapter is refused before a weight changes (EngineError)."""
+        if self.adapter is None:
+            raise EngineError("load_adapter: model.lora is off (rank 0) in this engine")
+        named = list(named_tensors)
+        self.adapter.check(named)  # before the lock: a refused sync never waits for a forward
+        with self.lock:
+            layers = self.adapter.install(named)
+            self.version = int(version)
+        return layers
 
     def swap_in(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, *,
                 strict: bool = False) -> bool:

@@ -33,6 +33,21 @@ the actor's threads reach it through blocking calls. Guarantees (on top of actor
   `last_receive_s` the part before it. The worker side is actor/vllm_worker.py (the "treerpo"
   transfer engine, registered through vLLM's `vllm.general_plugins` entry point). Every step has
   the sync's deadline.
+
+LoRA (`model.lora.rank > 0`, design §6.7): vLLM runs the base model with LoRA enabled
+(`lora_engine_args`) and each sync carries the adapter only. Guarantees:
+* a sync must hold exactly this model's adapter (every A and B of every adapted layer,
+  `common.lora.adapter_specs` of the HF model's layers, and nothing else): otherwise it fails
+  (`WeightSyncError('load')`) once received, with version and adapter as they were;
+* each version is installed as a NEW vLLM adapter (a fresh id and name, `policy-v<version>-<id>`)
+  between engine steps: no pause, no reload, no prefix-cache reset (vLLM's KV-cache keys carry
+  the adapter's name, so no KV of one version serves another);
+* every request carries the adapter in force when it is admitted (on the loop thread, so no
+  install interleaves), a child forked from a parent sample too, and records that adapter's
+  version: exact, also for a request that spans a sync (it keeps its adapter to the end);
+* an adapter stays registered while any request uses it, and is removed once none does and a
+  newer one is in force: vLLM never evicts one (an install waits, by the sync's deadline, for a
+  place in its registry, `LORA_REGISTRY`).
 """
 
 from __future__ import annotations
@@ -67,6 +82,7 @@ from actor.engine import (
     collect_eos_ids,
 )
 from common.errors import ModelError, one_line
+from common.lora import adapter_specs, base_weight, find_targets
 from common.rundir import check_model_folder
 from common.wire import encode_message
 from weightsync.errors import SYNC_ERROR_REASONS, Deadline, WeightSyncError
@@ -84,6 +100,20 @@ TRANSFER_BACKEND = "treerpo"  # the weight-transfer engine actor/vllm_worker.py 
 PLUGIN_GROUP = "vllm.general_plugins"
 RPC_GRACE_S = 10.0  # beyond the sync deadline: the worker's own waits end by the deadline, then it answers
 START_TIMEOUT_S = 900.0
+LORA_SLOTS = 4
+"""vLLM's `max_loras`: adapter versions one batch may mix. A request keeps the version it was admitted
+with, so after a sync the previous versions go on running beside the new one; vLLM's scheduler
+admits no request of a further version while all slots are taken by running ones (a wait, not an
+error). 4: the version in force and 3 older ones still running, replay.max_staleness's default
+(the learner drops staler trees anyway). Each slot costs device memory: A and B of rank
+`max_lora_rank` for every layer vLLM can adapt."""
+LORA_REGISTRY = 16
+"""vLLM's `max_cpu_loras`: adapters registered at once (in host memory). Every version a request
+still uses (running, or waiting for a slot) must stay registered: vLLM evicts its least recently
+used adapter when one more is added, and a request of an evicted in-memory adapter kills the
+engine. So an install waits, by the sync's deadline, while all places are taken."""
+LORA_ROOM_POLL_S = 0.05
+LOAD_ADAPTER_TIMEOUT_S = 120.0
 
 
 def vllm_platform() -> str | None:
@@ -154,6 +184,58 @@ def _channel_answer(raw: bytes) -> dict[str, Any]:
     return answer
 
 
+def lora_engine_args(rank: int) -> dict[str, Any]:
+    """vLLM's LoRA engine arguments for adapters of `rank`: `max_lora_rank` is the smallest rank vLLM
+    accepts (its `MaxLoRARanks`) that holds it; `LORA_SLOTS`, `LORA_REGISTRY`."""
+    from typing import get_args  # noqa: PLC0415
+
+    from vllm.config.lora import MaxLoRARanks  # noqa: PLC0415 -- vLLM is optional
+
+    fits = [r for r in get_args(MaxLoRARanks) if r >= rank]
+    if not fits:
+        raise EngineError(f"model.lora.rank={rank}: vLLM runs adapters up to rank {max(get_args(MaxLoRARanks))}")
+    return {"enable_lora": True, "max_lora_rank": min(fits), "max_loras": LORA_SLOTS, "max_cpu_loras": LORA_REGISTRY}
+
+
+def model_adapter_specs(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Wire name -> shape of every tensor a LoRA sync must hold (`common.lora.adapter_specs`), from the
+    HF model's layers as the learner sees them (built on the meta device: names and shapes, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 -- loads with a model
+
+    config = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    try:
+        found = find_targets(((n, p.shape) for n, p in model.named_parameters()), model_cfg.lora.target_modules)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+    return dict(adapter_specs(found, model_cfg.lora.rank))
+
+
+def adapter_mismatch(specs: dict[str, tuple[int, int]], named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
+    """How (name, shape) pairs differ from exactly the adapter `specs`; "" when they are it."""
+    got: dict[str, tuple[int, ...]] = {}
+    twice = []
+    for name, shape in named_shapes:
+        if name in got:
+            twice.append(name)
+        got[name] = tuple(int(d) for d in shape)
+    missing = [n for n in specs if n not in got]
+    extra = [n for n in got if n not in specs]
+    shaped = [f"{n} {got[n]}, expected {specs[n]}" for n in got if n in specs and got[n] != specs[n]]
+    wrong = []
+    if missing:
+        wrong.append(f"{len(missing)} adapter tensors not sent (e.g. {missing[:3]})")
+    if extra:
+        wrong.append(f"{len(extra)} tensors not of this model's adapter (e.g. {extra[:3]})")
+    if shaped:
+        wrong.append(f"{len(shaped)} of another shape (e.g. {shaped[:2]}; the same model.lora.rank on learner and "
+                     "actors?)")
+    if twice:
+        wrong.append(f"{len(twice)} sent twice (e.g. {twice[:3]})")
+    return "; ".join(wrong)
+
+
 class _Loop:
     """An asyncio event loop in a daemon thread: `run` blocks on a coroutine, `submit` does not."""
 
@@ -200,6 +282,10 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = actor_cfg.gpu_memory_utilization
         if actor_cfg.vllm_block_size:
             kwargs["block_size"] = actor_cfg.vllm_block_size
+        self.lora = model_cfg.lora if model_cfg.lora.enabled else None  # syncs carry the adapter only
+        if self.lora is not None:
+            self.adapter_specs = model_adapter_specs(model_cfg)
+            kwargs.update(lora_engine_args(self.lora.rank))
         self._loop = _Loop("vllm-engine")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_cfg.path,
@@ -209,7 +295,11 @@ class VLLMEngine:
                 return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
             self.llm = self._loop.run(build(), START_TIMEOUT_S)
+            if self.lora is not None:
+                self._check_lora_modules()
         except BaseException as e:
+            if getattr(self, "llm", None) is not None:
+                self.llm.shutdown()
             self._loop.stop()
             if isinstance(e, OSError):
                 raise ModelError(f"cannot load model.path={model_cfg.path!r}: {one_line(e)}") from e
@@ -229,6 +319,21 @@ class VLLMEngine:
         self._channels = itertools.count()
         self._ids = itertools.count()
         self._closed = False
+        # model.lora, read and written on the loop thread only:
+        self._lora_request: Any = None  # vLLM's LoRARequest of the adapter in force; None: the base model
+        self._lora_users: dict[int, int] = {}  # adapter id -> requests in flight that carry it
+        self._lora_registered: set[int] = set()  # adapter ids registered in the worker and not being removed
+        self._lora_ids = itertools.count(1)  # vLLM's adapter ids are > 0, never reused
+        self._tasks: set[asyncio.Task] = set()  # background removals (held: the loop keeps weak references)
+
+    def _check_lora_modules(self) -> None:
+        """EngineError at start, not at every sync, when model.lora adapts a layer vLLM cannot."""
+        (known,) = self._loop.run(self.llm.collective_rpc("treerpo_lora_modules"), 60.0)
+        modules = sorted({base_weight(n)[0].removesuffix(".weight").rsplit(".", 1)[-1] for n in self.adapter_specs})
+        unknown = [m for m in modules if m not in known]
+        if unknown:
+            raise EngineError(f"model.lora.target_modules: vLLM has no LoRA layer for {unknown} in this model "
+                              f"(it adapts {known}): drop them or set actor.engine=hf")
 
     def _find_eos_ids(self, model_cfg: ModelConfig) -> tuple[int, ...]:
         from transformers import GenerationConfig  # noqa: PLC0415 -- transformers loads with a model, not on import
@@ -319,6 +424,8 @@ class VLLMEngine:
             self._transfer_addr = None  # a fresh transfer engine (store connection, group, channel) next time
             raise
         self.last_receive_s = deadline.elapsed()
+        if self.lora is not None:
+            return await self._sync_adapter(announce, deadline)
         paused = time.perf_counter()
         await llm.pause_generation(mode="keep", clear_cache=False)  # running requests stay, frozen
         self.last_pause_requests = self.running
@@ -347,6 +454,105 @@ class VLLMEngine:
             await llm.resume_generation()
             self.last_pause_s = time.perf_counter() - paused
         return Installed(str(report["checksum"]), deadline.elapsed(), self.last_pause_s, self.last_pause_requests)
+
+    async def _sync_adapter(self, announce: Any, deadline: Deadline) -> Installed:
+        """model.lora: the adapter staged in the worker is checked (exactly this model's adapter),
+        installed as a new vLLM adapter and put in force, between engine steps (no pause)."""
+        try:
+            wrong = adapter_mismatch(self.adapter_specs, zip(announce.names, announce.shapes, strict=True))
+            if wrong:
+                raise WeightSyncError("load", f"version {announce.version} is not this model's LoRA adapter "
+                                      f"(model.lora rank {self.lora.rank}, {self.lora.target_modules}): {wrong}; "
+                                      "nothing was installed")
+            report = await self._install_adapter("treerpo_install_adapter", (dataclasses.asdict(announce),),
+                                                 int(announce.version), deadline)
+        except BaseException:
+            self._transfer_addr = None  # as a failed full sync: a fresh transfer engine next time
+            raise
+        self.last_pause_requests = self.running  # they keep their adapter to the end
+        return Installed(str(report["checksum"]), deadline.elapsed(), 0.0, self.running)
+
+    async def _install_adapter(self, method: str, args: tuple, version: int, deadline: Deadline) -> Any:
+        """Register an adapter in the worker (`method`: an install RPC of actor/vllm_worker.py, called
+        with `args` + (adapter id, rank, alpha, targets)), then put it in force as `version`: requests
+        admitted from here on carry it. The adapter it replaces is removed at once if no request uses
+        it, else by the last one (`_release_adapter`). Runs on the loop thread."""
+        from vllm.lora.request import LoRARequest  # noqa: PLC0415 -- vLLM is optional
+
+        while len(self._lora_registered) >= LORA_REGISTRY:  # never make vLLM evict an adapter in use
+            deadline.check(f"a place in vLLM's adapter registry (all {LORA_REGISTRY} used by requests in flight)")
+            await asyncio.sleep(LORA_ROOM_POLL_S)
+        lora_id = next(self._lora_ids)
+        lora = self.lora
+        try:
+            (out,) = await self._step(self.llm.collective_rpc(
+                method, args=(*args, lora_id, lora.rank, lora.alpha, list(lora.target_modules))), deadline,
+                f"install adapter v{version}")
+        except BaseException:
+            self._remove_later(lora_id)  # if the worker installed it after all: no request ever carries it
+            raise
+        self._lora_registered.add(lora_id)
+        name = f"policy-v{version}-{lora_id}"
+        old, self._lora_request = self._lora_request, LoRARequest(name, lora_id, f"mem://{name}")
+        self.version = version  # the switch: requests admitted from here on carry the new adapter
+        if old is not None and not self._lora_users.get(old.lora_int_id):
+            await self._remove_adapter(old.lora_int_id)
+        return out
+
+    def _hold_adapter(self) -> tuple[int, Any]:
+        """(version, LoRARequest) in force, counted as used by one more request until `_release_adapter`."""
+        lora = self._lora_request
+        if lora is not None:
+            self._lora_users[lora.lora_int_id] = self._lora_users.get(lora.lora_int_id, 0) + 1
+        return int(self.version), lora
+
+    async def _release_adapter(self, lora_id: int, unfinished: str | None = None) -> None:
+        """A request carrying adapter `lora_id` ended: remove the adapter if it was the last one and a
+        newer adapter is in force. `unfinished`: the id of a request that ended here, not in vLLM
+        (an error, a cancel), aborted there first so that vLLM never schedules it after the removal."""
+        ended = True
+        if unfinished is not None and self.llm is not None:
+            try:
+                await self.llm.abort(unfinished)
+            except Exception as e:  # noqa: BLE001 - then the adapter stays registered (never removed under it)
+                log.warning("could not abort vLLM request %s: %s", unfinished, one_line(e))
+                ended = False
+        users = self._lora_users.pop(lora_id) - 1
+        if users:
+            self._lora_users[lora_id] = users
+        elif ended and (self._lora_request is None or self._lora_request.lora_int_id != lora_id):
+            await self._remove_adapter(lora_id)
+
+    async def _remove_adapter(self, lora_id: int) -> None:
+        self._lora_registered.discard(lora_id)  # the removal goes to the engine core before any later install
+        if self.llm is None:
+            return
+        try:
+            await self.llm.remove_lora(lora_id)
+        except Exception as e:  # noqa: BLE001 - a dead engine says so on its next request; the sync is done
+            log.warning("could not remove LoRA adapter %d from vLLM: %s", lora_id, one_line(e))
+
+    def _remove_later(self, lora_id: int) -> None:
+        task = asyncio.ensure_future(self._remove_adapter(lora_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def load_adapter(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """model.lora: install adapter tensors held in this process (tests, tools) as a new adapter
+        version in force (their raw bytes cross vLLM's RPC), then set the version; returns the
+        adapters registered. Anything but exactly this model's adapter is refused (EngineError)."""
+        if self.lora is None:
+            raise EngineError("load_adapter: model.lora is off (rank 0) in this engine")
+        named = [(n, t.detach().to("cpu").contiguous()) for n, t in named_tensors]
+        wrong = adapter_mismatch(self.adapter_specs, ((n, t.shape) for n, t in named))
+        if wrong:
+            raise EngineError(f"load_adapter: not this model's LoRA adapter: {wrong}")
+        items = [(n, dtype_name(t.dtype), list(t.shape), t.view(torch.uint8).numpy().tobytes()) for n, t in named]
+        try:
+            return self._loop.run(self._install_adapter("treerpo_load_adapter", (items,), int(version),
+                                                        Deadline(LOAD_ADAPTER_TIMEOUT_S)))
+        except WeightSyncError as e:
+            raise EngineError(f"load_adapter: {e}") from e
 
     def _open_channel(self) -> str:
         """A fresh private channel to the worker's stager (a ZeroMQ PAIR over ipc:// in a directory
@@ -496,8 +702,8 @@ class VLLMStream:
 
     def add(self, request: GenerationRequest, tag: Hashable, parent: tuple[Hashable, int] | None = None) -> None:
         request.check(self.engine.vocab_size)
-        version = int(self.engine.version)
-        if parent is not None and parent in self._last:
+        version = int(self.engine.version)  # model.lora: the adapter's, taken when `_run` admits it
+        if parent is not None and parent in self._last and self.engine.lora is None:
             version = min(version, self._last[parent])
         self._pending += request.n
         self.engine.stats["requests"] += 1
@@ -554,11 +760,14 @@ class VLLMStream:
         logprobs: list[list[float]] = [[] for _ in range(req.n)]
         entropy: list[list[float]] = [[] for _ in range(req.n)]
         finished = 0
+        lora = None
+        if engine.lora is not None:  # the adapter in force now, a child's too: no install interleaves here
+            version, lora = engine._hold_adapter()
         engine.running += 1
         request_id = self._in_flight[serial] = engine.request_id()
         try:
             prompt = TokensPrompt(prompt_token_ids=req.context.tolist())
-            async for out in engine.llm.generate(prompt, engine.sampling_params(req), request_id):
+            async for out in engine.llm.generate(prompt, engine.sampling_params(req), request_id, lora_request=lora):
                 for c in out.outputs:
                     ids = list(c.token_ids)
                     if ids and (c.logprobs is None or len(c.logprobs) != len(ids)):
@@ -580,3 +789,5 @@ class VLLMStream:
         finally:
             engine.running -= 1
             self._in_flight.pop(serial, None)
+            if lora is not None:
+                await engine._release_adapter(lora.lora_int_id, None if finished == req.n else request_id)

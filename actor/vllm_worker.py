@@ -38,6 +38,16 @@ Guarantees of one sync (design §6.6):
 * a new `init_weight_transfer_engine` (after a learner restart or a re-registration) starts
   from a fresh receiver: no store connection or group survives it (a receive still running on
   the old one finishes by its own deadline and is discarded).
+
+LoRA (`model.lora`, design §6.7): a sync then carries the adapter only, received and staged the
+same way; `treerpo_install_adapter` takes it and registers it with vLLM's LoRA manager as a NEW
+adapter id (`install_adapter`), between engine steps, with no pause and no weight reload:
+* all or nothing: the adapter is built from copies of what arrived (the stager reuses its
+  buffers), and a module vLLM cannot adapt, a rank above `max_lora_rank` or a full registry
+  fails it (`WeightSyncError('load')`) with nothing registered;
+* never an eviction: vLLM's registry would silently drop its least recently used adapter, and a
+  request of a dropped in-memory adapter kills the engine; an install that would need a place
+  fails instead (the actor waits for room first and removes each version once no request uses it).
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ from vllm.model_executor.layers.attention import is_deferred_attention_layer
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
+from common.errors import one_line
 from common.wire import WeightAnnounce, WireError, decode_message
 from weightsync.errors import WeightSyncError
 from weightsync.layout import torch_dtype
@@ -120,6 +131,70 @@ def load_layerwise(model: torch.nn.Module, model_config: Any, named: list[tuple[
         finalize_layerwise_reload(model, model_config)
     refresh_tied_lm_head(model)
     return unloaded
+
+
+def lora_modules(manager: Any) -> set[str]:
+    """The module names (last component, as an HF checkpoint names them: q_proj, not qkv_proj) that
+    vLLM's LoRA manager can adapt in this model (`manager`: the worker's `lora_manager`)."""
+    adapters = manager._adapter_manager
+    out: set[str] = set()
+    for module in adapters.supported_lora_modules:
+        out.update(adapters.packed_modules_mapping.get(module, [module]))
+    return out
+
+
+def _raw_tensors(items: list[tuple[str, str, list[int], bytes]]) -> list[tuple[str, torch.Tensor]]:
+    """(name, dtype, shape, raw bytes) -> tensors: how tensors cross vLLM's RPC (its msgpack would
+    turn a tensor into lists)."""
+    return [(name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
+             if raw else torch.empty(shape, dtype=torch_dtype(dtype))) for name, dtype, shape, raw in items]
+
+
+@torch.no_grad()
+def install_adapter(manager: Any, lora_id: int, named: list[tuple[str, torch.Tensor]], rank: int, alpha: float,
+                    targets: list[str]) -> int:
+    """Register the adapter `named` (PEFT's saved names, common/lora.py) with vLLM's LoRA manager as
+    adapter `lora_id` and copy it into a slot, the way vLLM loads one from disk
+    (`WorkerLoRAManager._load_adapter`) but from tensors; returns the adapters now registered.
+
+    Raises WeightSyncError('load') with nothing registered when the id is taken, the registry is full
+    (one more would evict an adapter that requests may still use), the rank exceeds vLLM's
+    `max_lora_rank`, or a tensor names a module vLLM cannot adapt."""
+    from vllm.lora.lora_model import LoRAModel  # noqa: PLC0415 -- only LoRA engines load it
+    from vllm.lora.peft_helper import PEFTHelper  # noqa: PLC0415
+
+    adapters = manager._adapter_manager  # LRUCacheLoRAModelManager
+    if lora_id in adapters.list_adapters():
+        raise WeightSyncError("load", f"LoRA id {lora_id} is registered already: an adapter version is never "
+                              "replaced in place (running requests and cached KV use it)")
+    if len(adapters) >= adapters.capacity:
+        raise WeightSyncError("load", f"all {adapters.capacity} places of vLLM's adapter registry (max_cpu_loras) "
+                              f"are taken ({sorted(adapters.list_adapters())}): one more would evict one")
+    try:
+        peft = PEFTHelper.from_dict({"r": rank, "lora_alpha": alpha, "target_modules": list(targets),
+                                     "vllm_max_position_embeddings": manager.max_position_embeddings})
+        peft.validate_legal(manager.lora_config)
+        model = adapters.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        lora = LoRAModel.from_lora_tensors(
+            lora_id, {n: t.clone() for n, t in named},  # own copies: the stager receives the next sync into `named`
+            peft_helper=peft, device="cpu", dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+    except ValueError as e:
+        raise WeightSyncError("load", f"vLLM refused the adapter: {one_line(e)}") from e
+    known = lora_modules(manager)
+    unknown = sorted(n for n in lora.loras if n.rsplit(".", 1)[-1] not in known)
+    if unknown:
+        raise WeightSyncError("load", f"{len(unknown)} adapted modules are not LoRA modules of vLLM's model "
+                              f"(e.g. {unknown[:3]}; it adapts {sorted(known)})")
+    try:
+        adapters.add_adapter(lora)  # packs q/k/v -> qkv_proj and gate/up -> gate_up_proj as vLLM's layers are
+        adapters.activate_adapter(lora_id)  # into a slot now: a bad tensor fails here, not in a step
+    except BaseException as e:
+        adapters.remove_adapter(lora_id)
+        raise WeightSyncError("load", f"vLLM could not install the adapter: {one_line(e)}") from e
+    return len(adapters)
 
 
 class Stager:
@@ -316,8 +391,7 @@ class TreeRPOWorkerExtension:
     def treerpo_load_tensors(self, items: list[tuple[str, str, list[int], bytes]]) -> int:
         """Install (name, dtype, shape, raw bytes) tensors with layerwise reload (`VLLMEngine.load_weights`;
         a subset may be loaded: the layers it leaves out keep their weights)."""
-        named = [(name, torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(torch_dtype(dtype)).reshape(shape)
-                  if raw else torch.empty(shape, dtype=torch_dtype(dtype))) for name, dtype, shape, raw in items]
+        named = _raw_tensors(items)
         with set_current_vllm_config(self.vllm_config):
             load_layerwise(self.model_runner.get_model(), self.model_config, named)
         return len(named)
@@ -326,3 +400,33 @@ class TreeRPOWorkerExtension:
         """(name, shape, dtype) of the worker's parameters in vLLM's layout (diagnostics, tests)."""
         return [(n, list(p.shape), str(p.dtype).removeprefix("torch."))
                 for n, p in self.model_runner.get_model().named_parameters()]
+
+    # -- LoRA (model.lora) -----------------------------------------------------------------------
+    def treerpo_install_adapter(self, announce: dict[str, Any], lora_id: int, rank: int, alpha: float,
+                                targets: list[str]) -> dict[str, Any]:
+        """Take the staged adapter sync `announce` (received now if nobody staged it) and register it as
+        LoRA `lora_id` (`install_adapter`); returns the sync's report (checksum of what arrived, ...)."""
+        engine = self.weight_transfer_engine
+        if engine is None or engine.stager is None:
+            raise RuntimeError("init_weight_transfer_engine must come before treerpo_install_adapter")
+        staged, _, report = engine.stager.take(WeightAnnounce(**announce))
+        t0 = time.perf_counter()
+        report["registered"] = install_adapter(self.model_runner.lora_manager, lora_id, staged, rank, alpha, targets)
+        report["install_s"] = time.perf_counter() - t0
+        engine.report = report
+        return dict(report)
+
+    def treerpo_load_adapter(self, items: list[tuple[str, str, list[int], bytes]], lora_id: int, rank: int,
+                             alpha: float, targets: list[str]) -> int:
+        """Register (name, dtype, shape, raw bytes) adapter tensors as LoRA `lora_id` (`VLLMEngine.load_adapter`)."""
+        return install_adapter(self.model_runner.lora_manager, lora_id, _raw_tensors(items), rank, alpha, targets)
+
+    def treerpo_lora_modules(self) -> list[str]:
+        """The module names vLLM can adapt in this model (`lora_modules`), sorted."""
+        return sorted(lora_modules(self.model_runner.lora_manager))
+
+    def treerpo_lora_state(self) -> dict[str, list[int]]:
+        """The adapter ids registered with vLLM's LoRA manager, and those in its slots (diagnostics, tests)."""
+        adapters = self.model_runner.lora_manager._adapter_manager
+        return {"registered": sorted(adapters.list_adapters()),
+                "slots": sorted(i for i in adapters.lora_index_to_id if i is not None)}

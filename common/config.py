@@ -194,6 +194,38 @@ class ReplayConfig(Section):
     )
 
 
+LORA_TARGETS_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Section):
+    """LoRA adapters (PEFT) instead of full weights: the learner trains them, a sync sends only them
+    (common/lora.py, design §6.7). rank 0 = full-weight training."""
+
+    rank: int = Field(0, ge=0, le=512, description="LoRA rank r (0 = off: full-weight training).")
+    alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA alpha: the update is (alpha / rank) * B @ A.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGETS_DEFAULT), min_length=1,
+        description="Linear layers that get an adapter, by module-name suffix (PEFT's matching): Llama/Qwen2 "
+                    "attention and MLP projections by default.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @field_validator("target_modules")
+    @classmethod
+    def _check_targets(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if not re.fullmatch(r"[A-Za-z_][\w.]*", t)]
+        if bad:
+            raise ValueError(f"model.lora.target_modules: {bad} are not module names (e.g. 'q_proj')")
+        return value
+
+
 class ModelConfig(Section):
     """The policy model (HF format)."""
 
@@ -204,6 +236,7 @@ class ModelConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     attn_implementation: Literal["sdpa", "eager", "flex_attention"] = Field("sdpa", description="Attention kernel.")
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class DataConfig(Section):
@@ -548,6 +581,10 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _check_mode(self) -> JobConfig:
+        if self.model.lora.enabled and self.learner.zero_stage == 3:
+            raise ValueError("model.lora with learner.zero_stage=3 is not supported (DeepSpeed's ZeRO-3 leaves the "
+                             "adapters of a frozen model without gradients here): use zero_stage 2; with LoRA the "
+                             "optimizer state is the adapter's, small, and the frozen base model is replicated")
         if self.learner.eval_every:
             self.data.check_held_out(self.learner.eval_problems)
         if self.learner.mode == "sync":

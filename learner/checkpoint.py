@@ -5,6 +5,7 @@ Layout under `<run_dir>/checkpoints/`:
     step-000000120/
         deepspeed/                weights, optimizer, LR scheduler (DeepSpeed's save_checkpoint, every rank)
         hf/                       save_pretrained + tokenizer (learner.checkpoint_hf), for eval / vLLM
+        adapter/                  model.lora: the adapter as PEFT saves it (hf/ holds the merged model)
         learner_state.json        version, incarnation, step, trainer counters, data/buffer state, RNG
         learner_state.safetensors the arrays of the above (RNG states, any arrays in data/buffer state)
         config.yaml               the resolved job config
@@ -152,6 +153,8 @@ def save_checkpoint(
         collective = False
         if export_hf:
             trainer.export_hf(tmp / "hf")
+        if trainer.lora is not None:  # the adapter alone, as PEFT saves it (its weights are also in deepspeed/)
+            trainer.save_adapter(tmp / "adapter")
         dump_config(trainer.cfg, tmp / "config.yaml")
         state.trainer = trainer.state_dict()
         _write_state(tmp, state, trainer)

@@ -33,6 +33,12 @@ Guarantees
   in `Trainer.skipped_steps`.
 * `named_parameters_for_sync()` yields (HF name, full tensor in the model dtype) on rank 0; under
   ZeRO-3 every rank takes part in each parameter's gather.
+* LoRA (`model.lora.rank` > 0; common/lora.py, design §6.7): the model is wrapped by PEFT, only the
+  adapters train, and `named_parameters_for_sync()` / `parameter_specs()` cover only the adapter
+  tensors, under their PEFT-saved names (under ZeRO-3 only they are gathered). The adapted layers
+  are exactly `common.lora.find_targets` of the base model (ConfigError otherwise), so every engine
+  knows which tensors a sync must hold. `export_hf` writes the merged model (base + scale·B·A) as
+  a plain HF folder, `save_adapter` the adapter as PEFT saves it.
 * Metric keys are names of the step record in common/metrics.py's table (`STEP_RECORD`).
 
 Naming: "engine" in treerpo means the actor's inference engine; DeepSpeed's wrapper of model +
@@ -51,9 +57,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import JobConfig, LearnerConfig
+from common.config import JobConfig, LearnerConfig, LoraConfig
 from common.device import resolve_device_dtype
-from common.errors import ModelError, one_line
+from common.errors import ConfigError, ModelError, one_line
+from common.lora import PREFIX as LORA_PREFIX
+from common.lora import adapter_specs, find_targets, merged, wire_name
 from common.tree import ReasoningTree
 from learner.logprobs import dummy_logprobs, token_logprobs
 from learner.loss import LossInputs, treerpo_loss
@@ -94,11 +102,48 @@ def lr_factor(lc: LearnerConfig):
     return factor
 
 
+def with_lora(model: torch.nn.Module, lora: LoraConfig) -> torch.nn.Module:
+    """`model` wrapped by PEFT with LoRA adapters on `lora.target_modules` (dropout 0: the log-prob
+    forwards are the policy's); ConfigError unless PEFT adapted exactly `common.lora.find_targets`."""
+    try:
+        from peft import LoraConfig as PeftLoraConfig  # noqa: PLC0415 -- only when model.lora is on
+        from peft import get_peft_model  # noqa: PLC0415
+    except ImportError as e:
+        raise ConfigError(f"model.lora needs PEFT ({e}): pip install -e '.[lora]'") from None
+    try:
+        found = find_targets(((n, p.shape) for n, p in model.named_parameters()), lora.target_modules)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    peft_model = get_peft_model(model, PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                                                      target_modules=list(lora.target_modules), bias="none"))
+    got = {wire_name(n): tuple(p.shape) for n, p in peft_model.named_parameters() if p.requires_grad}
+    want = dict(adapter_specs(found, lora.rank))
+    if got != want:
+        odd = sorted(set(got) ^ set(want))[:3]
+        raise ConfigError(f"model.lora.target_modules={lora.target_modules}: PEFT adapted other tensors than the "
+                          f"model's linear layers of those names (e.g. {odd}); target linear layers only")
+    return peft_model
+
+
+def merged_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA model's full state dict -> the base model's, the adapters merged into their weights."""
+    base: dict[str, torch.Tensor] = {}
+    adapter: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if ".lora_" in name:
+            adapter[wire_name(name)] = t
+            continue
+        plain = name.removeprefix(LORA_PREFIX).replace(".base_layer.", ".")
+        base[plain] = t
+    return {**base, **merged(base, adapter, scale)}
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: matrices decay, vectors (biases, norm gains) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # LoRA trains matrices only; DeepSpeed drops an empty group
 
 
 def deepspeed_config(lc: LearnerConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -202,6 +247,9 @@ class Trainer:
         except OSError as e:
             raise ModelError(f"cannot load the policy from {self.model_path!r}: {one_line(e)}") from e
         model.config.use_cache = False
+        self.lora = cfg.model.lora if cfg.model.lora.enabled else None
+        if self.lora is not None:
+            model = with_lora(model, self.lora)
         if lc.gradient_checkpointing:  # activations of the decoder layers recomputed in the backward
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # train mode (gradient checkpointing needs it) with every dropout at 0: θ, proximal and
@@ -266,7 +314,7 @@ class Trainer:
         """Ranks > 0: execute rank 0's commands until it sends stop."""
 
         def gather(arg: int, payload: bytes) -> None:
-            for _ in self._gathered_params():
+            for _ in self._gathered_params(adapter_only=bool(arg)):
                 pass
 
         self.ranks.follow({
@@ -283,39 +331,73 @@ class Trainer:
             self.ranks.send(CMD_STOP, 0)
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Rank 0: (HF name, full tensor in the model dtype), tied weights once.
+        """Rank 0: (HF name, full tensor in the model dtype), tied weights once; with LoRA only the
+        adapter tensors, under their PEFT-saved names (common/lora.py).
 
         Without ZeRO-3 the tensors are the live parameters (copy them before the next step);
         under ZeRO-3 each is a gathered copy, and the other ranks join each gather.
         """
         self.ranks.require_rank0("named_parameters_for_sync")
-        if self.cfg.learner.zero_stage == 3:
-            if self.world_size > 1:
-                self.ranks.send(CMD_GATHER, 0)
-            yield from self._gathered_params()
-        else:
-            for name, p in self.module.named_parameters():
-                yield name, p.detach()
+        yield from self._full_parameters(adapter_only=self.lora is not None)
 
     def parameter_specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-        """(HF name, full shape, dtype) of every parameter in sync order; no collective (ZeRO-3: ds_shape)."""
-        return [(name, tuple(getattr(p, "ds_shape", p.shape)), p.dtype) for name, p in self.module.named_parameters()]
+        """(name, full shape, dtype) of every tensor a sync sends, in sync order; no collective (ZeRO-3: ds_shape)."""
+        return [(self._sync_name(name), tuple(getattr(p, "ds_shape", p.shape)), p.dtype)
+                for name, p in self.module.named_parameters() if self._synced(p)]
+
+    def _synced(self, p: torch.nn.Parameter) -> bool:
+        return self.lora is None or p.requires_grad  # with LoRA: the adapters (nothing else trains)
+
+    def _sync_name(self, name: str) -> str:
+        return wire_name(name) if self.lora is not None else name
+
+    def _full_parameters(self, *, adapter_only: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """Rank 0: (name, full tensor) of the parameters (adapter_only: the adapters, sync names);
+        under ZeRO-3 gathered, the other ranks joining each gather."""
+        only = adapter_only and self.lora is not None
+        if self.cfg.learner.zero_stage == 3:
+            if self.world_size > 1:
+                self.ranks.send(CMD_GATHER, int(only))
+            for name, p in self._gathered_params(adapter_only=only):
+                yield (self._sync_name(name) if only else name), p
+        else:
+            for name, p in self.module.named_parameters():
+                if not only or self._synced(p):
+                    yield (self._sync_name(name) if only else name), p.detach()
 
     def export_hf(self, out_dir: str | Path) -> Path:
-        """Rank 0: save_pretrained (safetensors) + tokenizer into out_dir, ZeRO-3 aware."""
+        """Rank 0: save_pretrained (safetensors) + tokenizer into out_dir, ZeRO-3 aware; with LoRA the
+        base model with the adapter merged in (a plain HF folder: eval, vLLM serving)."""
         self.ranks.require_rank0("export_hf")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if self.cfg.learner.zero_stage == 3:
-            state = dict(self.named_parameters_for_sync())
+            state = dict(self._full_parameters(adapter_only=False))
             params = {n for n, _ in self.module.named_parameters()}
             for name, buf in self.module.state_dict().items():  # persistent buffers, if any
                 if name not in params and name not in state and buf.numel() > 0:
                     state[name] = buf
         else:
             state = self.module.state_dict()
-        self.module.save_pretrained(str(out), state_dict=state)
+        if self.lora is None:
+            self.module.save_pretrained(str(out), state_dict=state)
+        else:
+            self.module.get_base_model().save_pretrained(str(out), state_dict=merged_state(state, self.lora.scale))
         self.tokenizer.save_pretrained(str(out))
+        return out
+
+    def save_adapter(self, out_dir: str | Path) -> Path:
+        """Rank 0, LoRA: the adapter as PEFT saves it (adapter_config.json + adapter_model.safetensors),
+        loadable with `PeftModel.from_pretrained(base, out_dir)`; ZeRO-3 aware."""
+        self.ranks.require_rank0("save_adapter")
+        if self.lora is None:
+            raise ValueError("save_adapter: model.lora is off (rank 0)")
+        out = Path(out_dir)
+        live = {n: p.detach() for n, p in self.module.named_parameters() if self._synced(p)}
+        if self.cfg.learner.zero_stage == 3:
+            gathered = dict(self._full_parameters(adapter_only=True))
+            live = {n: gathered[wire_name(n)] for n in live}
+        self.module.save_pretrained(str(out), state_dict=live)
         return out
 
     def save_deepspeed_state(self, directory: str | Path) -> None:
@@ -496,10 +578,10 @@ class Trainer:
         return norm, applied
 
     # -- ZeRO-3 gather -------------------------------------------------------------------------
-    def _gathered_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _gathered_params(self, *, adapter_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         import deepspeed  # noqa: PLC0415
 
-        pending = iter(list(self.module.named_parameters()))
+        pending = iter([(n, p) for n, p in self.module.named_parameters() if not adapter_only or self._synced(p)])
         try:
             for name, p in pending:
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):

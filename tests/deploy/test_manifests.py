@@ -354,7 +354,11 @@ def test_monitoring_component(overlay):
 def test_dockerfile():
     text = (DEPLOY / "docker" / "Dockerfile").read_text()
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+$", text, re.M) and "FROM ${CUDA_IMAGE}" in text
-    assert '".[vllm]"' in text and "deepspeed" in text
+    assert '".[vllm,lora,tracking]"' in text and "deepspeed" in text
+    # every top-level package of the code is in the image (a package left out fails only at import)
+    packages = sorted(p.parent.name for p in DEPLOY.parent.glob("*/__init__.py") if p.parent.name != "tests")
+    for package in packages:
+        assert f"COPY {package} ./{package}" in text, package
     user = re.findall(r"^USER (\S+)$", text, re.M)
     assert user and user[-1].split(":")[0] == "1000"  # = runAsUser in the manifests
     entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, re.M).group(1))

@@ -31,6 +31,7 @@ SMALL_ARGS = {
     "load": ["--tiny"],  # a real learner + 1 synthetic actor over CURVE, a 4 s window (~25 s)
     "async": ["--tiny"],  # `treerpo up` in sync then async mode, 8 steps each on a random tiny model (~75 s)
     "transport": ["--tiny"],  # the learner's ingest path + 1 actor process over CURVE, 300 trees (~15 s)
+    "lora": ["--model", "tiny", "--rank", "4", "--reps", "1", "--tree-tokens", "64"],  # full vs LoRA (~40 s)
     "trl": ["--tiny"],  # TRL's GRPOTrainer, then `treerpo up` flat and as a tree, a random tiny chat model (~40 s)
 }
 
@@ -69,6 +70,9 @@ def test_bench_prints_design_json(name, tmp_path):
     if name == "load":  # the accounting is a correctness property, not a timing: it must hold exactly
         level = out["levels"][0]
         assert level["sent"] > 0 and level["exact"] and out["all_exact"], level
+    if name == "lora":  # a LoRA sync sends only the adapter; only it trains
+        assert out["sync"]["lora"]["bytes"] < out["sync"]["full"]["bytes"] / 4
+        assert out["learner"]["lora"]["trainable_params"] < out["learner"]["full"]["trainable_params"] / 4
     if name == "trl":  # each run went to the token budget; only the tree's samples share prefixes
         runs = out["runs"]
         assert sorted(runs) == ["grpo", "tree", "trl"]
