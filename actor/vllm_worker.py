@@ -114,8 +114,12 @@ def unloaded_layers(model: torch.nn.Module) -> list[str]:
         params = [t for t in info.kernel_tensors[0].values() if t.numel()]
         layers.append((name, layer, info, params))
     loaded = {id(t) for _, _, info, params in layers if info.load_numel > 0 for t in params}
+    # a tied LM head that holds a packed copy of the embedding (vLLM's CPU GEMM, at SmolLM2's sizes)
+    # shares no tensor with it: it follows the embedding through refresh_tied_lm_head instead
+    tied_head = getattr(model, "lm_head", None) if getattr(getattr(model, "config", None), "tie_word_embeddings",
+                                                           False) else None
     return [name for name, layer, info, params in layers
-            if info.load_numel <= 0 and not is_deferred_attention_layer(layer)
+            if info.load_numel <= 0 and not is_deferred_attention_layer(layer) and layer is not tied_head
             and any(id(t) not in loaded for t in params)]
 
 

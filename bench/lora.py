@@ -91,7 +91,9 @@ def _actor(conn, model: str, rank: int, engine_name: str) -> None:
             engine.close()
             return
         got = engine.receive_weights(cmd[1])
-        conn.send(("done", got.checksum))
+        # the engine's split: receiving and staging (vLLM reports it), then installing
+        received = getattr(engine, "last_receive_s", None)
+        conn.send(("done", got.checksum, got.seconds, received))
 
 
 def time_sync(model: Path, rank: int, reps: int, engine: str = "hf") -> dict:
@@ -110,7 +112,7 @@ def time_sync(model: Path, rank: int, reps: int, engine: str = "hf") -> dict:
     proc = ctx.Process(target=_actor, args=(child, str(model), rank, engine))  # vLLM starts its own processes
     proc.start()
     assert conn.recv() == ("ready",)
-    seconds, nbytes = [], 0
+    seconds, nbytes, actor = [], 0, []
     try:
         for version in range(1 + reps):
             specs = trainer.parameter_specs()
@@ -121,13 +123,16 @@ def time_sync(model: Path, rank: int, reps: int, engine: str = "hf") -> dict:
             reply = conn.recv()
             seconds.append(time.perf_counter() - t0)
             assert result.ok and reply[1] == result.checksum, (result.error, reply)
+            actor.append(reply[2:])
             nbytes = result.bytes
     finally:
         conn.send(("stop",))
         proc.join(60)
         pub.close()
+    received = [r for _, r in actor[1:] if r is not None]
     return {"seconds": statistics.median(seconds[1:]), "first_seconds": seconds[0], "bytes": nbytes,
-            "tensors": len(trainer.parameter_specs())}
+            "tensors": len(trainer.parameter_specs()), "actor_seconds": statistics.median(a for a, _ in actor[1:]),
+            "actor_receive_seconds": statistics.median(received) if received else None}
 
 
 # -- the learner's step, in a process of its own (its peak memory is the process's) ------------------
@@ -178,6 +183,7 @@ def main() -> None:
     ap.add_argument("--tree-tokens", type=int, default=256, help="generated tokens of the trees of one learner step")
     ap.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                     help="the receiving actor's engine (vllm: vLLM's CPU backend here, VLLM_CPU_KVCACHE_SPACE=1)")
+    ap.add_argument("--sync-only", action="store_true", help="time the syncs only, not the learner's step")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -186,21 +192,30 @@ def main() -> None:
         sync = {"full": time_sync(model, 0, args.reps, args.engine),
                 "lora": time_sync(model, args.rank, args.reps, args.engine)}
         step = {"full": time_learner(model, 0, args.reps, args.tree_tokens),
-                "lora": time_learner(model, args.rank, args.reps, args.tree_tokens)}
+                "lora": time_learner(model, args.rank, args.reps, args.tree_tokens)} if not args.sync_only else None
     ratio = sync["full"]["seconds"] / sync["lora"]["seconds"]
     print(f"model: {what}; LoRA rank {args.rank} on q,k,v,o,gate,up,down; gloo sync into an {args.engine} engine in "
           f"another process, checksums on; median of {args.reps} after one warm-up")
     print(f"{'':26s} {'full weights':>14s} {'LoRA':>14s} {'full / LoRA':>12s}")
     rows = [("sync bytes", sync["full"]["bytes"] / 1e6, sync["lora"]["bytes"] / 1e6, "MB"),
             ("sync seconds", sync["full"]["seconds"], sync["lora"]["seconds"], "s"),
-            ("learner step seconds", step["full"]["step_seconds"], step["lora"]["step_seconds"], "s"),
-            ("learner peak memory", step["full"]["peak_rss_bytes"] / 2**30, step["lora"]["peak_rss_bytes"] / 2**30,
-             "GiB"),
-            ("trainable parameters", step["full"]["trainable_params"] / 1e6, step["lora"]["trainable_params"] / 1e6,
-             "M")]
+            ("  of which the actor's", sync["full"]["actor_seconds"], sync["lora"]["actor_seconds"], "s"),
+            ]
+    if step is not None:
+        rows += [("learner step seconds", step["full"]["step_seconds"], step["lora"]["step_seconds"], "s"),
+                 ("learner peak memory", step["full"]["peak_rss_bytes"] / 2**30,
+                  step["lora"]["peak_rss_bytes"] / 2**30, "GiB"),
+                 ("trainable parameters", step["full"]["trainable_params"] / 1e6,
+                  step["lora"]["trainable_params"] / 1e6, "M")]
     for name, full, lora, unit in rows:
         print(f"{name + ' (' + unit + ')':26s} {full:14.3f} {lora:14.3f} {full / lora:12.1f}")
-    print(f"learner step: {step['full']['tokens']} generated tokens of random trees, one thread")
+    if sync["lora"]["actor_receive_seconds"] is not None:
+        print(f"the actor's part, receive + stage / install: full {sync['full']['actor_receive_seconds']:.3f} / "
+              f"{sync['full']['actor_seconds'] - sync['full']['actor_receive_seconds']:.3f} s, LoRA "
+              f"{sync['lora']['actor_receive_seconds']:.3f} / "
+              f"{sync['lora']['actor_seconds'] - sync['lora']['actor_receive_seconds']:.3f} s")
+    if step is not None:
+        print(f"learner step: {step['full']['tokens']} generated tokens of random trees, one thread")
     print(f"ratio (full sync s / LoRA sync s) = {ratio:.1f}  (target 10)")
     if args.json:
         print(json.dumps({"bench": "lora", "model": what, "rank": args.rank, "engine": args.engine,

@@ -158,3 +158,30 @@ def test_export_merges_the_adapter_and_the_adapter_saves_as_peft_saves_it(tiny_m
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=0, atol=2e-5)
         torch.testing.assert_close(peft(input_ids=ids).logits, want, rtol=0, atol=1e-6)
+
+
+def test_up_with_lora_syncs_only_the_adapter_to_hf_actors(make_tiny_model, tmp_path):
+    from tests.support.system import SYSTEM_MODEL, System  # noqa: PLC0415
+
+    model = make_tiny_model(**SYSTEM_MODEL)
+    system = System(tmp_path / "job", model, ["model.lora.rank=4", "model.lora.alpha=8", "learner.max_steps=4",
+                                              "weights.bucket_mb=0.05"], num_actors=2)
+    try:
+        system.start()
+        system.wait(lambda: system.all_exited(), 600, "the LoRA run to reach learner.max_steps and end")
+    finally:
+        system.stop()
+    base = AutoModelForCausalLM.from_pretrained(str(model))
+    specs = adapter_specs(find_targets(((n, p.shape) for n, p in base.named_parameters()),
+                                       ModelConfig().lora.target_modules), 4)
+    adapter_bytes = 4 * sum(a * b for _, (a, b) in specs)
+    syncs = system.syncs()
+    assert len([s for s in syncs if s["confirmed"]]) >= 4 and all(s["bytes"] == adapter_bytes for s in syncs)
+    assert adapter_bytes < sum(p.numel() * 4 for p in base.parameters()) / 4
+    for s in syncs:
+        assert all(ack["problem"] is None and ack["checksum"] == s["checksum"] for ack in s["acks"].values()), s
+    steps = system.steps()
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and {t["actor_id"] for t in system.trees()} == {
+        "actor-0", "actor-1"}
+    final = tmp_path / "job" / "checkpoints" / "step-000000004"
+    assert (final / "adapter" / "adapter_model.safetensors").exists() and (final / "hf" / "config.json").exists()

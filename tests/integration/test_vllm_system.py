@@ -88,3 +88,33 @@ def test_up_with_vllm_actors_trains_syncs_in_flight_and_stops_clean(vllm_model_d
           f"requests kept running through a sync: up to {max(kept)}")
     wait_until(system.all_exited, 60, "the learner and the actors to exit")
     wait_until(lambda: not any(pid_alive(p) for p in engine_procs), 60, "vLLM's engine processes to exit")
+
+
+@pytest.mark.vllm
+def test_up_with_vllm_actors_and_lora_syncs_only_the_adapter(vllm_model_dir, tmp_path):
+    # model.lora through `treerpo up`: the learner trains the adapter, every sync carries only it and
+    # every vLLM actor acks the learner's checksum of it; the run ends at max_steps with the adapter saved
+    require_vllm_here()
+    overrides = [*VLLM_OVERRIDES, "actor.max_model_len=256", "transport.data_port=0", "transport.control_port=0",
+                 "weights.rendezvous_port=0", "weights.timeout_s=30", "transport.peer_timeout_s=20",
+                 "model.lora.rank=4", "model.lora.alpha=8", "learner.max_steps=4"]
+    system = System(tmp_path / "job", vllm_model_dir, overrides, num_actors=1, env=VLLM_ENV)
+    try:
+        system.start()
+        system.wait(lambda: system.all_exited(), 600, "the LoRA run to reach learner.max_steps and end")
+    finally:
+        system.stop()
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    from common.config import LORA_TARGETS_DEFAULT  # noqa: PLC0415
+    from common.lora import adapter_specs, find_targets  # noqa: PLC0415
+
+    base = AutoModelForCausalLM.from_pretrained(str(vllm_model_dir))
+    specs = adapter_specs(find_targets(((n, p.shape) for n, p in base.named_parameters()), LORA_TARGETS_DEFAULT), 4)
+    adapter_bytes = 4 * sum(a * b for _, (a, b) in specs)  # float32
+    syncs = [s for s in system.syncs() if s["confirmed"]]
+    assert len(syncs) >= 4 and all(s["bytes"] == adapter_bytes for s in system.syncs())
+    for s in syncs:
+        assert all(ack["problem"] is None and ack["checksum"] == s["checksum"] for ack in s["acks"].values()), s
+    assert [r["step"] for r in system.steps()] == [1, 2, 3, 4]
+    assert (tmp_path / "job" / "checkpoints" / "step-000000004" / "adapter" / "adapter_config.json").exists()
