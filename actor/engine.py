@@ -42,7 +42,8 @@ request may name a `parent` sample (reported by the latest step) whose context +
 tokens (1 <= p <= all of them) are the request's context: an engine may continue that sample's
 state instead of prefilling (the HF engine forks the row's KV cache, cut after token p).
 Both engines have native streams (HF: actor/hf_stream.py; vLLM: `VLLMStream` over AsyncLLM, which
-caps a child's version at its parent's since it may reuse the parent's KV blocks). An engine
+caps a child's version at its parent's since it may reuse the parent's KV blocks; with LoRA a child
+carries the adapter in force and records its version, its KV being keyed by the adapter). An engine
 without one gets `GenerateStream`: each `step()` is one
 `generate` call over every request queued so far.
 
