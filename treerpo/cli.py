@@ -131,6 +131,8 @@ def add_warmup_args(p: argparse.ArgumentParser) -> None:
                    help="share of examples worked with the right plan (default 0.3)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size (default 128)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 3)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="attention heads (default 4; 2 at hidden 128 = head_dim 64, which vLLM's CPU backend runs)")
     p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 8/3 x hidden)")
     p.add_argument("--operand-min", type=int, default=None, help="smallest operand (default 2; = data.operand_min)")
     p.add_argument("--operand-max", type=int, default=None, help="largest operand (default 14; = data.operand_max)")
@@ -186,6 +188,8 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=None, help="supervised warm-up steps (default 2000)")
     p.add_argument("--model-hidden", type=int, default=None, help="hidden size of the tiny model (default 128)")
     p.add_argument("--model-layers", type=int, default=None, help="layers of the tiny model (default 3)")
+    p.add_argument("--model-heads", type=int, default=None,
+                   help="attention heads of the tiny model (default 4; 2 for vLLM actors on CPU: head_dim 64)")
     p.add_argument("--no-live", action="store_true", help="plain progress lines instead of the live table")
     p.add_argument("--config", "-c", action="append", default=[], help="preset or YAML (default: demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

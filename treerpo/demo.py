@@ -345,7 +345,8 @@ def warmup_argv(args, cfg) -> list[str]:
     argv = treerpo_command("warmup", "--json", "--operand-min", str(cfg.data.operand_min),
                            "--operand-max", str(cfg.data.operand_max))
     for flag, value in (("--cache-dir", args.cache_dir), ("--steps", args.warmup_steps),
-                        ("--hidden", args.model_hidden), ("--layers", args.model_layers)):
+                        ("--hidden", args.model_hidden), ("--layers", args.model_layers),
+                        ("--heads", getattr(args, "model_heads", None))):
         if value is not None:
             argv += [flag, str(value)]
     return argv + ["--threads", str(max(1, min(4, os.cpu_count() or 1)))]  # alone on the machine: all cores

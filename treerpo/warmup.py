@@ -212,7 +212,9 @@ def settings_from_args(args) -> WarmupSettings:
     d = WarmupSettings()
     pick = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)  # noqa: E731
     hidden = pick("hidden", d.hidden_size)
-    heads = d.num_heads if hidden % d.num_heads == 0 else 1
+    heads = pick("heads", d.num_heads if hidden % d.num_heads == 0 else 1)
+    if heads < 1 or hidden % heads:
+        raise ConfigError(f"--heads {heads} must divide --hidden {hidden}")
     settings = WarmupSettings(
         hidden_size=hidden, num_layers=pick("layers", d.num_layers), num_heads=heads,
         num_kv_heads=d.num_kv_heads if heads == d.num_heads else 1,
