@@ -33,6 +33,7 @@ def test_default_key_is_unchanged_by_the_chain_fields():
     (["--task", "chain", "--task-steps", "2", "--slip-step", "3"], "--slip-step 3"),
     (["--task", "chain", "--filler", "1.5"], "--filler 1.5"),
     (["--task", "div"], "--task div"),
+    (["--heads", "3"], "--heads 3 must divide --hidden 128"),
 ])
 def test_bad_combinations_fail_in_one_line(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -49,3 +50,10 @@ def test_chain_examples_encode_with_the_char_tokenizer():
         prompt, completion = text[:prompt_len], text[prompt_len:]
         assert prompt.endswith("=") and prompt.count("(") == 2 and "#" in completion
         assert ids[-1] == tok.eos_token_id
+
+
+def test_heads_make_a_model_vllm_cpu_runs_and_its_own_cache_entry():
+    two = settings_from_args(parse("--heads", "2"))
+    assert (two.hidden_size // two.num_heads, two.num_kv_heads) == (64, 1)  # head_dim 64: vLLM's CPU attention
+    assert two.key() != WarmupSettings().key()
+    assert settings_from_args(parse("--heads", "4")).key() == WarmupSettings().key()  # the default, spelled out
