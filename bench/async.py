@@ -31,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.config import load_config  # noqa: E402
-from treerpo.demo import child_env, read_metrics  # noqa: E402
+from common.rundir import read_jsonl  # noqa: E402
+from treerpo.demo import child_env  # noqa: E402
 from treerpo.supervisor import Supervisor  # noqa: E402
 from treerpo.tinymodel import build_tiny_model  # noqa: E402
 from treerpo.warmup import WarmupSettings, default_cache_dir, ensure_warm_model  # noqa: E402
@@ -77,8 +78,8 @@ def run_mode(mode: str, model: Path, work: Path, args) -> dict:
         sup.stop()
     if code != 0:
         raise RuntimeError(f"{mode}: the learner ended with {code}; see {run_dir / 'logs'}")
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    syncs = read_metrics(run_dir / "syncs.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    syncs = read_jsonl(run_dir / "syncs.jsonl")
     steady = rows[args.skip:]
     if len(steady) < 3:
         raise RuntimeError(f"{mode}: only {len(rows)} steps recorded; raise --steps above --skip + 2")

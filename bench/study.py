@@ -48,8 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.config import load_config  # noqa: E402
+from common.rundir import read_jsonl  # noqa: E402
 from learner.checkpoint import list_checkpoints  # noqa: E402
-from treerpo.demo import child_env, imported_here, read_metrics  # noqa: E402
+from treerpo.demo import child_env, imported_here  # noqa: E402
 from treerpo.supervisor import Supervisor  # noqa: E402
 from treerpo.tinymodel import build_tiny_model  # noqa: E402
 from treerpo.warmup import WarmupSettings, default_cache_dir, ensure_warm_model  # noqa: E402
@@ -230,7 +231,7 @@ def run_one(out: Path, name: str, lr: float, seed: int, a) -> dict:
         sup.stop()
     if code != 0:
         raise RuntimeError(f"{run_dir.name}: the learner ended with {code} (see {run_dir / 'logs'})")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     at_step, tok, updates, prompts = {}, 0.0, 0.0, 0.0
     for r in rows:  # the three budgets a run spends: generated tokens, optimizer updates, prompts
         tok += r["generated_tokens"]

@@ -54,7 +54,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from common.config import load_config  # noqa: E402
 from common.data import PromptSource  # noqa: E402
 from common.rewards import make_reward  # noqa: E402
-from treerpo.demo import child_env, imported_here, read_metrics  # noqa: E402
+from common.rundir import read_jsonl  # noqa: E402
+from treerpo.demo import child_env, imported_here  # noqa: E402
 from treerpo.supervisor import Supervisor  # noqa: E402
 
 TARGET_TREE = 1.5
@@ -149,7 +150,7 @@ def run_ours(arm: str, args, model: Path, work: Path) -> dict:
         sup.stop()
     if code != 0:
         raise RuntimeError(f"{arm}: the learner ended with {code}; see {run_dir / 'logs'}")
-    rows = sorted(read_metrics(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
+    rows = sorted(read_jsonl(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
     out = steady([r["time"] for r in rows], [r["generated_tokens"] for r in rows],
                  [r["path_tokens"] for r in rows], [r["leaf_reward_mean"] for r in rows])
     out["wall_s"] = round(rows[-1]["time"] - started, 2)  # launch (processes, model loads, first sync) included

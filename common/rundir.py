@@ -41,6 +41,21 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete line of a run's JSONL file (metrics.jsonl, syncs.jsonl, evals.jsonl; a
+    half-written last line is skipped); [] if there is none yet."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def wait_for_json(path: str | Path, timeout_s: float, *, alive=lambda: True, poll_s: float = 0.1) -> dict[str, Any]:
     """Wait until `path` exists (or `alive()` turns false / the timeout passes: TimeoutError)."""
     path = Path(path)

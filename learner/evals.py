@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.rundir import read_json, write_json_atomic
+from common.rundir import read_json, read_jsonl, write_json_atomic
 
 log = logging.getLogger("treerpo.learner.evals")
 
@@ -190,13 +190,4 @@ def run_finished(run_dir: str | Path) -> bool:
 
 def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every complete record of RUN_DIR/evals.jsonl, in order."""
-    path = Path(run_dir) / EVALS_FILE
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line
-    return out
+    return read_jsonl(Path(run_dir) / EVALS_FILE)

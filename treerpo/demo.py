@@ -46,6 +46,7 @@ from rich.table import Table
 
 from common.config import ConfigError, dump_config, load_config
 from common.metrics import series
+from common.rundir import read_jsonl
 from learner.evals import read_records
 from treerpo.supervisor import Supervisor, _die_with_parent, treerpo_command
 from treerpo.warmup import default_cache_dir
@@ -141,20 +142,6 @@ def scrape(url: str | None, timeout_s: float = 1.0) -> dict[str, float] | None:
         return None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of one of the learner's JSONL files, metrics.jsonl or syncs.jsonl (a
-    half-written last line is skipped)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 @dataclass
 class Progress:
     """What the live display shows, refreshed from the files and endpoints of the run."""
@@ -169,7 +156,7 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
     def refresh(self, learner_url: str | None) -> None:
-        self.rows = read_metrics(self.run_dir / "metrics.jsonl")
+        self.rows = read_jsonl(self.run_dir / "metrics.jsonl")
         got = scrape(learner_url)
         if got:
             self.learner, self.learner_scrapes = got, self.learner_scrapes + 1
@@ -547,7 +534,7 @@ def make_summary(args, cfg, warm: dict, before: dict, after: dict, progress: Pro
         "losses_finite": bool(rows) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses),
         "final_version": rows[-1]["version"] + 1 if rows else 0,
         # the learner's own record, not its last scrape (the syncs of a short run can follow it)
-        "weight_syncs": sum(1 for r in read_metrics(progress.run_dir / "syncs.jsonl") if r.get("confirmed")),
+        "weight_syncs": sum(1 for r in read_jsonl(progress.run_dir / "syncs.jsonl") if r.get("confirmed")),
         "learner_scrapes": progress.learner_scrapes,
         "actors": {a: {"trees_sent": int(m.get(ACTOR_TREES, 0)),
                        "weight_version": int(m.get(ACTOR_VERSION, 0)),
