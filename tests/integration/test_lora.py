@@ -4,8 +4,6 @@ the adapter saves as PEFT saves it. Real DeepSpeed (1-rank gloo), real gloo sync
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from common.data import Prompt
 from common.lora import adapter_specs, find_targets
 from common.rewards import make_reward
 from learner.trainer import Trainer
+from tests.support.sync import sync_weights
 from tests.support.treegen import random_tree
 from weightsync.errors import WeightSyncError
 from weightsync.publisher import WeightPublisher
@@ -25,7 +24,6 @@ from weightsync.seal import tensor_checksum
 
 torch.set_num_threads(1)
 LORA = {"rank": 4, "alpha": 8.0}
-TEST_TIMEOUT_S = 120
 
 
 def lora_cfg(model_dir, **learner) -> JobConfig:
@@ -47,25 +45,12 @@ def sync_to(trainer: Trainer, engine, version: int, named=None):
     (the publisher's result, engine.receive_weights' Installed or WeightSyncError)."""
     pub = WeightPublisher(WeightsConfig(backend="gloo", rendezvous_port=0, bucket_mb=1 / 64, timeout_s=30.0),
                           "127.0.0.1")
-    tensors = list(named if named is not None else trainer.named_parameters_for_sync())
-    sync = pub.prepare(pub.plan([(n, t) for n, t in tensors], version), ["a"])
-    got: dict[str, object] = {}
-
-    def actor() -> None:
-        try:
-            got["ok"] = engine.receive_weights(sync.announcements[0])
-        except WeightSyncError as e:
-            got["err"] = e
-
-    thread = threading.Thread(target=actor, daemon=True)
-    thread.start()
     try:
-        result = pub.broadcast(sync, tensors)
+        _, result, got = sync_weights(engine, pub, named if named is not None else trainer.named_parameters_for_sync(),
+                                      version)
     finally:
-        thread.join(TEST_TIMEOUT_S)
         pub.close()
-    assert not thread.is_alive()
-    return result, got.get("ok", got.get("err"))
+    return result, got
 
 
 def lora_engine(model_dir, **actor):

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM
 from actor.engine import EngineError, GenerationRequest, Installed
 from common.config import WeightsConfig
 from common.lora import merged
-from tests.support.vllm import make_vllm_engine, sync_weights
+from tests.support.sync import sync_weights
+from tests.support.vllm import make_vllm_engine
 from weightsync.errors import WeightSyncError
 from weightsync.publisher import WeightPublisher
 
