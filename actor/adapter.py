@@ -19,7 +19,7 @@ import torch
 
 from common.config import LoraConfig
 from common.errors import EngineError
-from common.lora import adapter_specs, find_targets, merged
+from common.lora import adapter_mismatch, adapter_specs, find_targets, merged
 
 
 class MergedAdapter:
@@ -39,22 +39,11 @@ class MergedAdapter:
 
     def check(self, named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The tensors by name, if they are exactly this model's adapter (EngineError otherwise)."""
-        got: dict[str, torch.Tensor] = {}
-        for name, tensor in named:
-            want = self.specs.get(name)
-            if want is None:
-                raise EngineError(f"LoRA sync: {name!r} is not an adapter tensor of this model and model.lora "
-                                  f"(first expected: {list(self.specs)[:2]})")
-            if tuple(tensor.shape) != want:
-                raise EngineError(f"LoRA sync: {name!r} has shape {tuple(tensor.shape)}, expected {want} "
-                                  "(the same model.lora.rank on learner and actors?)")
-            if name in got:
-                raise EngineError(f"LoRA sync: {name!r} sent twice")
-            got[name] = tensor
-        missing = [n for n in self.specs if n not in got]
-        if missing:
-            raise EngineError(f"LoRA sync: {len(missing)} adapter tensors not sent, e.g. {missing[:3]}")
-        return got
+        named = list(named)
+        wrong = adapter_mismatch(self.specs, ((n, t.shape) for n, t in named))
+        if wrong:
+            raise EngineError(f"LoRA sync: not this model's adapter (model.lora): {wrong}")
+        return dict(named)
 
     def install(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Merge this adapter into the model's weights (call under the engine's lock); the number of layers."""

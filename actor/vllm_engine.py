@@ -82,7 +82,7 @@ from actor.engine import (
     collect_eos_ids,
 )
 from common.errors import ModelError, one_line
-from common.lora import adapter_specs, base_weight, find_targets
+from common.lora import adapter_mismatch, adapter_specs, base_weight, find_targets
 from common.rundir import check_model_folder
 from common.wire import encode_message
 from weightsync.errors import SYNC_ERROR_REASONS, Deadline, WeightSyncError
@@ -210,30 +210,6 @@ def model_adapter_specs(model_cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     except ValueError as e:
         raise EngineError(str(e)) from None
     return dict(adapter_specs(found, model_cfg.lora.rank))
-
-
-def adapter_mismatch(specs: dict[str, tuple[int, int]], named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
-    """How (name, shape) pairs differ from exactly the adapter `specs`; "" when they are it."""
-    got: dict[str, tuple[int, ...]] = {}
-    twice = []
-    for name, shape in named_shapes:
-        if name in got:
-            twice.append(name)
-        got[name] = tuple(int(d) for d in shape)
-    missing = [n for n in specs if n not in got]
-    extra = [n for n in got if n not in specs]
-    shaped = [f"{n} {got[n]}, expected {specs[n]}" for n in got if n in specs and got[n] != specs[n]]
-    wrong = []
-    if missing:
-        wrong.append(f"{len(missing)} adapter tensors not sent (e.g. {missing[:3]})")
-    if extra:
-        wrong.append(f"{len(extra)} tensors not of this model's adapter (e.g. {extra[:3]})")
-    if shaped:
-        wrong.append(f"{len(shaped)} of another shape (e.g. {shaped[:2]}; the same model.lora.rank on learner and "
-                     "actors?)")
-    if twice:
-        wrong.append(f"{len(twice)} sent twice (e.g. {twice[:3]})")
-    return "; ".join(wrong)
 
 
 class _Loop:

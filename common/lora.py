@@ -111,3 +111,27 @@ def merged(base: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor]
         w = base[weight]
         out[weight] = (w.to(torch.float32) + delta(ab["A"], ab["B"], scale).to(torch.float32)).to(w.dtype)
     return out
+
+
+def adapter_mismatch(specs: dict[str, tuple[int, int]], named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
+    """How (name, shape) pairs differ from exactly the adapter `specs`; "" when they are it."""
+    got: dict[str, tuple[int, ...]] = {}
+    twice = []
+    for name, shape in named_shapes:
+        if name in got:
+            twice.append(name)
+        got[name] = tuple(int(d) for d in shape)
+    missing = [n for n in specs if n not in got]
+    extra = [n for n in got if n not in specs]
+    shaped = [f"{n} {got[n]}, expected {specs[n]}" for n in got if n in specs and got[n] != specs[n]]
+    wrong = []
+    if missing:
+        wrong.append(f"{len(missing)} adapter tensors not sent (e.g. {missing[:3]})")
+    if extra:
+        wrong.append(f"{len(extra)} tensors not of this model's adapter (e.g. {extra[:3]})")
+    if shaped:
+        wrong.append(f"{len(shaped)} of another shape (e.g. {shaped[:2]}; the same model.lora.rank on learner and "
+                     "actors?)")
+    if twice:
+        wrong.append(f"{len(twice)} sent twice (e.g. {twice[:3]})")
+    return "; ".join(wrong)
