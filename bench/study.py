@@ -538,11 +538,15 @@ def report(out: Path, docs: Path) -> list[dict]:
     if all("updates" in p for r in results for p in r["points"]):
         plot(results, picks, docs / "study_updates.png", "updates", "optimizer updates")
         plot(results, picks, docs / "study_prompts.png", "prompts", "prompts (trees) trained")
-    grpo_lr = dict(picks).get("grpo")
-    if grpo_lr is not None:  # every run's difference to GRPO at its best learning rate, on the test split
-        base = next(r for r in rows if r["name"] == "grpo" and r["lr"] == grpo_lr)
+    # every run's difference, on the test split, to GRPO and to GRPO at the tree's updates per token
+    # (`grpo-bt8`), each at its learning rate picked on validation
+    for key, baseline in (("vs_grpo", "grpo"), ("vs_grpo_bt8", "grpo-bt8")):
+        base_lr = best_lr(rows, baseline)
+        if base_lr is None:
+            continue
+        base = next(r for r in rows if r["name"] == baseline and r["lr"] == base_lr)
         for r in rows:
-            r["vs_grpo"] = diff_interval(r["finals"], base["finals"]) if r is not base else None
+            r[key] = diff_interval(r["finals"], base["finals"]) if r is not base else None
     if tree_lr is not None:
         shapes = ["treerpo", "tree-421", "tree-split-tokens", "tree-norm-none", "tree-norm-tree", "grpo"]
         training = ["treerpo", "tree-k2", "tree-421-k2", "tree-tau0.1", "tree-sync", "tree-stale0", "grpo-k2"]
@@ -557,14 +561,18 @@ def report(out: Path, docs: Path) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| run | lr | seeds | pass@1 start | validation (mean ± std) | test (mean ± std) | − GRPO [95 % CI] | "
-             "AUC | response tokens | steps | wall s | staleness |", "|---" * 12 + "|"]
+             "− GRPO at equal updates [95 % CI] | AUC | response tokens | steps | wall s | staleness |",
+             "|---" * 13 + "|"]
+
+    def diff(d: dict | None) -> str:
+        return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "—"
+
     for r in rows:
         val = f"{r['val_final'][0]:.3f} ± {r['val_final'][1]:.3f}" if r.get("val_final") else "—"
-        d = r.get("vs_grpo")
-        diff = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "—"
         lines.append(
             f"| {r['name']} | {r['lr']:g} | {len(r['seeds'])} | {r['start']:.3f} | {val} | {r['final'][0]:.3f} ± "
-            f"{r['final'][1]:.3f} | {diff} | {r['auc'][0]:.3f} ± {r['auc'][1]:.3f} | {r['length'][0]:.1f} | "
+            f"{r['final'][1]:.3f} | {diff(r.get('vs_grpo'))} | {diff(r.get('vs_grpo_bt8'))} | "
+            f"{r['auc'][0]:.3f} ± {r['auc'][1]:.3f} | {r['length'][0]:.1f} | "
             f"{r['steps'][0]:.0f} | {r['wall'][0]:.0f} | {r['staleness'][0]:.2f} |")
     return "\n".join(lines)
 

@@ -114,3 +114,41 @@ def test_length_bias_by_hand(tmp_path):
     table = study.bias_table([{"name": "treerpo", "lr": 3e-4, "length_bias": bins}] * 2)
     assert "| treerpo | 0.0003 | 2 | 4 of 4 | 75.0 | 2.00 | 3.00 | 0.500 | 0.67 |" in table
     assert study.length_bias(tmp_path / "missing.jsonl") == []
+
+
+def test_report_compares_with_grpo_at_equal_updates_at_its_validated_lr(tmp_path):
+    # Runs with budget 150 and checkpoints at 0, 100, 150 holding one value from 100 on: the end point is
+    # that value. grpo-bt8 at 1e-4 has the better validation (0.6 against 0.5), so it is the baseline even
+    # though its test results (0.55, 0.57) are below 3e-4's (0.7, 0.1, a collapsed seed's mean 0.4 aside).
+    def run(name, lr, seed, test, val):
+        points = [{"tokens": 0, "updates": 0, "prompts": 0, "wall_s": 0, "pass_at_1": 0.2, "val_pass_at_1": 0.2,
+                   "mean_response_tokens": 20.0}]
+        points += [{"tokens": t, "updates": t / 10, "prompts": t / 10, "wall_s": t, "pass_at_1": test,
+                    "val_pass_at_1": val, "mean_response_tokens": 20.0} for t in (100, 150)]
+        folder = tmp_path / "out" / "runs" / f"{name}-lr{lr:g}-s{seed}"
+        folder.mkdir(parents=True)
+        folder.joinpath("result.json").write_text(json.dumps({
+            "run": folder.name, "name": name, "lr": lr, "seed": seed, "budget": 150, "overrides": [],
+            "points": points, "steps": 15, "wall_s": 150.0, "staleness_mean": 1.0}))
+
+    run("grpo", 1e-4, 0, 0.50, 0.50)
+    run("grpo", 1e-4, 1, 0.52, 0.50)
+    run("grpo-bt8", 1e-4, 0, 0.55, 0.60)
+    run("grpo-bt8", 1e-4, 1, 0.57, 0.60)
+    run("grpo-bt8", 3e-4, 0, 0.70, 0.50)
+    run("grpo-bt8", 3e-4, 1, 0.10, 0.50)
+    run("tree-entropy", 1e-4, 0, 0.61, 0.70)
+    run("tree-entropy", 1e-4, 1, 0.63, 0.70)
+    rows = {(r["name"], r["lr"]): r for r in study.report(tmp_path / "out", tmp_path / "docs")}
+    tree = rows["tree-entropy", 1e-4]
+    # against grpo-bt8 at 1e-4: 0.62 - 0.56; equal spreads (sample var 2e-4 each, 2 seeds):
+    # se^2 = 2e-4/2 + 2e-4/2 = 2e-4, df = (2e-4)^2 / (2 * 1e-8) = 2, t = 4.303
+    d = tree["vs_grpo_bt8"]
+    assert d["diff"] == pytest.approx(0.06) and d["df"] == pytest.approx(2.0)
+    assert d["low"] == pytest.approx(0.06 - 4.303 * math.sqrt(2e-4))
+    assert tree["vs_grpo"]["diff"] == pytest.approx(0.62 - 0.51)
+    assert rows["grpo-bt8", 1e-4]["vs_grpo_bt8"] is None  # the baseline itself
+    assert rows["grpo-bt8", 3e-4]["vs_grpo_bt8"]["diff"] == pytest.approx(0.40 - 0.56)
+    saved = {(r["name"], r["lr"]): r for r in json.loads((tmp_path / "docs" / "study_results.json").read_text())}
+    assert saved["tree-entropy", 1e-4]["vs_grpo_bt8"]["diff"] == pytest.approx(0.06)
+    assert "− GRPO at equal updates" in study.table(list(rows.values()))
