@@ -100,6 +100,11 @@ TRANSFER_BACKEND = "treerpo"  # the weight-transfer engine actor/vllm_worker.py 
 PLUGIN_GROUP = "vllm.general_plugins"
 RPC_GRACE_S = 10.0  # beyond the sync deadline: the worker's own waits end by the deadline, then it answers
 START_TIMEOUT_S = 900.0
+CPU_WHOLE_PROMPTS = {"enable_chunked_prefill": False}
+"""vLLM's CPU backend: schedule a prompt whole or not at all. A prompt split over engine steps
+(chunked prefill, once a step's prompts pass max_num_batched_tokens, 2048 by default) makes vLLM
+rewind its request's generator by an offset, which a seeded CPU generator refuses ("CPU Generator
+does not use offset"): the engine died. Requests are seeded on CPU only (`sampling_params`)."""
 LORA_SLOTS = 4
 """vLLM's `max_loras`: adapter versions one batch may mix. A request keeps the version it was admitted
 with, so after a sync the previous versions go on running beside the new one; vLLM's scheduler
@@ -256,6 +261,8 @@ class VLLMEngine:
         )
         if platform == "cuda":
             kwargs["gpu_memory_utilization"] = actor_cfg.gpu_memory_utilization
+        else:  # seeded requests (sampling_params) and split prompts: see CPU_WHOLE_PROMPTS
+            kwargs.update(CPU_WHOLE_PROMPTS)
         if actor_cfg.vllm_block_size:
             kwargs["block_size"] = actor_cfg.vllm_block_size
         self.lora = model_cfg.lora if model_cfg.lora.enabled else None  # syncs carry the adapter only
@@ -279,6 +286,8 @@ class VLLMEngine:
             self._loop.stop()
             if isinstance(e, OSError):
                 raise ModelError(f"cannot load model.path={model_cfg.path!r}: {one_line(e)}") from e
+            if isinstance(e, ValueError):  # vLLM's config checks (pydantic), e.g. max_model_len past the model's
+                raise EngineError(f"vLLM refused the engine settings: {one_line(e)}") from e
             raise
         self.vocab_size = int(self.llm.model_config.get_vocab_size())
         self.eos_token_ids = self._find_eos_ids(model_cfg)

@@ -33,6 +33,7 @@ from common.sampling import processed_logprobs
 from learner.logprobs import token_logprobs
 from learner.packing import pack_trees
 from tests.support.paths import REPO
+from tests.support.vllm import VLLM_ACTOR, require_vllm_here
 from weightsync.errors import WeightSyncError
 from weightsync.publisher import WeightPublisher
 
@@ -289,6 +290,29 @@ def test_requests_are_seeded_on_cpu_and_the_engine_on_cuda(vllm_engine, device):
     engine.device, engine.eos_token_ids = torch.device(device), vllm_engine.eos_token_ids
     params = engine.sampling_params(req)
     assert params.seed == (1234 if device == "cpu" else None) and params.n == 2 and params.max_tokens == 4
+
+
+@pytest.mark.vllm
+def test_settings_vllm_refuses_are_an_engine_error(vllm_model_dir):
+    # a max_model_len past the model's positions: vLLM's config check, before any engine process; it
+    # was a traceback (exit 1) from `treerpo eval --engine vllm --set actor.max_model_len=...`
+    require_vllm_here()
+    with pytest.raises(EngineError, match="vLLM refused the engine settings: .*max_model_len"):
+        make_engine(ModelConfig(path=str(vllm_model_dir)), ActorConfig(**{**VLLM_ACTOR, "max_model_len": 100_000}))
+
+
+@pytest.mark.vllm
+def test_seeded_requests_beyond_one_steps_token_budget(vllm_engine):
+    # More prompt tokens at once than one engine step schedules (vLLM's CPU default: 2048). With
+    # chunked prefill a prompt is split over steps and vLLM rewinds its request's generator after the
+    # first part, which a seeded CPU generator refuses ("CPU Generator does not use offset"): the
+    # engine died mid-eval (`treerpo eval --engine vllm`, 200 problems x 4). Whole prompts only on CPU.
+    rng = np.random.default_rng(0)
+    reqs = [GenerationRequest(rng.integers(3, 40, size=400).astype(np.int32), n=2, max_tokens=3, seed=i)
+            for i in range(24)]  # 24 distinct prompts x 400 = 9600 prompt tokens: any 6 fill a step
+    out = vllm_engine.generate(reqs)
+    assert [len(o) for o in out] == [2] * 24
+    assert all(1 <= len(s.token_ids) <= 3 and np.all(np.isfinite(s.logprobs)) for o in out for s in o)
 
 
 @pytest.mark.vllm
