@@ -553,8 +553,9 @@ def report(out: Path, docs: Path) -> list[dict]:
         for name, group in (("study_shapes.png", shapes), ("study_training.png", training)):
             plot(results, [(n, tree_lr) for n in group], docs / name, "tokens", "generated tokens (thousands)")
     (docs / "study_results.json").write_text(json.dumps(rows, indent=1))
-    runs = [{k: r[k] for k in ("run", "name", "lr", "seed", "budget", "overrides", "points", "steps", "wall_s",
-                               "staleness_mean")} for r in results]
+    runs = [{"task": r.get("task", "add_mul"), **{k: r[k] for k in (
+        "run", "name", "lr", "seed", "budget", "overrides", "points", "steps", "wall_s", "staleness_mean")}}
+        for r in results]
     (docs / "study_runs.json").write_text(json.dumps(runs, indent=1))
     return rows
 
