@@ -530,7 +530,7 @@ def report(out: Path, docs: Path) -> list[dict]:
     results = load_results(out)
     rows = summarise(results)
     docs.mkdir(parents=True, exist_ok=True)
-    picks = [(n, best_lr(rows, n)) for n in METHODS]
+    picks = [(n, best_lr(rows, n)) for n in [*METHODS, *VARIANTS]]  # each run name at its validated lr
     picks = [(n, lr) for n, lr in picks if lr is not None]
     tree_lr = dict(picks).get("treerpo")
     plot(results, picks, docs / "study_tokens.png", "tokens", "generated tokens (thousands)")
