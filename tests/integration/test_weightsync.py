@@ -35,6 +35,7 @@ from common.config import ActorConfig, ModelConfig, WeightsConfig
 from common.wire import Register, Shutdown, WeightAck, decode_message, encode_message
 from tests.support.models import hf_engine
 from tests.support.paths import REPO
+from tests.support.sync import sync_weights
 from weightsync.buckets import broadcast_bucket, wait_work
 from weightsync.errors import Deadline, WeightSyncError
 from weightsync.group import connect_store, make_group, wait_group_drops
@@ -351,21 +352,8 @@ def test_a_sync_that_leaves_a_parameter_out_installs_nothing_on_the_hf_engine(mo
     named = [(n, p) for n, p in learner.named_parameters() if n != left_out]
     assert len(named) == len(held) - 1
     pub = _publisher()
-    sync = pub.prepare(pub.plan(named, 1), ["a"])
-    got: dict[str, object] = {}
-
-    def actor() -> None:
-        try:
-            got["ok"] = engine.receive_weights(sync.announcements[0])
-        except WeightSyncError as e:
-            got["err"] = e
-
-    thread = threading.Thread(target=actor, daemon=True)
-    thread.start()
-    result = pub.broadcast(sync, named)
-    thread.join(TEST_TIMEOUT_S)
+    _, result, err = sync_weights(engine, pub, named, 1)
     assert result.ok  # all that was announced arrived, sealed
-    err = got["err"]
     assert isinstance(err, WeightSyncError) and err.reason == "load" and left_out in str(err), err
     assert engine.version == 0
     now = _bits(engine.named_parameters_for_sync())
